@@ -1,0 +1,137 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Run LLM fine-tuning pipelines declared in YAML, cached by content.
+#[derive(Parser, Debug)]
+#[command(name = "anneal", version, about, propagate_version = true)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). Also `ANNEAL_LOG=debug`.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the pipeline and its store are.
+#[derive(Args, Debug, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline file.
+    #[arg(default_value = "anneal.yaml")]
+    pub pipeline: PathBuf,
+    /// Store directory (default: `store.dir` in the file, else `.anneal` beside it).
+    #[arg(long, env = "ANNEAL_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+}
+
+/// Which stages.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Selection {
+    /// Only these stages and what they depend on (a fan-out's base name selects every instance).
+    #[arg(long = "stage", short = 's', value_name = "STAGE")]
+    pub stages: Vec<String>,
+    /// Run these stages even if cached.
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<String>,
+    /// Run every selected stage even if cached.
+    #[arg(long)]
+    pub force_all: bool,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the stages that are not up to date.
+    Run {
+        #[command(flatten)]
+        /// Pipeline.
+        pipeline: PipelineArgs,
+        #[command(flatten)]
+        /// Stages.
+        select: Selection,
+        /// Most stages running at once [default: number of CPUs].
+        #[arg(long, short = 'j')]
+        jobs: Option<usize>,
+        /// CPUs shared by stages' `resources.cpus` [default: number of CPUs].
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// GPUs available to stages' `resources.gpus` [default: from CUDA_VISIBLE_DEVICES or /dev/nvidia*].
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// Keep running independent stages after a stage fails.
+        #[arg(long, short = 'k')]
+        keep_going: bool,
+        /// Show the plan and run nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Wait for another run holding the store lock instead of exiting.
+        #[arg(long)]
+        wait: bool,
+        /// Print a JSON report on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what `run` would do and why.
+    Plan {
+        #[command(flatten)]
+        /// Pipeline.
+        pipeline: PipelineArgs,
+        #[command(flatten)]
+        /// Stages.
+        select: Selection,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Exit with status 1 when any stage would run.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Draw the stage graph.
+    Dag {
+        #[command(flatten)]
+        /// Pipeline.
+        pipeline: PipelineArgs,
+        /// Graphviz dot.
+        #[arg(long, conflicts_with = "mermaid")]
+        dot: bool,
+        /// Mermaid flowchart.
+        #[arg(long)]
+        mermaid: bool,
+    },
+    /// Show the last run of every stage.
+    Status {
+        #[command(flatten)]
+        /// Pipeline.
+        pipeline: PipelineArgs,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove store objects no kept record points to.
+    Gc {
+        #[command(flatten)]
+        /// Pipeline.
+        pipeline: PipelineArgs,
+        /// Keep only the newest N records of each stage (the current one is always kept).
+        #[arg(long, value_name = "N")]
+        keep_last: Option<usize>,
+        /// Report what would be removed, remove nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one stage from a job file (`-` for stdin). Used by `anneal run`.
+    #[command(hide = true)]
+    ExecStage {
+        /// The job, as JSON.
+        job: PathBuf,
+    },
+}

@@ -1,0 +1,82 @@
+use clap::Parser;
+
+use anneal::cli::{Cli, Command};
+use anneal::commands::{self, EXIT_ERROR};
+
+fn main() {
+    let cli = Cli::parse();
+    let default = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ANNEAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+
+    let result = match &cli.command {
+        Command::Run {
+            pipeline,
+            select,
+            jobs,
+            cpus,
+            gpus,
+            keep_going,
+            dry_run,
+            wait,
+            json,
+        } => {
+            if *dry_run {
+                commands::plan(pipeline, select, *json, false)
+            } else {
+                commands::run(
+                    pipeline,
+                    select,
+                    *jobs,
+                    *cpus,
+                    *gpus,
+                    *keep_going,
+                    *wait,
+                    *json,
+                    cli.quiet,
+                )
+            }
+        }
+        Command::Plan {
+            pipeline,
+            select,
+            json,
+            check,
+        } => commands::plan(pipeline, select, *json, *check),
+        Command::Dag {
+            pipeline,
+            dot,
+            mermaid,
+        } => commands::dag(pipeline, *dot, *mermaid),
+        Command::Status { pipeline, json } => commands::status(pipeline, *json),
+        Command::Gc {
+            pipeline,
+            keep_last,
+            dry_run,
+            json,
+        } => commands::gc(pipeline, *keep_last, *dry_run, *json, cli.quiet),
+        Command::ExecStage { job } => commands::exec_stage(job),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            if let Some(d) = e.downcast_ref::<anneal::diag::Diags>() {
+                eprintln!("{} {d}", console::style("error:").red().bold());
+            } else {
+                eprintln!("{} {e:#}", console::style("error:").red().bold());
+            }
+            std::process::exit(EXIT_ERROR);
+        }
+    }
+}
