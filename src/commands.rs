@@ -297,7 +297,7 @@ pub fn run(
         ));
     }
     let store = Arc::new(Store::open(&p.store_dir)?);
-    let ui = Arc::new(Console::new(quiet || json_out));
+    let ui = Arc::new(Console::new(quiet));
     let _lock = lock_store(&p.store_dir, wait, &ui)?;
     let opts = RunOptions {
         jobs: jobs.unwrap_or(ncpu).max(1),
@@ -542,7 +542,7 @@ pub fn gc(
 ) -> anyhow::Result<i32> {
     let p = load(args)?;
     let store = Store::open(&p.store_dir)?;
-    let ui = Console::new(quiet || json_out);
+    let ui = Console::new(quiet);
     let _lock = lock_store(&p.store_dir, false, &ui)?;
     let st = Status::load(&p.store_dir);
     let current: Vec<&str> = st.stages.values().map(|s| s.key.as_str()).collect();
@@ -558,7 +558,7 @@ pub fn gc(
         }
         let mut keys = Vec::new();
         for (_, mut v) in by_stage {
-            v.sort_by(|a, b| b.0.cmp(&a.0));
+            v.sort_by_key(|r| std::cmp::Reverse(r.0));
             keys.extend(v.into_iter().take(n).map(|(_, k)| k));
         }
         keep_keys = Some(keys);

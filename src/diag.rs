@@ -73,6 +73,8 @@ pub struct Reporter<'a> {
     src: &'a str,
     /// Collected so far.
     pub diags: Vec<Diag>,
+    /// An error was found but not reported (it follows from one that was).
+    pub suppressed: bool,
 }
 
 impl<'a> Reporter<'a> {
@@ -82,18 +84,44 @@ impl<'a> Reporter<'a> {
             file: file.into(),
             src,
             diags: Vec::new(),
+            suppressed: false,
         }
     }
 
     /// Records a problem at `mark`.
     pub fn error(&mut self, mark: Mark, message: impl Into<String>, help: Option<String>) {
+        self.error_at(mark, message, help, None);
+    }
+
+    /// Records a problem with the reference `${expr}` inside the value at `mark`,
+    /// pointing at the reference itself when it is on that line.
+    pub fn error_at(
+        &mut self,
+        mut mark: Mark,
+        message: impl Into<String>,
+        help: Option<String>,
+        expr: Option<&str>,
+    ) {
+        let message = message.into();
+        if let Some(expr) = expr
+            && let Some(line) = self.src.lines().nth(mark.line.wrapping_sub(1))
+        {
+            let from = line
+                .char_indices()
+                .nth(mark.col.saturating_sub(1))
+                .map(|(b, _)| b)
+                .unwrap_or(0);
+            if let Some(pos) = line[from..].find(&format!("${{{expr}")) {
+                mark.col = line[..from + pos].chars().count() + 1;
+            }
+        }
         let snippet = (mark.line > 0)
             .then(|| self.src.lines().nth(mark.line - 1).map(str::to_owned))
             .flatten();
         self.diags.push(Diag {
             file: self.file.clone(),
             mark,
-            message: message.into(),
+            message,
             help,
             snippet,
         });
@@ -101,7 +129,7 @@ impl<'a> Reporter<'a> {
 
     /// Whether any problem was recorded.
     pub fn failed(&self) -> bool {
-        !self.diags.is_empty()
+        !self.diags.is_empty() || self.suppressed
     }
 
     /// Ok when nothing was reported.
@@ -125,7 +153,7 @@ pub fn suggest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) ->
 }
 
 /// `did you mean 'x'?`, or a list of the valid choices.
-pub fn did_you_mean<'c>(word: &str, candidates: &[&'c str]) -> Option<String> {
+pub fn did_you_mean(word: &str, candidates: &[&str]) -> Option<String> {
     if let Some(best) = suggest(word, candidates.iter().copied()) {
         Some(format!("did you mean '{best}'?"))
     } else if candidates.is_empty() {

@@ -228,10 +228,10 @@ pub fn parse_template(s: &str) -> Result<Vec<Piece>, String> {
     let mut rest = s;
     while let Some(i) = rest.find('$') {
         let after = &rest[i + 1..];
-        if after.starts_with("${") {
+        if let Some(escaped) = after.strip_prefix("${") {
             lit.push_str(&rest[..i]);
             lit.push_str("${");
-            rest = &after[2..];
+            rest = escaped;
         } else if let Some(body) = after.strip_prefix('{') {
             lit.push_str(&rest[..i]);
             let end = body.find('}').ok_or_else(|| {
@@ -258,6 +258,27 @@ pub fn parse_template(s: &str) -> Result<Vec<Piece>, String> {
     Ok(pieces)
 }
 
+/// A reference that could not be resolved.
+#[derive(Debug, Clone)]
+pub struct RefError {
+    /// What is wrong.
+    pub msg: String,
+    /// What to do.
+    pub help: Option<String>,
+    /// The reference (inside `${...}`) it is about, to point at it.
+    pub expr: Option<String>,
+}
+
+impl From<(String, Option<String>)> for RefError {
+    fn from((msg, help): (String, Option<String>)) -> Self {
+        RefError {
+            msg,
+            help,
+            expr: None,
+        }
+    }
+}
+
 /// Looks up references while resolving a node.
 pub trait Lookup {
     /// The value of `${expr}`, or an error message and an optional hint.
@@ -266,7 +287,7 @@ pub trait Lookup {
 
 /// Resolves a node: scalars are typed, strings interpolated. A string that is
 /// exactly one reference takes the referenced value's type.
-pub fn resolve(node: &Node, lk: &mut dyn Lookup) -> Result<RVal, (String, Option<String>)> {
+pub fn resolve(node: &Node, lk: &mut dyn Lookup) -> Result<RVal, RefError> {
     match &node.value {
         Yaml::Seq(items) => Ok(RVal::List(
             items
@@ -291,11 +312,17 @@ pub fn resolve(node: &Node, lk: &mut dyn Lookup) -> Result<RVal, (String, Option
 }
 
 /// Interpolates one string.
-pub fn resolve_str(s: &str, lk: &mut dyn Lookup) -> Result<RVal, (String, Option<String>)> {
-    let pieces = parse_template(s).map_err(|e| (e, None))?;
+pub fn resolve_str(s: &str, lk: &mut dyn Lookup) -> Result<RVal, RefError> {
+    let pieces = parse_template(s).map_err(|e| RefError::from((e, None)))?;
+    fn at(expr: &str) -> impl FnOnce((String, Option<String>)) -> RefError + '_ {
+        move |e| RefError {
+            expr: Some(expr.to_owned()),
+            ..e.into()
+        }
+    }
     let symbolic = |expr: &str| expr.starts_with("params.") || expr.starts_with("deps.");
     if let [Piece::Ref(expr)] = pieces.as_slice() {
-        return match lk.lookup(expr)? {
+        return match lk.lookup(expr).map_err(at(expr))? {
             RVal::Str(segs) if symbolic(expr) => Ok(RVal::Str(vec![Seg::Ref(expr.clone(), segs)])),
             other => Ok(other),
         };
@@ -305,9 +332,10 @@ pub fn resolve_str(s: &str, lk: &mut dyn Lookup) -> Result<RVal, (String, Option
         match p {
             Piece::Lit(t) => segs.push(Seg::Lit(t)),
             Piece::Ref(expr) => {
-                let v = lk.lookup(&expr)?;
-                let spliced = v.splice().ok_or_else(|| {
-                    (
+                let v = lk.lookup(&expr).map_err(at(&expr))?;
+                let spliced = v.splice().ok_or_else(|| RefError {
+                    expr: Some(expr.clone()),
+                    ..RefError::from((
                         format!(
                             "'${{{expr}}}' is {} and cannot be spliced into a string",
                             v.type_name()
@@ -315,7 +343,7 @@ pub fn resolve_str(s: &str, lk: &mut dyn Lookup) -> Result<RVal, (String, Option
                         Some(format!(
                             "use '${{{expr}}}' as the whole value, or refer to one of its items"
                         )),
-                    )
+                    ))
                 })?;
                 if symbolic(&expr) {
                     segs.push(Seg::Ref(expr, spliced));

@@ -9,7 +9,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 
 use crate::diag::{Diags, Reporter, did_you_mean};
-use crate::interp::{Lookup, RVal, Seg, resolve};
+use crate::interp::{Lookup, RVal, RefError, Seg, resolve};
 use crate::yaml::{self, Mark, Node, Scalar, Yaml};
 
 const TOP_KEYS: &[&str] = &["name", "vars", "stages", "secret_env", "store"];
@@ -371,8 +371,22 @@ impl<'r, 'a> Loader<'r, 'a> {
         Loader { rep }
     }
 
+    fn err_ref(&mut self, mark: Mark, e: RefError) {
+        if e.msg.is_empty() {
+            self.rep.suppressed = true;
+        } else {
+            self.rep.error_at(mark, e.msg, e.help, e.expr.as_deref());
+        }
+    }
+
     fn err(&mut self, mark: Mark, msg: impl Into<String>, help: Option<String>) {
-        self.rep.error(mark, msg, help);
+        let msg = msg.into();
+        // An empty message stands for an error already reported elsewhere.
+        if msg.is_empty() {
+            self.rep.suppressed = true;
+        } else {
+            self.rep.error(mark, msg, help);
+        }
     }
 
     fn load(&mut self, src: &str, file: &Path) -> Option<Loaded> {
@@ -467,6 +481,13 @@ impl<'r, 'a> Loader<'r, 'a> {
             .iter()
             .filter_map(|(k, v)| self.stage_doc(k, v))
             .collect();
+        // Stages that failed to load were reported already; references to them should not be.
+        let broken: Vec<String> = stage_entries
+            .iter()
+            .filter_map(|(k, _)| k.as_text())
+            .filter(|n| !docs.iter().any(|d| d.name == *n))
+            .map(str::to_owned)
+            .collect();
         let env = EnvScope {
             secret_env: &secret_env,
         };
@@ -504,6 +525,7 @@ impl<'r, 'a> Loader<'r, 'a> {
         let index = StageIndex {
             names: &names,
             outs: &outs,
+            broken: &broken,
         };
         let mut stages = Vec::with_capacity(instances.len());
         for (i, (d, item, name)) in instances.iter().enumerate() {
@@ -613,8 +635,8 @@ impl<'r, 'a> Loader<'r, 'a> {
         for name in names {
             let _ = table.var(&name);
         }
-        for (mark, msg, help) in std::mem::take(&mut table.errors) {
-            self.err(mark, msg, help);
+        for (mark, e) in std::mem::take(&mut table.errors) {
+            self.err_ref(mark, e);
         }
         table
             .done
@@ -749,8 +771,8 @@ impl<'r, 'a> Loader<'r, 'a> {
         if let Some(n) = doc.fields.get("foreach") {
             let v = match resolve(n, &mut base) {
                 Ok(v) => v,
-                Err((msg, help)) => {
-                    self.err(n.mark, msg, help);
+                Err(e) => {
+                    self.err_ref(n.mark, e);
                     return Vec::new();
                 }
             };
@@ -821,8 +843,8 @@ impl<'r, 'a> Loader<'r, 'a> {
                         );
                         return Vec::new();
                     }
-                    Err((msg, help)) => {
-                        self.err(vn.mark, msg, help);
+                    Err(e) => {
+                        self.err_ref(vn.mark, e);
                         return Vec::new();
                     }
                 };
@@ -900,8 +922,8 @@ impl<'r, 'a> Loader<'r, 'a> {
                     );
                     continue;
                 }
-                Err((msg, help)) => {
-                    self.err(v.mark, msg, help);
+                Err(e) => {
+                    self.err_ref(v.mark, e);
                     continue;
                 }
             };
@@ -994,8 +1016,18 @@ impl<'r, 'a> Loader<'r, 'a> {
                         let before = scope.refs.len();
                         let r = match resolve(v, &mut scope) {
                             Ok(r) => r,
-                            Err((msg, help)) => {
-                                self.err(v.mark, msg, help);
+                            Err(e) => {
+                                self.err_ref(v.mark, e);
+                                // Keep the name so `${deps.NAME}` does not report it again.
+                                let mark = v.mark;
+                                deps.insert(
+                                    dname,
+                                    DepSpec {
+                                        path: String::new(),
+                                        from: None,
+                                        mark,
+                                    },
+                                );
                                 continue;
                             }
                         };
@@ -1059,12 +1091,16 @@ impl<'r, 'a> Loader<'r, 'a> {
         scope.outs = Some(&outs);
         scope.params = Some(&params);
         let mut config = BTreeMap::new();
+        let mut config_ok = true;
         for (k, v) in &doc.config {
             match resolve(v, &mut scope) {
                 Ok(r) => {
                     config.insert((*k).to_owned(), r);
                 }
-                Err((msg, help)) => self.err(v.mark, msg, help),
+                Err(e) => {
+                    config_ok = false;
+                    self.err_ref(v.mark, e);
+                }
             }
         }
         let desc = doc
@@ -1114,10 +1150,13 @@ impl<'r, 'a> Loader<'r, 'a> {
             .iter()
             .map(|(k, v)| (k.clone(), v.render(crate::interp::Mode::Key, &shown)))
             .collect();
-        for e in doc
-            .kind
-            .check(&cfg_json, &params.render(crate::interp::Mode::Key, &shown))
-        {
+        let problems = if config_ok {
+            doc.kind
+                .check(&cfg_json, &params.render(crate::interp::Mode::Key, &shown))
+        } else {
+            Vec::new()
+        };
+        for e in problems {
             let mark = locate(doc, &e.key).unwrap_or(doc.mark);
             self.err(
                 mark,
@@ -1148,7 +1187,7 @@ impl<'r, 'a> Loader<'r, 'a> {
                 Ok(r) => {
                     m.insert(k.as_text().unwrap_or_default().to_owned(), r);
                 }
-                Err((msg, help)) => self.err(v.mark, msg, help),
+                Err(e) => self.err_ref(v.mark, e),
             }
         }
         RVal::Map(m)
@@ -1186,8 +1225,8 @@ impl<'r, 'a> Loader<'r, 'a> {
                     );
                     continue;
                 }
-                Err((msg, help)) => {
-                    self.err(v.mark, msg, help);
+                Err(e) => {
+                    self.err_ref(v.mark, e);
                     continue;
                 }
             };
@@ -1320,7 +1359,7 @@ struct VarTable<'a> {
     done: BTreeMap<String, Option<RVal>>,
     active: Vec<String>,
     secret_env: &'a [String],
-    errors: Vec<(Mark, String, Option<String>)>,
+    errors: Vec<(Mark, RefError)>,
 }
 
 impl VarTable<'_> {
@@ -1349,9 +1388,9 @@ impl VarTable<'_> {
         self.active.pop();
         let v = match r {
             Ok(v) => Some(v),
-            Err((msg, help)) => {
-                if !self.errors.iter().any(|(_, m, _)| *m == msg) {
-                    self.errors.push((node.mark, msg, help));
+            Err(e) => {
+                if !self.errors.iter().any(|(_, x)| x.msg == e.msg) {
+                    self.errors.push((node.mark, e));
                 }
                 None
             }
@@ -1398,6 +1437,8 @@ struct StageIndex<'a> {
     /// (base name, instance name) per stage.
     names: &'a [(String, String)],
     outs: &'a [BTreeMap<String, OutSpec>],
+    /// Declared stages that failed to load.
+    broken: &'a [String],
 }
 
 impl StageIndex<'_> {
@@ -1475,6 +1516,9 @@ impl<'a> Scope<'a> {
             index.names.iter().position(|(_, n)| *n == want)
         });
         let Some(up) = found else {
+            if index.broken.iter().any(|b| b == sname) {
+                return Err((String::new(), None));
+            }
             let instances: Vec<&str> = index
                 .names
                 .iter()

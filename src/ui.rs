@@ -101,15 +101,17 @@ impl Console {
     pub fn progress(&self, name: &str, ev: &ProgressEvent) {
         let Ok(bars) = self.bars.lock() else { return };
         let Some(pb) = bars.get(name) else { return };
-        if let Some(total) = ev.total {
-            if pb.length() != Some(total) {
-                pb.set_length(total);
-                pb.set_style(
-                    ProgressStyle::with_template("{spinner:.cyan} {prefix:>7} {msg} [{bar:30.cyan/blue}] {pos}/{len} {elapsed:>4} eta {eta}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
-                );
-            }
+        if let Some(total) = ev.total
+            && pb.length() != Some(total)
+        {
+            pb.set_length(total);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{spinner:.cyan} {prefix:>7} {msg} [{bar:30.cyan/blue}] {pos}/{len} {elapsed:>4} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
         }
         if let Some(done) = ev.done {
             pb.set_position(done);
