@@ -605,6 +605,7 @@ async fn run_one(
             outputs,
             inputs: launch.inputs,
         };
+        tracing::debug!(stage = %record.stage, key = %record.key, outputs = record.outputs.len(), "committed outputs");
         store
             .write_record(&record)
             .map_err(|e| format!("writing the run record: {e}"))?;
@@ -689,6 +690,7 @@ async fn spawn_stage(
             Some((sh.ui.clone(), s.name.clone())),
         ))
     });
+    tracing::debug!(stage = %s.name, pid = ?child.id(), log = %log.display(), "stage process started");
     let status = child
         .wait()
         .await

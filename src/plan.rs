@@ -96,6 +96,7 @@ impl<'a> Planner<'a> {
             &json!({"schema": KEY_SCHEMA, "inputs": inputs}),
         ))
         .to_hex();
+        tracing::debug!(stage = %s.name, %key, "computed key");
         Ok(Some((key, inputs)))
     }
 

@@ -1,0 +1,74 @@
+//! The README's quickstart pipeline runs, is cached on rerun, and reacts to a param change.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if name == ".anneal" || name == "work" {
+            continue;
+        }
+        let dest = to.join(&name);
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn quickstart_runs_then_is_cached_then_reacts_to_a_param() {
+    let p = Project::new();
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines"),
+        &p.path("pipelines"),
+    );
+    let file = "pipelines/quickstart.yaml";
+    let out = p.run_ok(file, &[]);
+    assert_eq!(
+        out,
+        pairs(&[
+            ("prepare", "done"),
+            ("split", "done"),
+            ("stats@train", "done"),
+            ("stats@val", "done"),
+            ("report", "done")
+        ])
+    );
+    // Every sample of the input lands in exactly one split.
+    let input = p.read("pipelines/data/gsm8k_sample.jsonl").lines().count();
+    let train = p.read("pipelines/work/train.jsonl").lines().count();
+    let val = p.read("pipelines/work/val.jsonl").lines().count();
+    assert_eq!(train + val, input);
+    assert!(val > 0 && train > val, "train {train}, val {val}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&p.read("pipelines/work/stats/val.json")).unwrap();
+    assert_eq!(stats["samples"], val);
+    assert!(
+        p.read("pipelines/work/report.md")
+            .contains(&format!("| samples | {train} | {val} |"))
+    );
+
+    assert!(p.run_ok(file, &[]).iter().all(|(_, o)| o == "cached"));
+
+    let yaml = p
+        .read(file)
+        .replace("val_fraction: 0.2", "val_fraction: 0.3");
+    p.write(file, &yaml);
+    let plan = p.plan(file);
+    assert_eq!(plan[0].1, "cached");
+    assert_eq!(
+        (plan[1].1.as_str(), plan[1].2.clone()),
+        ("run", vec!["params.val_fraction 0.2 -> 0.3".to_owned()])
+    );
+    let out = p.run_ok(file, &[]);
+    assert_eq!(out[0].1, "cached");
+    assert_eq!(out[1].1, "done");
+}
