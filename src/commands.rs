@@ -354,11 +354,11 @@ pub fn status(args: &PipelineArgs, json_out: bool) -> anyhow::Result<i32> {
     let p = load(args)?;
     let st = Status::load(&p.store_dir);
     // A stage still marked running while nobody holds the lock was interrupted.
-    let live = p.store_dir.exists()
-        && matches!(
-            WorkspaceLock::try_acquire(&p.store_dir, "anneal status"),
-            Err(LockError::Busy(_))
-        );
+    // Without taking the lock (that could turn away a run starting now): is its holder alive?
+    let live = std::fs::read(p.store_dir.join("lock"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<anneal_cache::LockInfo>(&b).ok())
+        .is_some_and(|info| Path::new(&format!("/proc/{}", info.pid)).exists());
     let state_of = |s: &crate::status::StageStatus| {
         if s.state == RunState::Running && !live {
             RunState::Interrupted

@@ -179,23 +179,15 @@ pub async fn run(
                     ui.cached(&name, restore);
                     planner.status.stages.insert(
                         name.clone(),
-                        StageStatus {
-                            state: RunState::Cached,
-                            key: record.key.clone(),
-                            at_unix_ms: now_ms(),
-                            duration_ms: None,
-                            inputs: record.inputs.clone(),
-                            error: None,
-                        },
+                        StageStatus::new(
+                            RunState::Cached,
+                            record.key.clone(),
+                            record.inputs.clone(),
+                        ),
                     );
                     reports.insert(i, report(&name, Outcome::Cached, Some(record.key.clone())));
                     known.insert(i, record.outputs);
-                    for d in p.downstream(i) {
-                        waiting_on[d] -= 1;
-                        if opts.selected[d] && waiting_on[d] == 0 {
-                            ready.insert(d);
-                        }
-                    }
+                    unblock(&p, i, &opts.selected, &mut waiting_on, &mut ready);
                 }
                 Ok(Decision::Run {
                     key,
@@ -261,14 +253,11 @@ pub async fn run(
                         ui.started(&s.name, &launch.reasons);
                         planner.status.stages.insert(
                             s.name.clone(),
-                            StageStatus {
-                                state: RunState::Running,
-                                key: launch.key.clone(),
-                                at_unix_ms: now_ms(),
-                                duration_ms: None,
-                                inputs: launch.inputs.clone(),
-                                error: None,
-                            },
+                            StageStatus::new(
+                                RunState::Running,
+                                launch.key.clone(),
+                                launch.inputs.clone(),
+                            ),
                         );
                         save_status(&planner);
                         let sh = shared.clone();
@@ -330,24 +319,14 @@ pub async fn run(
                 match f.result {
                     Ok(record) => {
                         ui.finished(&name, f.took);
-                        planner.status.stages.insert(name.clone(), StageStatus {
-                            state: RunState::Done,
-                            key: record.key.clone(),
-                            at_unix_ms: now_ms(),
-                            duration_ms: Some(f.took.as_millis() as u64),
-                            inputs: record.inputs.clone(),
-                            error: None,
-                        });
+                        let mut st = StageStatus::new(RunState::Done, record.key.clone(), record.inputs.clone());
+                        st.duration_ms = Some(f.took.as_millis() as u64);
+                        planner.status.stages.insert(name.clone(), st);
                         let mut r = report(&name, Outcome::Done, Some(record.key.clone()));
                         r.seconds = Some(f.took.as_secs_f64());
                         reports.insert(i, r);
                         known.insert(i, record.outputs);
-                        for d in p.downstream(i) {
-                            waiting_on[d] -= 1;
-                            if opts.selected[d] && waiting_on[d] == 0 {
-                                ready.insert(d);
-                            }
-                        }
+                        unblock(&p, i, &opts.selected, &mut waiting_on, &mut ready);
                     }
                     Err(e) if interrupted => {
                         let key = planner.status.stages.get(&name).map(|s| s.key.clone());
@@ -406,6 +385,22 @@ pub async fn run(
     })
 }
 
+/// Stage `i` is complete: its selected dependents with nothing else to wait for become ready.
+fn unblock(
+    p: &Pipeline,
+    i: usize,
+    selected: &[bool],
+    waiting_on: &mut [usize],
+    ready: &mut BTreeSet<usize>,
+) {
+    for d in p.downstream(i) {
+        waiting_on[d] -= 1;
+        if selected[d] && waiting_on[d] == 0 {
+            ready.insert(d);
+        }
+    }
+}
+
 fn report(name: &str, outcome: Outcome, key: Option<String>) -> StageReport {
     StageReport {
         stage: name.to_owned(),
@@ -451,12 +446,8 @@ fn fail(
         planner.status.stages.insert(
             name.clone(),
             StageStatus {
-                state: RunState::Failed,
-                key: k.clone(),
-                at_unix_ms: now_ms(),
-                duration_ms: None,
-                inputs,
                 error: Some(error.clone()),
+                ..StageStatus::new(RunState::Failed, k.clone(), inputs)
             },
         );
     }

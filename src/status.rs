@@ -54,6 +54,20 @@ pub struct StageStatus {
     pub error: Option<String>,
 }
 
+impl StageStatus {
+    /// A status stamped now.
+    pub fn new(state: RunState, key: String, inputs: Value) -> Self {
+        StageStatus {
+            state,
+            key,
+            at_unix_ms: now_ms(),
+            duration_ms: None,
+            inputs,
+            error: None,
+        }
+    }
+}
+
 /// Every stage's last run.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Status {

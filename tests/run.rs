@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use common::*;
 
-fn parse_time(p: &Project, f: &str) -> f64 {
-    p.read(f).trim().parse().unwrap()
+/// Start and end times of stages a and b, as written by `TWO_SLEEPERS`.
+fn spans(p: &Project) -> [f64; 4] {
+    ["a.start", "a.end", "b.start", "b.end"].map(|f| p.read(f).trim().parse().unwrap())
 }
 
 const TWO_SLEEPERS: &str = r#"stages:
@@ -31,12 +32,7 @@ fn independent_stages_run_concurrently_within_jobs() {
         "two 1 s stages with --jobs 2 took {:.2} s",
         t0.elapsed().as_secs_f64()
     );
-    let (a0, a1, b0, b1) = (
-        parse_time(&p, "a.start"),
-        parse_time(&p, "a.end"),
-        parse_time(&p, "b.start"),
-        parse_time(&p, "b.end"),
-    );
+    let [a0, a1, b0, b1] = spans(&p);
     assert!(
         a0 < b1 && b0 < a1,
         "the two stages did not overlap: a {a0}..{a1}, b {b0}..{b1}"
@@ -45,12 +41,7 @@ fn independent_stages_run_concurrently_within_jobs() {
     let q = Project::new();
     q.write("p.yaml", TWO_SLEEPERS);
     q.run_ok("p.yaml", &["--jobs", "1"]);
-    let (a0, a1, b0, b1) = (
-        parse_time(&q, "a.start"),
-        parse_time(&q, "a.end"),
-        parse_time(&q, "b.start"),
-        parse_time(&q, "b.end"),
-    );
+    let [a0, a1, b0, b1] = spans(&q);
     assert!(
         a1 <= b0 || b1 <= a0,
         "--jobs 1 ran them together: a {a0}..{a1}, b {b0}..{b1}"
@@ -68,12 +59,7 @@ fn resources_limit_concurrency() {
         ),
     );
     p.run_ok("p.yaml", &["--jobs", "2", "--cpus", "2"]);
-    let (a0, a1, b0, b1) = (
-        parse_time(&p, "a.start"),
-        parse_time(&p, "a.end"),
-        parse_time(&p, "b.start"),
-        parse_time(&p, "b.end"),
-    );
+    let [a0, a1, b0, b1] = spans(&p);
     assert!(
         a1 <= b0 || b1 <= a0,
         "a takes both CPUs, yet b ran beside it: a {a0}..{a1}, b {b0}..{b1}"
