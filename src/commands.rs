@@ -1,6 +1,6 @@
 //! What each subcommand does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -352,7 +352,7 @@ fn ago(ms: u64) -> String {
 /// `anneal status`.
 pub fn status(args: &PipelineArgs, json_out: bool) -> anyhow::Result<i32> {
     let p = load(args)?;
-    let st = Status::load(&p.store_dir);
+    let st = Status::load(&p.store_dir, &p.file);
     // A stage still marked running while nobody holds the lock was interrupted.
     // Without taking the lock (that could turn away a run starting now): is its holder alive?
     let live = std::fs::read(p.store_dir.join("lock"))
@@ -373,7 +373,7 @@ pub fn status(args: &PipelineArgs, json_out: bool) -> anyhow::Result<i32> {
             .map(|s| match st.stages.get(&s.name) {
                 Some(x) => json!({
                     "stage": s.name, "state": state_of(x).as_str(), "key": x.key, "at_unix_ms": x.at_unix_ms,
-                    "duration_ms": x.duration_ms, "error": x.error,
+                    "duration_ms": x.duration_ms, "error": x.error, "report": x.report,
                 }),
                 None => json!({"stage": s.name, "state": "never run"}),
             })
@@ -406,6 +406,7 @@ pub fn status(args: &PipelineArgs, json_out: bool) -> anyhow::Result<i32> {
                     .error
                     .as_deref()
                     .map(|e| format!("  {e}"))
+                    .or_else(|| x.report.as_ref().map(|r| format!("  {}", report_line(r))))
                     .unwrap_or_default();
                 println!(
                     "{:<width$}  {:<11}  {:<9}  {:>8}  {}{err}",
@@ -423,6 +424,21 @@ pub fn status(args: &PipelineArgs, json_out: bool) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// A stage report as `key=value` pairs.
+fn report_line(r: &serde_json::Value) -> String {
+    match r.as_object() {
+        Some(m) => m
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => r.to_string(),
+    }
 }
 
 /// `anneal dag`.
@@ -544,10 +560,12 @@ pub fn gc(
     let store = Store::open(&p.store_dir)?;
     let ui = Console::new(quiet);
     let _lock = lock_store(&p.store_dir, false, &ui)?;
-    let st = Status::load(&p.store_dir);
-    let current: Vec<&str> = st.stages.values().map(|s| s.key.as_str()).collect();
-    // Per stage, the creation times of its newest `keep_last` records.
-    let mut keep_keys: Option<Vec<String>> = None;
+    // Every pipeline sharing the store keeps its current results.
+    let statuses = Status::load_all(&p.store_dir);
+    let all = || statuses.iter().flat_map(|st| st.stages.values());
+    let current: HashSet<&str> = all().map(|s| s.key.as_str()).collect();
+    // Per stage, the newest `keep_last` records.
+    let mut keep_keys: Option<HashSet<String>> = None;
     if let Some(n) = keep_last {
         let mut by_stage: HashMap<String, Vec<(u64, String)>> = HashMap::new();
         for r in store.records()? {
@@ -556,7 +574,7 @@ pub fn gc(
                 .or_default()
                 .push((r.created_unix_ms, r.key.clone()));
         }
-        let mut keys = Vec::new();
+        let mut keys = HashSet::new();
         for (_, mut v) in by_stage {
             v.sort_by_key(|r| std::cmp::Reverse(r.0));
             keys.extend(v.into_iter().take(n).map(|(_, k)| k));
@@ -572,9 +590,7 @@ pub fn gc(
     )?;
     // Scratch space of keys that are not the pending run of any stage is dead.
     let mut scratch_removed = 0;
-    let pending: Vec<&str> = st
-        .stages
-        .values()
+    let pending: HashSet<&str> = all()
         .filter(|s| {
             matches!(
                 s.state,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anneal_cache::{OutputRef, Record, RecordOutput, Store};
-use anneal_stages::{Job, PROGRESS_PREFIX, ProgressEvent};
+use anneal_stages::{Job, PROGRESS_PREFIX, ProgressEvent, REPORT_PREFIX};
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::Value;
@@ -179,11 +179,14 @@ pub async fn run(
                     ui.cached(&name, restore);
                     planner.status.stages.insert(
                         name.clone(),
-                        StageStatus::new(
-                            RunState::Cached,
-                            record.key.clone(),
-                            record.inputs.clone(),
-                        ),
+                        StageStatus {
+                            report: record.report.clone(),
+                            ..StageStatus::new(
+                                RunState::Cached,
+                                record.key.clone(),
+                                record.inputs.clone(),
+                            )
+                        },
                     );
                     reports.insert(i, report(&name, Outcome::Cached, Some(record.key.clone())));
                     known.insert(i, record.outputs);
@@ -321,6 +324,7 @@ pub async fn run(
                         ui.finished(&name, f.took);
                         let mut st = StageStatus::new(RunState::Done, record.key.clone(), record.inputs.clone());
                         st.duration_ms = Some(f.took.as_millis() as u64);
+                        st.report = record.report.clone();
                         planner.status.stages.insert(name.clone(), st);
                         let mut r = report(&name, Outcome::Done, Some(record.key.clone()));
                         r.seconds = Some(f.took.as_secs_f64());
@@ -551,7 +555,7 @@ async fn run_one(
     let t0 = Instant::now();
     let outs = job.outs.clone();
     let scratch = job.scratch.clone();
-    spawn_stage(sh, i, &job, &log, &gpus).await?;
+    let report = spawn_stage(sh, i, &job, &log, &gpus).await?;
     let duration_ms = t0.elapsed().as_millis() as u64;
     let s = &sh.p.stages[i];
     let store = sh.store.clone();
@@ -595,6 +599,7 @@ async fn run_one(
             duration_ms,
             outputs,
             inputs: launch.inputs,
+            report,
         };
         tracing::debug!(stage = %record.stage, key = %record.key, outputs = record.outputs.len(), "committed outputs");
         store
@@ -620,7 +625,7 @@ async fn spawn_stage(
     job: &Job,
     log: &Path,
     gpus: &[String],
-) -> Result<(), String> {
+) -> Result<Option<Value>, String> {
     let s = &sh.p.stages[i];
     let mut cmd = tokio::process::Command::new(&sh.exe);
     cmd.arg("exec-stage")
@@ -689,8 +694,9 @@ async fn spawn_stage(
     if let Some(t) = out {
         let _ = t.await;
     }
+    let mut report = None;
     if let Some(t) = err {
-        let _ = t.await;
+        report = t.await.ok().flatten();
     }
     if let Ok(mut f) = log_file.lock() {
         let _ = f.flush();
@@ -699,7 +705,7 @@ async fn spawn_stage(
         pids.remove(&i);
     }
     if status.success() {
-        return Ok(());
+        return Ok(report);
     }
     use std::os::unix::process::ExitStatusExt;
     let last_error = tail(log, 40)
@@ -714,15 +720,17 @@ async fn spawn_stage(
     })
 }
 
-/// Copies a stream to the log line by line, hiding secret values; progress lines go to the console.
+/// Copies a stream to the log line by line, hiding secret values; progress lines
+/// go to the console; returns the stage's report line, if it sent one.
 async fn pump<R: AsyncRead + Unpin>(
     r: R,
     log: Arc<Mutex<std::io::BufWriter<std::fs::File>>>,
     secrets: Arc<Vec<String>>,
     progress: Option<(Arc<Console>, String)>,
-) {
+) -> Option<Value> {
     let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
+    let mut report = None;
     loop {
         buf.clear();
         match reader.read_until(b'\n', &mut buf).await {
@@ -738,6 +746,12 @@ async fn pump<R: AsyncRead + Unpin>(
             }
             continue;
         }
+        if progress.is_some()
+            && let Some(json) = line.trim_end().strip_prefix(REPORT_PREFIX)
+        {
+            report = serde_json::from_str(json).ok();
+            continue;
+        }
         for s in secrets.iter() {
             if line.contains(s.as_str()) {
                 line = line.replace(s.as_str(), "***");
@@ -747,6 +761,7 @@ async fn pump<R: AsyncRead + Unpin>(
             let _ = f.write_all(line.as_bytes());
         }
     }
+    report
 }
 
 /// Ctrl-C, SIGTERM and SIGHUP.

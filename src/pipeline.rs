@@ -1107,6 +1107,7 @@ impl<'r, 'a> Loader<'r, 'a> {
             .fields
             .get("desc")
             .and_then(|n| n.as_text().map(str::to_owned));
+        self.check_io(doc, name, &deps, &outs);
         // `${stages...}` outside deps: implicit inputs, so their content is in the key.
         let refs = std::mem::take(&mut scope.refs);
         for (up, oname) in refs {
@@ -1178,6 +1179,59 @@ impl<'r, 'a> Loader<'r, 'a> {
             gpus,
             secrets,
         })
+    }
+
+    /// Inputs and outputs against what the kind declares it reads and writes.
+    fn check_io(
+        &mut self,
+        doc: &StageDoc,
+        name: &str,
+        deps: &BTreeMap<String, DepSpec>,
+        outs: &BTreeMap<String, OutSpec>,
+    ) {
+        let kind = doc.kind.kind();
+        let sides = [
+            (
+                "deps",
+                "input",
+                doc.kind.inputs(),
+                deps.iter().map(|(k, d)| (k, d.mark)).collect::<Vec<_>>(),
+            ),
+            (
+                "outs",
+                "output",
+                doc.kind.outputs(),
+                outs.iter().map(|(k, o)| (k, o.mark)).collect(),
+            ),
+        ];
+        for (key, what, specs, declared) in sides {
+            if specs.is_empty() {
+                continue;
+            }
+            let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+            for (n, mark) in &declared {
+                if !names.contains(&n.as_str()) {
+                    self.err(
+                        *mark,
+                        format!("kind '{kind}' has no {what} '{n}' (stage '{name}')"),
+                        did_you_mean(n, &names),
+                    );
+                }
+            }
+            for spec in specs.iter().filter(|s| s.required) {
+                if !declared.iter().any(|(n, _)| n.as_str() == spec.name) {
+                    let mark = doc.fields.get(key).map(|n| n.mark).unwrap_or(doc.mark);
+                    self.err(
+                        mark,
+                        format!(
+                            "stage '{name}' of kind '{kind}' needs {what} '{}' under {key}:",
+                            spec.name
+                        ),
+                        Some(format!("add `{}: PATH` ({})", spec.name, spec.doc)),
+                    );
+                }
+            }
+        }
     }
 
     fn resolve_map_entries(&mut self, n: &Node, scope: &mut Scope) -> RVal {

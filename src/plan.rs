@@ -60,7 +60,7 @@ impl<'a> Planner<'a> {
             p,
             store,
             stat: StatCache::load(&store.root().join("stat-cache.json")),
-            status: Status::load(store.root()),
+            status: Status::load(store.root(), &p.file),
         }
     }
 

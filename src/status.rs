@@ -1,4 +1,5 @@
-//! `status.json` in the store: the last run of every stage.
+//! `status/<pipeline file>.json` in the store: the last run of every stage of one
+//! pipeline. Several pipelines may share a store (and stage names).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,9 @@ pub struct StageStatus {
     /// The error, when it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the stage reported about its work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<Value>,
 }
 
 impl StageStatus {
@@ -64,6 +68,7 @@ impl StageStatus {
             duration_ms: None,
             inputs,
             error: None,
+            report: None,
         }
     }
 }
@@ -78,9 +83,28 @@ pub struct Status {
 }
 
 impl Status {
-    /// Reads `status.json` in `store_root`; missing or unreadable means empty.
-    pub fn load(store_root: &Path) -> Status {
-        let path = store_root.join("status.json");
+    /// Reads the status of the pipeline file `pipeline` from the store at
+    /// `store_root`; missing or unreadable means empty.
+    pub fn load(store_root: &Path, pipeline: &Path) -> Status {
+        let name = pipeline
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self::load_file(store_root.join("status").join(format!("{name}.json")))
+    }
+
+    /// The status of every pipeline that uses the store.
+    pub fn load_all(store_root: &Path) -> Vec<Status> {
+        let Ok(dir) = std::fs::read_dir(store_root.join("status")) else {
+            return Vec::new();
+        };
+        dir.filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .map(|e| Self::load_file(e.path()))
+            .collect()
+    }
+
+    fn load_file(path: PathBuf) -> Status {
         let mut s: Status = std::fs::read(&path)
             .ok()
             .and_then(|b| match serde_json::from_slice(&b) {
@@ -97,6 +121,9 @@ impl Status {
 
     /// Writes it back atomically.
     pub fn save(&self) -> anyhow::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let bytes = serde_json::to_vec_pretty(self)?;
         anneal_cache::write_atomic(&self.path, &bytes)?;
         Ok(())

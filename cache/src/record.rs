@@ -29,6 +29,9 @@ pub struct Record {
     /// What the key was computed from (canonical, secrets redacted) so a later plan
     /// can say what changed.
     pub inputs: serde_json::Value,
+    /// What the stage reported about its work (rows in and out, skipped...), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
 }
 
 /// One output of a run: where it is declared and what it contains.
@@ -149,6 +152,7 @@ pub(crate) mod tests {
                 })
                 .collect(),
             inputs: serde_json::json!({"lr": 0.0001, "token": "<redacted>"}),
+            report: None,
         }
     }
 

@@ -6,9 +6,16 @@
 //! in a child process through [`exec_job`], the single entry point that the
 //! local executor (and later a cluster executor) calls.
 
+pub mod agent_samples;
 pub mod command;
 mod job;
+pub mod lines;
+pub mod params;
 mod progress;
+pub mod rows;
+pub mod sink;
+pub mod summary_datasets;
+pub mod train_val_split;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,7 +23,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 pub use job::{Job, SECRET_SENTINEL, exec_job, expand_secrets};
-pub use progress::{PROGRESS_PREFIX, Progress, ProgressEvent};
+pub use progress::{PROGRESS_PREFIX, Progress, ProgressEvent, REPORT_PREFIX};
 
 /// A stage-level key that a kind accepts besides the generic ones
 /// (`kind`, `deps`, `outs`, `params`, `resources`, `foreach`, `matrix`, `desc`).
@@ -69,6 +76,14 @@ pub trait Stage: Send + Sync {
     fn version(&self) -> u32;
     /// The kind-specific stage-level keys.
     fn keys(&self) -> &'static [KeySpec];
+    /// The inputs (`deps:` names) it reads; empty means any names.
+    fn inputs(&self) -> &'static [KeySpec] {
+        &[]
+    }
+    /// The outputs (`outs:` names) it writes; empty means any names.
+    fn outputs(&self) -> &'static [KeySpec] {
+        &[]
+    }
     /// Checks config and params before anything runs. Values still contain
     /// placeholders for secrets and outputs, so check shapes, not contents.
     fn check(&self, config: &BTreeMap<String, Value>, params: &Value) -> Vec<ConfigError>;
@@ -76,11 +91,43 @@ pub trait Stage: Send + Sync {
     fn run(&self, ctx: &StageContext) -> anyhow::Result<()>;
 }
 
+impl StageContext {
+    /// Hands the engine a small summary of what the stage did (rows in and out,
+    /// skipped by reason...). It is kept in the run record and shown by `anneal status`.
+    pub fn report(&self, report: &Value) {
+        self.progress.report(report);
+    }
+
+    /// The path of declared input `name`, resolved against the working directory.
+    pub fn input(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let p = self.deps.get(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "stage '{}' has no input '{name}'; declare it under deps:",
+                self.name
+            )
+        })?;
+        Ok(self.workdir.join(p))
+    }
+
+    /// The path of declared output `name`, if declared.
+    pub fn output(&self, name: &str) -> Option<PathBuf> {
+        self.outs.get(name).map(|p| self.workdir.join(p))
+    }
+}
+
 static COMMAND: command::Command = command::Command;
+static AGENT_SAMPLES: agent_samples::AgentSamples = agent_samples::AgentSamples;
+static SUMMARY_DATASETS: summary_datasets::SummaryDatasets = summary_datasets::SummaryDatasets;
+static TRAIN_VAL_SPLIT: train_val_split::TrainValSplit = train_val_split::TrainValSplit;
 
 /// Every built-in kind.
 pub fn builtin_kinds() -> Vec<&'static dyn Stage> {
-    vec![&COMMAND]
+    vec![
+        &COMMAND,
+        &AGENT_SAMPLES,
+        &SUMMARY_DATASETS,
+        &TRAIN_VAL_SPLIT,
+    ]
 }
 
 /// The built-in kind named `kind`.

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 /// Lines on a stage process's stderr that start with this carry a JSON [`ProgressEvent`].
 pub const PROGRESS_PREFIX: &str = "::anneal-progress::";
 
+/// A line on a stage process's stderr that starts with this carries its JSON report.
+pub const REPORT_PREFIX: &str = "::anneal-report::";
+
 /// One progress update from a running stage.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProgressEvent {
@@ -69,6 +72,14 @@ impl Progress {
     pub fn message(&self, msg: impl Into<String>) {
         let msg = msg.into();
         self.update(|e| e.message = Some(msg), true);
+    }
+
+    /// Sends the stage's final report (see [`crate::StageContext::report`]).
+    pub fn report(&self, report: &serde_json::Value) {
+        if let Ok(json) = serde_json::to_string(report) {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{REPORT_PREFIX}{json}");
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut ProgressEvent), force: bool) {

@@ -1,0 +1,91 @@
+//! Typed params for stage kinds, with errors that name the key and suggest a fix.
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::ConfigError;
+
+/// Deserializes a stage's `params` into `T` (which should use `deny_unknown_fields`).
+pub fn parse<T: DeserializeOwned>(params: &Value) -> Result<T, ConfigError> {
+    let v = if params.is_null() {
+        Value::Object(Default::default())
+    } else {
+        params.clone()
+    };
+    serde_json::from_value(v).map_err(|e| to_config_error(&e.to_string()))
+}
+
+/// Turns serde's message into a `ConfigError` on the right key.
+fn to_config_error(msg: &str) -> ConfigError {
+    // "unknown field `mod`, expected one of `mode`, `seed`"
+    if let Some(rest) = msg.strip_prefix("unknown field `")
+        && let Some((field, tail)) = rest.split_once('`')
+    {
+        let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+        let best = expected
+            .iter()
+            .map(|c| (strsim::jaro_winkler(field, c), *c))
+            .filter(|(s, _)| *s > 0.8)
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        let message = match best {
+            Some((_, c)) => format!("unknown param '{field}'; did you mean '{c}'?"),
+            None => format!(
+                "unknown param '{field}'; expected one of: {}",
+                expected.join(", ")
+            ),
+        };
+        return ConfigError {
+            key: format!("params.{field}"),
+            message,
+        };
+    }
+    // "missing field `mode`"
+    if let Some(rest) = msg.strip_prefix("missing field `")
+        && let Some((field, _)) = rest.split_once('`')
+    {
+        return ConfigError {
+            key: "params".into(),
+            message: format!("missing param '{field}'"),
+        };
+    }
+    ConfigError {
+        key: "params".into(),
+        message: msg.to_owned(),
+    }
+}
+
+/// What to do with a malformed input record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Stop with an error naming the file and line.
+    #[default]
+    Fail,
+    /// Skip it and count it in the stage report.
+    Skip,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct P {
+        mode: String,
+        #[serde(default)]
+        seed: u64,
+    }
+
+    #[test]
+    fn errors_name_the_param() {
+        let e = parse::<P>(&serde_json::json!({"mod": "x"})).unwrap_err();
+        assert_eq!(e.key, "params.mod");
+        assert_eq!(e.message, "unknown param 'mod'; did you mean 'mode'?");
+        let e = parse::<P>(&serde_json::json!({})).unwrap_err();
+        assert_eq!(e.message, "missing param 'mode'");
+        let e = parse::<P>(&serde_json::json!({"mode": 3})).unwrap_err();
+        assert!(e.message.contains("invalid type"), "{}", e.message);
+    }
+}

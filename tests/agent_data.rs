@@ -1,0 +1,216 @@
+//! The agent-SFT data stages on the real binary: the sample pipeline end to end,
+//! Parquet read back by pyarrow and pandas, errors, and determinism.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn copy_pipelines(p: &Project) {
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name();
+            if name == ".anneal" || name == "work" {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(&name));
+            } else {
+                std::fs::copy(e.path(), to.join(&name)).unwrap();
+            }
+        }
+    }
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines"),
+        &p.path("pipelines"),
+    );
+}
+
+fn python(script: &str) -> String {
+    let check = Command::new("python3")
+        .args(["-c", "import pyarrow, pandas"])
+        .output()
+        .expect("python3");
+    assert!(
+        check.status.success(),
+        "pyarrow and pandas are required for this test: python3 -m pip install pyarrow pandas"
+    );
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn sample_pipeline_runs_end_to_end_and_parquet_reads_back_in_pyarrow() {
+    let p = Project::new();
+    copy_pipelines(&p);
+    let file = "pipelines/agent_summary_sft.yaml";
+    let out = p.run_ok(file, &[]);
+    assert!(out.iter().all(|(_, o)| o == "done"), "{out:?}");
+
+    let status = p.anneal(&["status", file, "--json"]).json();
+    let report = |stage: &str| {
+        status["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .unwrap()["report"]
+            .clone()
+    };
+    assert_eq!(report("per_step")["rows_in"], 200);
+    let per_step = report("per_step")["rows_out"].as_u64().unwrap();
+    assert_eq!(
+        per_step,
+        p.read("pipelines/work/agent/per_step.jsonl")
+            .lines()
+            .count() as u64
+    );
+    assert_eq!(report("summary_datasets")["prefix_rows"], per_step);
+    let split = report("split@prefix");
+    assert_eq!(split["val_rows"], per_step / 10);
+    assert_eq!(split["train_rows"], per_step - per_step / 10);
+    let text = p.anneal(&["status", file]).stdout;
+    assert!(text.contains("rows_in=200"), "{text}");
+
+    let dir = p.path("pipelines/work/agent");
+    let got = python(&format!(
+        r#"
+import json, pyarrow.parquet as pq, pandas as pd
+d = {dir:?}
+t = pq.read_table(d + "/prefix/train.parquet")
+v = pq.read_table(d + "/prefix/val.parquet")
+s = t.schema
+assert str(s.field("prompt").type) in ("list<item: struct<role: string, content: string>>", "list<element: struct<role: string, content: string>>"), s.field("prompt").type
+ei = s.field("extra_info").type
+assert [ei.field(i).name for i in range(ei.num_fields)] == ["question", "answer", "split_index", "total_splits", "has_summary_prefix"], ei
+assert str(ei.field("split_index").type) == "int64" and str(ei.field("has_summary_prefix").type) == "bool"
+assert t.schema == v.schema
+rows = t.to_pylist() + v.to_pylist()
+src = [json.loads(l) for l in open(d + "/prefix.jsonl", encoding="utf-8")]
+key = lambda r: (r["prompt"][0]["content"], r["extra_info"]["split_index"])
+assert sorted(rows, key=key) == sorted(src, key=key), "parquet rows differ from the JSONL rows"
+assert all(r["extra_info"]["answer"].startswith(r["summary"] + "\n\n") for r in rows)
+mt = pd.read_parquet(d + "/multiturn/train.parquet")
+first = mt.iloc[0]
+assert first["prompt"][0]["role"] == "user" and first["data_source"] == "search_r1"
+so = pq.read_table(d + "/summary_only/val.parquet").to_pylist()[0]
+assert so["prompt"] == [{{"role": "user", "content": so["summary"]}}] and so["extra_info"]["original_question_discarded"] is True
+print(len(rows), len(mt))
+"#
+    ));
+    let counts: Vec<u64> = got.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert_eq!(counts[0], per_step);
+    assert_eq!(
+        counts[1],
+        report("split@multiturn")["train_rows"].as_u64().unwrap()
+    );
+
+    // Same inputs, same bytes: a second project gets identical outputs.
+    let q = Project::new();
+    copy_pipelines(&q);
+    q.run_ok(file, &[]);
+    assert_eq!(
+        snapshot(&p.path("pipelines/work")),
+        snapshot(&q.path("pipelines/work"))
+    );
+}
+
+const TRACE: &str = r#"{"question": "Q", "trace": [{"type": "search", "query": "q"}, {"type": "search_result", "documents": [{"title": "t", "content": "c"}]}, {"type": "CorrectAnswer", "content": "x"}]}"#;
+
+#[test]
+fn malformed_lines_fail_with_file_and_line_or_are_skipped_and_counted() {
+    let p = Project::new();
+    p.write("traces.jsonl", &format!("{TRACE}\n\n{TRACE}\n{{\"question\": \"Q\", \"trace\": [{{\"type\": \"search\"}}]}}\n{{oops\n{TRACE}\n"));
+    let yaml = "stages:\n  s:\n    kind: agent_samples\n    deps: {traces: traces.jsonl}\n    params: {mode: per_step}\n    outs: {samples: out.jsonl}\n";
+    p.write("p.yaml", yaml);
+    let r = p.anneal(&["run", "p.yaml"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("traces.jsonl:4: step 0 (search) has no `query`"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("on_error: skip"), "{r:?}");
+    assert!(!p.exists("out.jsonl"));
+
+    p.write(
+        "p.yaml",
+        &yaml.replace("mode: per_step", "mode: per_step, on_error: skip"),
+    );
+    p.run_ok("p.yaml", &[]);
+    let st = p.anneal(&["status", "p.yaml", "--json"]).json();
+    let report = &st["stages"][0]["report"];
+    assert_eq!(report["rows_in"], 5);
+    assert_eq!(report["skipped"], 2);
+    assert_eq!(report["rows_out"], 3);
+    assert_eq!(p.read("out.jsonl").lines().count(), 3);
+}
+
+#[test]
+fn data_stage_params_and_io_names_are_checked_before_running() {
+    let p = Project::new();
+    p.write("traces.jsonl", TRACE);
+    p.write(
+        "p.yaml",
+        "stages:\n  s:\n    kind: agent_samples\n    deps: {trace: traces.jsonl}\n    params: {mod: per_step}\n    outs: {samples: out.jsonl}\n  split:\n    kind: train_val_split\n    deps: {data: out.jsonl}\n    params: {val_ratio: 1.5}\n    outs: {train: t.parquet}\n",
+    );
+    let r = p.anneal(&["plan", "p.yaml"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    for part in [
+        "p.yaml:4:19: kind 'agent_samples' has no input 'trace' (stage 's')",
+        "did you mean 'traces'?",
+        "p.yaml:5:19: stage 's': params.mod: unknown param 'mod'; did you mean 'mode'?",
+        "p.yaml:10:25: stage 'split': params.val_ratio: val_ratio must be between 0 and 1 (exclusive), got 1.5",
+        "stage 'split' of kind 'train_val_split' needs output 'val' under outs:",
+    ] {
+        assert!(
+            r.stderr.contains(part),
+            "missing {part:?} in:\n{}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn summary_datasets_leave_out_rows_without_summaries() {
+    let p = Project::new();
+    p.write(
+        "in.jsonl",
+        concat!(
+            r#"{"prompt": [{"role": "user", "content": "Q1"}], "extra_info": {"question": "Q1", "answer": "A1"}, "summary": "S1"}"#, "\n",
+            r#"{"prompt": [{"role": "user", "content": "Q2"}], "extra_info": {"question": "Q2", "answer": "A2"}, "summary": ""}"#, "\n",
+            r#"{"prompt": [{"role": "user", "content": "Q3"}], "extra_info": {"question": "Q3", "answer": "A3"}}"#, "\n",
+        ),
+    );
+    p.write("p.yaml", "stages:\n  d:\n    kind: summary_datasets\n    deps: {samples: in.jsonl}\n    outs: {prefix: prefix.jsonl, summary_only: only.parquet}\n");
+    p.run_ok("p.yaml", &[]);
+    let prefix: Vec<serde_json::Value> = p
+        .read("prefix.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(prefix.len(), 1);
+    assert_eq!(prefix[0]["extra_info"]["answer"], "S1\n\nA1");
+    let st = p.anneal(&["status", "p.yaml", "--json"]).json();
+    let report = &st["stages"][0]["report"];
+    assert_eq!(
+        (
+            report["empty_summary"].as_u64(),
+            report["missing_summary"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(report["summary_only_rows"], 1);
+}
