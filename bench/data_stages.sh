@@ -28,6 +28,9 @@ Options:
   --runs N      timed runs per mode (default: 3)
   --keep        keep the stage outputs, job files and pipeline dir in the work
                 dir (the trace file itself is always kept, for reuse)
+  --no-reference  skip the Python reference (bench/reference_agent_samples.py,
+                whole file in memory like the original scripts; its output is
+                compared byte for byte with anneal's; needs 'pip install blake3')
   -h, --help    show this help
 
 Environment:
@@ -49,6 +52,7 @@ log() { echo "==> $*" >&2; }
 size="1G"
 runs=3
 keep=0
+reference=1
 while (($#)); do
     case "$1" in
         --size) [[ $# -ge 2 ]] || die "--size needs a value"; size="$2"; shift 2 ;;
@@ -56,6 +60,7 @@ while (($#)); do
         --runs) [[ $# -ge 2 ]] || die "--runs needs a value"; runs="$2"; shift 2 ;;
         --runs=*) runs="${1#*=}"; shift ;;
         --keep) keep=1; shift ;;
+        --no-reference) reference=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -70,6 +75,7 @@ seed="${SEED:-0}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 results="$repo/bench/results"
 gen="$repo/bench/gen_traces.py"
+reference_py="$repo/bench/reference_agent_samples.py"
 work="${BENCH_WORK:-/tmp/anneal-bench-data}"
 
 # --- dependencies -------------------------------------------------------------
@@ -203,6 +209,18 @@ for mode in per_step multiturn; do
     rss_med="$(median "${rsss[@]}")"
     out_bytes="$(file_size "$out")"
     rows+=("| $mode | $(mb "$in_bytes") | $(printf '%.2f' "$t_med") s | $(rate "$in_bytes" "$t_med" 1000000) | $(rate "$in_bytes" "$t_med" 1048576) | $(rss_mb "$rss_med") | $(mb "$out_bytes") ($(lines "$out") samples) |")
+    if ((reference == 1)); then
+        # The same work in Python, whole file in memory as the original scripts do;
+        # its output must be byte-identical to anneal's.
+        ref_out="$exec_dir/out/$mode.reference.jsonl"
+        t_ref="$(timed "$exec_dir/$mode.ref.log" "$exec_dir/$mode.ref.time" python3 "$reference_py" --mode "$mode" --seed 42 --think-drop-prob 0.3 --in "$traces" --out "$ref_out")"
+        rss_ref="$(tail -n1 "$exec_dir/$mode.ref.time")"
+        cmp -s "$out" "$ref_out" || die "$mode: anneal's output differs from the Python reference's ($out vs $ref_out)"
+        log "$mode Python reference: ${t_ref} s, peak RSS $(rss_mb "$rss_ref") MB, identical output"
+        speedup="$(awk -v a="$t_ref" -v b="$t_med" 'BEGIN { printf "%.1f", a / b }')"
+        rows+=("| $mode, Python reference (whole file, 1 run; anneal is ${speedup}x faster) | $(mb "$in_bytes") | $(printf '%.2f' "$t_ref") s | $(rate "$in_bytes" "$t_ref" 1000000) | $(rate "$in_bytes" "$t_ref" 1048576) | $(rss_mb "$rss_ref") | identical bytes |")
+        rm -f "$ref_out"
+    fi
     if ((keep == 0)); then
         rm -rf "$out" "$scratch"
     fi
@@ -222,7 +240,7 @@ stages:
   multiturn:
     kind: agent_samples
     deps: {traces: traces.jsonl}
-    params: {mode: multiturn, seed: 42}
+    params: {mode: multiturn, seed: 42, think_drop_prob: 0.3}
     outs: {samples: multiturn.jsonl}
 EOF
 rm -f "$e2e_dir/traces.jsonl"

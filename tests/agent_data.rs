@@ -117,6 +117,27 @@ print(len(rows), len(mt))
         report("split@multiturn")["train_rows"].as_u64().unwrap()
     );
 
+    // An independent Python implementation of the spec writes the same bytes.
+    let check = Command::new("python3").args(["-c", "import blake3"]).output().unwrap();
+    assert!(check.status.success(), "blake3 is required for this test: python3 -m pip install blake3");
+    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/reference_agent_samples.py");
+    for mode in ["per_step", "multiturn"] {
+        let out = p.path(&format!("{mode}.reference.jsonl"));
+        let status = Command::new("python3")
+            .arg(&reference)
+            .args(["--mode", mode, "--seed", "42", "--think-drop-prob", "0.3", "--in"])
+            .arg(p.path("pipelines/data/agent_traces.jsonl"))
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(p.path(&format!("pipelines/work/agent/{mode}.jsonl"))).unwrap(),
+            "{mode}: anneal's samples differ from bench/reference_agent_samples.py's"
+        );
+    }
+
     // Same inputs, same bytes: a second project gets identical outputs.
     let q = Project::new();
     copy_pipelines(&q);

@@ -11,8 +11,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, IoContext, Result};
 
-/// Files at least this big are hashed through a memory map on all cores.
-const MMAP_THRESHOLD: u64 = 1 << 20;
+/// Files at least this big are hashed in chunks on all cores.
+const PARALLEL_THRESHOLD: u64 = 1 << 20;
 
 /// blake3 digest, serialized (serde) and displayed as 64 lowercase hex chars.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -98,6 +98,23 @@ impl<'de> Deserialize<'de> for Digest {
     }
 }
 
+/// Chunk size for hashing large files (a multiple of blake3's 1 KiB chunks).
+const CHUNK: usize = 8 << 20;
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(file: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Hash one regular file's content (symlinks are followed).
 pub fn hash_file(path: &Path) -> Result<Digest> {
     let mut file = fs::File::open(path).at(path)?;
@@ -109,8 +126,17 @@ pub fn hash_file(path: &Path) -> Result<Digest> {
         )));
     }
     let mut hasher = blake3::Hasher::new();
-    if meta.len() >= MMAP_THRESHOLD {
-        hasher.update_mmap_rayon(path).at(path)?;
+    if meta.len() >= PARALLEL_THRESHOLD {
+        // Fixed-size chunks hashed on every core: memory stays at one chunk, where
+        // mmap would make a multi-gigabyte file count as resident memory.
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = read_full(&mut file, &mut buf).at(path)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update_rayon(&buf[..n]);
+        }
     } else {
         let mut buf = Vec::with_capacity(meta.len() as usize);
         file.read_to_end(&mut buf).at(path)?;
@@ -404,8 +430,8 @@ mod tests {
         assert_eq!(d1, Digest::of_bytes(b"one"));
         fs::write(&f, b"two").unwrap();
         assert_ne!(hash_file(&f).unwrap(), d1);
-        // The mmap path agrees with the plain path.
-        let big = vec![7u8; (MMAP_THRESHOLD + 3) as usize];
+        // The chunked parallel path agrees with the plain path.
+        let big = vec![7u8; (PARALLEL_THRESHOLD + 3) as usize];
         fs::write(&f, &big).unwrap();
         assert_eq!(hash_file(&f).unwrap(), Digest::of_bytes(&big));
         assert!(matches!(hash_file(tmp.path()), Err(Error::Other(_))));

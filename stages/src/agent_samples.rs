@@ -182,22 +182,6 @@ struct Message<'a> {
 }
 
 #[derive(Serialize)]
-struct PerStepInfo<'a> {
-    question: &'a str,
-    answer: &'a str,
-    split_index: usize,
-    total_splits: usize,
-}
-
-#[derive(Serialize)]
-struct PerStepRecord<'a> {
-    data_source: &'a str,
-    prompt: [Message<'a>; 1],
-    ability: &'a str,
-    extra_info: PerStepInfo<'a>,
-}
-
-#[derive(Serialize)]
 struct TurnInfo<'a> {
     question: &'a str,
     split_index: usize,
@@ -222,37 +206,71 @@ fn push_record<T: Serialize>(out: &mut LineOut, rec: &T) -> Result<(), String> {
     Ok(())
 }
 
-/// The per-step samples of one trace, each as (prompt, answer, k, |S|).
-pub fn per_step(trace: &Trace) -> Vec<(String, String, usize, usize)> {
-    let results: Vec<usize> = (0..trace.trace.len())
-        .filter(|&i| trace.trace[i].kind == "search_result")
-        .collect();
-    let mut samples = Vec::new();
-    let mut context = format!("Question: {}\n\n", trace.question);
+/// Appends `s` JSON-escaped, without quotes. Escaping is per character, so the
+/// escaping of a concatenation is the concatenation of the escapings.
+fn escape_into(s: &str, out: &mut Vec<u8>, tmp: &mut Vec<u8>) -> Result<(), String> {
+    tmp.clear();
+    serde_json::to_writer(&mut *tmp, s).map_err(|e| e.to_string())?;
+    out.extend_from_slice(&tmp[1..tmp.len() - 1]);
+    Ok(())
+}
+
+/// Per-step samples, written straight as JSON lines: every step is rendered and
+/// escaped once, and each sample's prompt (which repeats the earlier context) is
+/// assembled from those escaped pieces.
+fn per_step(trace: &Trace, p: &Params, out: &mut LineOut) -> Result<(), String> {
+    let results: Vec<usize> = (0..trace.trace.len()).filter(|&i| trace.trace[i].kind == "search_result").collect();
+    if results.is_empty() {
+        return Ok(());
+    }
+    let (mut tmp, mut text) = (Vec::new(), String::new());
+    let mut steps = Vec::new();
+    let mut ranges = Vec::with_capacity(trace.trace.len());
+    for step in &trace.trace {
+        text.clear();
+        render_step(step, &mut text);
+        let start = steps.len();
+        escape_into(&text, &mut steps, &mut tmp)?;
+        ranges.push(start..steps.len());
+    }
+    let (mut head, mut tail) = (Vec::new(), Vec::new());
+    head.extend_from_slice(b"{\"data_source\":\"");
+    escape_into(&p.data_source, &mut head, &mut tmp)?;
+    head.extend_from_slice(b"\",\"prompt\":[{\"role\":\"user\",\"content\":\"");
+    tail.extend_from_slice(b"\"}],\"ability\":\"");
+    escape_into(&p.ability, &mut tail, &mut tmp)?;
+    tail.extend_from_slice(b"\",\"extra_info\":{\"question\":\"");
+    // The prompt: "Question: {q}" and every step so far, joined by blank lines.
+    let mut context = Vec::new();
+    escape_into("Question: ", &mut context, &mut tmp)?;
+    escape_into(&trace.question, &mut context, &mut tmp)?;
     let mut next = 0;
     for (k, &s) in results.iter().enumerate() {
-        for step in &trace.trace[next..=s] {
-            render_step(step, &mut context);
-            context.push_str("\n\n");
+        for r in &ranges[next..=s] {
+            context.extend_from_slice(b"\\n\\n");
+            context.extend_from_slice(&steps[r.clone()]);
         }
         next = s + 1;
         let end = results.get(k + 1).copied().unwrap_or(trace.trace.len());
         if end <= next {
             continue;
         }
-        let mut answer = String::new();
-        for step in &trace.trace[next..end] {
-            render_step(step, &mut answer);
-            answer.push_str("\n\n");
+        let o = &mut *out.out;
+        o.extend_from_slice(&head);
+        o.extend_from_slice(&context);
+        o.extend_from_slice(&tail);
+        o.extend_from_slice(&context);
+        o.extend_from_slice(b"\",\"answer\":\"");
+        for (i, r) in ranges[next..end].iter().enumerate() {
+            if i > 0 {
+                o.extend_from_slice(b"\\n\\n");
+            }
+            o.extend_from_slice(&steps[r.clone()]);
         }
-        samples.push((
-            context.trim().to_owned(),
-            answer.trim().to_owned(),
-            k,
-            results.len(),
-        ));
+        o.extend_from_slice(format!("\",\"split_index\":{k},\"total_splits\":{}}}}}\n", results.len()).as_bytes());
+        out.rows += 1;
     }
-    samples
+    Ok(())
 }
 
 /// One assistant turn of a multiturn conversation.
@@ -403,27 +421,7 @@ fn process_line(p: &Params, line: &[u8], out: &mut LineOut) -> Result<(), String
     let trace = parse_trace(line)?;
     let before = out.rows;
     match p.mode {
-        Mode::PerStep => {
-            for (prompt, answer, k, n) in per_step(&trace) {
-                push_record(
-                    out,
-                    &PerStepRecord {
-                        data_source: &p.data_source,
-                        prompt: [Message {
-                            role: "user",
-                            content: &prompt,
-                        }],
-                        ability: &p.ability,
-                        extra_info: PerStepInfo {
-                            question: &prompt,
-                            answer: &answer,
-                            split_index: k,
-                            total_splits: n,
-                        },
-                    },
-                )?;
-            }
-        }
+        Mode::PerStep => per_step(&trace, p, out)?,
         Mode::Multiturn => multiturn(&trace, p, out)?,
     }
     if out.rows == before {

@@ -121,8 +121,29 @@ where
                 }
             }
         });
+        // Results go to a writer thread so writing overlaps the next batch's work.
+        let (wtx, wrx) = sync_channel::<(Vec<Done>, u64)>(2);
+        let writer = s.spawn(move || -> anyhow::Result<Counters> {
+            let mut total = Counters::default();
+            for (done, bytes_read) in wrx {
+                for d in done {
+                    sink.write_lines(&d.out, d.rows)?;
+                    total.add("rows_out", d.rows);
+                    total.merge(d.counters);
+                }
+                progress.set_done(bytes_read);
+            }
+            Ok(total)
+        });
+        let mut failure = None;
         for batch in rx {
-            let batch = batch?;
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
             let done: Vec<Done> = batch
                 .lines
                 .par_chunks(CHUNK_LINES)
@@ -157,19 +178,23 @@ where
                     d
                 })
                 .collect();
-            for d in done {
-                if let Some((line, msg)) = d.error {
-                    anyhow::bail!(
-                        "{}:{line}: {msg}\n  help: fix the record, or set `on_error: skip` to leave such records out",
-                        input.display()
-                    );
-                }
-                sink.write_lines(&d.out, d.rows)?;
-                total.add("rows_out", d.rows);
-                total.merge(d.counters);
+            if let Some((line, msg)) = done.iter().find_map(|d| d.error.clone()) {
+                failure = Some(anyhow::anyhow!(
+                    "{}:{line}: {msg}\n  help: fix the record, or set `on_error: skip` to leave such records out",
+                    input.display()
+                ));
+                break;
             }
-            progress.set_done(batch.bytes_read);
+            if wtx.send((done, batch.bytes_read)).is_err() {
+                break;
+            }
         }
+        drop(wtx);
+        let written = writer.join().map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        total = written?;
         Ok(())
     })?;
     Ok(total)

@@ -73,10 +73,10 @@ impl Sink {
             spill,
             rows,
         } = self;
+        // No fsync: the engine commits outputs after the stage exits, and forcing
+        // gigabytes to disk here would only make the stage wait for the device.
         file.into_inner()
-            .map_err(|e| anyhow::anyhow!("writing {}: {}", path.display(), e.error()))?
-            .sync_data()
-            .ok();
+            .map_err(|e| anyhow::anyhow!("writing {}: {}", path.display(), e.error()))?;
         let Some(tmp) = spill else { return Ok(rows) };
         let schema = infer_schema(&tmp)?;
         let mut w = RowWriter::create(&path, Some(schema))?;
