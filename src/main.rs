@@ -20,7 +20,10 @@ fn main() {
         .without_time()
         .init();
 
-    if !matches!(cli.command, Command::Run { dry_run: false, .. } | Command::ExecStage { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Run { dry_run: false, .. } | Command::ExecStage { .. }
+    ) {
         // Printing commands end quietly when their reader goes away (`anneal status | head`).
         // Not `run`: it writes to its stage processes' pipes and must see those errors.
         // SAFETY: setting a signal disposition before any thread starts.

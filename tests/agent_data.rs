@@ -8,28 +8,6 @@ use std::process::Command;
 
 use common::*;
 
-fn copy_pipelines(p: &Project) {
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name();
-            if name == ".anneal" || name == "work" {
-                continue;
-            }
-            if e.file_type().unwrap().is_dir() {
-                copy_dir(&e.path(), &to.join(&name));
-            } else {
-                std::fs::copy(e.path(), to.join(&name)).unwrap();
-            }
-        }
-    }
-    copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines"),
-        &p.path("pipelines"),
-    );
-}
-
 fn python(script: &str) -> String {
     let check = Command::new("python3")
         .args(["-c", "import pyarrow, pandas"])
@@ -118,14 +96,28 @@ print(len(rows), len(mt))
     );
 
     // An independent Python implementation of the spec writes the same bytes.
-    let check = Command::new("python3").args(["-c", "import blake3"]).output().unwrap();
-    assert!(check.status.success(), "blake3 is required for this test: python3 -m pip install blake3");
+    let check = Command::new("python3")
+        .args(["-c", "import blake3"])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "blake3 is required for this test: python3 -m pip install blake3"
+    );
     let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/reference_agent_samples.py");
     for mode in ["per_step", "multiturn"] {
         let out = p.path(&format!("{mode}.reference.jsonl"));
         let status = Command::new("python3")
             .arg(&reference)
-            .args(["--mode", mode, "--seed", "42", "--think-drop-prob", "0.3", "--in"])
+            .args([
+                "--mode",
+                mode,
+                "--seed",
+                "42",
+                "--think-drop-prob",
+                "0.3",
+                "--in",
+            ])
             .arg(p.path("pipelines/data/agent_traces.jsonl"))
             .arg("--out")
             .arg(&out)
@@ -133,7 +125,8 @@ print(len(rows), len(mt))
             .unwrap();
         assert!(status.success());
         assert!(
-            std::fs::read(&out).unwrap() == std::fs::read(p.path(&format!("pipelines/work/agent/{mode}.jsonl"))).unwrap(),
+            std::fs::read(&out).unwrap()
+                == std::fs::read(p.path(&format!("pipelines/work/agent/{mode}.jsonl"))).unwrap(),
             "{mode}: anneal's samples differ from bench/reference_agent_samples.py's"
         );
     }

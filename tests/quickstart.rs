@@ -2,34 +2,12 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name();
-        if name == ".anneal" || name == "work" {
-            continue;
-        }
-        let dest = to.join(&name);
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
 
 #[test]
 fn quickstart_runs_then_is_cached_then_reacts_to_a_param() {
     let p = Project::new();
-    copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines"),
-        &p.path("pipelines"),
-    );
+    copy_pipelines(&p);
     let file = "pipelines/quickstart.yaml";
     let out = p.run_ok(file, &[]);
     assert_eq!(

@@ -64,6 +64,22 @@ pub struct Params {
     pub on_error: OnError,
 }
 
+impl params::Validate for Params {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if (0.0..=1.0).contains(&self.think_drop_prob) {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                key: "params.think_drop_prob".into(),
+                message: format!(
+                    "think_drop_prob must be between 0 and 1, got {}",
+                    self.think_drop_prob
+                ),
+            })
+        }
+    }
+}
+
 fn default_drop() -> f64 {
     0.3
 }
@@ -219,7 +235,9 @@ fn escape_into(s: &str, out: &mut Vec<u8>, tmp: &mut Vec<u8>) -> Result<(), Stri
 /// escaped once, and each sample's prompt (which repeats the earlier context) is
 /// assembled from those escaped pieces.
 fn per_step(trace: &Trace, p: &Params, out: &mut LineOut) -> Result<(), String> {
-    let results: Vec<usize> = (0..trace.trace.len()).filter(|&i| trace.trace[i].kind == "search_result").collect();
+    let results: Vec<usize> = (0..trace.trace.len())
+        .filter(|&i| trace.trace[i].kind == "search_result")
+        .collect();
     if results.is_empty() {
         return Ok(());
     }
@@ -267,7 +285,13 @@ fn per_step(trace: &Trace, p: &Params, out: &mut LineOut) -> Result<(), String> 
             }
             o.extend_from_slice(&steps[r.clone()]);
         }
-        o.extend_from_slice(format!("\",\"split_index\":{k},\"total_splits\":{}}}}}\n", results.len()).as_bytes());
+        o.extend_from_slice(
+            format!(
+                "\",\"split_index\":{k},\"total_splits\":{}}}}}\n",
+                results.len()
+            )
+            .as_bytes(),
+        );
         out.rows += 1;
     }
     Ok(())
@@ -450,10 +474,6 @@ impl Stage for AgentSamples {
         1
     }
 
-    fn keys(&self) -> &'static [KeySpec] {
-        &[]
-    }
-
     fn inputs(&self) -> &'static [KeySpec] {
         INPUTS
     }
@@ -463,17 +483,7 @@ impl Stage for AgentSamples {
     }
 
     fn check(&self, _config: &BTreeMap<String, Value>, params: &Value) -> Vec<ConfigError> {
-        match params::parse::<Params>(params) {
-            Err(e) => vec![e],
-            Ok(p) if !(0.0..=1.0).contains(&p.think_drop_prob) => vec![ConfigError {
-                key: "params.think_drop_prob".into(),
-                message: format!(
-                    "think_drop_prob must be between 0 and 1, got {}",
-                    p.think_drop_prob
-                ),
-            }],
-            Ok(_) => Vec::new(),
-        }
+        params::check::<Params>(params)
     }
 
     fn run(&self, ctx: &StageContext) -> anyhow::Result<()> {

@@ -74,8 +74,10 @@ pub trait Stage: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Bumped whenever the kind's behaviour changes, so cached results are recomputed.
     fn version(&self) -> u32;
-    /// The kind-specific stage-level keys.
-    fn keys(&self) -> &'static [KeySpec];
+    /// The kind-specific stage-level keys (besides `params`); none by default.
+    fn keys(&self) -> &'static [KeySpec] {
+        &[]
+    }
     /// The inputs (`deps:` names) it reads; empty means any names.
     fn inputs(&self) -> &'static [KeySpec] {
         &[]

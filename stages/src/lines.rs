@@ -190,7 +190,9 @@ where
             }
         }
         drop(wtx);
-        let written = writer.join().map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+        let written = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
         if let Some(e) = failure {
             return Err(e);
         }

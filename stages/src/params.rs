@@ -15,6 +15,30 @@ pub fn parse<T: DeserializeOwned>(params: &Value) -> Result<T, ConfigError> {
     serde_json::from_value(v).map_err(|e| to_config_error(&e.to_string()))
 }
 
+/// Params that check their values beyond what their types say.
+pub trait Validate {
+    /// The first value out of range, if any.
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+/// For [`crate::Stage::check`]: every problem with `params`.
+pub fn check<T: DeserializeOwned + Validate>(params: &Value) -> Vec<ConfigError> {
+    match parse::<T>(params) {
+        Err(e) => vec![e],
+        Ok(p) => p.validate().err().into_iter().collect(),
+    }
+}
+
+/// For [`crate::Stage::run`]: the params, or an error naming the key.
+pub fn for_run<T: DeserializeOwned + Validate>(params: &Value) -> anyhow::Result<T> {
+    let p = parse::<T>(params).map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.message))?;
+    p.validate()
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.message))?;
+    Ok(p)
+}
+
 /// Turns serde's message into a `ConfigError` on the right key.
 fn to_config_error(msg: &str) -> ConfigError {
     // "unknown field `mod`, expected one of `mode`, `seed`"

@@ -35,6 +35,8 @@ pub struct Params {
     pub on_error: OnError,
 }
 
+impl params::Validate for Params {}
+
 fn default_field() -> String {
     "summary".into()
 }
@@ -116,10 +118,6 @@ impl Stage for SummaryDatasets {
         1
     }
 
-    fn keys(&self) -> &'static [KeySpec] {
-        &[]
-    }
-
     fn inputs(&self) -> &'static [KeySpec] {
         INPUTS
     }
@@ -129,7 +127,7 @@ impl Stage for SummaryDatasets {
     }
 
     fn check(&self, _config: &BTreeMap<String, Value>, params: &Value) -> Vec<ConfigError> {
-        params::parse::<Params>(params).err().into_iter().collect()
+        params::check::<Params>(params)
     }
 
     fn run(&self, ctx: &StageContext) -> anyhow::Result<()> {

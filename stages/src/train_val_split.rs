@@ -36,6 +36,22 @@ pub struct Params {
     pub on_error: OnError,
 }
 
+impl params::Validate for Params {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.val_ratio > 0.0 && self.val_ratio < 1.0 {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                key: "params.val_ratio".into(),
+                message: format!(
+                    "val_ratio must be between 0 and 1 (exclusive), got {}",
+                    self.val_ratio
+                ),
+            })
+        }
+    }
+}
+
 fn default_ratio() -> f64 {
     0.1
 }
@@ -114,10 +130,6 @@ impl Stage for TrainValSplit {
         1
     }
 
-    fn keys(&self) -> &'static [KeySpec] {
-        &[]
-    }
-
     fn inputs(&self) -> &'static [KeySpec] {
         INPUTS
     }
@@ -127,17 +139,7 @@ impl Stage for TrainValSplit {
     }
 
     fn check(&self, _config: &BTreeMap<String, Value>, params: &Value) -> Vec<ConfigError> {
-        match params::parse::<Params>(params) {
-            Err(e) => vec![e],
-            Ok(p) if !(p.val_ratio > 0.0 && p.val_ratio < 1.0) => vec![ConfigError {
-                key: "params.val_ratio".into(),
-                message: format!(
-                    "val_ratio must be between 0 and 1 (exclusive), got {}",
-                    p.val_ratio
-                ),
-            }],
-            Ok(_) => Vec::new(),
-        }
+        params::check::<Params>(params)
     }
 
     fn run(&self, ctx: &StageContext) -> anyhow::Result<()> {

@@ -192,3 +192,26 @@ pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     walk(dir, dir, &mut out);
     out
 }
+
+/// Copies the repository's `pipelines/` (without run state) into the project.
+pub fn copy_pipelines(p: &Project) {
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name();
+            if name == ".anneal" || name == "work" {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(&name));
+            } else {
+                std::fs::copy(e.path(), to.join(&name)).unwrap();
+            }
+        }
+    }
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines"),
+        &p.path("pipelines"),
+    );
+}
