@@ -503,6 +503,8 @@ fn prepare(sh: &Shared, i: usize, launch: &Launch) -> anyhow::Result<(Job, PathB
     }
     let staging = sh.store.fresh_staging_dir(&launch.key)?;
     let scratch = sh.store.scratch_dir(&launch.key)?;
+    let cache = sh.store.root().join("cache").join(s.kind.kind());
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     let mut outs = BTreeMap::new();
     for (name, o) in &s.outs {
         let path = staging.join(&o.path);
@@ -536,6 +538,7 @@ fn prepare(sh: &Shared, i: usize, launch: &Launch) -> anyhow::Result<(Job, PathB
             .collect(),
         outs: outs.clone(),
         scratch,
+        cache,
         workdir: sh.p.dir.clone(),
     };
     std::fs::create_dir_all(sh.store.logs_dir())?;

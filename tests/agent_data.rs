@@ -2,6 +2,9 @@
 //! Parquet read back by pyarrow and pandas, errors, and determinism.
 
 mod common;
+#[allow(dead_code)]
+#[path = "support/mock_openai.rs"]
+mod mock_openai;
 
 use std::path::Path;
 use std::process::Command;
@@ -34,7 +37,16 @@ fn sample_pipeline_runs_end_to_end_and_parquet_reads_back_in_pyarrow() {
     let p = Project::new();
     copy_pipelines(&p);
     let file = "pipelines/agent_summary_sft.yaml";
-    let out = p.run_ok(file, &[]);
+    // summarize talks to an OpenAI-compatible server: the mock, here.
+    let server = mock_openai::MockServer::start(mock_openai::Config {
+        latency_ms: 2,
+        ..Default::default()
+    });
+    let env = [
+        ("ANNEAL_LLM_BASE_URL", server.url.as_str()),
+        ("ANNEAL_LLM_MODEL", "mock"),
+    ];
+    let out = p.run_ok_env(file, &[], &env);
     assert!(out.iter().all(|(_, o)| o == "done"), "{out:?}");
 
     let status = p.anneal(&["status", file, "--json"]).json();
@@ -55,6 +67,8 @@ fn sample_pipeline_runs_end_to_end_and_parquet_reads_back_in_pyarrow() {
             .lines()
             .count() as u64
     );
+    assert_eq!(report("summarize")["called"], per_step);
+    assert_eq!(server.requests(), per_step as usize);
     assert_eq!(report("summary_datasets")["prefix_rows"], per_step);
     let split = report("split@prefix");
     assert_eq!(split["val_rows"], per_step / 10);
@@ -134,7 +148,7 @@ print(len(rows), len(mt))
     // Same inputs, same bytes: a second project gets identical outputs.
     let q = Project::new();
     copy_pipelines(&q);
-    q.run_ok(file, &[]);
+    q.run_ok_env(file, &[], &env);
     assert_eq!(
         snapshot(&p.path("pipelines/work")),
         snapshot(&q.path("pipelines/work"))

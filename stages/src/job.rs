@@ -32,6 +32,10 @@ pub struct Job {
     pub outs: BTreeMap<String, PathBuf>,
     /// Persistent scratch directory for resumable progress.
     pub scratch: PathBuf,
+    /// Directory shared by every run of this kind in the store, for caches that
+    /// outlive one stage key (e.g. per-item LLM replies).
+    #[serde(default)]
+    pub cache: PathBuf,
     /// Working directory.
     pub workdir: PathBuf,
 }
@@ -58,6 +62,7 @@ pub fn exec_job(job: Job) -> anyhow::Result<()> {
         deps: job.deps,
         outs: job.outs,
         scratch: job.scratch,
+        cache: job.cache,
         workdir: job.workdir,
         progress: Progress::new(),
     };

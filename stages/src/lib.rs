@@ -10,8 +10,10 @@ pub mod agent_samples;
 pub mod command;
 mod job;
 pub mod lines;
+pub mod llm_map;
 pub mod params;
 mod progress;
+pub mod rng;
 pub mod rows;
 pub mod sink;
 pub mod summary_datasets;
@@ -62,6 +64,10 @@ pub struct StageContext {
     /// Persistent scratch directory, kept across killed attempts of the same key,
     /// for resumable progress. Removed once the stage succeeds.
     pub scratch: PathBuf,
+    /// A directory shared by every run of this kind in the store, kept across
+    /// stage keys: for caches of work that does not depend on the whole input
+    /// (per-item LLM replies). Entries must be keyed by content.
+    pub cache: PathBuf,
     /// Working directory: the pipeline file's directory.
     pub workdir: PathBuf,
     /// Reports progress to the engine.
@@ -121,12 +127,14 @@ static COMMAND: command::Command = command::Command;
 static AGENT_SAMPLES: agent_samples::AgentSamples = agent_samples::AgentSamples;
 static SUMMARY_DATASETS: summary_datasets::SummaryDatasets = summary_datasets::SummaryDatasets;
 static TRAIN_VAL_SPLIT: train_val_split::TrainValSplit = train_val_split::TrainValSplit;
+static LLM_MAP: llm_map::LlmMap = llm_map::LlmMap;
 
 /// Every built-in kind.
 pub fn builtin_kinds() -> Vec<&'static dyn Stage> {
     vec![
         &COMMAND,
         &AGENT_SAMPLES,
+        &LLM_MAP,
         &SUMMARY_DATASETS,
         &TRAIN_VAL_SPLIT,
     ]

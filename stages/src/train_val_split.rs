@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::params::{self, OnError};
+use crate::rng::SplitMix64;
 use crate::rows::{Format, RowReader, RowWriter, infer_schema};
 use crate::{ConfigError, KeySpec, Stage, StageContext};
 
@@ -57,24 +58,6 @@ fn default_ratio() -> f64 {
 }
 fn default_seed() -> u64 {
     42
-}
-
-/// SplitMix64: small, fast, and fully specified, so a seed means the same shuffle everywhere.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for n < 2^32).
-    fn below(&mut self, n: u64) -> u64 {
-        ((self.next() as u128 * n as u128) >> 64) as u64
-    }
 }
 
 /// The shuffled order of `n` rows for `seed` (Fisher-Yates).

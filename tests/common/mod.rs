@@ -105,9 +105,19 @@ impl Project {
 
     /// `anneal run --json` that must succeed; returns stage -> outcome.
     pub fn run_ok(&self, file: &str, extra: &[&str]) -> Vec<(String, String)> {
+        self.run_ok_env(file, extra, &[])
+    }
+
+    /// `run_ok` with extra environment variables.
+    pub fn run_ok_env(
+        &self,
+        file: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Vec<(String, String)> {
         let mut args = vec!["run", file, "--json"];
         args.extend_from_slice(extra);
-        let r = self.anneal(&args);
+        let r = self.anneal_env(&args, env);
         assert_eq!(r.code, 0, "{r:?}");
         outcomes(&r.json())
     }

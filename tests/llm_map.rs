@@ -1,0 +1,247 @@
+//! `llm_map` against an in-process OpenAI-compatible server: caching per item,
+//! faults, resume after SIGKILL, and secrets.
+
+mod common;
+#[allow(dead_code)]
+#[path = "support/mock_openai.rs"]
+mod mock_openai;
+
+use std::time::Duration;
+
+use common::*;
+use mock_openai::{Config, Fault, FaultKind, MockServer};
+use serde_json::Value;
+
+fn server(latency_ms: u64, faults: Vec<Fault>) -> MockServer {
+    MockServer::start(Config {
+        latency_ms,
+        faults,
+        ..Config::default()
+    })
+}
+
+/// A project with `n` rows and a pipeline that sends each to the server at `url`.
+fn project(n: usize, url: &str, params: &str) -> Project {
+    let p = Project::new();
+    let rows: String = (0..n)
+        .map(|i| format!("{{\"id\": {i}, \"extra_info\": {{\"question\": \"question {i}\", \"answer\": \"a{i}\"}}}}\n"))
+        .collect();
+    p.write("rows.jsonl", &rows);
+    p.write("template.txt", "Summarize: {extra_info.question}");
+    p.write(
+        "p.yaml",
+        &format!(
+            "stages:\n  summarize:\n    kind: llm_map\n    deps: {{rows: rows.jsonl, template: template.txt}}\n    params: {{base_url: \"{url}\", model: m, api_key_env: MOCK_KEY, retry_base_s: 0.05{params}}}\n    outs: {{rows: out.jsonl}}\n"
+        ),
+    );
+    p
+}
+
+fn out_rows(p: &Project) -> Vec<Value> {
+    p.read("out.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn report(p: &Project) -> Value {
+    p.anneal(&["status", "p.yaml", "--json"]).json()["stages"][0]["report"].clone()
+}
+
+#[test]
+fn every_row_gets_its_reply_and_reruns_call_nothing() {
+    let s = server(5, vec![]);
+    let p = project(30, &s.url, "");
+    p.run_ok("p.yaml", &[]);
+    let rows = out_rows(&p);
+    assert_eq!(rows.len(), 30);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["id"], i, "input order is kept");
+        assert!(
+            r["summary"].as_str().unwrap().starts_with("summary:"),
+            "{r}"
+        );
+        assert_eq!(s.requests_for(&format!("Summarize: question {i}")), 1);
+    }
+    assert_eq!(s.requests(), 30);
+    let rep = report(&p);
+    assert_eq!(
+        (
+            rep["called"].as_u64(),
+            rep["requests"].as_u64(),
+            rep["rows_out"].as_u64()
+        ),
+        (Some(30), Some(30), Some(30))
+    );
+    assert!(rep["prompt_tokens"].as_u64().unwrap() > 0);
+
+    // Cached stage: nothing runs. Forced: the journal answers every item.
+    assert_eq!(p.run_ok("p.yaml", &[]), pairs(&[("summarize", "cached")]));
+    p.run_ok("p.yaml", &["--force", "summarize"]);
+    assert_eq!(s.requests(), 30);
+    assert_eq!(report(&p)["cached"], 30);
+
+    // Three changed rows: three calls.
+    let changed = p
+        .read("rows.jsonl")
+        .replace("question 3\"", "question 3b\"")
+        .replace("question 7\"", "question 7b\"")
+        .replace("question 9\"", "question 9b\"");
+    p.write("rows.jsonl", &changed);
+    p.run_ok("p.yaml", &[]);
+    assert_eq!(s.requests(), 33);
+    assert_eq!(s.requests_for("Summarize: question 7b"), 1);
+
+    // A new template changes every item's key.
+    p.write("template.txt", "Summarize briefly: {extra_info.question}");
+    let plan = p.plan("p.yaml");
+    assert_eq!(plan[0].2, ["input changed: template.txt"]);
+    p.run_ok("p.yaml", &[]);
+    assert_eq!(s.requests(), 63);
+    // So does a sampling param.
+    p.write(
+        "p.yaml",
+        &p.read("p.yaml")
+            .replace("retry_base_s: 0.05", "retry_base_s: 0.05, temperature: 0.9"),
+    );
+    p.run_ok("p.yaml", &[]);
+    assert_eq!(s.requests(), 93);
+    assert!(
+        out_rows(&p)[0]["summary"]
+            .as_str()
+            .unwrap()
+            .ends_with(":0.9")
+    );
+}
+
+#[test]
+fn transient_faults_are_retried_and_the_rest_is_not() {
+    let s = server(
+        5,
+        vec![
+            Fault::new("question 1\n", FaultKind::TooMany { retry_after_s: 1 }, 1),
+            Fault::new("question 2\n", FaultKind::ServerError, 2),
+            Fault::new("question 3\n", FaultKind::Hang { ms: 3000 }, 1),
+            Fault::new("question 4\n", FaultKind::Garbage, 1),
+        ],
+    );
+    let p = project(6, &s.url, ", timeout_s: 0.5");
+    p.write("template.txt", "Summarize: {extra_info.question}\n");
+    let t0 = std::time::Instant::now();
+    p.run_ok("p.yaml", &[]);
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was not honoured"
+    );
+    let n = |i: usize| s.requests_for(&format!("Summarize: question {i}\n"));
+    assert_eq!((n(0), n(1), n(2), n(3), n(4), n(5)), (1, 2, 3, 2, 2, 1));
+    let rep = report(&p);
+    assert_eq!(rep["retries"], 5);
+    assert_eq!(rep["failed"], 0);
+    assert_eq!(out_rows(&p).len(), 6);
+}
+
+#[test]
+fn a_client_error_fails_the_item_which_is_never_written() {
+    let s = server(
+        5,
+        vec![Fault::new("question 2", FaultKind::BadRequest, 100)],
+    );
+    let p = project(5, &s.url, "");
+    let r = p.anneal(&["run", "p.yaml"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("1 item(s) failed (max_failures: 0)"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("rows.jsonl:3: HTTP 400"), "{r:?}");
+    assert_eq!(
+        s.requests_for("Summarize: question 2"),
+        1,
+        "a 400 is not retried"
+    );
+    assert!(!p.exists("out.jsonl"));
+    assert_eq!(s.requests(), 5);
+
+    // Tolerated: the stage succeeds without that row. Completed items are not called again.
+    p.write(
+        "p.yaml",
+        &p.read("p.yaml")
+            .replace("retry_base_s: 0.05", "retry_base_s: 0.05, max_failures: 1"),
+    );
+    p.run_ok("p.yaml", &[]);
+    assert_eq!(s.requests(), 6);
+    let rows = out_rows(&p);
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["id"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 1, 3, 4]
+    );
+    assert_eq!(report(&p)["failed"], 1);
+}
+
+#[test]
+fn sigkill_mid_stage_then_rerun_calls_each_item_once() {
+    let s = server(40, vec![]);
+    let p = project(150, &s.url, ", max_concurrent: 4");
+    let mut child = p.spawn(&["run", "p.yaml"]);
+    wait_for("40 answered requests", || s.answered_total() >= 40);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = s.requests();
+    assert!(before < 150, "finished before the kill");
+    assert!(!p.exists("out.jsonl"));
+
+    p.run_ok("p.yaml", &[]);
+    assert_eq!(out_rows(&p).len(), 150);
+    let answered = s.answered();
+    assert_eq!(answered.len(), 150, "every item was answered");
+    let twice: Vec<_> = answered.iter().filter(|(_, n)| **n > 1).collect();
+    // Only calls in flight at the kill (at most max_concurrent) may repeat.
+    assert!(twice.len() <= 4, "items answered twice: {twice:?}");
+    assert!(s.requests() <= 150 + 4);
+    assert!(report(&p)["cached"].as_u64().unwrap() >= 36);
+}
+
+#[test]
+fn the_api_key_is_sent_but_stored_nowhere() {
+    let key = "sk-test-SECRET-8c1f2e";
+    let s = MockServer::start(Config {
+        latency_ms: 1,
+        require_key: Some(key.into()),
+        ..Config::default()
+    });
+    let p = project(3, &s.url, "");
+    let r = p.anneal_env(&["run", "p.yaml"], &[("MOCK_KEY", key)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        s.auth_headers()
+            .iter()
+            .all(|h| h == &format!("Bearer {key}"))
+    );
+    assert!(!r.stderr.contains(key) && !r.stdout.contains(key));
+    let mut stack = vec![p.path(".anneal")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !String::from_utf8_lossy(&bytes).contains(key),
+                    "the key is in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(!p.read("out.jsonl").contains(key));
+    // Without the key the server refuses, and a 401 is not retried.
+    let q = project(1, &s.url, "");
+    let r = q.anneal(&["run", "p.yaml"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("HTTP 401"), "{r:?}");
+}
