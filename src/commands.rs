@@ -15,7 +15,7 @@ use crate::exec::{self, Outcome, RunOptions};
 use crate::pipeline::Pipeline;
 use crate::plan::{Decision, Known, Planner};
 use crate::status::{RunState, Status, now_ms};
-use crate::ui::{Console, fmt_duration};
+use crate::ui::{Console, fmt_duration, report_line};
 
 /// Exit status: a stage failed, or `plan --check` found work.
 pub const EXIT_FAILED: i32 = 1;
@@ -424,21 +424,6 @@ pub fn status(args: &PipelineArgs, json_out: bool) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
-}
-
-/// A stage report as `key=value` pairs.
-fn report_line(r: &serde_json::Value) -> String {
-    match r.as_object() {
-        Some(m) => m
-            .iter()
-            .map(|(k, v)| match v {
-                serde_json::Value::String(s) => format!("{k}={s}"),
-                other => format!("{k}={other}"),
-            })
-            .collect::<Vec<_>>()
-            .join(" "),
-        None => r.to_string(),
-    }
 }
 
 /// `anneal dag`.

@@ -321,7 +321,7 @@ pub async fn run(
                 let name = p.stages[i].name.clone();
                 match f.result {
                     Ok(record) => {
-                        ui.finished(&name, f.took);
+                        ui.finished(&name, f.took, record.report.as_ref());
                         let mut st = StageStatus::new(RunState::Done, record.key.clone(), record.inputs.clone());
                         st.duration_ms = Some(f.took.as_millis() as u64);
                         st.report = record.report.clone();

@@ -33,6 +33,21 @@ pub fn fmt_duration(d: Duration) -> String {
     }
 }
 
+/// A stage report as `key=value` pairs.
+pub fn report_line(r: &serde_json::Value) -> String {
+    match r.as_object() {
+        Some(m) => m
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => r.to_string(),
+    }
+}
+
 impl Console {
     /// A console on stderr; live bars only when stderr is a terminal.
     pub fn new(quiet: bool) -> Self {
@@ -121,13 +136,17 @@ impl Console {
         }
     }
 
-    /// A stage finished and its outputs were committed.
-    pub fn finished(&self, name: &str, took: Duration) {
+    /// A stage finished and its outputs were committed; `report` is what it said of its work.
+    pub fn finished(&self, name: &str, took: Duration, report: Option<&serde_json::Value>) {
         self.finish_bar(name);
+        let report = report
+            .map(|r| format!("  {}", report_line(r)))
+            .unwrap_or_default();
         self.line(format!(
-            "{:>9} {name} {}",
+            "{:>9} {name} {}{}",
             style("done").green(),
-            style(fmt_duration(took)).dim()
+            style(fmt_duration(took)).dim(),
+            style(report).dim()
         ));
     }
 
