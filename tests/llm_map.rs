@@ -245,3 +245,23 @@ fn the_api_key_is_sent_but_stored_nowhere() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("HTTP 401"), "{r:?}");
 }
+
+#[test]
+fn filter_passes_rows_through_and_requests_per_minute_paces_calls() {
+    let s = server(1, vec![]);
+    let p = project(
+        8,
+        &s.url,
+        ", filter: \"id >= 2\", requests_per_minute: 1200",
+    );
+    let t0 = std::time::Instant::now();
+    p.run_ok("p.yaml", &[]);
+    // Six calls spaced 50 ms apart take at least 250 ms.
+    assert!(t0.elapsed() >= Duration::from_millis(250));
+    assert_eq!(s.requests(), 6);
+    let rows = out_rows(&p);
+    assert_eq!(rows.len(), 8);
+    assert!(rows[0].get("summary").is_none() && rows[1].get("summary").is_none());
+    assert!(rows[2..].iter().all(|r| r["summary"].is_string()));
+    assert_eq!(report(&p)["filtered_out"], 2);
+}
