@@ -767,7 +767,7 @@ async fn run(ctx: &StageContext, p: Params) -> anyhow::Result<()> {
                 Err(e) => return Err(e).context("set `on_error: skip` to leave such records out"),
             };
             let Value::Object(obj) = row else {
-                unreachable!("rows are objects")
+                anyhow::bail!("{}:{line}: expected a JSON object", input.display());
             };
             let row_v = Value::Object(obj);
             if filter.as_ref().is_some_and(|f| !f.matches(&row_v)) {
