@@ -487,8 +487,7 @@ impl Stage for AgentSamples {
     }
 
     fn run(&self, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: Params =
-            params::parse(&ctx.params).map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.message))?;
+        let p: Params = params::for_run(&ctx.params)?;
         let input = ctx.input("traces")?;
         let output = ctx
             .output("samples")

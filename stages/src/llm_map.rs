@@ -504,6 +504,15 @@ impl Client {
         Duration::from_secs_f64(cap * (0.5 + 0.5 * u))
     }
 
+    /// A connection-level failure: always worth another attempt.
+    fn transport(&self, e: reqwest::Error, what: &str) -> Attempt {
+        if e.is_timeout() {
+            Attempt::Retry(format!("timed out after {} s", self.p.timeout_s), None)
+        } else {
+            Attempt::Retry(format!("{what}: {}", error_chain(&e)), None)
+        }
+    }
+
     async fn attempt(&self, prompt: &str) -> Result<String, Attempt> {
         let mut messages = Vec::with_capacity(2);
         if let Some(s) = &self.p.system {
@@ -528,21 +537,10 @@ impl Client {
         if let Some(k) = &self.key {
             req = req.bearer_auth(k);
         }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) if e.is_timeout() => {
-                return Err(Attempt::Retry(
-                    format!("timed out after {} s", self.p.timeout_s),
-                    None,
-                ));
-            }
-            Err(e) => {
-                return Err(Attempt::Retry(
-                    format!("request failed: {}", error_chain(&e)),
-                    None,
-                ));
-            }
-        };
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.transport(e, "request failed"))?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -550,21 +548,10 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<f64>().ok())
             .map(|s| Duration::from_secs_f64(s.clamp(0.0, 600.0)));
-        let text = match resp.text().await {
-            Ok(t) => t,
-            Err(e) if e.is_timeout() => {
-                return Err(Attempt::Retry(
-                    format!("timed out after {} s", self.p.timeout_s),
-                    None,
-                ));
-            }
-            Err(e) => {
-                return Err(Attempt::Retry(
-                    format!("reading the reply: {}", error_chain(&e)),
-                    None,
-                ));
-            }
-        };
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| self.transport(e, "reading the reply"))?;
         if status.as_u16() == 429 || status.is_server_error() {
             return Err(Attempt::Retry(
                 format!("HTTP {status}: {}", api_error(&text)),

@@ -131,8 +131,7 @@ impl Stage for SummaryDatasets {
     }
 
     fn run(&self, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: Params =
-            params::parse(&ctx.params).map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.message))?;
+        let p: Params = params::for_run(&ctx.params)?;
         let input = ctx.input("samples")?;
         let mut prefix = ctx
             .output("prefix")

@@ -126,8 +126,7 @@ impl Stage for TrainValSplit {
     }
 
     fn run(&self, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: Params =
-            params::parse(&ctx.params).map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.message))?;
+        let p: Params = params::for_run(&ctx.params)?;
         let input = ctx.input("data")?;
         std::fs::create_dir_all(&ctx.scratch)?;
         let spill_path = ctx.scratch.join("rows.jsonl");
