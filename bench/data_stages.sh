@@ -13,6 +13,8 @@
 #   3. Time one end-to-end `anneal run` of a pipeline with both stages (this
 #      includes hashing the input and committing the outputs).
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 usage() {
     cat <<EOF
@@ -44,8 +46,6 @@ Writes the report to bench/results/data_stages.md.
 EOF
 }
 
-die() { echo "data_stages.sh: $*" >&2; exit 1; }
-log() { echo "==> $*" >&2; }
 
 # --- options ------------------------------------------------------------------
 
@@ -114,20 +114,11 @@ trap cleanup EXIT
 
 # --- helpers ------------------------------------------------------------------
 
-now_ns() { date +%s%N; }
 # seconds between two nanosecond timestamps
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
-median() {
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
-        END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
 file_size() { stat -c %s "$1"; }
 mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB", b / 1e6 }'; }
 # throughput of $1 bytes in $2 seconds, in units of $3 bytes
 rate() { awk -v b="$1" -v t="$2" -v u="$3" 'BEGIN { if (t > 0) printf "%.1f", b / u / t; else print "n/a" }'; }
-rss_mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k * 1024 / 1e6 }'; }
-lines() { wc -l <"$1" | tr -d ' '; }
-first_line() { "$@" 2>&1 | head -n1 || true; }
 
 # write_job FILE MODE OUT SCRATCH: the job JSON for 'anneal exec-stage'
 write_job() {
@@ -146,22 +137,6 @@ with open(path, "w") as f:
 EOF
 }
 
-# timed LOG TIMEFILE CMD...: runs CMD with output to LOG, peak RSS (KiB) into
-# TIMEFILE, prints the wall seconds; exits the script if CMD fails.
-timed() {
-    local logf="$1" tf="$2" t0 t1 rc=0
-    shift 2
-    t0="$(now_ns)"
-    /usr/bin/time -f '%M' -o "$tf" "$@" >"$logf" 2>&1 || rc=$?
-    t1="$(now_ns)"
-    if ((rc != 0)); then
-        echo "data_stages.sh: command failed (exit $rc): $*" >&2
-        echo "--- last lines of $logf:" >&2
-        tail -n 20 "$logf" >&2
-        exit 1
-    fi
-    elapsed "$t0" "$t1"
-}
 
 # --- 1. trace file ------------------------------------------------------------
 

@@ -14,6 +14,8 @@
 #   5. Report the median wall time, the throughput N / median, the ideal
 #      max_concurrent * 1000 / latency_ms req/s and achieved/ideal, peak RSS.
 set -euo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 usage() {
     cat <<EOF
@@ -44,8 +46,6 @@ Writes the report to bench/results/llm_map.md.
 EOF
 }
 
-die() { echo "llm_map.sh: $*" >&2; exit 1; }
-log() { echo "==> $*" >&2; }
 
 # --- options ------------------------------------------------------------------
 
@@ -110,16 +110,7 @@ trap cleanup EXIT
 
 # --- helpers ------------------------------------------------------------------
 
-now_ns() { date +%s%N; }
 # seconds between two nanosecond timestamps
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
-median() {
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
-        END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-rss_mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k * 1024 / 1e6 }'; }
-lines() { wc -l <"$1" | tr -d ' '; }
-first_line() { "$@" 2>&1 | head -n1 || true; }
 
 # start_mock ERRFILE: starts the mock server in the background (mock_pid) and
 # sets mock_url; the server's stderr goes to ERRFILE.
@@ -152,22 +143,6 @@ stop_mock() {
     answered="$(sed -E 's/.*\(([0-9]+) answered 200\).*/\1/' <<<"$line")"
 }
 
-# timed LOG TIMEFILE CMD...: runs CMD with output to LOG, peak RSS (KiB) into
-# TIMEFILE, prints the wall seconds; exits the script if CMD fails.
-timed() {
-    local logf="$1" tf="$2" t0 t1 rc=0
-    shift 2
-    t0="$(now_ns)"
-    /usr/bin/time -f '%M' -o "$tf" "$@" >"$logf" 2>&1 || rc=$?
-    t1="$(now_ns)"
-    if ((rc != 0)); then
-        echo "llm_map.sh: command failed (exit $rc): $*" >&2
-        echo "--- last lines of $logf:" >&2
-        tail -n 20 "$logf" >&2
-        exit 1
-    fi
-    elapsed "$t0" "$t1"
-}
 
 MOCK_KEY="bench-key-$$-$RANDOM"
 export MOCK_KEY
