@@ -186,16 +186,25 @@ fn the_store_lock_stops_a_second_run() {
     let st = p.anneal(&["status", "p.yaml", "--json"]).json();
     assert_eq!(st["stages"][0]["state"], "running");
 
-    let waiter = p.spawn(&["run", "p.yaml", "--wait", "--json"]);
-    std::thread::sleep(Duration::from_millis(300));
+    // The waiter's stderr goes to a file so the test can see it start waiting.
+    let err_path = p.path("waiter.err");
+    let waiter = p
+        .cmd(&["run", "p.yaml", "--wait", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the second run to wait for the lock", || {
+        std::fs::read_to_string(&err_path)
+            .is_ok_and(|s| s.contains("waiting for another anneal run"))
+    });
     p.write("release", "");
     assert!(first.wait().unwrap().success());
     let out = waiter.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("waiting for another anneal run"),
-        "{stderr}"
+        out.status.success(),
+        "{}",
+        std::fs::read_to_string(&err_path).unwrap()
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outcomes(&report), pairs(&[("hold", "cached")]));
