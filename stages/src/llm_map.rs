@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::params::{self, OnError};
@@ -730,7 +730,7 @@ async fn run(ctx: &StageContext, p: Params) -> anyhow::Result<()> {
     }
     let mut reader = RowReader::open(&input)?;
     let window = p.max_concurrent * 8;
-    let mut queue: VecDeque<(u64, Map<String, Value>, Slot)> = VecDeque::with_capacity(window);
+    let mut queue: VecDeque<(u64, Value, Slot)> = VecDeque::with_capacity(window);
     let (mut rows_in, mut cached, mut called, mut passed, mut skipped, mut written) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut failures: Vec<(u64, String)> = Vec::new();
@@ -753,17 +753,15 @@ async fn run(ctx: &StageContext, p: Params) -> anyhow::Result<()> {
                 }
                 Err(e) => return Err(e).context("set `on_error: skip` to leave such records out"),
             };
-            let Value::Object(obj) = row else {
+            if !row.is_object() {
                 anyhow::bail!("{}:{line}: expected a JSON object", input.display());
-            };
-            let row_v = Value::Object(obj);
-            if filter.as_ref().is_some_and(|f| !f.matches(&row_v)) {
+            }
+            if filter.as_ref().is_some_and(|f| !f.matches(&row)) {
                 passed += 1;
-                let Value::Object(obj) = row_v else { continue };
-                queue.push_back((line, obj, Slot::Ready(None)));
+                queue.push_back((line, row, Slot::Ready(None)));
                 continue;
             }
-            let prompt = match template.render(&row_v) {
+            let prompt = match template.render(&row) {
                 Ok(pr) => pr,
                 Err(e) if p.on_error == OnError::Skip => {
                     eprintln!("warning: {}:{line}: {e}", input.display());
@@ -776,21 +774,20 @@ async fn run(ctx: &StageContext, p: Params) -> anyhow::Result<()> {
                 ),
             };
             let k = item_key(&p, &client.template_text, &prompt);
-            let Value::Object(obj) = row_v else { continue };
             if let Some(reply) = client.journal.done.get(&k) {
                 cached += 1;
-                queue.push_back((line, obj, Slot::Ready(Some(Value::String(reply.clone())))));
+                queue.push_back((line, row, Slot::Ready(Some(Value::String(reply.clone())))));
             } else {
                 called += 1;
                 let c = client.clone();
                 queue.push_back((
                     line,
-                    obj,
+                    row,
                     Slot::Pending(tokio::spawn(async move { c.call(k, prompt).await })),
                 ));
             }
         }
-        let Some((line, mut obj, slot)) = queue.pop_front() else {
+        let Some((line, mut row, slot)) = queue.pop_front() else {
             break;
         };
         let reply = match slot {
@@ -802,10 +799,10 @@ async fn run(ctx: &StageContext, p: Params) -> anyhow::Result<()> {
         };
         match reply {
             Ok(r) => {
-                if let Some(r) = r {
-                    obj.insert(p.output_field.clone(), r);
+                if let (Some(r), Value::Object(m)) = (r, &mut row) {
+                    m.insert(p.output_field.clone(), r);
                 }
-                sink.write(&Value::Object(obj))?;
+                sink.write(&row)?;
                 written += 1;
             }
             Err(e) => {
