@@ -128,10 +128,97 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create, inspect and run models (Hugging Face checkpoints).
+    Model {
+        /// What to do.
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Run one stage from a job file (`-` for stdin). Used by `anneal run`.
     #[command(hide = true)]
     ExecStage {
         /// The job, as JSON.
         job: PathBuf,
+    },
+}
+
+/// `anneal model` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Create a small random-initialised checkpoint with a BPE tokenizer trained on a corpus.
+    Init {
+        /// Text the tokenizer is trained on (.jsonl/.parquet string fields, or a text file).
+        #[arg(long, value_name = "FILE", required = true)]
+        corpus: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long, short = 'o', value_name = "DIR")]
+        out: PathBuf,
+        /// Architecture: llama or qwen2.
+        #[arg(long, default_value = "llama")]
+        arch: String,
+        /// Size preset: tiny, small or base.
+        #[arg(long, default_value = "tiny")]
+        size: String,
+        /// Tokenizer vocabulary size (default: the preset's).
+        #[arg(long)]
+        vocab_size: Option<usize>,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Render a conversation with a checkpoint's chat template and tokenize it.
+    Template {
+        /// The checkpoint directory.
+        model: PathBuf,
+        /// JSON file with `messages` (and optional `tools`); `-` for stdin.
+        #[arg(long, default_value = "-")]
+        messages: PathBuf,
+        /// End with the assistant turn's opening, as for generation.
+        #[arg(long)]
+        add_generation_prompt: bool,
+        /// Print JSON on stdout (text and token ids).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text from a checkpoint.
+    Generate {
+        /// The checkpoint directory.
+        model: PathBuf,
+        /// A prompt (repeat for a batch).
+        #[arg(long, short = 'p', required = true)]
+        prompt: Vec<String>,
+        /// Wrap each prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Most new tokens per prompt.
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 for greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling threshold.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Sample among the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Keep generating past end-of-sequence tokens.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print JSON on stdout (texts, token ids, timings).
+        #[arg(long)]
+        json: bool,
     },
 }

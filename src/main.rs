@@ -77,6 +77,7 @@ fn main() {
             dry_run,
             json,
         } => commands::gc(pipeline, *keep_last, *dry_run, *json, cli.quiet),
+        Command::Model { command } => anneal::model_cmd::run(command),
         Command::ExecStage { job } => commands::exec_stage(job),
     };
     match result {

@@ -8,9 +8,11 @@
 
 pub mod agent_samples;
 pub mod command;
+pub mod init_model;
 mod job;
 pub mod lines;
 pub mod llm_map;
+pub mod model;
 pub mod params;
 mod progress;
 pub mod rng;
@@ -128,6 +130,7 @@ static AGENT_SAMPLES: agent_samples::AgentSamples = agent_samples::AgentSamples;
 static SUMMARY_DATASETS: summary_datasets::SummaryDatasets = summary_datasets::SummaryDatasets;
 static TRAIN_VAL_SPLIT: train_val_split::TrainValSplit = train_val_split::TrainValSplit;
 static LLM_MAP: llm_map::LlmMap = llm_map::LlmMap;
+static INIT_MODEL: init_model::InitModel = init_model::InitModel;
 
 /// Every built-in kind.
 pub fn builtin_kinds() -> Vec<&'static dyn Stage> {
@@ -137,6 +140,7 @@ pub fn builtin_kinds() -> Vec<&'static dyn Stage> {
         &LLM_MAP,
         &SUMMARY_DATASETS,
         &TRAIN_VAL_SPLIT,
+        &INIT_MODEL,
     ]
 }
 

@@ -1,0 +1,392 @@
+//! Model architecture read from a Hugging Face `config.json` (`qwen2` and `llama`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde_json::{Map, Value, json};
+
+/// Decoder family; both share one implementation and differ only in config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `LlamaForCausalLM` (Llama 2/3, SmolLM2, ...).
+    Llama,
+    /// `Qwen2ForCausalLM` (Qwen2, Qwen2.5): q/k/v projections carry biases.
+    Qwen2,
+}
+
+impl Arch {
+    /// The `model_type` value in `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The `architectures[0]` value in `config.json`.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+}
+
+/// Llama 3 frequency-dependent RoPE scaling (`rope_type: llama3`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Scaling {
+    /// `factor`.
+    pub factor: f64,
+    /// `low_freq_factor`.
+    pub low_freq_factor: f64,
+    /// `high_freq_factor`.
+    pub high_freq_factor: f64,
+    /// `original_max_position_embeddings`.
+    pub original_max_position_embeddings: f64,
+}
+
+/// Everything the decoder needs from `config.json`.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// Decoder family.
+    pub arch: Arch,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Epsilon of the RMS norms.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Llama 3 RoPE scaling, if any.
+    pub rope_scaling: Option<Llama3Scaling>,
+    /// Biases on the q/k/v projections.
+    pub attention_bias: bool,
+    /// Biases on the MLP projections.
+    pub mlp_bias: bool,
+    /// The LM head reuses the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Longest position the model was trained for.
+    pub max_position_embeddings: usize,
+    /// Token ids that end generation (`eos_token_id`, a number or a list).
+    pub eos_token_ids: Vec<u32>,
+    /// `bos_token_id`, if set.
+    pub bos_token_id: Option<u32>,
+    /// `pad_token_id`, if set.
+    pub pad_token_id: Option<u32>,
+    /// The file as read, so saving keeps keys this struct does not model.
+    pub raw: Map<String, Value>,
+}
+
+/// A `config.json` key lookup that names the file and key in its errors.
+struct Keys<'a> {
+    file: &'a Path,
+    map: &'a Map<String, Value>,
+}
+
+impl Keys<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, key: &str) -> anyhow::Result<usize> {
+        match self.get(key) {
+            None => bail!("{}: missing key '{key}'", self.file.display()),
+            Some(v) => v.as_u64().map(|n| n as usize).with_context(|| {
+                format!(
+                    "{}: key '{key}' must be a non-negative integer, got {v}",
+                    self.file.display()
+                )
+            }),
+        }
+    }
+
+    fn usize_or(&self, key: &str, default: usize) -> anyhow::Result<usize> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(_) => self.usize(key),
+        }
+    }
+
+    fn f64_in(&self, map: &Map<String, Value>, key: &str, prefix: &str) -> anyhow::Result<f64> {
+        match map.get(key) {
+            None | Some(Value::Null) => {
+                bail!("{}: missing key '{prefix}{key}'", self.file.display())
+            }
+            Some(v) => v.as_f64().with_context(|| {
+                format!(
+                    "{}: key '{prefix}{key}' must be a number, got {v}",
+                    self.file.display()
+                )
+            }),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> anyhow::Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => bail!(
+                "{}: key '{key}' must be true or false, got {v}",
+                self.file.display()
+            ),
+        }
+    }
+
+    fn token_ids(&self, key: &str) -> anyhow::Result<Vec<u32>> {
+        let bad = |v: &Value| {
+            anyhow::anyhow!(
+                "{}: key '{key}' must be a token id or a list of them, got {v}",
+                self.file.display()
+            )
+        };
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(|| bad(v)))
+                .collect(),
+            Some(v) => Ok(vec![v.as_u64().ok_or_else(|| bad(v))? as u32]),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> anyhow::Result<Self> {
+        let file = dir.join("config.json");
+        let text = std::fs::read_to_string(&file).with_context(|| {
+            format!(
+                "cannot read {}; a model directory needs the Hugging Face config.json",
+                file.display()
+            )
+        })?;
+        let value: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", file.display()))?;
+        Self::from_json(&value, &file)
+    }
+
+    /// Parses a `config.json` value; `file` is only used in errors.
+    pub fn from_json(value: &Value, file: &Path) -> anyhow::Result<Self> {
+        let map = value
+            .as_object()
+            .with_context(|| format!("{}: expected a JSON object", file.display()))?;
+        let k = Keys { file, map };
+        let model_type = k.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let arch = match model_type {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "" => bail!(
+                "{}: missing key 'model_type'; supported: llama, qwen2",
+                file.display()
+            ),
+            other => bail!(
+                "{}: key 'model_type' is '{other}', which anneal does not support; supported: llama, qwen2",
+                file.display()
+            ),
+        };
+        if let Some(act) = k.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            bail!(
+                "{}: key 'hidden_act' is '{act}'; only 'silu' is supported",
+                file.display()
+            );
+        }
+        if k.bool_or("use_sliding_window", false)? {
+            bail!(
+                "{}: key 'use_sliding_window' is true; sliding-window attention is not supported",
+                file.display()
+            );
+        }
+        if k.usize_or("pretraining_tp", 1)? != 1 {
+            bail!(
+                "{}: key 'pretraining_tp' must be 1 (tensor-parallel slicing is not supported)",
+                file.display()
+            );
+        }
+        let hidden_size = k.usize("hidden_size")?;
+        let num_attention_heads = k.usize("num_attention_heads")?;
+        let num_key_value_heads = k.usize_or("num_key_value_heads", num_attention_heads)?;
+        if num_attention_heads == 0 || hidden_size == 0 {
+            bail!(
+                "{}: 'hidden_size' and 'num_attention_heads' must be positive",
+                file.display()
+            );
+        }
+        let head_dim = k.usize_or("head_dim", hidden_size / num_attention_heads)?;
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            bail!(
+                "{}: 'num_attention_heads' ({num_attention_heads}) must be a multiple of 'num_key_value_heads' ({num_key_value_heads})",
+                file.display()
+            );
+        }
+        if head_dim % 2 != 0 {
+            bail!(
+                "{}: 'head_dim' ({head_dim}) must be even for rotary embeddings",
+                file.display()
+            );
+        }
+        let (rope_theta, rope_scaling) = rope(&k)?;
+        let attention_bias = match arch {
+            Arch::Qwen2 => true,
+            Arch::Llama => k.bool_or("attention_bias", false)?,
+        };
+        let rms_norm_eps = match k.get("rms_norm_eps") {
+            None => 1e-6,
+            Some(_) => k.f64_in(map, "rms_norm_eps", "")?,
+        };
+        Ok(ModelConfig {
+            arch,
+            vocab_size: k.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: k.usize("intermediate_size")?,
+            num_hidden_layers: k.usize("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            attention_bias,
+            mlp_bias: k.bool_or("mlp_bias", false)?,
+            tie_word_embeddings: k.bool_or("tie_word_embeddings", false)?,
+            max_position_embeddings: k.usize_or("max_position_embeddings", 2048)?,
+            eos_token_ids: k.token_ids("eos_token_id")?,
+            bos_token_id: k.token_ids("bos_token_id")?.first().copied(),
+            pad_token_id: k.token_ids("pad_token_id")?.first().copied(),
+            raw: map.clone(),
+        })
+    }
+
+    /// Query heads per key/value head.
+    pub fn kv_groups(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// The `config.json` to write beside saved weights: the file as read, with
+    /// the dtype set to what the weights are stored in.
+    pub fn to_json(&self, dtype: &str) -> Value {
+        let mut map = self.raw.clone();
+        if map.contains_key("dtype") || !map.contains_key("torch_dtype") {
+            map.insert("dtype".into(), json!(dtype));
+        }
+        if map.contains_key("torch_dtype") {
+            map.insert("torch_dtype".into(), json!(dtype));
+        }
+        Value::Object(map)
+    }
+
+    /// Writes `dir/config.json`.
+    pub fn save(&self, dir: &Path, dtype: &str) -> anyhow::Result<PathBuf> {
+        let file = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&self.to_json(dtype))? + "\n";
+        std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))?;
+        Ok(file)
+    }
+}
+
+/// `rope_theta` and scaling, from transformers 4's top-level keys or 5's `rope_parameters`.
+fn rope(k: &Keys) -> anyhow::Result<(f64, Option<Llama3Scaling>)> {
+    let params = k.get("rope_parameters").and_then(Value::as_object);
+    let theta = match (k.get("rope_theta"), params) {
+        (Some(_), _) => k.f64_in(k.map, "rope_theta", "")?,
+        (None, Some(p)) if p.contains_key("rope_theta") => {
+            k.f64_in(p, "rope_theta", "rope_parameters.")?
+        }
+        _ => 10_000.0,
+    };
+    let (scaling, prefix) = match (k.get("rope_scaling").and_then(Value::as_object), params) {
+        (Some(s), _) => (Some(s), "rope_scaling."),
+        (None, Some(p)) => (Some(p), "rope_parameters."),
+        (None, None) => (None, ""),
+    };
+    let Some(s) = scaling else {
+        return Ok((theta, None));
+    };
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok((theta, None)),
+        "llama3" => Ok((
+            theta,
+            Some(Llama3Scaling {
+                factor: k.f64_in(s, "factor", prefix)?,
+                low_freq_factor: k.f64_in(s, "low_freq_factor", prefix)?,
+                high_freq_factor: k.f64_in(s, "high_freq_factor", prefix)?,
+                original_max_position_embeddings: k.f64_in(
+                    s,
+                    "original_max_position_embeddings",
+                    prefix,
+                )?,
+            }),
+        )),
+        other => bail!(
+            "{}: key '{prefix}rope_type' is '{other}'; supported: default, llama3",
+            k.file.display()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Value {
+        json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
+    }
+
+    fn parse(v: Value) -> anyhow::Result<ModelConfig> {
+        ModelConfig::from_json(&v, Path::new("m/config.json"))
+    }
+
+    #[test]
+    fn reads_both_rope_forms() {
+        let mut v = base();
+        v["rope_theta"] = json!(5e5);
+        assert_eq!(parse(v).unwrap().rope_theta, 5e5);
+        let mut v = base();
+        v["rope_parameters"] = json!({"rope_theta": 1e6, "rope_type": "default"});
+        let c = parse(v).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling, c.head_dim), (1e6, None, 4));
+        let mut v = base();
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        assert_eq!(parse(v).unwrap().rope_scaling.unwrap().factor, 8.0);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut v = base();
+        v["model_type"] = json!("gpt2");
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("m/config.json: key 'model_type' is 'gpt2'"), "{e}");
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("hidden_size");
+        assert_eq!(
+            parse(v).unwrap_err().to_string(),
+            "m/config.json: missing key 'hidden_size'"
+        );
+        let mut v = base();
+        v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("'rope_scaling.rope_type' is 'yarn'"), "{e}");
+        let mut v = base();
+        v["num_key_value_heads"] = json!(3);
+        assert!(parse(v).unwrap_err().to_string().contains("multiple"));
+    }
+}

@@ -1,0 +1,613 @@
+//! The Llama/Qwen2 decoder as a burn module, in Hugging Face layout.
+//!
+//! Projection weights are held as `[in, out]` (burn's convention for
+//! `linear`) and transposed on load and save, so checkpoints keep HF's
+//! `[out, in]` layout. RoPE is HF's rotate-half form, so q/k rows are never
+//! permuted.
+
+use std::collections::BTreeMap;
+
+use anyhow::bail;
+use burn::module::{Module, Param};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{attention, embedding, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use super::config::{Arch, ModelConfig};
+use super::weights::HostTensor;
+
+/// A dense projection `y = x W + b` with `W` stored `[in, out]`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[in, out]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out]`, if the projection has a bias.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Applies the projection to the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// RMS normalisation as in HF: `w * x / sqrt(mean(x^2) + eps)`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[hidden]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Added to the mean square.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Normalises the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let var = x.clone().square().mean_dim(D - 1);
+        let normed = x * var.add_scalar(self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze::<D>()
+    }
+}
+
+/// Grouped-query self-attention with rotary embeddings.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection.
+    pub q_proj: Linear<B>,
+    /// Key projection.
+    pub k_proj: Linear<B>,
+    /// Value projection.
+    pub v_proj: Linear<B>,
+    /// Output projection.
+    pub o_proj: Linear<B>,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+/// SwiGLU feed-forward block.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Gate projection.
+    pub gate_proj: Linear<B>,
+    /// Up projection.
+    pub up_proj: Linear<B>,
+    /// Down projection.
+    pub down_proj: Linear<B>,
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Self-attention.
+    pub self_attn: Attention<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// Feed-forward block.
+    pub mlp: Mlp<B>,
+}
+
+/// A causal language model: embedding, decoder layers, final norm, LM head.
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// Separate LM head; `None` when tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Llama 3 scaling `factor` (0 when unscaled).
+    pub rope_factor: f64,
+    /// Llama 3 `low_freq_factor`.
+    pub rope_low_freq_factor: f64,
+    /// Llama 3 `high_freq_factor`.
+    pub rope_high_freq_factor: f64,
+    /// Llama 3 `original_max_position_embeddings`.
+    pub rope_original_max: f64,
+}
+
+/// Keys and values of every layer for the positions seen so far.
+#[derive(Debug)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `n_layers` layers.
+    pub fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: (0..n_layers).map(|_| None).collect(),
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the batch rows in `rows` (after some sequences finished).
+    pub fn retain_rows(&mut self, rows: Tensor<B, 1, Int>) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.clone().select(0, rows.clone());
+            *v = v.clone().select(0, rows.clone());
+        }
+    }
+}
+
+/// Everything a forward pass needs besides the token ids: rotary tables and
+/// the attention mask, built on the host from positions and key validity.
+#[derive(Debug, Clone)]
+pub struct Positions<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    /// `[batch, 1, queries, keys]`, `true` where attention is not allowed.
+    mask: Tensor<B, 4, Bool>,
+}
+
+impl<B: Backend> Attention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        pos: &Positions<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, h, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, kvh, hd])
+            .swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, t, kvh, hd]).swap_dims(1, 2);
+        let q = rotate(q, pos);
+        let k = rotate(k, pos);
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let kv = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+        };
+        let s = k.dims()[2];
+        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+        let mask = pos.mask.clone().expand([b, h, t, s]);
+        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` on `[batch, heads, seq, head_dim]`.
+fn rotate<B: Backend>(x: Tensor<B, 4>, pos: &Positions<B>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * pos.cos.clone() + rotated * pos.sin.clone()
+}
+
+/// `[b, kv, s, d]` -> `[b, kv * n, s, d]`, each kv head serving `n` query heads.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, kv, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, n, s, d])
+        .reshape([b, kv * n, s, d])
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        pos: &Positions<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), pos, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Inverse RoPE frequencies (`head_dim / 2` of them), Llama 3 scaling applied.
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
+        let half = head_dim / 2;
+        (0..half)
+            .map(|i| {
+                let f = 1.0 / self.rope_theta.powf((2 * i) as f64 / head_dim as f64);
+                if self.rope_factor == 0.0 {
+                    return f;
+                }
+                let (factor, lo, hi, orig) = (
+                    self.rope_factor,
+                    self.rope_low_freq_factor,
+                    self.rope_high_freq_factor,
+                    self.rope_original_max,
+                );
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                let (low_wavelen, high_wavelen) = (orig / lo, orig / hi);
+                if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    f / factor
+                } else {
+                    let smooth = (orig / wavelen - lo) / (hi - lo);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
+            })
+            .collect()
+    }
+
+    fn head_dim(&self) -> usize {
+        self.layers.first().map_or(2, |l| l.self_attn.head_dim)
+    }
+
+    /// Builds rotary tables and the attention mask.
+    ///
+    /// `positions[b]` are the RoPE positions of the new tokens of row `b`;
+    /// `key_valid[b]` says, for every key (cached ones first, then the new
+    /// tokens), whether it may be attended to. New token `i` sits at key index
+    /// `past + i` and sees keys up to it; it always sees itself, so padding
+    /// rows never produce NaNs.
+    pub fn positions(
+        &self,
+        positions: &[Vec<usize>],
+        key_valid: &[Vec<bool>],
+        device: &B::Device,
+    ) -> Positions<B> {
+        let b = positions.len();
+        let t = positions.first().map_or(0, Vec::len);
+        let s = key_valid.first().map_or(0, Vec::len);
+        let past = s - t;
+        let hd = self.head_dim();
+        let inv = self.inv_freq(hd);
+        let mut cos = Vec::with_capacity(b * t * hd);
+        let mut sin = Vec::with_capacity(b * t * hd);
+        for row in positions {
+            for &p in row {
+                // HF computes the angles in f32.
+                let angles: Vec<f32> = inv.iter().map(|f| (*f as f32) * p as f32).collect();
+                for _ in 0..2 {
+                    cos.extend(angles.iter().map(|a| a.cos()));
+                    sin.extend(angles.iter().map(|a| a.sin()));
+                }
+            }
+        }
+        let mut mask = Vec::with_capacity(b * t * s);
+        for valid in key_valid {
+            for i in 0..t {
+                let q = past + i;
+                mask.extend((0..s).map(|j| !(j == q || (j < q && valid[j]))));
+            }
+        }
+        Positions {
+            cos: Tensor::from_data(TensorData::new(cos.clone(), [b, 1, t, hd]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [b, 1, t, hd]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [b, 1, t, s]), device),
+        }
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` (after the last norm).
+    pub fn forward_hidden(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pos: &Positions<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let mut x = embedding(self.embed_tokens.val(), ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, pos, slot);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Projects hidden states to vocabulary logits.
+    pub fn lm_head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => linear(hidden, self.embed_tokens.val().transpose(), None),
+        }
+    }
+
+    /// Token ids `[batch][seq]` (rows of equal length) as a tensor.
+    pub fn ids_tensor(ids: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
+        let b = ids.len();
+        let t = ids.first().map_or(0, Vec::len);
+        let flat: Vec<i64> = ids.iter().flatten().map(|&x| x as i64).collect();
+        Tensor::from_data(TensorData::new(flat, [b, t]), device)
+    }
+
+    /// Logits `[batch, seq, vocab]` of a right-padded batch (`mask[b][t]` is
+    /// false on padding), positions counted from 0 as transformers does.
+    pub fn logits(&self, ids: &[Vec<u32>], mask: &[Vec<bool>]) -> Tensor<B, 3> {
+        let device = self.embed_tokens.device();
+        let pos = self.positions(&arange_rows(ids), mask, &device);
+        let hidden = self.forward_hidden(Self::ids_tensor(ids, &device), &pos, None);
+        self.lm_head(hidden)
+    }
+
+    /// Mean cross-entropy over the tokens whose label is not -100, position `t`
+    /// predicting `labels[t + 1]`. Logits are computed only at those positions,
+    /// so the full `[batch, seq, vocab]` tensor is never materialised.
+    /// Returns the loss and the number of counted tokens.
+    pub fn loss(
+        &self,
+        ids: &[Vec<u32>],
+        mask: &[Vec<bool>],
+        labels: &[Vec<i64>],
+    ) -> (Tensor<B, 1>, usize) {
+        let device = self.embed_tokens.device();
+        let pos = self.positions(&arange_rows(ids), mask, &device);
+        let hidden = self.forward_hidden(Self::ids_tensor(ids, &device), &pos, None);
+        self.loss_from_hidden(hidden, labels)
+    }
+
+    /// [`CausalLm::loss`] from hidden states already computed.
+    pub fn loss_from_hidden(
+        &self,
+        hidden: Tensor<B, 3>,
+        labels: &[Vec<i64>],
+    ) -> (Tensor<B, 1>, usize) {
+        let [b, t, d] = hidden.dims();
+        let device = hidden.device();
+        let (rows, targets) = shifted_targets(labels, t);
+        let n = rows.len();
+        if n == 0 {
+            return (Tensor::zeros([1], &device), 0);
+        }
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
+        let picked = hidden.reshape([b * t, d]).select(0, rows);
+        let logits = self.lm_head(picked);
+        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+        let max = logits.clone().detach().max_dim(1);
+        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+        let target_logit = logits.gather(1, targets);
+        ((lse - target_logit).mean(), n)
+    }
+
+    /// Builds the module from HF-named tensors; every tensor must be used.
+    pub fn from_tensors(
+        config: &ModelConfig,
+        mut tensors: BTreeMap<String, HostTensor>,
+        device: &B::Device,
+    ) -> anyhow::Result<Self> {
+        let c = config;
+        let (hidden, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let q_out = c.num_attention_heads * hd;
+        let kv_out = c.num_key_value_heads * hd;
+        let mut take = |name: &str, shape: &[usize]| -> anyhow::Result<HostTensor> {
+            let t = tensors.remove(name).ok_or_else(|| {
+                anyhow::anyhow!("checkpoint has no tensor '{name}' (expected shape {shape:?})")
+            })?;
+            if t.shape != shape {
+                bail!(
+                    "tensor '{name}' has shape {:?}, but config.json implies {shape:?}",
+                    t.shape
+                );
+            }
+            Ok(t)
+        };
+        let p1 = |t: HostTensor| Param::from_tensor(tensor1::<B>(t, device));
+        let p2 = |t: HostTensor| Param::from_tensor(tensor2::<B>(t, device));
+        let lin = |take: &mut dyn FnMut(&str, &[usize]) -> anyhow::Result<HostTensor>,
+                       prefix: &str,
+                       inp: usize,
+                       out: usize,
+                       bias: bool|
+         -> anyhow::Result<Linear<B>> {
+            let w = take(&format!("{prefix}.weight"), &[out, inp])?.transposed();
+            let b = if bias {
+                Some(p1(take(&format!("{prefix}.bias"), &[out])?))
+            } else {
+                None
+            };
+            Ok(Linear {
+                weight: p2(w),
+                bias: b,
+            })
+        };
+        let embed = take("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let norm = |t: HostTensor| RmsNorm {
+                weight: p1(t),
+                eps: c.rms_norm_eps,
+            };
+            let ab = c.attention_bias;
+            let mb = c.mlp_bias;
+            let attn = Attention {
+                q_proj: lin(&mut take, &format!("{p}.self_attn.q_proj"), hidden, q_out, ab)?,
+                k_proj: lin(&mut take, &format!("{p}.self_attn.k_proj"), hidden, kv_out, ab)?,
+                v_proj: lin(&mut take, &format!("{p}.self_attn.v_proj"), hidden, kv_out, ab)?,
+                o_proj: lin(
+                    &mut take,
+                    &format!("{p}.self_attn.o_proj"),
+                    q_out,
+                    hidden,
+                    ab && c.arch == Arch::Llama,
+                )?,
+                n_heads: c.num_attention_heads,
+                n_kv_heads: c.num_key_value_heads,
+                head_dim: hd,
+            };
+            let mlp = Mlp {
+                gate_proj: lin(&mut take, &format!("{p}.mlp.gate_proj"), hidden, inter, mb)?,
+                up_proj: lin(&mut take, &format!("{p}.mlp.up_proj"), hidden, inter, mb)?,
+                down_proj: lin(&mut take, &format!("{p}.mlp.down_proj"), inter, hidden, mb)?,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: norm(take(&format!("{p}.input_layernorm.weight"), &[hidden])?),
+                self_attn: attn,
+                post_attention_layernorm: norm(take(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[hidden],
+                )?),
+                mlp,
+            });
+        }
+        let norm = RmsNorm {
+            weight: p1(take("model.norm.weight", &[hidden])?),
+            eps: c.rms_norm_eps,
+        };
+        let lm_head = if c.tie_word_embeddings {
+            // Some tied checkpoints still carry a copy of the head; transformers ignores it.
+            tensors.remove("lm_head.weight");
+            None
+        } else {
+            Some(lin(&mut take, "lm_head", hidden, c.vocab_size, false)?)
+        };
+        tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
+        if let Some(name) = tensors.keys().next() {
+            bail!(
+                "checkpoint has an unexpected tensor '{name}' ({} unexpected in all) for a {} model \
+                 with the sizes in config.json",
+                tensors.len(),
+                c.arch.model_type()
+            );
+        }
+        let scaling = c.rope_scaling;
+        Ok(CausalLm {
+            embed_tokens: p2(embed),
+            layers,
+            norm,
+            lm_head,
+            rope_theta: c.rope_theta,
+            rope_factor: scaling.map_or(0.0, |s| s.factor),
+            rope_low_freq_factor: scaling.map_or(0.0, |s| s.low_freq_factor),
+            rope_high_freq_factor: scaling.map_or(0.0, |s| s.high_freq_factor),
+            rope_original_max: scaling.map_or(0.0, |s| s.original_max_position_embeddings),
+        })
+    }
+
+    /// The weights under their HF names, in HF layout.
+    pub fn to_tensors(&self) -> BTreeMap<String, HostTensor> {
+        let mut out = BTreeMap::new();
+        let put1 = |out: &mut BTreeMap<String, HostTensor>, name: String, t: Tensor<B, 1>| {
+            out.insert(name, host(t.into_data(), false));
+        };
+        let put_lin = |out: &mut BTreeMap<String, HostTensor>, prefix: String, l: &Linear<B>| {
+            out.insert(
+                format!("{prefix}.weight"),
+                host(l.weight.val().into_data(), true),
+            );
+            if let Some(b) = &l.bias {
+                out.insert(format!("{prefix}.bias"), host(b.val().into_data(), false));
+            }
+        };
+        out.insert(
+            "model.embed_tokens.weight".into(),
+            host(self.embed_tokens.val().into_data(), false),
+        );
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            put1(
+                &mut out,
+                format!("{p}.input_layernorm.weight"),
+                l.input_layernorm.weight.val(),
+            );
+            put1(
+                &mut out,
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.weight.val(),
+            );
+            let a = &l.self_attn;
+            put_lin(&mut out, format!("{p}.self_attn.q_proj"), &a.q_proj);
+            put_lin(&mut out, format!("{p}.self_attn.k_proj"), &a.k_proj);
+            put_lin(&mut out, format!("{p}.self_attn.v_proj"), &a.v_proj);
+            put_lin(&mut out, format!("{p}.self_attn.o_proj"), &a.o_proj);
+            put_lin(&mut out, format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj);
+            put_lin(&mut out, format!("{p}.mlp.up_proj"), &l.mlp.up_proj);
+            put_lin(&mut out, format!("{p}.mlp.down_proj"), &l.mlp.down_proj);
+        }
+        put1(&mut out, "model.norm.weight".into(), self.norm.weight.val());
+        if let Some(head) = &self.lm_head {
+            put_lin(&mut out, "lm_head".into(), head);
+        }
+        out
+    }
+}
+
+/// `(flat row index b * t + i, target)` for every position whose next label counts.
+pub fn shifted_targets(labels: &[Vec<i64>], t: usize) -> (Vec<i64>, Vec<i64>) {
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (b, row) in labels.iter().enumerate() {
+        for i in 0..t.saturating_sub(1) {
+            let next = row.get(i + 1).copied().unwrap_or(-100);
+            if next != -100 {
+                rows.push((b * t + i) as i64);
+                targets.push(next);
+            }
+        }
+    }
+    (rows, targets)
+}
+
+/// Positions `0..len` for each row.
+pub fn arange_rows(ids: &[Vec<u32>]) -> Vec<Vec<usize>> {
+    ids.iter().map(|r| (0..r.len()).collect()).collect()
+}
+
+fn tensor1<B: Backend>(t: HostTensor, device: &B::Device) -> Tensor<B, 1> {
+    Tensor::from_data(TensorData::new(t.data, [t.shape[0]]), device)
+}
+
+fn tensor2<B: Backend>(t: HostTensor, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(t.data, [t.shape[0], t.shape[1]]), device)
+}
+
+/// A tensor's values back on the host, transposed when `transpose` (2-d only).
+pub fn host(data: TensorData, transpose: bool) -> HostTensor {
+    let shape = data.shape.to_vec();
+    let values: Vec<f32> = data
+        .convert::<f32>()
+        .into_vec()
+        .expect("float tensor converts to f32");
+    let t = HostTensor {
+        shape,
+        data: values,
+    };
+    if transpose { t.transposed() } else { t }
+}

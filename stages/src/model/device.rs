@@ -1,0 +1,151 @@
+//! Run-time device selection: `cpu` (burn's Flex backend) or `cuda[:N]`
+//! (burn's CUDA backend, when built with the `cuda` feature).
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::bail;
+use burn::tensor::backend::AutodiffBackend;
+
+/// Where models run, as written in pipeline params (`device: cuda:1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The CPU backend.
+    #[default]
+    Cpu,
+    /// CUDA device `N`.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.trim() {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => bail!("device '{other}' is not one of: cpu, cuda, cuda:N (N a GPU index)"),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// CPU backend with autodiff (inference uses its inner backend).
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
+
+/// CUDA backend with autodiff.
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
+
+/// Work generic over the backend, run by [`run_on`] on the device asked for.
+pub trait OnDevice {
+    /// What the work returns.
+    type Output;
+    /// Does the work on backend `B`, device `device`.
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+}
+
+/// Runs `work` on `spec`, with a clear error when the device cannot be used.
+pub fn run_on<W: OnDevice>(spec: DeviceSpec, work: W) -> anyhow::Result<W::Output> {
+    match spec {
+        DeviceSpec::Cpu => work.run::<CpuBackend>(Default::default()),
+        DeviceSpec::Cuda(n) => run_cuda(n, work),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda<W: OnDevice>(n: usize, _work: W) -> anyhow::Result<W::Output> {
+    bail!(
+        "device 'cuda:{n}' asked for, but this anneal was built without CUDA support; \
+         rebuild with `cargo build --release --features cuda`, or set device: cpu"
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<W: OnDevice>(n: usize, work: W) -> anyhow::Result<W::Output> {
+    cuda_driver_check()?;
+    let device = burn::backend::cuda::CudaDevice::new(n);
+    // burn's CUDA runtime panics (on its own threads too) when the device is
+    // unusable; turn the first touch into an error.
+    let probe = std::panic::catch_unwind(|| {
+        let t = burn::tensor::Tensor::<CudaBackend, 1>::from_floats([1.0f32], &device);
+        t.into_data()
+    });
+    if let Err(e) = probe {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        bail!(
+            "device 'cuda:{n}' cannot be used: {msg}; check `nvidia-smi`, CUDA_VISIBLE_DEVICES \
+             and that CUDA_PATH points at a CUDA toolkit (NVRTC compiles kernels at run time)"
+        );
+    }
+    work.run::<CudaBackend>(device)
+}
+
+/// Fails with a readable message when the NVIDIA driver library is missing.
+#[cfg(feature = "cuda")]
+fn cuda_driver_check() -> anyhow::Result<()> {
+    let name = c"libcuda.so.1";
+    // SAFETY: dlopen with a valid C string; the handle is closed right away.
+    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+    if handle.is_null() {
+        bail!(
+            "device 'cuda' asked for, but the NVIDIA driver (libcuda.so.1) cannot be loaded on this \
+             machine; run on a machine with an NVIDIA GPU and driver, or set device: cpu"
+        );
+    }
+    // SAFETY: handle came from dlopen above.
+    unsafe { libc::dlclose(handle) };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        let e = "tpu".parse::<DeviceSpec>().unwrap_err().to_string();
+        assert!(e.contains("cpu, cuda, cuda:N"), "{e}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_feature_is_an_error() {
+        struct Nothing;
+        impl OnDevice for Nothing {
+            type Output = ();
+            fn run<B: AutodiffBackend>(self, _d: B::Device) -> anyhow::Result<()> {
+                Ok(())
+            }
+        }
+        let e = run_on(DeviceSpec::Cuda(0), Nothing)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("built without CUDA"), "{e}");
+    }
+}

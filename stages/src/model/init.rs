@@ -1,0 +1,367 @@
+//! Small random-initialised Hugging Face checkpoints, so pipelines and tests
+//! run offline with no downloaded model: an architecture and size preset, a
+//! byte-level BPE tokenizer trained on a text corpus, and a ChatML template.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::config::{Arch, ModelConfig};
+use super::tokenizer::{CHATML_TEMPLATE, chatml_tokenizer_config, train_bpe};
+use super::weights::{self, HostTensor, SaveDtype};
+use crate::rng::SplitMix64;
+
+/// Special tokens of initialised models, in id order.
+pub const SPECIAL_TOKENS: &[&str] = &[
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<think>",
+    "</think>",
+];
+
+/// Size presets: `(name, hidden, layers, heads, kv_heads, intermediate, vocab)`.
+pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
+    ("tiny", 64, 2, 4, 2, 128, 1024),
+    ("small", 256, 4, 4, 2, 768, 4096),
+    ("base", 512, 8, 8, 4, 1536, 8192),
+];
+
+/// What to create.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitSpec {
+    /// `llama` (default) or `qwen2`.
+    #[serde(default = "default_arch")]
+    pub arch: String,
+    /// A name from [`PRESETS`] (default `tiny`).
+    #[serde(default = "default_size")]
+    pub size: String,
+    /// Overrides the preset's vocabulary size (the tokenizer may come out smaller
+    /// on a small corpus; config.json gets the real size).
+    pub vocab_size: Option<usize>,
+    /// Overrides the preset's hidden size.
+    pub hidden_size: Option<usize>,
+    /// Overrides the preset's layer count.
+    pub num_hidden_layers: Option<usize>,
+    /// Overrides the preset's MLP width.
+    pub intermediate_size: Option<usize>,
+    /// Overrides the preset's query heads.
+    pub num_attention_heads: Option<usize>,
+    /// Overrides the preset's key/value heads.
+    pub num_key_value_heads: Option<usize>,
+    /// Longest sequence (default 2048).
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Standard deviation of the normal initialisation (default 0.02, as transformers).
+    #[serde(default = "default_std")]
+    pub initializer_range: f64,
+    /// Tie the LM head to the embedding (default true).
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    /// Seed of the weights.
+    #[serde(default)]
+    pub seed: u64,
+    /// Use at most this many bytes of corpus text for the tokenizer (default 16 MiB).
+    #[serde(default = "default_corpus_bytes")]
+    pub max_corpus_bytes: usize,
+}
+
+fn default_arch() -> String {
+    "llama".into()
+}
+fn default_size() -> String {
+    "tiny".into()
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_std() -> f64 {
+    0.02
+}
+fn default_true() -> bool {
+    true
+}
+fn default_corpus_bytes() -> usize {
+    16 << 20
+}
+
+impl Default for InitSpec {
+    fn default() -> Self {
+        serde_json::from_value(json!({})).expect("defaults")
+    }
+}
+
+impl InitSpec {
+    /// The first invalid setting, as `(key, message)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !matches!(self.arch.as_str(), "llama" | "qwen2") {
+            return Err((
+                "arch".into(),
+                format!("arch '{}' is not one of: llama, qwen2", self.arch),
+            ));
+        }
+        if !PRESETS.iter().any(|p| p.0 == self.size) {
+            let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+            return Err((
+                "size".into(),
+                format!(
+                    "size '{}' is not one of: {}",
+                    self.size,
+                    names.join(", ")
+                ),
+            ));
+        }
+        let c = self.dims();
+        if c.3 == 0 || c.4 == 0 || c.3 % c.4 != 0 {
+            return Err((
+                "num_key_value_heads".into(),
+                format!(
+                    "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
+                    c.3, c.4
+                ),
+            ));
+        }
+        if c.1 % c.3 != 0 || (c.1 / c.3) % 2 != 0 {
+            return Err((
+                "hidden_size".into(),
+                format!(
+                    "hidden_size ({}) must split into num_attention_heads ({}) heads of even width",
+                    c.1, c.3
+                ),
+            ));
+        }
+        if self.vocab_size.is_some_and(|v| v < 300) {
+            return Err((
+                "vocab_size".into(),
+                "vocab_size must be at least 300 (256 byte tokens, specials and merges)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `(vocab, hidden, layers, heads, kv_heads, intermediate)` after overrides.
+    fn dims(&self) -> (usize, usize, usize, usize, usize, usize) {
+        let p = PRESETS
+            .iter()
+            .find(|p| p.0 == self.size)
+            .copied()
+            .unwrap_or(PRESETS[0]);
+        (
+            self.vocab_size.unwrap_or(p.6),
+            self.hidden_size.unwrap_or(p.1),
+            self.num_hidden_layers.unwrap_or(p.2),
+            self.num_attention_heads.unwrap_or(p.3),
+            self.num_key_value_heads.unwrap_or(p.4),
+            self.intermediate_size.unwrap_or(p.5),
+        )
+    }
+
+    /// The `config.json` for a vocabulary of `vocab` tokens.
+    pub fn config_json(&self, vocab: usize) -> Value {
+        let (_, hidden, layers, heads, kv, inter) = self.dims();
+        let arch = if self.arch == "qwen2" {
+            Arch::Qwen2
+        } else {
+            Arch::Llama
+        };
+        let mut c = json!({
+            "architectures": [arch.class_name()],
+            "model_type": arch.model_type(),
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "head_dim": hidden / heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "torch_dtype": "float32",
+            "use_cache": true,
+        });
+        if arch == Arch::Llama {
+            c["attention_bias"] = json!(false);
+            c["mlp_bias"] = json!(false);
+        } else {
+            c["use_sliding_window"] = json!(false);
+        }
+        c
+    }
+}
+
+/// Normal draws (Box-Muller on SplitMix64), so a seed gives the same weights everywhere.
+struct Normal(SplitMix64);
+
+impl Normal {
+    fn sample(&mut self, std: f64) -> f32 {
+        let u1 = self.0.unit().max(f64::MIN_POSITIVE);
+        let u2 = self.0.unit();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+    }
+}
+
+/// Random weights as transformers initialises them: normal(0, std) for
+/// projections and embeddings, zero biases, unit norm weights.
+pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<String, HostTensor> {
+    let c = config;
+    let mut rng = Normal(SplitMix64(seed));
+    let mut out = BTreeMap::new();
+    let normal = |shape: Vec<usize>, rng: &mut Normal| HostTensor {
+        data: (0..shape.iter().product::<usize>())
+            .map(|_| rng.sample(std))
+            .collect(),
+        shape,
+    };
+    let fill = |shape: Vec<usize>, v: f32| HostTensor {
+        data: vec![v; shape.iter().product()],
+        shape,
+    };
+    let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+    let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+    out.insert(
+        "model.embed_tokens.weight".into(),
+        normal(vec![c.vocab_size, h], &mut rng),
+    );
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, o, inp, bias) in [
+            ("self_attn.q_proj", q, h, c.attention_bias),
+            ("self_attn.k_proj", kv, h, c.attention_bias),
+            ("self_attn.v_proj", kv, h, c.attention_bias),
+            ("self_attn.o_proj", h, q, false),
+            ("mlp.gate_proj", i, h, c.mlp_bias),
+            ("mlp.up_proj", i, h, c.mlp_bias),
+            ("mlp.down_proj", h, i, c.mlp_bias),
+        ] {
+            out.insert(format!("{p}.{name}.weight"), normal(vec![o, inp], &mut rng));
+            if bias {
+                out.insert(format!("{p}.{name}.bias"), fill(vec![o], 0.0));
+            }
+        }
+        out.insert(format!("{p}.input_layernorm.weight"), fill(vec![h], 1.0));
+        out.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            fill(vec![h], 1.0),
+        );
+    }
+    out.insert("model.norm.weight".into(), fill(vec![h], 1.0));
+    if !c.tie_word_embeddings {
+        out.insert("lm_head.weight".into(), normal(vec![c.vocab_size, h], &mut rng));
+    }
+    out
+}
+
+/// Every string in a JSON value (keys excluded), depth first.
+fn strings(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+        Value::Object(m) => m.values().for_each(|x| strings(x, out)),
+        _ => {}
+    }
+}
+
+/// Text for tokenizer training: every string value of JSONL/Parquet rows, or
+/// the lines of any other file, up to `max_bytes` in all.
+pub fn corpus_texts(files: &[&Path], max_bytes: usize) -> anyhow::Result<Vec<String>> {
+    let mut texts = Vec::new();
+    let mut size = 0usize;
+    for file in files {
+        let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if matches!(ext, "jsonl" | "parquet" | "pq") {
+            let mut rows = crate::rows::RowReader::open(file)?;
+            while let Some(row) = rows.next_row() {
+                let (_, row) = row?;
+                let start = texts.len();
+                strings(&row, &mut texts);
+                size += texts[start..].iter().map(String::len).sum::<usize>();
+                if size >= max_bytes {
+                    return Ok(texts);
+                }
+            }
+        } else {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {} as UTF-8 text", file.display()))?;
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                size += line.len();
+                texts.push(line.to_owned());
+                if size >= max_bytes {
+                    return Ok(texts);
+                }
+            }
+        }
+    }
+    if texts.is_empty() {
+        bail!("the tokenizer corpus has no text; give a JSONL/Parquet file with string fields or a text file");
+    }
+    Ok(texts)
+}
+
+/// What [`init_checkpoint`] made.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InitSummary {
+    /// `llama` or `qwen2`.
+    pub arch: String,
+    /// Tokens in the trained tokenizer.
+    pub vocab_size: usize,
+    /// Weights in the model.
+    pub parameters: usize,
+    /// Corpus strings the tokenizer was trained on.
+    pub corpus_texts: usize,
+}
+
+/// Writes a complete HF checkpoint to `out`: config, random weights,
+/// tokenizer trained on `corpus`, ChatML chat template, generation config.
+pub fn init_checkpoint(
+    out: &Path,
+    spec: &InitSpec,
+    corpus: &[String],
+) -> anyhow::Result<InitSummary> {
+    if let Err((key, msg)) = spec.validate() {
+        bail!("{key}: {msg}");
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let (vocab, ..) = spec.dims();
+    let tok = train_bpe(corpus, vocab, SPECIAL_TOKENS)?;
+    let vocab = tok.get_vocab_size(true);
+    let tok_file = out.join("tokenizer.json");
+    tok.save(&tok_file, true)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tok_file.display()))?;
+    let tc = chatml_tokenizer_config(&tok, spec.max_position_embeddings);
+    write_json(&out.join("tokenizer_config.json"), &tc)?;
+    std::fs::write(out.join("chat_template.jinja"), CHATML_TEMPLATE)
+        .with_context(|| format!("cannot write {}", out.join("chat_template.jinja").display()))?;
+    write_json(
+        &out.join("generation_config.json"),
+        &json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}),
+    )?;
+    let config_json = spec.config_json(vocab);
+    let config = ModelConfig::from_json(&config_json, &out.join("config.json"))?;
+    write_json(&out.join("config.json"), &config_json)?;
+    let tensors = random_tensors(&config, spec.initializer_range, spec.seed);
+    let parameters = tensors.values().map(|t| t.data.len()).sum();
+    weights::save_dir(out, &tensors, SaveDtype::F32, super::DEFAULT_MAX_SHARD_BYTES)?;
+    Ok(InitSummary {
+        arch: spec.arch.clone(),
+        vocab_size: vocab,
+        parameters,
+        corpus_texts: corpus.len(),
+    })
+}
+
+fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))
+}

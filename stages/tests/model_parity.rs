@@ -1,0 +1,243 @@
+//! The burn decoders against transformers: logits, loss, greedy generation and
+//! save/load on the tiny fixtures in `../shared/fixtures`, and SmolLM2-135M
+//! built from PyPI by `../shared/models/smollm2_from_pypi.py` (see `.ci/smollm2.sh`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anneal_stages::model::{GenerateOptions, Model, SaveDtype, generate};
+use burn::backend::Flex;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+type B = Flex;
+
+fn shared() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    assert!(
+        p.join("fixtures").is_dir(),
+        "{} is missing: tests need the shared reference directory beside the checkout",
+        p.display()
+    );
+    p
+}
+
+fn fixture(name: &str) -> PathBuf {
+    shared().join("fixtures").join(name)
+}
+
+/// A reference tensor as (shape, f64 values), whatever its dtype.
+fn reference(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let d = v.data();
+            let vals: Vec<f64> = match v.dtype() {
+                Dtype::F32 => d
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::I64 => d
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::I32 => d
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("unexpected dtype {other:?} for {name}"),
+            };
+            (name, (v.shape().to_vec(), vals))
+        })
+        .collect()
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+struct Batch {
+    ids: Vec<Vec<u32>>,
+    mask: Vec<Vec<bool>>,
+    labels: Vec<Vec<i64>>,
+}
+
+fn batch(r: &BTreeMap<String, (Vec<usize>, Vec<f64>)>) -> Batch {
+    let (shape, ids) = &r["input_ids"];
+    let (b, t) = (shape[0], shape[1]);
+    let rows = |v: &Vec<f64>| -> Vec<Vec<f64>> { (0..b).map(|i| v[i * t..(i + 1) * t].to_vec()).collect() };
+    Batch {
+        ids: rows(ids).into_iter().map(|r| r.into_iter().map(|x| x as u32).collect()).collect(),
+        mask: rows(&r["attention_mask"].1)
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x != 0.0).collect())
+            .collect(),
+        labels: rows(&r["labels"].1)
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x as i64).collect())
+            .collect(),
+    }
+}
+
+fn logits_of(model: &Model<B>, b: &Batch) -> Vec<f32> {
+    model
+        .net
+        .logits(&b.ids, &b.mask)
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap()
+}
+
+fn check_fixture(name: &str) {
+    let dir = fixture(name);
+    let device = Default::default();
+    let model = Model::<B>::load(&dir, &device).unwrap();
+    let r = reference(&dir);
+    let refj = json(&dir.join("reference.json"));
+    let b = batch(&r);
+    let (shape, want) = &r["logits"];
+    let (t, v) = (shape[1], shape[2]);
+    let got = logits_of(&model, &b);
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0f64;
+    let mut compared = 0;
+    for (bi, row) in b.mask.iter().enumerate() {
+        for (ti, &m) in row.iter().enumerate() {
+            if !m {
+                continue;
+            }
+            let off = (bi * t + ti) * v;
+            for k in 0..v {
+                worst = worst.max((got[off + k] as f64 - want[off + k]).abs());
+            }
+            compared += 1;
+        }
+    }
+    assert!(compared > 0);
+    eprintln!("{name}: max |logit diff| {worst:e} over {compared} positions");
+    assert!(worst <= 1e-4, "{name}: max |logit diff| {worst:e} > 1e-4");
+
+    let (loss, n) = model.net.loss(&b.ids, &b.mask, &b.labels);
+    assert!(n > 0);
+    let loss = loss.into_scalar() as f64;
+    let want_loss = refj["loss"].as_f64().unwrap();
+    let rel = ((loss - want_loss) / want_loss).abs();
+    eprintln!("{name}: loss {loss} vs {want_loss} (rel {rel:e})");
+    assert!(rel <= 1e-5, "{name}: loss {loss} vs {want_loss} (rel {rel:e})");
+
+    // Greedy generation with the KV cache, no early stop on eos.
+    let g = &refj["generate"];
+    let prompt: Vec<u32> = ids_of(&g["prompt_ids"]);
+    let want_new: Vec<u32> = ids_of(&g["new_ids"]);
+    let opts = GenerateOptions {
+        max_new_tokens: want_new.len(),
+        ..Default::default()
+    };
+    let out = generate(&model.net, &[prompt.clone()], &opts, None);
+    assert_eq!(out[0].ids, want_new, "{name}: greedy tokens");
+    // The same prompt batched with a shorter one (left padding) gives the same tokens.
+    let short = prompt[prompt.len() / 2..].to_vec();
+    let out2 = generate(&model.net, &[short, prompt], &opts, None);
+    assert_eq!(out2[1].ids, want_new, "{name}: greedy tokens in a padded batch");
+
+    // Save -> load gives identical logits, single file and sharded.
+    for (max_shard, dtype) in [(u64::MAX, SaveDtype::F32), (200_000, SaveDtype::F32)] {
+        let out = tempfile::tempdir().unwrap();
+        model.save(out.path(), dtype, max_shard).unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            assert!(out.path().join(f).is_file(), "{f} saved");
+        }
+        let again = Model::<B>::load(out.path(), &device).unwrap();
+        assert_eq!(logits_of(&again, &b), got, "{name}: logits after save/load");
+    }
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn tiny_qwen2_matches_transformers() {
+    check_fixture("tiny-qwen2");
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    check_fixture("tiny-llama");
+}
+
+#[test]
+fn load_errors_name_the_tensor() {
+    let src = fixture("tiny-llama");
+    let dir = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let model = Model::<B>::load(&src, &device).unwrap();
+    let mut tensors = model.net.to_tensors();
+    let t = tensors.remove("model.layers.1.mlp.up_proj.weight").unwrap();
+    tensors.insert("model.layers.1.mlp.extra.weight".into(), t);
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    anneal_stages::model::weights::save_dir(dir.path(), &tensors, SaveDtype::F32, u64::MAX)
+        .unwrap();
+    let e = format!("{:#}", Model::<B>::load(dir.path(), &device).unwrap_err());
+    assert!(
+        e.contains("no tensor 'model.layers.1.mlp.up_proj.weight'"),
+        "{e}"
+    );
+}
+
+/// SmolLM2-135M-Instruct, built from PyPI by `.ci/smollm2.sh`.
+fn smollm2_dir() -> PathBuf {
+    let dir = std::env::var_os("ANNEAL_SMOLLM2_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/smollm2"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "SmolLM2 checkpoint not found in {}; build it with `bash .ci/smollm2.sh` \
+         (or point ANNEAL_SMOLLM2_DIR at it)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn smollm2_reproduces_transformers() {
+    let dir = smollm2_dir();
+    let refj = json(&shared().join("models/smollm2-reference.json"));
+    let device = Default::default();
+    let model = Model::<B>::load(&dir, &device).unwrap();
+    let cases = refj["generate"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids_of(&c["prompt_ids"])).collect();
+    let want: Vec<Vec<u32>> = cases.iter().map(|c| ids_of(&c["greedy_new_ids"])).collect();
+    let opts = GenerateOptions {
+        max_new_tokens: want.iter().map(Vec::len).max().unwrap(),
+        ..Default::default()
+    };
+    let out = generate(&model.net, &prompts, &opts, None);
+    for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+        assert_eq!(&g.ids[..w.len()], &w[..], "prompt {i}: greedy tokens");
+    }
+    let sft = &refj["sft_loss"];
+    let ids = vec![ids_of(&sft["input_ids"])];
+    let labels: Vec<Vec<i64>> = vec![
+        sft["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect(),
+    ];
+    let mask = vec![vec![true; ids[0].len()]];
+    let (loss, _) = model.net.loss(&ids, &mask, &labels);
+    let loss = loss.into_scalar() as f64;
+    let want_loss = sft["loss"].as_f64().unwrap();
+    let rel = ((loss - want_loss) / want_loss).abs();
+    eprintln!("smollm2: SFT loss {loss} vs {want_loss} (rel {rel:e})");
+    assert!(rel <= 1e-3, "SFT loss {loss} vs {want_loss} (rel {rel:e})");
+}
