@@ -115,16 +115,20 @@ fn init(
     Ok(0)
 }
 
-fn template(model: &Path, messages: &Path, add_generation_prompt: bool, json: bool) -> anyhow::Result<i32> {
+fn template(
+    model: &Path,
+    messages: &Path,
+    add_generation_prompt: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
     let text = if messages.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("reading the conversation from stdin")?
     } else {
         std::fs::read_to_string(messages)
             .with_context(|| format!("cannot read {}", messages.display()))?
     };
-    let conv: serde_json::Value = serde_json::from_str(&text).with_context(|| {
-        format!("{}: not valid JSON", messages.display())
-    })?;
+    let conv: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", messages.display()))?;
     let msgs = conv.get("messages").with_context(|| {
         format!(
             "{}: expected an object with a 'messages' list (and optionally 'tools')",

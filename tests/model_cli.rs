@@ -39,11 +39,7 @@ fn python_view(dir: &Path, conv: &Value) -> Value {
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3");
-    std::io::Write::write_all(
-        child.stdin.as_mut().unwrap(),
-        conv.to_string().as_bytes(),
-    )
-    .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), conv.to_string().as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -61,7 +57,15 @@ fn model_init_writes_a_checkpoint_that_transformers_reads() {
     let corpus = corpus.to_str().unwrap();
     let init = |out: &str| {
         let r = p.anneal(&[
-            "model", "init", "--corpus", corpus, "--out", out, "--vocab-size", "600", "--json",
+            "model",
+            "init",
+            "--corpus",
+            corpus,
+            "--out",
+            out,
+            "--vocab-size",
+            "600",
+            "--json",
         ]);
         assert_eq!(r.code, 0, "{r:?}");
         r.json()
@@ -99,11 +103,25 @@ fn model_init_writes_a_checkpoint_that_transformers_reads() {
     assert_eq!(hf["tie_word_embeddings"], true);
     let tensors = hf["tensors"].as_object().unwrap();
     assert_eq!(tensors["model.embed_tokens.weight"], json!([vocab, 64]));
-    assert_eq!(tensors["model.layers.1.mlp.down_proj.weight"], json!([64, 128]));
-    assert_eq!(tensors.len(), 1 + 2 * 9 + 1, "embedding, 9 per layer, final norm");
+    assert_eq!(
+        tensors["model.layers.1.mlp.down_proj.weight"],
+        json!([64, 128])
+    );
+    assert_eq!(
+        tensors.len(),
+        1 + 2 * 9 + 1,
+        "embedding, 9 per layer, final norm"
+    );
     assert_eq!(hf["eos_token"], "<|im_end|>");
     p.write("conv.json", &conv.to_string());
-    let ours = p.anneal(&["model", "template", "m", "--messages", "conv.json", "--json"]);
+    let ours = p.anneal(&[
+        "model",
+        "template",
+        "m",
+        "--messages",
+        "conv.json",
+        "--json",
+    ]);
     assert_eq!(ours.code, 0, "{ours:?}");
     let ours = ours.json();
     assert_eq!(ours["text"], hf["text"]);
@@ -127,7 +145,10 @@ fn model_init_writes_a_checkpoint_that_transformers_reads() {
         "head.json",
         "--add-generation-prompt",
     ]);
-    assert_eq!(prompt.stdout, hf["generation_prompt_text"].as_str().unwrap());
+    assert_eq!(
+        prompt.stdout,
+        hf["generation_prompt_text"].as_str().unwrap()
+    );
 
     // It generates: batched prompts, exact token budget when eos is ignored.
     let g = p.anneal(&[
@@ -154,14 +175,50 @@ fn model_init_writes_a_checkpoint_that_transformers_reads() {
     // Sampling with a seed is reproducible.
     let sample = || {
         let r = p.anneal(&[
-            "model", "generate", "m", "-p", "Weng earns", "--chat", "--temperature", "0.9",
-            "--top-p", "0.9", "--top-k", "50", "--seed", "7", "--max-new-tokens", "8",
-            "--ignore-eos", "--json",
+            "model",
+            "generate",
+            "m",
+            "-p",
+            "Weng earns",
+            "--chat",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "50",
+            "--seed",
+            "7",
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
         ]);
         assert_eq!(r.code, 0, "{r:?}");
         r.json()["completions"][0]["ids"].clone()
     };
     assert_eq!(sample(), sample());
+
+    // The Qwen2 preset: q/k/v biases, read back by transformers as qwen2.
+    let r = p.anneal(&[
+        "model",
+        "init",
+        "--corpus",
+        corpus,
+        "--out",
+        "q",
+        "--arch",
+        "qwen2",
+        "--vocab-size",
+        "400",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let hf = python_view(&p.path("q"), &conv);
+    assert_eq!(hf["model_type"], "qwen2");
+    let tensors = hf["tensors"].as_object().unwrap();
+    assert_eq!(tensors["model.layers.0.self_attn.k_proj.bias"], json!([32]));
+    assert!(!tensors.contains_key("model.layers.0.self_attn.o_proj.bias"));
 }
 
 #[test]
@@ -177,24 +234,34 @@ fn model_errors_are_clear() {
         "--device",
         "cuda",
     ]);
-    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(r.code, 2, "{r:?}");
     if cfg!(feature = "cuda") {
         assert!(r.stderr.contains("cuda"), "{r:?}");
     } else {
         assert!(r.stderr.contains("built without CUDA support"), "{r:?}");
     }
     let r = p.anneal(&["model", "generate", "nowhere", "-p", "hi"]);
-    assert_eq!(r.code, 1);
+    assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("nowhere/tokenizer.json"), "{r:?}");
     p.write("bad/config.json", r#"{"model_type": "gpt2"}"#);
-    p.write("bad/tokenizer.json", &std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap());
+    p.write(
+        "bad/tokenizer.json",
+        &std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap(),
+    );
     let r = p.anneal(&["model", "generate", "bad", "-p", "hi"]);
-    assert_eq!(r.code, 1);
+    assert_eq!(r.code, 2, "{r:?}");
     assert!(
-        r.stderr.contains("bad/config.json: key 'model_type' is 'gpt2'"),
+        r.stderr
+            .contains("bad/config.json: key 'model_type' is 'gpt2'"),
         "{r:?}"
     );
-    let r = p.anneal(&["model", "init", "--corpus", "none.txt", "--out", "x", "--size", "huge"]);
-    assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("--size: size 'huge' is not one of: tiny, small, base"), "{r:?}");
+    let r = p.anneal(&[
+        "model", "init", "--corpus", "none.txt", "--out", "x", "--size", "huge",
+    ]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("--size: size 'huge' is not one of: tiny, small, base"),
+        "{r:?}"
+    );
 }

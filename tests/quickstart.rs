@@ -17,9 +17,33 @@ fn quickstart_runs_then_is_cached_then_reacts_to_a_param() {
             ("split", "done"),
             ("stats@train", "done"),
             ("stats@val", "done"),
+            ("base_model", "done"),
             ("report", "done")
         ])
     );
+    // The base model is a complete HF checkpoint that anneal itself can run.
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ] {
+        assert!(p.exists(&format!("pipelines/work/base_model/{f}")), "{f}");
+    }
+    let g = p.anneal(&[
+        "model",
+        "generate",
+        "pipelines/work/base_model",
+        "--chat",
+        "-p",
+        "2 + 3?",
+        "--max-new-tokens",
+        "4",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(g.code, 0, "{g:?}");
+    assert_eq!(g.json()["new_tokens"], 4);
     // Every sample of the input lands in exactly one split.
     let input = p.read("pipelines/data/gsm8k_sample.jsonl").lines().count();
     let train = p.read("pipelines/work/train.jsonl").lines().count();

@@ -67,9 +67,14 @@ struct Batch {
 fn batch(r: &BTreeMap<String, (Vec<usize>, Vec<f64>)>) -> Batch {
     let (shape, ids) = &r["input_ids"];
     let (b, t) = (shape[0], shape[1]);
-    let rows = |v: &Vec<f64>| -> Vec<Vec<f64>> { (0..b).map(|i| v[i * t..(i + 1) * t].to_vec()).collect() };
+    let rows = |v: &Vec<f64>| -> Vec<Vec<f64>> {
+        (0..b).map(|i| v[i * t..(i + 1) * t].to_vec()).collect()
+    };
     Batch {
-        ids: rows(ids).into_iter().map(|r| r.into_iter().map(|x| x as u32).collect()).collect(),
+        ids: rows(ids)
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x as u32).collect())
+            .collect(),
         mask: rows(&r["attention_mask"].1)
             .into_iter()
             .map(|r| r.into_iter().map(|x| x != 0.0).collect())
@@ -126,7 +131,10 @@ fn check_fixture(name: &str) {
     let want_loss = refj["loss"].as_f64().unwrap();
     let rel = ((loss - want_loss) / want_loss).abs();
     eprintln!("{name}: loss {loss} vs {want_loss} (rel {rel:e})");
-    assert!(rel <= 1e-5, "{name}: loss {loss} vs {want_loss} (rel {rel:e})");
+    assert!(
+        rel <= 1e-5,
+        "{name}: loss {loss} vs {want_loss} (rel {rel:e})"
+    );
 
     // Greedy generation with the KV cache, no early stop on eos.
     let g = &refj["generate"];
@@ -136,12 +144,15 @@ fn check_fixture(name: &str) {
         max_new_tokens: want_new.len(),
         ..Default::default()
     };
-    let out = generate(&model.net, &[prompt.clone()], &opts, None);
+    let out = generate(&model.net, std::slice::from_ref(&prompt), &opts, None);
     assert_eq!(out[0].ids, want_new, "{name}: greedy tokens");
     // The same prompt batched with a shorter one (left padding) gives the same tokens.
     let short = prompt[prompt.len() / 2..].to_vec();
     let out2 = generate(&model.net, &[short, prompt], &opts, None);
-    assert_eq!(out2[1].ids, want_new, "{name}: greedy tokens in a padded batch");
+    assert_eq!(
+        out2[1].ids, want_new,
+        "{name}: greedy tokens in a padded batch"
+    );
 
     // Save -> load gives identical logits, single file and sharded.
     for (max_shard, dtype) in [(u64::MAX, SaveDtype::F32), (200_000, SaveDtype::F32)] {
@@ -150,6 +161,19 @@ fn check_fixture(name: &str) {
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
             assert!(out.path().join(f).is_file(), "{f} saved");
         }
+        // The same tensor names and shapes as transformers wrote.
+        let names = |d: &Path| -> Vec<(String, Vec<usize>)> {
+            anneal_stages::model::weights::load_dir(d)
+                .unwrap()
+                .into_iter()
+                .map(|(k, v)| (k, v.shape))
+                .collect()
+        };
+        assert_eq!(
+            names(out.path()),
+            names(&dir),
+            "{name}: saved tensor layout"
+        );
         let again = Model::<B>::load(out.path(), &device).unwrap();
         assert_eq!(logits_of(&again, &b), got, "{name}: logits after save/load");
     }

@@ -374,7 +374,10 @@ mod tests {
         let mut v = base();
         v["model_type"] = json!("gpt2");
         let e = parse(v).unwrap_err().to_string();
-        assert!(e.contains("m/config.json: key 'model_type' is 'gpt2'"), "{e}");
+        assert!(
+            e.contains("m/config.json: key 'model_type' is 'gpt2'"),
+            "{e}"
+        );
         let mut v = base();
         v.as_object_mut().unwrap().remove("hidden_size");
         assert_eq!(

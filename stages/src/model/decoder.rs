@@ -183,7 +183,11 @@ impl<B: Backend> Attention<B> {
             .forward(x.clone())
             .reshape([b, t, kvh, hd])
             .swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, t, kvh, hd]).swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, kvh, hd])
+            .swap_dims(1, 2);
         let q = rotate(q, pos);
         let k = rotate(k, pos);
         let (k, v) = match cache {
@@ -431,10 +435,10 @@ impl<B: Backend> CausalLm<B> {
         let p1 = |t: HostTensor| Param::from_tensor(tensor1::<B>(t, device));
         let p2 = |t: HostTensor| Param::from_tensor(tensor2::<B>(t, device));
         let lin = |take: &mut dyn FnMut(&str, &[usize]) -> anyhow::Result<HostTensor>,
-                       prefix: &str,
-                       inp: usize,
-                       out: usize,
-                       bias: bool|
+                   prefix: &str,
+                   inp: usize,
+                   out: usize,
+                   bias: bool|
          -> anyhow::Result<Linear<B>> {
             let w = take(&format!("{prefix}.weight"), &[out, inp])?.transposed();
             let b = if bias {
@@ -458,9 +462,27 @@ impl<B: Backend> CausalLm<B> {
             let ab = c.attention_bias;
             let mb = c.mlp_bias;
             let attn = Attention {
-                q_proj: lin(&mut take, &format!("{p}.self_attn.q_proj"), hidden, q_out, ab)?,
-                k_proj: lin(&mut take, &format!("{p}.self_attn.k_proj"), hidden, kv_out, ab)?,
-                v_proj: lin(&mut take, &format!("{p}.self_attn.v_proj"), hidden, kv_out, ab)?,
+                q_proj: lin(
+                    &mut take,
+                    &format!("{p}.self_attn.q_proj"),
+                    hidden,
+                    q_out,
+                    ab,
+                )?,
+                k_proj: lin(
+                    &mut take,
+                    &format!("{p}.self_attn.k_proj"),
+                    hidden,
+                    kv_out,
+                    ab,
+                )?,
+                v_proj: lin(
+                    &mut take,
+                    &format!("{p}.self_attn.v_proj"),
+                    hidden,
+                    kv_out,
+                    ab,
+                )?,
                 o_proj: lin(
                     &mut take,
                     &format!("{p}.self_attn.o_proj"),

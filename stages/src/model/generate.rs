@@ -71,13 +71,16 @@ pub struct Generated {
     pub text: Option<String>,
 }
 
+/// Turns token ids into text.
+pub type Decode<'a> = &'a dyn Fn(&[u32]) -> String;
+
 /// Generates a continuation of every prompt. `decode` turns ids into text;
 /// it is needed for stop strings and fills [`Generated::text`].
 pub fn generate<B: Backend>(
     net: &CausalLm<B>,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
-    decode: Option<&dyn Fn(&[u32]) -> String>,
+    decode: Option<Decode<'_>>,
 ) -> Vec<Generated> {
     let device = net.embed_tokens.device();
     let n = prompts.len();
@@ -156,7 +159,10 @@ pub fn generate<B: Backend>(
                 keep.push(row);
             }
         }
-        let last: Vec<u32> = active.iter().map(|&s| *out[s].ids.last().unwrap()).collect();
+        let last: Vec<u32> = active
+            .iter()
+            .map(|&s| *out[s].ids.last().unwrap())
+            .collect();
         if keep.len() < active.len() {
             if keep.is_empty() {
                 active.clear();
@@ -306,6 +312,9 @@ mod tests {
     fn stop_strings() {
         let stop = vec!["</a>".to_owned(), "\n\n".to_owned()];
         assert_eq!(find_stop("x</a>y\n\n", 0, &stop), Some(1));
-        assert_eq!(find_stop("héllo", floor_char_boundary("héllo", 2), &stop), None);
+        assert_eq!(
+            find_stop("héllo", floor_char_boundary("héllo", 2), &stop),
+            None
+        );
     }
 }

@@ -109,15 +109,11 @@ impl InitSpec {
             let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
             return Err((
                 "size".into(),
-                format!(
-                    "size '{}' is not one of: {}",
-                    self.size,
-                    names.join(", ")
-                ),
+                format!("size '{}' is not one of: {}", self.size, names.join(", ")),
             ));
         }
         let c = self.dims();
-        if c.3 == 0 || c.4 == 0 || c.3 % c.4 != 0 {
+        if c.3 == 0 || c.4 == 0 || !c.3.is_multiple_of(c.4) {
             return Err((
                 "num_key_value_heads".into(),
                 format!(
@@ -126,7 +122,7 @@ impl InitSpec {
                 ),
             ));
         }
-        if c.1 % c.3 != 0 || (c.1 / c.3) % 2 != 0 {
+        if !c.1.is_multiple_of(c.3) || !(c.1 / c.3).is_multiple_of(2) {
             return Err((
                 "hidden_size".into(),
                 format!(
@@ -258,7 +254,10 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
     }
     out.insert("model.norm.weight".into(), fill(vec![h], 1.0));
     if !c.tie_word_embeddings {
-        out.insert("lm_head.weight".into(), normal(vec![c.vocab_size, h], &mut rng));
+        out.insert(
+            "lm_head.weight".into(),
+            normal(vec![c.vocab_size, h], &mut rng),
+        );
     }
     out
 }
@@ -304,7 +303,9 @@ pub fn corpus_texts(files: &[&Path], max_bytes: usize) -> anyhow::Result<Vec<Str
         }
     }
     if texts.is_empty() {
-        bail!("the tokenizer corpus has no text; give a JSONL/Parquet file with string fields or a text file");
+        bail!(
+            "the tokenizer corpus has no text; give a JSONL/Parquet file with string fields or a text file"
+        );
     }
     Ok(texts)
 }
@@ -352,7 +353,12 @@ pub fn init_checkpoint(
     write_json(&out.join("config.json"), &config_json)?;
     let tensors = random_tensors(&config, spec.initializer_range, spec.seed);
     let parameters = tensors.values().map(|t| t.data.len()).sum();
-    weights::save_dir(out, &tensors, SaveDtype::F32, super::DEFAULT_MAX_SHARD_BYTES)?;
+    weights::save_dir(
+        out,
+        &tensors,
+        SaveDtype::F32,
+        super::DEFAULT_MAX_SHARD_BYTES,
+    )?;
     Ok(InitSummary {
         arch: spec.arch.clone(),
         vocab_size: vocab,

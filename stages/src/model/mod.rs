@@ -86,9 +86,8 @@ pub fn copy_side_files(src: &Path, dst: &Path) -> anyhow::Result<()> {
         let from = src.join(name);
         if from.is_file() {
             let to = dst.join(name);
-            std::fs::copy(&from, &to).with_context(|| {
-                format!("cannot copy {} to {}", from.display(), to.display())
-            })?;
+            std::fs::copy(&from, &to)
+                .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
         }
     }
     Ok(())

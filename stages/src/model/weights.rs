@@ -99,10 +99,7 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<BTreeMap<String, HostTensor>> {
 }
 
 /// Every tensor of one safetensors file, converted to f32, added to `out`.
-pub fn load_file_into(
-    file: &Path,
-    out: &mut BTreeMap<String, HostTensor>,
-) -> anyhow::Result<()> {
+pub fn load_file_into(file: &Path, out: &mut BTreeMap<String, HostTensor>) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", file.display()))?;
@@ -249,7 +246,11 @@ mod tests {
         assert_eq!(load_dir(dir.path()).unwrap(), m);
         let dir2 = tempfile::tempdir().unwrap();
         save_dir(dir2.path(), &m, SaveDtype::Bf16, u64::MAX).unwrap();
-        assert_eq!(load_dir(dir2.path()).unwrap(), m, "halves are exact in bf16");
+        assert_eq!(
+            load_dir(dir2.path()).unwrap(),
+            m,
+            "halves are exact in bf16"
+        );
     }
 
     #[test]
