@@ -265,3 +265,44 @@ fn smollm2_reproduces_transformers() {
     eprintln!("smollm2: SFT loss {loss} vs {want_loss} (rel {rel:e})");
     assert!(rel <= 1e-3, "SFT loss {loss} vs {want_loss} (rel {rel:e})");
 }
+
+#[test]
+fn generation_stops_on_stop_strings_and_eos() {
+    use anneal_stages::model::Finish;
+    use anneal_stages::model::tokenizer::Tokenizer;
+    let dir = fixture("tiny-qwen2");
+    let model = Model::<B>::load(&dir, &Default::default()).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let refj = json(&dir.join("reference.json"));
+    let prompt = ids_of(&refj["generate"]["prompt_ids"]);
+    let want = ids_of(&refj["generate"]["new_ids"]);
+    let decode = |ids: &[u32]| tok.decode(ids, false).unwrap();
+    let full = decode(&want);
+    // A stop string spanning tokens 5..7 of the greedy continuation.
+    let start = decode(&want[..5]).len();
+    let stop = full[start..].chars().take(3).collect::<String>();
+    let cut = full.find(&stop).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: want.len(),
+        stop: vec![stop.clone()],
+        ..Default::default()
+    };
+    let g = &generate(
+        &model.net,
+        std::slice::from_ref(&prompt),
+        &opts,
+        Some(&decode),
+    )[0];
+    assert_eq!(g.finish, Finish::Stop, "stop {stop:?} in {full:?}");
+    assert_eq!(g.text.as_deref(), Some(&full[..cut]));
+    assert_eq!(&want[..g.ids.len()], &g.ids[..]);
+    // The fourth greedy token as eos: it ends the sequence and is kept.
+    let opts = GenerateOptions {
+        max_new_tokens: want.len(),
+        eos_token_ids: vec![want[3]],
+        ..Default::default()
+    };
+    let first = want.iter().position(|&t| t == want[3]).unwrap();
+    let g = &generate(&model.net, &[prompt], &opts, None)[0];
+    assert_eq!((g.finish, &g.ids[..]), (Finish::Eos, &want[..=first]));
+}

@@ -30,8 +30,25 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// Applies the projection to the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        project(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
+}
+
+/// `x W + b` over the last dimension as one 2-d matmul: burn's `linear` on a
+/// 3-d input runs one small matmul per batch row, re-reading `W` each time.
+pub fn project<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    if D <= 2 {
+        return linear(x, weight, bias);
+    }
+    let rows = dims[..D - 1].iter().product();
+    let y = linear(x.reshape([rows, dims[D - 1]]), weight.clone(), bias);
+    dims[D - 1] = weight.dims()[1];
+    y.reshape(dims)
 }
 
 /// RMS normalisation as in HF: `w * x / sqrt(mean(x^2) + eps)`.
@@ -202,9 +219,22 @@ impl<B: Backend> Attention<B> {
             }
         };
         let s = k.dims()[2];
-        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-        let mask = pos.mask.clone().expand([b, h, t, s]);
-        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        // Grouped-query attention without copying keys and values per query
+        // head: the `h / kvh` query heads sharing a kv head are stacked along
+        // the query axis (a free reshape of the contiguous `q`).
+        let rep = h / kvh;
+        let q = q.reshape([b, kvh, rep * t, hd]);
+        let mask = if rep == 1 {
+            pos.mask.clone().expand([b, kvh, t, s])
+        } else {
+            pos.mask
+                .clone()
+                .unsqueeze_dim::<5>(1)
+                .expand([b, kvh, rep, t, s])
+                .reshape([b, kvh, rep * t, s])
+        };
+        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+            .reshape([b, h, t, hd]);
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
     }
@@ -217,17 +247,6 @@ fn rotate<B: Backend>(x: Tensor<B, 4>, pos: &Positions<B>) -> Tensor<B, 4> {
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * pos.cos.clone() + rotated * pos.sin.clone()
-}
-
-/// `[b, kv, s, d]` -> `[b, kv * n, s, d]`, each kv head serving `n` query heads.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
-    if n == 1 {
-        return x;
-    }
-    let [b, kv, s, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, kv, n, s, d])
-        .reshape([b, kv * n, s, d])
 }
 
 impl<B: Backend> Mlp<B> {
@@ -325,7 +344,7 @@ impl<B: Backend> CausalLm<B> {
             }
         }
         Positions {
-            cos: Tensor::from_data(TensorData::new(cos.clone(), [b, 1, t, hd]), device),
+            cos: Tensor::from_data(TensorData::new(cos, [b, 1, t, hd]), device),
             sin: Tensor::from_data(TensorData::new(sin, [b, 1, t, hd]), device),
             mask: Tensor::from_data(TensorData::new(mask, [b, 1, t, s]), device),
         }
@@ -350,7 +369,26 @@ impl<B: Backend> CausalLm<B> {
     pub fn lm_head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => linear(hidden, self.embed_tokens.val().transpose(), None),
+            None => project(hidden, self.embed_tokens.val().transpose(), None),
+        }
+    }
+
+    /// The LM head as a contiguous `[hidden, vocab]` matrix and its bias, for
+    /// inference: with tied embeddings the transposed view would otherwise be
+    /// copied by the backend at every decoding step.
+    pub fn inference_head(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        match &self.lm_head {
+            Some(head) => (head.weight.val(), head.bias.as_ref().map(|b| b.val())),
+            None => {
+                let w = self.embed_tokens.val().detach();
+                let device = w.device();
+                let [v, h] = w.dims();
+                let t = host(w.into_data(), true);
+                (
+                    Tensor::from_data(TensorData::new(t.data, [h, v]), &device),
+                    None,
+                )
+            }
         }
     }
 

@@ -8,7 +8,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::decoder::{CausalLm, KvCache};
+use super::decoder::{CausalLm, KvCache, project};
 use crate::rng::SplitMix64;
 
 /// How to generate.
@@ -119,12 +119,13 @@ pub fn generate<B: Backend>(
     let mut step_ids = ids;
     let mut step_pos = positions;
     let mut decoded_len: Vec<usize> = vec![0; n];
+    let (head_w, head_b) = net.inference_head();
     for _ in 0..opts.max_new_tokens {
         let pos = net.positions(&step_pos, &key_valid, &device);
         let input = CausalLm::<B>::ids_tensor(&step_ids, &device);
         let hidden = net.forward_hidden(input, &pos, Some(&mut cache));
         let [b, t, _] = hidden.dims();
-        let logits = net.lm_head(hidden.narrow(1, t - 1, 1));
+        let logits = project(hidden.narrow(1, t - 1, 1), head_w.clone(), head_b.clone());
         let vocab = logits.dims()[2];
         let values: Vec<f32> = logits
             .into_data()

@@ -20,11 +20,17 @@ pub struct HostTensor {
 impl HostTensor {
     /// A 2-d tensor `[rows, cols]` transposed to `[cols, rows]`.
     pub fn transposed(&self) -> HostTensor {
+        const BLOCK: usize = 32;
         let (r, c) = (self.shape[0], self.shape[1]);
         let mut out = vec![0.0f32; r * c];
-        for i in 0..r {
-            for j in 0..c {
-                out[j * r + i] = self.data[i * c + j];
+        // Blocked so both sides stay in cache on large matrices.
+        for i0 in (0..r).step_by(BLOCK) {
+            for j0 in (0..c).step_by(BLOCK) {
+                for i in i0..(i0 + BLOCK).min(r) {
+                    for j in j0..(j0 + BLOCK).min(c) {
+                        out[j * r + i] = self.data[i * c + j];
+                    }
+                }
             }
         }
         HostTensor {
@@ -251,6 +257,27 @@ mod tests {
             m,
             "halves are exact in bf16"
         );
+    }
+
+    #[test]
+    fn reads_f16_and_rejects_ints() {
+        let dir = tempfile::tempdir().unwrap();
+        let vals = [0.5f32, -2.0, 1.25];
+        let bytes: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let view = safetensors::tensor::TensorView::new(Dtype::F16, vec![3], &bytes).unwrap();
+        let path = dir.path().join("model.safetensors");
+        safetensors::serialize_to_file([("w", view)], None, &path).unwrap();
+        assert_eq!(load_dir(dir.path()).unwrap()["w"].data, vals);
+        let ints = [1u8, 0, 0, 0];
+        let view = safetensors::tensor::TensorView::new(Dtype::I32, vec![1], &ints).unwrap();
+        safetensors::serialize_to_file([("ids", view)], None, &path).unwrap();
+        let e = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("tensor 'ids' has dtype I32"), "{e}");
+        let e = load_dir(&dir.path().join("nope")).unwrap_err().to_string();
+        assert!(e.contains("no model.safetensors"), "{e}");
     }
 
     #[test]
