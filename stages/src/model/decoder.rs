@@ -25,12 +25,33 @@ pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`, if the projection has a bias.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A LoRA adapter added to the output, if attached.
+    pub lora: Option<LoraAdapter<B>>,
+}
+
+/// LoRA: `y += scaling * (x A) B`, with `A` `[in, r]` and `B` `[r, out]`
+/// (PEFT stores their transposes as `lora_A.weight` / `lora_B.weight`).
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// `[in, r]`.
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// `[r, out]`.
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+    pub scaling: f64,
 }
 
 impl<B: Backend> Linear<B> {
     /// Applies the projection to the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        project(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        match &self.lora {
+            None => project(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())),
+            Some(l) => {
+                let down = project(x.clone(), l.lora_a.val(), None);
+                let up = project(down, l.lora_b.val(), None).mul_scalar(l.scaling);
+                project(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())) + up
+            }
+        }
     }
 }
 
@@ -487,6 +508,7 @@ impl<B: Backend> CausalLm<B> {
             Ok(Linear {
                 weight: p2(w),
                 bias: b,
+                lora: None,
             })
         };
         let embed = take("model.embed_tokens.weight", &[c.vocab_size, hidden])?;

@@ -8,6 +8,8 @@ pub mod device;
 pub mod generate;
 pub mod infer;
 pub mod init;
+pub mod lora;
+pub mod optim;
 pub mod tokenizer;
 pub mod weights;
 

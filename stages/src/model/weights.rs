@@ -247,7 +247,7 @@ mod tests {
                 },
             );
         }
-        let files = save_dir(dir.path(), &m, SaveDtype::F32, 50).unwrap();
+        let files = save_dir(dir.path(), &m, SaveDtype::F32, 30).unwrap();
         assert_eq!(files.len(), 6, "five shards and an index");
         assert_eq!(load_dir(dir.path()).unwrap(), m);
         let dir2 = tempfile::tempdir().unwrap();

@@ -1,0 +1,323 @@
+//! LoRA adapters on the decoder's projections, read and written in PEFT's
+//! format (`adapter_config.json` + `adapter_model.safetensors`), and merged
+//! into the base weights for a plain HF checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use serde_json::{Value, json};
+
+use super::decoder::{CausalLm, Linear, LoraAdapter, host};
+use super::weights::{self, HostTensor, SaveDtype};
+use crate::rng::SplitMix64;
+
+/// The seven projections of a decoder layer, as PEFT and LLaMA-Factory name them.
+pub const ALL_TARGETS: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Which projections get adapters, and their size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: usize,
+    /// Scale numerator: the update is `alpha / r * x A B`.
+    pub alpha: f64,
+    /// Dropout on the adapter input while training.
+    pub dropout: f64,
+    /// Module names (`q_proj`, ...), all of [`ALL_TARGETS`] for `all`.
+    pub targets: Vec<String>,
+    /// rsLoRA scaling `alpha / sqrt(r)`.
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Expands `all` and checks the names.
+    pub fn resolve_targets(names: &[String]) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for n in names {
+            if n == "all" || n == "all-linear" {
+                out.extend(ALL_TARGETS.iter().map(|s| s.to_string()));
+            } else if ALL_TARGETS.contains(&n.as_str()) {
+                out.push(n.clone());
+            } else {
+                bail!(
+                    "lora_target '{n}' is not a projection of the decoder; use 'all' or some of: {}",
+                    ALL_TARGETS.join(", ")
+                );
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The PEFT `adapter_config.json`.
+    pub fn peft_json(&self, base_model: Option<&str>) -> Value {
+        json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": self.targets,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "use_rslora": self.use_rslora,
+            "use_dora": false,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null,
+        })
+    }
+
+    /// Reads `dir/adapter_config.json`.
+    pub fn from_peft_dir(dir: &Path) -> anyhow::Result<LoraConfig> {
+        let file = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", file.display()))?;
+        let get = |k: &str| v.get(k).filter(|x| !x.is_null());
+        if let Some(t) = get("peft_type").and_then(Value::as_str)
+            && t != "LORA"
+        {
+            bail!(
+                "{}: peft_type '{t}' is not supported (only LORA)",
+                file.display()
+            );
+        }
+        for flag in ["use_dora", "fan_in_fan_out"] {
+            if get(flag).and_then(Value::as_bool) == Some(true) {
+                bail!("{}: '{flag}: true' is not supported", file.display());
+            }
+        }
+        for k in ["rank_pattern", "alpha_pattern"] {
+            if get(k)
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+            {
+                bail!("{}: '{k}' is not supported", file.display());
+            }
+        }
+        let r = get("r")
+            .and_then(Value::as_u64)
+            .with_context(|| format!("{}: missing integer 'r'", file.display()))?
+            as usize;
+        let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+        let targets: Vec<String> = match get("target_modules") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+            Some(Value::String(s)) => vec![s.clone()],
+            _ => bail!("{}: missing 'target_modules'", file.display()),
+        };
+        Ok(LoraConfig {
+            r,
+            alpha,
+            dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+            targets: Self::resolve_targets(&targets)
+                .with_context(|| format!("{}: target_modules", file.display()))?,
+            use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+}
+
+/// The targeted projections of `net` with their HF module names.
+fn projections<B: Backend>(net: &mut CausalLm<B>) -> Vec<(String, &'static str, &mut Linear<B>)> {
+    let mut out = Vec::new();
+    for (i, layer) in net.layers.iter_mut().enumerate() {
+        let a = &mut layer.self_attn;
+        let m = &mut layer.mlp;
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.self_attn.q_proj"), "q_proj", &mut a.q_proj));
+        out.push((format!("{p}.self_attn.k_proj"), "k_proj", &mut a.k_proj));
+        out.push((format!("{p}.self_attn.v_proj"), "v_proj", &mut a.v_proj));
+        out.push((format!("{p}.self_attn.o_proj"), "o_proj", &mut a.o_proj));
+        out.push((format!("{p}.mlp.gate_proj"), "gate_proj", &mut m.gate_proj));
+        out.push((format!("{p}.mlp.up_proj"), "up_proj", &mut m.up_proj));
+        out.push((format!("{p}.mlp.down_proj"), "down_proj", &mut m.down_proj));
+    }
+    out
+}
+
+struct Freeze;
+
+impl<B: Backend> ModuleMapper<B> for Freeze {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.set_require_grad(false)
+    }
+}
+
+/// Freezes every weight of `net` (no gradients), e.g. before attaching adapters.
+pub fn freeze<B: Backend>(net: CausalLm<B>) -> CausalLm<B> {
+    net.map(&mut Freeze)
+}
+
+fn param2<B: Backend>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, 2>> {
+    Param::from_tensor(Tensor::from_data(
+        TensorData::new(t.data, [t.shape[0], t.shape[1]]),
+        device,
+    ))
+}
+
+/// Freezes the base and attaches fresh adapters as PEFT initialises them:
+/// `A` kaiming-uniform (bound `1/sqrt(in)`), `B` zero, so the model is unchanged.
+pub fn attach<B: Backend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) -> CausalLm<B> {
+    let mut net = freeze(net);
+    let device = net.embed_tokens.device();
+    let mut rng = SplitMix64(seed);
+    for (_, kind, lin) in projections(&mut net) {
+        if !cfg.targets.iter().any(|t| t == kind) {
+            continue;
+        }
+        let [inp, out] = lin.weight.val().dims();
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a = HostTensor {
+            shape: vec![inp, cfg.r],
+            data: (0..inp * cfg.r)
+                .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
+                .collect(),
+        };
+        let b = HostTensor {
+            shape: vec![cfg.r, out],
+            data: vec![0.0; cfg.r * out],
+        };
+        lin.lora = Some(LoraAdapter {
+            lora_a: param2(a, &device),
+            lora_b: param2(b, &device),
+            scaling: cfg.scaling(),
+        });
+    }
+    net
+}
+
+/// Freezes the base and attaches the PEFT adapter in `dir`; every adapter
+/// tensor must be used.
+pub fn load_adapter<B: Backend>(
+    net: CausalLm<B>,
+    dir: &Path,
+) -> anyhow::Result<(CausalLm<B>, LoraConfig)> {
+    let cfg = LoraConfig::from_peft_dir(dir)?;
+    let file = dir.join("adapter_model.safetensors");
+    let mut tensors = BTreeMap::new();
+    weights::load_file_into(&file, &mut tensors)?;
+    let mut net = freeze(net);
+    let device = net.embed_tokens.device();
+    for (name, kind, lin) in projections(&mut net) {
+        if !cfg.targets.iter().any(|t| t == kind) {
+            continue;
+        }
+        let [inp, out] = lin.weight.val().dims();
+        let mut take = |suffix: &str, shape: [usize; 2]| -> anyhow::Result<HostTensor> {
+            let key = format!("base_model.model.{name}.{suffix}.weight");
+            let t = tensors
+                .remove(&key)
+                .with_context(|| format!("{}: no tensor '{key}'", file.display()))?;
+            if t.shape != shape {
+                bail!(
+                    "{}: tensor '{key}' has shape {:?}, expected {shape:?}",
+                    file.display(),
+                    t.shape
+                );
+            }
+            Ok(t.transposed())
+        };
+        let a = take("lora_A", [cfg.r, inp])?;
+        let b = take("lora_B", [out, cfg.r])?;
+        lin.lora = Some(LoraAdapter {
+            lora_a: param2(a, &device),
+            lora_b: param2(b, &device),
+            scaling: cfg.scaling(),
+        });
+    }
+    if let Some(k) = tensors.keys().next() {
+        bail!(
+            "{}: unexpected tensor '{k}' (not a LoRA factor of the targeted modules)",
+            file.display()
+        );
+    }
+    Ok((net, cfg))
+}
+
+/// The adapter tensors under PEFT's names, in PEFT's layout.
+pub fn adapter_tensors<B: Backend>(net: &CausalLm<B>) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    let mut net = net.clone();
+    for (name, _, lin) in projections(&mut net) {
+        if let Some(l) = &lin.lora {
+            out.insert(
+                format!("base_model.model.{name}.lora_A.weight"),
+                host(l.lora_a.val().into_data(), true),
+            );
+            out.insert(
+                format!("base_model.model.{name}.lora_B.weight"),
+                host(l.lora_b.val().into_data(), true),
+            );
+        }
+    }
+    out
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` to `dir`.
+pub fn save_adapter<B: Backend>(
+    net: &CausalLm<B>,
+    cfg: &LoraConfig,
+    base_model: Option<&str>,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors = adapter_tensors(net);
+    weights::save_dir(dir, &tensors, SaveDtype::F32, u64::MAX)?;
+    std::fs::rename(
+        dir.join("model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .with_context(|| format!("cannot write {}/adapter_model.safetensors", dir.display()))?;
+    let cfg_file = dir.join("adapter_config.json");
+    std::fs::write(
+        &cfg_file,
+        serde_json::to_string_pretty(&cfg.peft_json(base_model))? + "\n",
+    )
+    .with_context(|| format!("cannot write {}", cfg_file.display()))?;
+    Ok(())
+}
+
+/// Folds every adapter into its base weight (`W += scaling * A B`) and removes it.
+pub fn merge<B: Backend>(mut net: CausalLm<B>) -> CausalLm<B> {
+    for (_, _, lin) in projections(&mut net) {
+        if let Some(l) = lin.lora.take() {
+            let delta = l.lora_a.val().matmul(l.lora_b.val()).mul_scalar(l.scaling);
+            let w = lin.weight.val().detach() + delta.detach();
+            lin.weight = Param::from_tensor(w);
+        }
+    }
+    net
+}

@@ -1,0 +1,262 @@
+//! AdamW and global-norm gradient clipping with PyTorch's semantics
+//! (`torch.optim.AdamW`, `clip_grad_norm_`), which burn's own optimizer does
+//! not follow (its defaults differ: eps 1e-5, decay on every tensor, per-tensor
+//! clipping). Parameters are named by their module path
+//! (`layers.0.self_attn.q_proj.weight`), so decay groups and saved state follow
+//! names, not run-local ids.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+
+use super::weights::HostTensor;
+
+/// Gradients of the trainable parameters, flattened, summed over micro-batches.
+#[derive(Debug)]
+pub struct Grads<B: Backend> {
+    /// Parameter path -> gradient.
+    pub map: BTreeMap<String, Tensor<B, 1>>,
+}
+
+impl<B: Backend> Default for Grads<B> {
+    fn default() -> Self {
+        Grads {
+            map: BTreeMap::new(),
+        }
+    }
+}
+
+struct Collect<'a, AB: AutodiffBackend> {
+    grads: &'a AB::Gradients,
+    path: Vec<String>,
+    out: &'a mut Grads<AB::InnerBackend>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for Collect<'_, AB> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_owned());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        if let Some(g) = param.val().grad(self.grads) {
+            let n = g.shape().num_elements();
+            let g = g.reshape([n]);
+            let name = self.path.join(".");
+            let sum = match self.out.map.remove(&name) {
+                Some(prev) => prev + g,
+                None => g,
+            };
+            self.out.map.insert(name, sum);
+        }
+    }
+}
+
+impl<B: Backend> Grads<B> {
+    /// Adds the gradients of `module`'s parameters from one backward pass.
+    pub fn accumulate<AB, M>(&mut self, module: &M, grads: &AB::Gradients)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: Module<AB>,
+    {
+        let mut v = Collect::<AB> {
+            grads,
+            path: Vec::new(),
+            out: self,
+        };
+        module.visit(&mut v);
+    }
+
+    /// The L2 norm of all gradients together.
+    pub fn global_norm(&self) -> f64 {
+        let sq: f64 = self
+            .map
+            .values()
+            .map(|g| g.clone().square().sum().into_scalar().elem::<f64>())
+            .sum();
+        sq.sqrt()
+    }
+
+    /// `clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)`
+    /// when that is below 1. Returns the norm before clipping.
+    pub fn clip(&mut self, max_norm: f64) -> f64 {
+        let norm = self.global_norm();
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in self.map.values_mut() {
+                *g = g.clone().mul_scalar(coef);
+            }
+        }
+        norm
+    }
+}
+
+/// AdamW settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// `betas[0]`.
+    pub beta1: f64,
+    /// `betas[1]`.
+    pub beta2: f64,
+    /// Added to the denominator (torch's default 1e-8).
+    pub eps: f64,
+    /// Decoupled weight decay, not applied to parameters whose name contains
+    /// `bias` or `norm`.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Whether weight decay applies to the parameter at `path`.
+pub fn decays(path: &str) -> bool {
+    !(path.contains("bias") || path.contains("norm"))
+}
+
+/// AdamW with its moment estimates.
+#[derive(Debug)]
+pub struct AdamW<B: Backend> {
+    /// Settings.
+    pub config: AdamWConfig,
+    /// Steps taken.
+    pub step: u64,
+    /// Parameter path -> (first moment, second moment), flattened.
+    pub moments: BTreeMap<String, (Tensor<B, 1>, Tensor<B, 1>)>,
+}
+
+struct Update<'a, AB: AutodiffBackend> {
+    opt: &'a mut AdamW<AB::InnerBackend>,
+    grads: &'a Grads<AB::InnerBackend>,
+    lr: f64,
+    path: Vec<String>,
+}
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_owned());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        let name = self.path.join(".");
+        let Some(g) = self.grads.map.get(&name) else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let dims = tensor.dims();
+        let n = tensor.shape().num_elements();
+        let p = tensor.inner().reshape([n]);
+        let c = self.opt.config;
+        let t = self.opt.step as i32;
+        let (m, v) = match self.opt.moments.remove(&name) {
+            Some(mv) => mv,
+            None => (p.zeros_like(), p.zeros_like()),
+        };
+        let p = if c.weight_decay != 0.0 && decays(&name) {
+            p.mul_scalar(1.0 - self.lr * c.weight_decay)
+        } else {
+            p
+        };
+        let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
+        let v = v.mul_scalar(c.beta2) + g.clone().square().mul_scalar(1.0 - c.beta2);
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(c.eps);
+        let p = p - (m.clone() / denom).mul_scalar(self.lr / bc1);
+        self.opt.moments.insert(name, (m, v));
+        let p = Tensor::<AB, D>::from_inner(p.reshape(dims)).require_grad();
+        Param::from_mapped_value(id, p, mapper)
+    }
+}
+
+impl<B: Backend> AdamW<B> {
+    /// A fresh optimizer.
+    pub fn new(config: AdamWConfig) -> Self {
+        AdamW {
+            config,
+            step: 0,
+            moments: BTreeMap::new(),
+        }
+    }
+
+    /// One update of every parameter of `module` that has a gradient in `grads`.
+    pub fn step<AB, M>(&mut self, module: M, grads: &Grads<B>, lr: f64) -> M
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: Module<AB>,
+    {
+        self.step += 1;
+        let mut u = Update::<AB> {
+            opt: self,
+            grads,
+            lr,
+            path: Vec::new(),
+        };
+        module.map(&mut u)
+    }
+
+    /// The moments as host tensors named `<path>.exp_avg` / `<path>.exp_avg_sq`.
+    pub fn state_tensors(&self) -> BTreeMap<String, HostTensor> {
+        let mut out = BTreeMap::new();
+        for (name, (m, v)) in &self.moments {
+            for (suffix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                let data = t.to_data().convert::<f32>().into_vec().expect("f32");
+                out.insert(
+                    format!("{name}.{suffix}"),
+                    HostTensor {
+                        shape: vec![data.len()],
+                        data,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// Restores moments saved by [`AdamW::state_tensors`].
+    pub fn load_state(
+        &mut self,
+        step: u64,
+        tensors: BTreeMap<String, HostTensor>,
+        device: &B::Device,
+    ) -> anyhow::Result<()> {
+        self.step = step;
+        self.moments.clear();
+        let mut avg = BTreeMap::new();
+        let mut sq = BTreeMap::new();
+        for (k, t) in tensors {
+            let n = t.data.len();
+            let tensor = Tensor::<B, 1>::from_data(TensorData::new(t.data, [n]), device);
+            if let Some(name) = k.strip_suffix(".exp_avg_sq") {
+                sq.insert(name.to_owned(), tensor);
+            } else if let Some(name) = k.strip_suffix(".exp_avg") {
+                avg.insert(name.to_owned(), tensor);
+            } else {
+                anyhow::bail!("optimizer state has an unexpected tensor '{k}'");
+            }
+        }
+        for (name, m) in avg {
+            let v = sq
+                .remove(&name)
+                .ok_or_else(|| anyhow::anyhow!("optimizer state lacks '{name}.exp_avg_sq'"))?;
+            self.moments.insert(name, (m, v));
+        }
+        Ok(())
+    }
+}
