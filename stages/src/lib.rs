@@ -19,6 +19,7 @@ pub mod rng;
 pub mod rows;
 pub mod sink;
 pub mod summary_datasets;
+pub mod train;
 pub mod train_val_split;
 
 use std::collections::BTreeMap;
@@ -131,6 +132,7 @@ static SUMMARY_DATASETS: summary_datasets::SummaryDatasets = summary_datasets::S
 static TRAIN_VAL_SPLIT: train_val_split::TrainValSplit = train_val_split::TrainValSplit;
 static LLM_MAP: llm_map::LlmMap = llm_map::LlmMap;
 static INIT_MODEL: init_model::InitModel = init_model::InitModel;
+static TRAIN: train::Train = train::Train;
 
 /// Every built-in kind.
 pub fn builtin_kinds() -> Vec<&'static dyn Stage> {
@@ -141,6 +143,7 @@ pub fn builtin_kinds() -> Vec<&'static dyn Stage> {
         &SUMMARY_DATASETS,
         &TRAIN_VAL_SPLIT,
         &INIT_MODEL,
+        &TRAIN,
     ]
 }
 

@@ -1,0 +1,848 @@
+//! Kind `train`: supervised fine-tuning (full or LoRA) of a Hugging Face
+//! checkpoint with burn, resumable from checkpoints in the stage's scratch
+//! directory, with LLaMA-Factory / HF TrainingArguments parameter names.
+
+pub mod data;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::model::lora::{self, LoraConfig};
+use crate::model::optim::{AdamW, AdamWConfig, Grads};
+use crate::model::tokenizer::Tokenizer;
+use crate::model::weights::{self, SaveDtype};
+use crate::model::{CausalLm, DEFAULT_MAX_SHARD_BYTES, DeviceSpec, Model, OnDevice, run_on};
+use crate::params::{self, OnError, Validate};
+use crate::rows::RowReader;
+use crate::train_val_split::permutation;
+use crate::{ConfigError, KeySpec, Stage, StageContext};
+use data::{DataSpec, Sample, Side, TrainOn};
+
+/// The `train` kind.
+pub struct Train;
+
+/// `full` or `lora`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinetuningType {
+    /// Every weight is trained.
+    Full,
+    /// Low-rank adapters on the projections; the base is frozen.
+    Lora,
+}
+
+/// Learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Cosine decay to 0.
+    Cosine,
+    /// Linear decay to 0.
+    Linear,
+    /// Constant.
+    Constant,
+}
+
+/// Params of `train` (names as in LLaMA-Factory and HF TrainingArguments).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// Base model directory, when not given as the `init` input.
+    pub model_name_or_path: Option<String>,
+    /// `full` or `lora` (default).
+    #[serde(default = "default_ft")]
+    pub finetuning_type: FinetuningType,
+    /// LoRA rank.
+    #[serde(default = "default_rank")]
+    pub lora_rank: usize,
+    /// LoRA alpha (default: twice the rank).
+    pub lora_alpha: Option<f64>,
+    /// LoRA dropout (only 0 is supported).
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Projections with adapters: `all`, a comma-separated string or a list.
+    #[serde(default = "default_target")]
+    pub lora_target: Value,
+    /// Also fold the adapters into a full HF model (the `model` output).
+    #[serde(default)]
+    pub merge_lora: bool,
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    /// Passes over the data (may be fractional).
+    #[serde(default = "default_epochs")]
+    pub num_train_epochs: f64,
+    /// Optimizer steps; overrides `num_train_epochs`.
+    pub max_steps: Option<u64>,
+    /// Samples per micro-batch.
+    #[serde(default = "one")]
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step; the loss is normalised by the
+    /// trained tokens of the whole accumulated batch.
+    #[serde(default = "one")]
+    pub gradient_accumulation_steps: usize,
+    /// `cosine` (default), `linear` or `constant`.
+    #[serde(default = "default_sched")]
+    pub lr_scheduler_type: Scheduler,
+    /// Share of steps for linear warmup.
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// Warmup steps (overrides `warmup_ratio`).
+    pub warmup_steps: Option<u64>,
+    /// Decoupled weight decay (not on biases and norm weights).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    #[serde(default = "default_beta1")]
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    #[serde(default = "default_beta2")]
+    pub adam_beta2: f64,
+    /// AdamW epsilon.
+    #[serde(default = "default_eps")]
+    pub adam_epsilon: f64,
+    /// Global gradient-norm clip (0 disables).
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    /// Seed of data order and adapter initialisation.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// bf16 compute (CUDA only; not supported yet).
+    #[serde(default)]
+    pub bf16: bool,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// Checkpoint every N steps (and at the end).
+    #[serde(default = "default_save")]
+    pub save_steps: u64,
+    /// Keep at most this many checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// Evaluate on `val` every N steps (and at the end).
+    pub eval_steps: Option<u64>,
+    /// Key of verl prompt messages.
+    #[serde(default = "default_prompt_key")]
+    pub prompt_key: String,
+    /// Key of the verl response (`extra_info.<key>` or `<key>`).
+    #[serde(default = "default_response_key")]
+    pub response_key: String,
+    /// Key of multi-turn messages.
+    #[serde(default = "default_messages_key")]
+    pub messages_key: String,
+    /// Train on prompt tokens too.
+    #[serde(default)]
+    pub train_on_prompt: bool,
+    /// Longest sample in tokens.
+    #[serde(default = "default_cutoff")]
+    pub cutoff_len: usize,
+    /// `right` (default) or `left`.
+    #[serde(default)]
+    pub truncation_side: Side,
+    /// `all`, `reasoning` or `tool_calls`.
+    #[serde(default)]
+    pub train_on: TrainOn,
+    /// Pack short samples (not supported yet).
+    #[serde(default)]
+    pub packing: bool,
+    /// `fail` (default) or `skip` on a row that cannot be used.
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+fn default_ft() -> FinetuningType {
+    FinetuningType::Lora
+}
+fn default_rank() -> usize {
+    8
+}
+fn default_target() -> Value {
+    json!("all")
+}
+fn default_lr() -> f64 {
+    5e-5
+}
+fn default_epochs() -> f64 {
+    3.0
+}
+fn one() -> usize {
+    1
+}
+fn default_sched() -> Scheduler {
+    Scheduler::Cosine
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_save() -> u64 {
+    500
+}
+fn default_prompt_key() -> String {
+    "prompt".into()
+}
+fn default_response_key() -> String {
+    "answer".into()
+}
+fn default_messages_key() -> String {
+    "messages".into()
+}
+fn default_cutoff() -> usize {
+    2048
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: format!("params.{key}"),
+        message: message.into(),
+    }
+}
+
+impl Validate for Params {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.learning_rate > 0.0) {
+            return Err(err("learning_rate", "learning_rate must be positive"));
+        }
+        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return Err(err(
+                "per_device_train_batch_size",
+                "batch size and gradient_accumulation_steps must be at least 1",
+            ));
+        }
+        if self.max_steps.is_none() && !(self.num_train_epochs > 0.0) {
+            return Err(err("num_train_epochs", "num_train_epochs must be positive"));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return Err(err("warmup_ratio", "warmup_ratio must be in [0, 1)"));
+        }
+        if self.lora_dropout != 0.0 {
+            return Err(err(
+                "lora_dropout",
+                "lora_dropout > 0 is not supported yet; set it to 0",
+            ));
+        }
+        if self.packing {
+            return Err(err(
+                "packing",
+                "packing is not supported yet; set it to false",
+            ));
+        }
+        if self.bf16 {
+            return Err(err(
+                "bf16",
+                "bf16 training is not supported yet; training runs in f32",
+            ));
+        }
+        if self.save_steps == 0 {
+            return Err(err("save_steps", "save_steps must be at least 1"));
+        }
+        if self.cutoff_len < 2 {
+            return Err(err("cutoff_len", "cutoff_len must be at least 2"));
+        }
+        if self.finetuning_type == FinetuningType::Lora {
+            if self.lora_rank == 0 {
+                return Err(err("lora_rank", "lora_rank must be at least 1"));
+            }
+            lora_targets(&self.lora_target).map_err(|e| err("lora_target", e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+fn lora_targets(v: &Value) -> anyhow::Result<Vec<String>> {
+    let names: Vec<String> = match v {
+        Value::String(s) => s.split(',').map(|x| x.trim().to_owned()).collect(),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_owned)
+                    .context("lora_target entries must be strings")
+            })
+            .collect::<anyhow::Result<_>>()?,
+        _ => bail!("lora_target must be a string or a list of strings"),
+    };
+    LoraConfig::resolve_targets(&names)
+}
+
+impl Params {
+    fn data_spec(&self) -> DataSpec {
+        DataSpec {
+            prompt_key: self.prompt_key.clone(),
+            response_key: self.response_key.clone(),
+            messages_key: self.messages_key.clone(),
+            train_on_prompt: self.train_on_prompt,
+            cutoff_len: self.cutoff_len,
+            truncation_side: self.truncation_side,
+            train_on: self.train_on,
+        }
+    }
+
+    fn lora_config(&self) -> anyhow::Result<LoraConfig> {
+        Ok(LoraConfig {
+            r: self.lora_rank,
+            alpha: self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f64),
+            dropout: self.lora_dropout,
+            targets: lora_targets(&self.lora_target)?,
+            use_rslora: false,
+        })
+    }
+}
+
+/// Learning rate at optimizer step `step` (0-based) of `total`, as
+/// transformers' schedules with warmup compute it.
+pub fn lr_at(kind: Scheduler, peak: f64, step: u64, warmup: u64, total: u64) -> f64 {
+    if step < warmup {
+        return peak * step as f64 / warmup.max(1) as f64;
+    }
+    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+    match kind {
+        Scheduler::Constant => peak,
+        Scheduler::Linear => peak * (1.0 - progress).max(0.0),
+        Scheduler::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+    }
+}
+
+const INPUTS: &[KeySpec] = &[
+    KeySpec {
+        name: "train",
+        required: true,
+        doc: "training rows (.jsonl or .parquet): verl, messages or ShareGPT",
+    },
+    KeySpec {
+        name: "val",
+        required: false,
+        doc: "validation rows, evaluated every eval_steps and at the end",
+    },
+    KeySpec {
+        name: "init",
+        required: false,
+        doc: "the base model directory (e.g. ${stages.phase1.outs.model})",
+    },
+];
+const OUTPUTS: &[KeySpec] = &[
+    KeySpec {
+        name: "model",
+        required: true,
+        doc: "the trained model: HF checkpoint (full, or LoRA with merge_lora) or PEFT adapter",
+    },
+    KeySpec {
+        name: "metrics",
+        required: false,
+        doc: "per-step metrics (.jsonl)",
+    },
+];
+
+impl Stage for Train {
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn inputs(&self) -> &'static [KeySpec] {
+        INPUTS
+    }
+
+    fn outputs(&self) -> &'static [KeySpec] {
+        OUTPUTS
+    }
+
+    fn check(&self, _config: &BTreeMap<String, Value>, params: &Value) -> Vec<ConfigError> {
+        params::check::<Params>(params)
+    }
+
+    fn run(&self, ctx: &StageContext) -> anyhow::Result<()> {
+        let p: Params = params::for_run(&ctx.params)?;
+        let base = match (ctx.deps.get("init"), &p.model_name_or_path) {
+            (Some(_), Some(_)) => {
+                bail!(
+                    "give the base model once: either the input 'init' or params.model_name_or_path"
+                )
+            }
+            (Some(_), None) => ctx.input("init")?,
+            (None, Some(m)) => ctx.workdir.join(m),
+            (None, None) => bail!(
+                "no base model: declare the input 'init' (deps: {{init: path/or/${{stages.x.outs.model}}}}) \
+                 or set params.model_name_or_path"
+            ),
+        };
+        if base.join("adapter_config.json").is_file() && !base.join("config.json").is_file() {
+            bail!(
+                "{} is a LoRA adapter, not a full model; train the earlier phase with merge_lora: true \
+                 so later phases start from a merged model",
+                base.display()
+            );
+        }
+        let out = ctx
+            .output("model")
+            .context("declare the output 'model' under outs:")?;
+        run_on(
+            p.device,
+            Job {
+                ctx,
+                p: &p,
+                base: &base,
+                out: &out,
+            },
+        )
+    }
+}
+
+struct Job<'a> {
+    ctx: &'a StageContext,
+    p: &'a Params,
+    base: &'a Path,
+    out: &'a Path,
+}
+
+/// Reads and tokenises every row of `path`; returns the samples and counts by outcome.
+fn load_samples(
+    path: &Path,
+    tok: &Tokenizer,
+    p: &Params,
+    counts: &mut BTreeMap<String, u64>,
+    prefix: &str,
+) -> anyhow::Result<Vec<Sample>> {
+    let spec = p.data_spec();
+    let mut reader = RowReader::open(path)?;
+    let mut out = Vec::new();
+    let mut bump = |k: &str| *counts.entry(format!("{prefix}{k}")).or_default() += 1;
+    while let Some(row) = reader.next_row() {
+        let (line, row) = match row {
+            Ok(r) => r,
+            Err(e) if p.on_error == OnError::Skip => {
+                tracing::warn!("{e}");
+                bump("skipped_malformed");
+                continue;
+            }
+            Err(e) => return Err(e).context("set `on_error: skip` to leave such rows out"),
+        };
+        let sample = data::conversation(&row, &spec).and_then(|c| data::tokenize(tok, &c, &spec));
+        match sample {
+            Ok(s) if s.labels.iter().skip(1).all(|&l| l == -100) => {
+                bump("skipped_no_trained_tokens")
+            }
+            Ok(s) => {
+                if s.truncated {
+                    bump("truncated");
+                }
+                bump("samples");
+                out.push(s);
+            }
+            Err(e) if p.on_error == OnError::Skip => {
+                tracing::warn!("{}:{line}: {e}", path.display());
+                bump("skipped_invalid");
+            }
+            Err(e) => bail!(
+                "{}:{line}: {e} (set `on_error: skip` to leave such rows out)",
+                path.display()
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// Right-padded ids, mask and labels of `samples`.
+type Padded = (Vec<Vec<u32>>, Vec<Vec<bool>>, Vec<Vec<i64>>);
+
+fn pad(samples: &[&Sample], pad_id: u32) -> Padded {
+    let t = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    let mut labels = Vec::new();
+    for s in samples {
+        let n = s.ids.len();
+        let mut i = s.ids.clone();
+        i.resize(t, pad_id);
+        let mut m = vec![true; n];
+        m.resize(t, false);
+        let mut l = s.labels.clone();
+        l.resize(t, -100);
+        ids.push(i);
+        mask.push(m);
+        labels.push(l);
+    }
+    (ids, mask, labels)
+}
+
+fn counted(s: &Sample) -> usize {
+    s.labels.iter().skip(1).filter(|&&l| l != -100).count()
+}
+
+/// Mean loss over all counted tokens of `samples`, without gradients.
+fn evaluate<B: burn::tensor::backend::Backend>(
+    net: &CausalLm<B>,
+    samples: &[Sample],
+    batch: usize,
+    pad_id: u32,
+) -> (f64, usize) {
+    let mut sum = 0.0;
+    let mut n = 0;
+    for chunk in samples.chunks(batch) {
+        let refs: Vec<&Sample> = chunk.iter().collect();
+        let (ids, mask, labels) = pad(&refs, pad_id);
+        let (loss, k) = net.loss(&ids, &mask, &labels);
+        if k > 0 {
+            sum += loss.into_scalar().elem_f64() * k as f64;
+            n += k;
+        }
+    }
+    (if n > 0 { sum / n as f64 } else { f64::NAN }, n)
+}
+
+trait ElemF64 {
+    fn elem_f64(self) -> f64;
+}
+
+impl<E: burn::tensor::ElementConversion> ElemF64 for E {
+    fn elem_f64(self) -> f64 {
+        self.elem::<f64>()
+    }
+}
+
+/// Newest complete checkpoint in `dir` (`global_step_N` with a `state.json`).
+fn newest_checkpoint(dir: &Path) -> Option<(u64, PathBuf)> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("global_step_")
+            .and_then(|s| s.parse::<u64>().ok())
+            && e.path().join("state.json").is_file()
+            && best.as_ref().is_none_or(|b| n > b.0)
+        {
+            best = Some((n, e.path()));
+        }
+    }
+    best
+}
+
+impl OnDevice for Job<'_> {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+        let (ctx, p) = (self.ctx, self.p);
+        let started = Instant::now();
+        let tok = Tokenizer::from_dir(self.base)?;
+        let mut counts = BTreeMap::new();
+        let train = load_samples(&ctx.input("train")?, &tok, p, &mut counts, "")?;
+        if train.is_empty() {
+            bail!(
+                "no usable training samples in {}",
+                ctx.input("train")?.display()
+            );
+        }
+        let val = match ctx.deps.get("val") {
+            Some(_) => load_samples(&ctx.input("val")?, &tok, p, &mut counts, "val_")?,
+            None => Vec::new(),
+        };
+        let base = Model::<B>::load(self.base, &device)?;
+        let config = base.config.clone();
+        let pad_id = tok.pad_token_id().or(config.pad_token_id).unwrap_or(0);
+        let lora_cfg = match p.finetuning_type {
+            FinetuningType::Lora => Some(p.lora_config()?),
+            FinetuningType::Full => None,
+        };
+        let per_step = p.per_device_train_batch_size * p.gradient_accumulation_steps;
+        let steps_per_epoch = train.len().div_ceil(per_step) as u64;
+        let total = p
+            .max_steps
+            .unwrap_or_else(|| (p.num_train_epochs * steps_per_epoch as f64).ceil() as u64)
+            .max(1);
+        let warmup = p
+            .warmup_steps
+            .unwrap_or_else(|| (p.warmup_ratio * total as f64).ceil() as u64);
+
+        // Resume from the newest checkpoint in scratch, if any.
+        let ckpt_dir = ctx.scratch.join("checkpoints");
+        std::fs::create_dir_all(&ckpt_dir)?;
+        let metrics_path = ctx.scratch.join("metrics.jsonl");
+        let mut opt = AdamW::<B::InnerBackend>::new(AdamWConfig {
+            beta1: p.adam_beta1,
+            beta2: p.adam_beta2,
+            eps: p.adam_epsilon,
+            weight_decay: p.weight_decay,
+        });
+        let (mut net, start) = match newest_checkpoint(&ckpt_dir) {
+            None => {
+                let net = match &lora_cfg {
+                    Some(c) => lora::attach(base.net, c, p.seed),
+                    None => base.net,
+                };
+                std::fs::write(&metrics_path, "")?;
+                (net, 0)
+            }
+            Some((step, dir)) => {
+                tracing::info!("resuming from {}", dir.display());
+                ctx.progress
+                    .message(format!("resuming from checkpoint global_step_{step}"));
+                let net = match &lora_cfg {
+                    Some(_) => lora::load_adapter(base.net, &dir.join("model"))?.0,
+                    None => Model::<B>::load(&dir.join("model"), &device)?.net,
+                };
+                let mut state = BTreeMap::new();
+                weights::load_file_into(&dir.join("optimizer.safetensors"), &mut state)?;
+                opt.load_state(step, state, &device)?;
+                // Keep the metrics of the steps up to the checkpoint.
+                let kept: String = std::fs::read_to_string(&metrics_path)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| {
+                        serde_json::from_str::<Value>(l)
+                            .ok()
+                            .and_then(|v| v["step"].as_u64())
+                            .is_some_and(|s| s <= step)
+                    })
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                std::fs::write(&metrics_path, kept)?;
+                (net, step)
+            }
+        };
+        let mut metrics = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+        ctx.progress.set_total(total);
+        ctx.progress.set_done(start);
+
+        let n = train.len();
+        let mut order_epoch = u64::MAX;
+        let mut order: Vec<u32> = Vec::new();
+        let mut last_loss = f64::NAN;
+        let mut trained_tokens = 0usize;
+        let eval_every = p.eval_steps.unwrap_or(u64::MAX);
+        let mut last_eval = None;
+        for step in start..total {
+            let t0 = Instant::now();
+            // Samples of this step: a stream over epochs, each epoch its own shuffle.
+            let mut picked = Vec::with_capacity(per_step);
+            for k in 0..per_step {
+                let pos = step * per_step as u64 + k as u64;
+                let epoch = pos / n as u64;
+                if epoch != order_epoch {
+                    order = permutation(n, p.seed.wrapping_add(epoch));
+                    order_epoch = epoch;
+                }
+                picked.push(&train[order[(pos % n as u64) as usize] as usize]);
+            }
+            let total_tokens: usize = picked.iter().map(|s| counted(s)).sum();
+            let mut grads = Grads::<B::InnerBackend>::default();
+            let mut loss_sum = 0.0;
+            for micro in picked.chunks(p.per_device_train_batch_size) {
+                let (ids, mask, labels) = pad(micro, pad_id);
+                let (loss, k) = net.loss(&ids, &mask, &labels);
+                if k == 0 {
+                    continue;
+                }
+                let scaled = loss.mul_scalar(k as f64 / total_tokens as f64);
+                loss_sum += scaled.clone().into_scalar().elem_f64();
+                let g = scaled.backward();
+                grads.accumulate(&net, &g);
+            }
+            let grad_norm = if p.max_grad_norm > 0.0 {
+                grads.clip(p.max_grad_norm)
+            } else {
+                grads.global_norm()
+            };
+            let lr = lr_at(p.lr_scheduler_type, p.learning_rate, step, warmup, total);
+            net = opt.step(net, &grads, lr);
+            trained_tokens += total_tokens;
+            last_loss = loss_sum;
+            let secs = t0.elapsed().as_secs_f64();
+            let done = step + 1;
+            let mut line = json!({
+                "step": done,
+                "epoch": (done * per_step as u64) as f64 / n as f64,
+                "loss": loss_sum,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": total_tokens,
+                "tokens_per_s": total_tokens as f64 / secs.max(1e-9),
+            });
+            if !val.is_empty() && (done % eval_every == 0 || done == total) {
+                let (vl, _) = evaluate(&net.valid(), &val, p.per_device_train_batch_size, pad_id);
+                line["eval_loss"] = json!(vl);
+                line["eval_ppl"] = json!(vl.exp().min(1e6));
+                last_eval = Some(vl);
+            }
+            writeln!(metrics, "{line}")?;
+            metrics.flush()?;
+            ctx.progress.set_done(done);
+            ctx.progress.message(format!(
+                "step {done}/{total} loss {loss_sum:.4} lr {lr:.2e} {:.0} tok/s",
+                total_tokens as f64 / secs.max(1e-9)
+            ));
+            if done % p.save_steps == 0 && done < total {
+                save_checkpoint(&ckpt_dir, done, &net, &config, self.base, &lora_cfg, &opt)?;
+                prune(&ckpt_dir, p.save_total_limit)?;
+            }
+        }
+
+        // Outputs.
+        let inner = net.valid();
+        match &lora_cfg {
+            None => Model {
+                config: config.clone(),
+                net: inner,
+                source: Some(self.base.to_path_buf()),
+            }
+            .save(self.out, SaveDtype::F32, DEFAULT_MAX_SHARD_BYTES)?,
+            Some(c) if p.merge_lora => {
+                lora::save_adapter(&inner, c, None, &self.out.join("adapter"))?;
+                Model {
+                    config: config.clone(),
+                    net: lora::merge(inner),
+                    source: Some(self.base.to_path_buf()),
+                }
+                .save(self.out, SaveDtype::F32, DEFAULT_MAX_SHARD_BYTES)?
+            }
+            Some(c) => {
+                lora::save_adapter(&inner, c, Some(&self.base.display().to_string()), self.out)?;
+                crate::model::copy_side_files(self.base, self.out)?;
+                std::fs::remove_file(self.out.join("generation_config.json")).ok();
+            }
+        }
+        drop(metrics);
+        if let Some(m) = ctx.output("metrics") {
+            std::fs::copy(&metrics_path, &m)
+                .with_context(|| format!("cannot write {}", m.display()))?;
+        }
+        let mut report = json!({
+            "steps": total,
+            "resumed_from_step": start,
+            "final_loss": last_loss,
+            "trained_tokens_this_run": trained_tokens,
+            "seconds": started.elapsed().as_secs_f64(),
+            "finetuning_type": format!("{:?}", p.finetuning_type).to_lowercase(),
+        });
+        if let Some(v) = last_eval {
+            report["eval_loss"] = json!(v);
+        }
+        for (k, v) in counts {
+            report[k] = json!(v);
+        }
+        ctx.report(&report);
+        Ok(())
+    }
+}
+
+fn save_checkpoint<B: AutodiffBackend>(
+    dir: &Path,
+    step: u64,
+    net: &CausalLm<B>,
+    config: &crate::model::ModelConfig,
+    base: &Path,
+    lora_cfg: &Option<LoraConfig>,
+    opt: &AdamW<B::InnerBackend>,
+) -> anyhow::Result<()> {
+    let final_dir = dir.join(format!("global_step_{step}"));
+    let tmp = dir.join(format!(".global_step_{step}.partial"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let inner = net.valid();
+    match lora_cfg {
+        Some(c) => lora::save_adapter(
+            &inner,
+            c,
+            Some(&base.display().to_string()),
+            &tmp.join("model"),
+        )?,
+        None => Model {
+            config: config.clone(),
+            net: inner,
+            source: Some(base.to_path_buf()),
+        }
+        .save(&tmp.join("model"), SaveDtype::F32, DEFAULT_MAX_SHARD_BYTES)?,
+    }
+    weights::save_dir(&tmp, &opt.state_tensors(), SaveDtype::F32, u64::MAX)?;
+    std::fs::rename(
+        tmp.join("model.safetensors"),
+        tmp.join("optimizer.safetensors"),
+    )?;
+    std::fs::write(
+        tmp.join("state.json"),
+        serde_json::to_string_pretty(&json!({"global_step": step}))?,
+    )?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir)?;
+    Ok(())
+}
+
+fn prune(dir: &Path, keep: Option<usize>) -> anyhow::Result<()> {
+    let Some(keep) = keep else { return Ok(()) };
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("global_step_")?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    steps.sort();
+    let drop_n = steps.len().saturating_sub(keep);
+    for (_, path) in steps.into_iter().take(drop_n) {
+        std::fs::remove_dir_all(&path)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_match_transformers() {
+        // get_cosine_schedule_with_warmup(warmup=2, total=10)
+        let c = |s| lr_at(Scheduler::Cosine, 1.0, s, 2, 10);
+        assert_eq!(c(0), 0.0);
+        assert_eq!(c(1), 0.5);
+        assert_eq!(c(2), 1.0);
+        assert!((c(6) - 0.5).abs() < 1e-12);
+        let l = |s| lr_at(Scheduler::Linear, 1.0, s, 0, 4);
+        assert_eq!((l(0), l(1), l(3)), (1.0, 0.75, 0.25));
+        assert_eq!(lr_at(Scheduler::Constant, 2.0, 7, 0, 8), 2.0);
+    }
+
+    #[test]
+    fn params_errors_name_the_key() {
+        let e = params::check::<Params>(&json!({"lora_target": "qq_proj"}));
+        assert_eq!(e[0].key, "params.lora_target");
+        assert!(e[0].message.contains("'qq_proj'"), "{}", e[0].message);
+        let e = params::check::<Params>(&json!({"learning_rat": 1e-5}));
+        assert!(
+            e[0].message.contains("did you mean 'learning_rate'"),
+            "{}",
+            e[0].message
+        );
+    }
+}

@@ -1,0 +1,402 @@
+//! Training rows -> conversations -> token ids with labels.
+//!
+//! Rows may be verl SFT rows (`prompt` messages + `extra_info.answer` or
+//! `answer`), multi-turn `messages`, or ShareGPT (`conversations` of
+//! `{from, value}` + `system` + `tools`). The model's chat template renders
+//! the conversation; assistant tokens are found by rendering prefixes (the
+//! text up to each assistant turn with the generation prompt, and through the
+//! turn), so any template works without knowing its markers.
+
+use serde_json::{Map, Value, json};
+
+use crate::model::tokenizer::Tokenizer;
+
+/// How rows are read.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Key of the prompt messages in verl rows.
+    #[serde(default = "default_prompt_key")]
+    pub prompt_key: String,
+    /// Key of the response: looked up in `extra_info` first, then at top level.
+    #[serde(default = "default_response_key")]
+    pub response_key: String,
+    /// Key of OpenAI-style multi-turn messages.
+    #[serde(default = "default_messages_key")]
+    pub messages_key: String,
+    /// Train on every token, not only the assistant's.
+    #[serde(default)]
+    pub train_on_prompt: bool,
+    /// Longest sample in tokens; longer ones are truncated.
+    #[serde(default = "default_cutoff")]
+    pub cutoff_len: usize,
+    /// Which end of a long sample is cut: `right` (default) or `left`.
+    #[serde(default)]
+    pub truncation_side: Side,
+    /// Which trained tokens count: `all`, `reasoning` or `tool_calls`.
+    #[serde(default)]
+    pub train_on: TrainOn,
+}
+
+fn default_prompt_key() -> String {
+    "prompt".into()
+}
+fn default_response_key() -> String {
+    "answer".into()
+}
+fn default_messages_key() -> String {
+    "messages".into()
+}
+fn default_cutoff() -> usize {
+    2048
+}
+
+/// Truncation side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// Keep the beginning.
+    #[default]
+    Right,
+    /// Keep the end.
+    Left,
+}
+
+/// Token class filter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOn {
+    /// Every trained token.
+    #[default]
+    All,
+    /// Only tokens outside tool-call blocks.
+    Reasoning,
+    /// Only tokens inside `<tool_call>...</tool_call>` / `<function...>...</function>`.
+    ToolCalls,
+}
+
+/// Class of a trained token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenClass {
+    /// Not trained.
+    Ignored,
+    /// Outside tool-call blocks.
+    Reasoning,
+    /// Inside a tool-call block.
+    ToolCall,
+}
+
+/// One tokenised training sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Same length as `ids`: the id where trained, -100 elsewhere.
+    pub labels: Vec<i64>,
+    /// Same length as `ids`.
+    pub classes: Vec<TokenClass>,
+    /// Whether `cutoff_len` cut it.
+    pub truncated: bool,
+}
+
+/// A conversation ready for the chat template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conversation {
+    /// OpenAI-style messages.
+    pub messages: Vec<Value>,
+    /// Tool specs, if any.
+    pub tools: Option<Value>,
+}
+
+/// Reads one row in any of the supported shapes.
+pub fn conversation(row: &Value, spec: &DataSpec) -> Result<Conversation, String> {
+    let obj = row.as_object().ok_or("the row is not a JSON object")?;
+    if let Some(conv) = obj.get("conversations") {
+        return sharegpt(obj, conv);
+    }
+    if let Some(m) = obj.get(&spec.messages_key).filter(|v| !v.is_null()) {
+        let messages = m
+            .as_array()
+            .ok_or_else(|| format!("'{}' is not a list of messages", spec.messages_key))?
+            .clone();
+        check_messages(&messages)?;
+        return Ok(Conversation {
+            messages,
+            tools: tools_of(obj.get("tools"))?,
+        });
+    }
+    if let Some(p) = obj.get(&spec.prompt_key).filter(|v| !v.is_null()) {
+        let mut messages = match p {
+            Value::Array(a) => a.clone(),
+            Value::String(s) => vec![json!({"role": "user", "content": s})],
+            _ => {
+                return Err(format!(
+                    "'{}' is neither messages nor text",
+                    spec.prompt_key
+                ));
+            }
+        };
+        let answer = obj
+            .get("extra_info")
+            .and_then(|e| e.get(&spec.response_key))
+            .or_else(|| obj.get(&spec.response_key))
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                format!(
+                    "no response: neither 'extra_info.{0}' nor '{0}' is a string",
+                    spec.response_key
+                )
+            })?;
+        messages.push(json!({"role": "assistant", "content": answer}));
+        check_messages(&messages)?;
+        return Ok(Conversation {
+            messages,
+            tools: tools_of(obj.get("tools"))?,
+        });
+    }
+    Err(format!(
+        "the row has none of 'conversations' (ShareGPT), '{}' (messages) or '{}' (verl prompt)",
+        spec.messages_key, spec.prompt_key
+    ))
+}
+
+fn check_messages(messages: &[Value]) -> Result<(), String> {
+    for (i, m) in messages.iter().enumerate() {
+        if m.get("role").and_then(Value::as_str).is_none() {
+            return Err(format!("message {i} has no string 'role'"));
+        }
+    }
+    if !messages
+        .iter()
+        .any(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+    {
+        return Err("the conversation has no assistant message to train on".into());
+    }
+    Ok(())
+}
+
+fn tools_of(v: Option<&Value>) -> Result<Option<Value>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => serde_json::from_str::<Value>(s)
+            .map(|t| {
+                if t.as_array().is_some_and(|a| a.is_empty()) {
+                    None
+                } else {
+                    Some(t)
+                }
+            })
+            .map_err(|e| format!("'tools' is a string but not JSON: {e}")),
+        Some(Value::Array(a)) if a.is_empty() => Ok(None),
+        Some(t @ Value::Array(_)) => Ok(Some(t.clone())),
+        Some(_) => Err("'tools' must be a list (or a JSON string of one)".into()),
+    }
+}
+
+fn sharegpt(obj: &Map<String, Value>, conv: &Value) -> Result<Conversation, String> {
+    let turns = conv.as_array().ok_or("'conversations' is not a list")?;
+    let mut messages = Vec::new();
+    if let Some(s) = obj.get("system").and_then(Value::as_str)
+        && !s.is_empty()
+    {
+        messages.push(json!({"role": "system", "content": s}));
+    }
+    for (i, t) in turns.iter().enumerate() {
+        let from = t
+            .get("from")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("conversations[{i}] has no string 'from'"))?;
+        let value = t
+            .get("value")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("conversations[{i}] has no string 'value'"))?;
+        let m = match from {
+            "human" | "user" => json!({"role": "user", "content": value}),
+            "gpt" | "assistant" => json!({"role": "assistant", "content": value}),
+            "system" => json!({"role": "system", "content": value}),
+            "observation" | "tool" => json!({"role": "tool", "content": value}),
+            "function_call" => function_call(value)
+                .map_err(|e| format!("conversations[{i}] (function_call): {e}"))?,
+            other => return Err(format!("conversations[{i}] has unknown 'from': '{other}'")),
+        };
+        messages.push(m);
+    }
+    check_messages(&messages)?;
+    Ok(Conversation {
+        messages,
+        tools: tools_of(obj.get("tools"))?,
+    })
+}
+
+/// `[<think>..</think>] {"name", "arguments"}` -> an assistant message with a tool call.
+fn function_call(value: &str) -> Result<Value, String> {
+    let (text, call) = match value.rfind("</think>") {
+        Some(i) => (value[..i + "</think>".len()].trim(), value[i + 8..].trim()),
+        None => ("", value.trim()),
+    };
+    let parsed: Value =
+        serde_json::from_str(call).map_err(|e| format!("not a JSON function call: {e}"))?;
+    let name = parsed
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("function call without a string 'name'")?;
+    let args = match parsed.get("arguments") {
+        Some(Value::String(s)) => serde_json::from_str(s).unwrap_or(Value::String(s.clone())),
+        Some(v) => v.clone(),
+        None => json!({}),
+    };
+    Ok(json!({
+        "role": "assistant",
+        "content": text,
+        "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]
+    }))
+}
+
+/// Byte ranges of tool-call blocks in `text`.
+fn tool_spans(text: &str) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    for (open, close) in [
+        ("<tool_call>", "</tool_call>"),
+        ("<function", "</function>"),
+    ] {
+        let mut from = 0;
+        while let Some(i) = text[from..].find(open) {
+            let start = from + i;
+            // An opening without its closing tag (e.g. `<function-name>` in a
+            // system prompt's instructions) is not a call.
+            let Some(j) = text[start..].find(close) else {
+                break;
+            };
+            let end = start + j + close.len();
+            spans.push((start, end));
+            from = end;
+        }
+    }
+    spans
+}
+
+/// Renders and tokenises a conversation with labels on assistant tokens.
+pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result<Sample, String> {
+    let tools = conv.tools.as_ref();
+    let full = tok
+        .apply_chat_template(&Value::Array(conv.messages.clone()), tools, false)
+        .map_err(|e| format!("{e:#}"))?;
+    // Byte spans of the assistant turns, by rendering prefixes.
+    let mut spans = Vec::new();
+    for (i, m) in conv.messages.iter().enumerate() {
+        if m.get("role").and_then(Value::as_str) != Some("assistant") {
+            continue;
+        }
+        let head = Value::Array(conv.messages[..i].to_vec());
+        let through = Value::Array(conv.messages[..=i].to_vec());
+        let p = tok
+            .apply_chat_template(&head, tools, true)
+            .map_err(|e| format!("{e:#}"))?;
+        let q = tok
+            .apply_chat_template(&through, tools, false)
+            .map_err(|e| format!("{e:#}"))?;
+        if !q.starts_with(&p) || !full.starts_with(&q) {
+            return Err(format!(
+                "the chat template does not render message {i} as a prefix of the whole \
+                 conversation (it rewrites earlier turns), so assistant tokens cannot be located; \
+                 set train_on_prompt: true or use a template that renders turns independently"
+            ));
+        }
+        spans.push((p.len(), q.len()));
+    }
+    let enc = tok
+        .inner()
+        .encode(full.as_str(), false)
+        .map_err(|e| format!("tokenizing: {e}"))?;
+    let ids = enc.get_ids().to_vec();
+    let offsets = enc.get_offsets();
+    let calls = tool_spans(&full);
+    let mut labels = Vec::with_capacity(ids.len());
+    let mut classes = Vec::with_capacity(ids.len());
+    for (k, &id) in ids.iter().enumerate() {
+        let (s, e) = offsets[k];
+        let trained = spec.train_on_prompt || spans.iter().any(|&(a, b)| s >= a && s < b);
+        let class = if !trained {
+            TokenClass::Ignored
+        } else if calls.iter().any(|&(a, b)| s < b && e > a) {
+            TokenClass::ToolCall
+        } else {
+            TokenClass::Reasoning
+        };
+        let keep = match (spec.train_on, class) {
+            (_, TokenClass::Ignored) => false,
+            (TrainOn::All, _) => true,
+            (TrainOn::Reasoning, c) => c == TokenClass::Reasoning,
+            (TrainOn::ToolCalls, c) => c == TokenClass::ToolCall,
+        };
+        labels.push(if keep { id as i64 } else { -100 });
+        classes.push(class);
+    }
+    let mut sample = Sample {
+        ids,
+        labels,
+        classes,
+        truncated: false,
+    };
+    if sample.ids.len() > spec.cutoff_len {
+        let n = spec.cutoff_len;
+        let len = sample.ids.len();
+        let range = match spec.truncation_side {
+            Side::Right => 0..n,
+            Side::Left => len - n..len,
+        };
+        sample.ids = sample.ids[range.clone()].to_vec();
+        sample.labels = sample.labels[range.clone()].to_vec();
+        sample.classes = sample.classes[range].to_vec();
+        sample.truncated = true;
+    }
+    Ok(sample)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> DataSpec {
+        serde_json::from_value(json!({})).unwrap()
+    }
+
+    #[test]
+    fn reads_the_three_shapes() {
+        let verl =
+            json!({"prompt": [{"role": "user", "content": "Q"}], "extra_info": {"answer": "A"}});
+        let c = conversation(&verl, &spec()).unwrap();
+        assert_eq!(c.messages[1], json!({"role": "assistant", "content": "A"}));
+        let top = json!({"prompt": "Q", "answer": "A"});
+        assert_eq!(conversation(&top, &spec()).unwrap().messages.len(), 2);
+        let sg = json!({"system": "S", "tools": "[{\"name\": \"f\"}]", "conversations": [
+            {"from": "human", "value": "hi"},
+            {"from": "function_call", "value": "<think>x</think>\n{\"name\": \"f\", \"arguments\": \"{\\\"a\\\": 1}\"}"},
+            {"from": "observation", "value": "{\"ok\": true}"},
+            {"from": "gpt", "value": "done"}]});
+        let c = conversation(&sg, &spec()).unwrap();
+        assert_eq!(c.messages[0]["role"], "system");
+        assert_eq!(c.messages[2]["content"], "<think>x</think>");
+        assert_eq!(
+            c.messages[2]["tool_calls"][0]["function"]["arguments"],
+            json!({"a": 1})
+        );
+        assert_eq!(c.messages[3]["role"], "tool");
+        assert_eq!(c.tools, Some(json!([{"name": "f"}])));
+        let e = conversation(&json!({"x": 1}), &spec()).unwrap_err();
+        assert!(e.contains("none of 'conversations'"), "{e}");
+        let e = conversation(&json!({"prompt": "Q"}), &spec()).unwrap_err();
+        assert!(e.contains("no response"), "{e}");
+    }
+
+    #[test]
+    fn tool_spans_cover_blocks() {
+        let t = "a<tool_call>\n{}\n</tool_call>b<function=f>x</function>";
+        let s = tool_spans(t);
+        assert_eq!(s.len(), 2);
+        assert!(tool_spans("say <function-name> then stop").is_empty());
+        assert_eq!(&t[s[0].0..s[0].1], "<tool_call>\n{}\n</tool_call>");
+        assert_eq!(&t[s[1].0..s[1].1], "<function=f>x</function>");
+    }
+}

@@ -1,0 +1,97 @@
+//! Labels from the chat template against transformers' reference: SmolLM2's
+//! `sft_loss` case in `../shared/models/smollm2-reference.json` (labels -100 up
+//! to and including the generation prompt, the assistant turn and its end of
+//! turn trained), and the Qwen2.5 tool-calling conversation of tiny-qwen2.
+
+use std::path::Path;
+
+use anneal_stages::model::tokenizer::Tokenizer;
+use anneal_stages::train::data::{self, DataSpec, TokenClass, TrainOn};
+use serde_json::{Value, json};
+
+fn shared() -> &'static Path {
+    Box::leak(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared")
+            .into_boxed_path(),
+    )
+}
+
+fn spec(v: Value) -> DataSpec {
+    serde_json::from_value(v).unwrap()
+}
+
+#[test]
+fn labels_match_the_smollm2_reference() {
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(shared().join("models/smollm2-reference.json")).unwrap(),
+    )
+    .unwrap();
+    let tok = Tokenizer::from_dir(&shared().join("models/smollm2-tokenizer")).unwrap();
+    let sft = &r["sft_loss"];
+    let row = json!({"messages": sft["messages"]});
+    let conv = data::conversation(&row, &spec(json!({}))).unwrap();
+    let s = data::tokenize(&tok, &conv, &spec(json!({}))).unwrap();
+    let want_ids: Vec<u32> = serde_json::from_value(sft["input_ids"].clone()).unwrap();
+    let want_labels: Vec<i64> = serde_json::from_value(sft["labels"].clone()).unwrap();
+    assert_eq!(s.ids, want_ids);
+    assert_eq!(s.labels, want_labels);
+    // train_on_prompt trains everything; cutoff keeps the chosen end.
+    let all = data::tokenize(&tok, &conv, &spec(json!({"train_on_prompt": true}))).unwrap();
+    assert!(
+        all.labels
+            .iter()
+            .zip(&all.ids)
+            .all(|(l, i)| *l == *i as i64)
+    );
+    let left = data::tokenize(
+        &tok,
+        &conv,
+        &spec(json!({"cutoff_len": 10, "truncation_side": "left"})),
+    )
+    .unwrap();
+    assert_eq!(
+        (left.ids.as_slice(), left.truncated),
+        (&want_ids[want_ids.len() - 10..], true)
+    );
+    let right = data::tokenize(&tok, &conv, &spec(json!({"cutoff_len": 10}))).unwrap();
+    assert_eq!(right.ids, want_ids[..10]);
+}
+
+#[test]
+fn tool_call_tokens_are_classed_and_filtered() {
+    let dir = shared().join("fixtures/tiny-qwen2");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let case = &r["chat"][2];
+    let row = json!({"messages": case["messages"], "tools": case["tools"]});
+    let conv = data::conversation(&row, &spec(json!({}))).unwrap();
+    let s = data::tokenize(&tok, &conv, &spec(json!({}))).unwrap();
+    let want_ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+    assert_eq!(s.ids, want_ids);
+    let text_of = |keep: &dyn Fn(usize) -> bool| {
+        let ids: Vec<u32> = (0..s.ids.len())
+            .filter(|&k| keep(k))
+            .map(|k| s.ids[k])
+            .collect();
+        tok.decode(&ids, false).unwrap()
+    };
+    let tool = text_of(&|k| s.classes[k] == TokenClass::ToolCall);
+    assert_eq!(
+        tool,
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"
+    );
+    let reasoning = text_of(&|k| s.classes[k] == TokenClass::Reasoning);
+    assert_eq!(reasoning, "<|im_end|>\nIt is 18 C in Paris.<|im_end|>\n");
+    let only_calls = data::tokenize(&tok, &conv, &spec(json!({"train_on": "tool_calls"}))).unwrap();
+    let trained: Vec<u32> = only_calls
+        .labels
+        .iter()
+        .filter(|&&l| l >= 0)
+        .map(|&l| l as u32)
+        .collect();
+    assert_eq!(tok.decode(&trained, false).unwrap(), tool);
+    let _ = TrainOn::Reasoning;
+}

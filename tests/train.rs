@@ -1,0 +1,240 @@
+//! The `train` kind on the real binary: phases chained through the DAG, full
+//! and LoRA fine-tuning, metrics, caching, and a killed run that resumes from
+//! its checkpoint and ends with the same weights as an uninterrupted one.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// GSM8K sample rows as chat `messages` rows, split 48 / 12.
+fn write_data(p: &Project) {
+    let src = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/data/gsm8k_sample.jsonl"),
+    )
+    .unwrap();
+    let rows: Vec<String> = src
+        .lines()
+        .map(|l| {
+            let r: Value = serde_json::from_str(l).unwrap();
+            json!({"messages": [
+                {"role": "user", "content": r["question"]},
+                {"role": "assistant", "content": r["answer"]}
+            ]})
+            .to_string()
+        })
+        .collect();
+    p.write("data/train.jsonl", &(rows[..48].join("\n") + "\n"));
+    p.write("data/val.jsonl", &(rows[48..].join("\n") + "\n"));
+}
+
+const PIPELINE: &str = r#"
+name: sft
+stages:
+  base:
+    kind: init_model
+    deps: {corpus: data/train.jsonl}
+    params: {size: SIZE, vocab_size: 512, seed: 1}
+    outs: {model: work/base/}
+  phase1:
+    kind: train
+    deps:
+      train: data/train.jsonl
+      val: data/val.jsonl
+      init: ${stages.base.outs.model}
+    params:
+      finetuning_type: full
+      learning_rate: 1.0e-3
+      max_steps: STEPS
+      per_device_train_batch_size: 2
+      gradient_accumulation_steps: 2
+      warmup_ratio: 0.1
+      weight_decay: 0.01
+      save_steps: SAVE
+      cutoff_len: 160
+      eval_steps: 3
+    outs: {model: work/phase1/, metrics: work/phase1.jsonl}
+  phase2:
+    kind: train
+    deps:
+      train: data/train.jsonl
+      init: ${stages.phase1.outs.model}
+    params:
+      finetuning_type: lora
+      lora_rank: 4
+      lora_target: all
+      merge_lora: true
+      learning_rate: 2.0e-3
+      max_steps: 3
+      per_device_train_batch_size: 2
+      cutoff_len: 160
+    outs: {model: work/phase2/}
+"#;
+
+fn pipeline(size: &str, steps: u32, save: u32) -> String {
+    PIPELINE
+        .replace("SIZE", size)
+        .replace("STEPS", &steps.to_string())
+        .replace("SAVE", &save.to_string())
+}
+
+fn metrics(p: &Project, rel: &str) -> Vec<Value> {
+    p.read(rel)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn phases_train_chain_and_cache() {
+    let p = Project::new();
+    write_data(&p);
+    p.write("sft.yaml", &pipeline("tiny", 6, 2));
+    let out = p.run_ok("sft.yaml", &[]);
+    assert_eq!(
+        out,
+        pairs(&[("base", "done"), ("phase1", "done"), ("phase2", "done")])
+    );
+    let m = metrics(&p, "work/phase1.jsonl");
+    assert_eq!(m.len(), 6);
+    for (i, line) in m.iter().enumerate() {
+        assert_eq!(line["step"], i as u64 + 1);
+        for k in ["loss", "lr", "grad_norm", "tokens", "tokens_per_s"] {
+            assert!(line[k].is_number(), "{k} in {line}");
+        }
+    }
+    assert_eq!(m[0]["lr"], 0.0, "warmup starts at 0");
+    assert!(m[2]["eval_loss"].is_number() && m[5]["eval_ppl"].is_number());
+    let (first, last) = (
+        m[0]["loss"].as_f64().unwrap(),
+        m[5]["loss"].as_f64().unwrap(),
+    );
+    assert!(last < first, "loss {first} -> {last}");
+    // Phase 1 is a full HF checkpoint; phase 2 a merged model plus its PEFT adapter.
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ] {
+        assert!(p.exists(&format!("work/phase1/{f}")), "phase1 {f}");
+        assert!(p.exists(&format!("work/phase2/{f}")), "phase2 {f}");
+    }
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(p.exists(&format!("work/phase2/adapter/{f}")), "{f}");
+    }
+    let g = p.anneal(&[
+        "model",
+        "generate",
+        "work/phase2",
+        "--chat",
+        "-p",
+        "2+3?",
+        "--max-new-tokens",
+        "3",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(g.code, 0, "{g:?}");
+    // The run record carries the stage's report.
+    let status = p.anneal(&["status", "sft.yaml", "--json"]);
+    assert!(
+        status.stdout.contains("\"trained_tokens_this_run\""),
+        "{}",
+        status.stdout
+    );
+
+    assert!(p.run_ok("sft.yaml", &[]).iter().all(|(_, o)| o == "cached"));
+    // A later phase's param change reruns only that phase.
+    p.write(
+        "sft.yaml",
+        &pipeline("tiny", 6, 2).replace("learning_rate: 2.0e-3", "learning_rate: 1.0e-3"),
+    );
+    let out = p.run_ok("sft.yaml", &[]);
+    assert_eq!(
+        out,
+        pairs(&[("base", "cached"), ("phase1", "cached"), ("phase2", "done")])
+    );
+}
+
+fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
+    for e in walkdir(dir) {
+        if e.to_string_lossy().ends_with(suffix) {
+            return Some(e);
+        }
+    }
+    None
+}
+
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walkdir(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn killed_training_resumes_to_the_same_weights() {
+    let steps = 12;
+    let yaml = pipeline("small", steps, 3);
+    // Uninterrupted.
+    let a = Project::new();
+    write_data(&a);
+    a.write("sft.yaml", &yaml);
+    a.run_ok("sft.yaml", &["--stage", "phase1"]);
+    // Killed after the checkpoint of step 6, then resumed.
+    let b = Project::new();
+    write_data(&b);
+    b.write("sft.yaml", &yaml);
+    let mut child = b.spawn(&["run", "sft.yaml", "--stage", "phase1"]);
+    let store = b.path(".anneal");
+    wait_for("checkpoint global_step_6", || {
+        find_file(&store, "global_step_6/state.json").is_some()
+    });
+    // SIGKILL the engine: its stage process dies with it (PDEATHSIG).
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !b.exists("work/phase1/model.safetensors"),
+        "the run was killed before it finished; lower the poll interval or add steps"
+    );
+    let r = b.anneal(&["plan", "sft.yaml", "--json"]);
+    assert!(
+        r.stdout.contains("resumes an interrupted run"),
+        "{}",
+        r.stdout
+    );
+    let run = b.anneal(&["run", "sft.yaml", "--stage", "phase1", "--json"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let st = b.anneal(&["status", "sft.yaml", "--json"]);
+    assert!(
+        st.stdout.contains("\"resumed_from_step\": 6")
+            || st.stdout.contains("\"resumed_from_step\":6"),
+        "{}",
+        st.stdout
+    );
+    assert_eq!(
+        std::fs::read(a.path("work/phase1/model.safetensors")).unwrap(),
+        std::fs::read(b.path("work/phase1/model.safetensors")).unwrap(),
+        "resumed weights equal uninterrupted weights"
+    );
+    let losses = |p: &Project| -> Vec<Value> {
+        metrics(p, "work/phase1.jsonl")
+            .into_iter()
+            .map(|m| json!([m["step"], m["loss"], m["grad_norm"], m["lr"]]))
+            .collect()
+    };
+    assert_eq!(losses(&a), losses(&b));
+}
