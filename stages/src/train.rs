@@ -218,7 +218,7 @@ fn err(key: &str, message: impl Into<String>) -> ConfigError {
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.learning_rate > 0.0) {
+        if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
             return Err(err("learning_rate", "learning_rate must be positive"));
         }
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
@@ -227,7 +227,9 @@ impl Validate for Params {
                 "batch size and gradient_accumulation_steps must be at least 1",
             ));
         }
-        if self.max_steps.is_none() && !(self.num_train_epochs > 0.0) {
+        if self.max_steps.is_none()
+            && (self.num_train_epochs.is_nan() || self.num_train_epochs <= 0.0)
+        {
             return Err(err("num_train_epochs", "num_train_epochs must be positive"));
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
