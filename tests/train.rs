@@ -161,12 +161,9 @@ fn phases_train_chain_and_cache() {
 }
 
 fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {
-    for e in walkdir(dir) {
-        if e.to_string_lossy().ends_with(suffix) {
-            return Some(e);
-        }
-    }
-    None
+    walkdir(dir)
+        .into_iter()
+        .find(|e| e.to_string_lossy().ends_with(suffix))
 }
 
 fn walkdir(dir: &Path) -> Vec<PathBuf> {
