@@ -222,6 +222,40 @@ fn lora_step(name: &str) {
     // Save in PEFT format and load back: same logits.
     let out = tempfile::tempdir().unwrap();
     lora::save_adapter(&net, &cfg, None, out.path()).unwrap();
+    // The same tensor names, shapes and config keys as PEFT wrote in lora-init/.
+    let layout = |d: &Path| -> Vec<(String, Vec<usize>)> {
+        let mut m = BTreeMap::new();
+        anneal_stages::model::weights::load_file_into(&d.join("adapter_model.safetensors"), &mut m)
+            .unwrap();
+        m.into_iter().map(|(k, v)| (k, v.shape)).collect()
+    };
+    assert_eq!(layout(out.path()), layout(&dir.join("lora-init")));
+    let cfg_json = |d: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    let (ours, peft) = (cfg_json(out.path()), cfg_json(&dir.join("lora-init")));
+    for k in [
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_alpha",
+        "bias",
+        "fan_in_fan_out",
+        "use_rslora",
+        "use_dora",
+    ] {
+        assert_eq!(ours[k], peft[k], "adapter_config.json key {k}");
+    }
+    let sorted = |v: &Value| {
+        let mut t: Vec<String> = serde_json::from_value(v.clone()).unwrap();
+        t.sort();
+        t
+    };
+    assert_eq!(
+        sorted(&ours["target_modules"]),
+        sorted(&peft["target_modules"])
+    );
     let base = Model::<AB>::load(&dir, &Default::default()).unwrap();
     let (again, cfg2) = lora::load_adapter(base.net, out.path()).unwrap();
     assert_eq!(cfg2, cfg);

@@ -78,7 +78,8 @@ impl LoraConfig {
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model,
             "r": self.r,
-            "lora_alpha": self.alpha,
+            // PEFT writes an integer alpha as an integer.
+            "lora_alpha": if self.alpha.fract() == 0.0 { json!(self.alpha as i64) } else { json!(self.alpha) },
             "lora_dropout": self.dropout,
             "target_modules": self.targets,
             "bias": "none",
