@@ -2,89 +2,16 @@
 //! save/load on the tiny fixtures in `../shared/fixtures`, and SmolLM2-135M
 //! built from PyPI by `../shared/models/smollm2_from_pypi.py` (see `.ci/smollm2.sh`).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use anneal_stages::model::{GenerateOptions, Model, SaveDtype, generate};
 use burn::backend::Flex;
-use safetensors::{Dtype, SafeTensors};
+use common::{Batch, batch, fixture, json, max_diff_unpadded, reference, shared};
 use serde_json::Value;
 
 type B = Flex;
-
-fn shared() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared");
-    assert!(
-        p.join("fixtures").is_dir(),
-        "{} is missing: tests need the shared reference directory beside the checkout",
-        p.display()
-    );
-    p
-}
-
-fn fixture(name: &str) -> PathBuf {
-    shared().join("fixtures").join(name)
-}
-
-/// A reference tensor as (shape, f64 values), whatever its dtype.
-fn reference(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let d = v.data();
-            let vals: Vec<f64> = match v.dtype() {
-                Dtype::F32 => d
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::I64 => d
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::I32 => d
-                    .chunks_exact(4)
-                    .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                other => panic!("unexpected dtype {other:?} for {name}"),
-            };
-            (name, (v.shape().to_vec(), vals))
-        })
-        .collect()
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-struct Batch {
-    ids: Vec<Vec<u32>>,
-    mask: Vec<Vec<bool>>,
-    labels: Vec<Vec<i64>>,
-}
-
-fn batch(r: &BTreeMap<String, (Vec<usize>, Vec<f64>)>) -> Batch {
-    let (shape, ids) = &r["input_ids"];
-    let (b, t) = (shape[0], shape[1]);
-    let rows = |v: &Vec<f64>| -> Vec<Vec<f64>> {
-        (0..b).map(|i| v[i * t..(i + 1) * t].to_vec()).collect()
-    };
-    Batch {
-        ids: rows(ids)
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x as u32).collect())
-            .collect(),
-        mask: rows(&r["attention_mask"].1)
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x != 0.0).collect())
-            .collect(),
-        labels: rows(&r["labels"].1)
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x as i64).collect())
-            .collect(),
-    }
-}
 
 fn logits_of(model: &Model<B>, b: &Batch) -> Vec<f32> {
     model
@@ -107,21 +34,8 @@ fn check_fixture(name: &str) {
     let (t, v) = (shape[1], shape[2]);
     let got = logits_of(&model, &b);
     assert_eq!(got.len(), want.len());
-    let mut worst = 0f64;
-    let mut compared = 0;
-    for (bi, row) in b.mask.iter().enumerate() {
-        for (ti, &m) in row.iter().enumerate() {
-            if !m {
-                continue;
-            }
-            let off = (bi * t + ti) * v;
-            for k in 0..v {
-                worst = worst.max((got[off + k] as f64 - want[off + k]).abs());
-            }
-            compared += 1;
-        }
-    }
-    assert!(compared > 0);
+    let worst = max_diff_unpadded(&got, want, &b.mask, t, v);
+    let compared: usize = b.mask.iter().flatten().filter(|m| **m).count();
     eprintln!("{name}: max |logit diff| {worst:e} over {compared} positions");
     assert!(worst <= 1e-4, "{name}: max |logit diff| {worst:e} > 1e-4");
 

@@ -1,23 +1,19 @@
 //! One optimisation step against PyTorch on the tiny fixtures: full fine-tuning
 //! (AdamW, decay groups, global-norm clipping) and LoRA from a PEFT adapter.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anneal_stages::model::lora;
 use anneal_stages::model::optim::{AdamW, AdamWConfig, Grads};
 use anneal_stages::model::{CausalLm, Model};
 use burn::backend::{Autodiff, Flex};
-use safetensors::{Dtype, SafeTensors};
+use common::{Batch, batch, fixture, json, max_diff_unpadded};
 use serde_json::Value;
 
 type AB = Autodiff<Flex>;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures")
-        .join(name)
-}
 
 struct Ref {
     json: Value,
@@ -25,54 +21,10 @@ struct Ref {
 }
 
 fn reference(dir: &Path) -> Ref {
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let d = v.data();
-            let vals: Vec<f64> = match v.dtype() {
-                Dtype::F32 => d
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::I64 => d
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                other => panic!("{name}: {other:?}"),
-            };
-            (name, (v.shape().to_vec(), vals))
-        })
-        .collect();
-    let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-        .unwrap();
-    Ref { json, tensors }
-}
-
-type Batch = (Vec<Vec<u32>>, Vec<Vec<bool>>, Vec<Vec<i64>>);
-
-fn batch(r: &Ref) -> Batch {
-    let (shape, ids) = &r.tensors["input_ids"];
-    let (b, t) = (shape[0], shape[1]);
-    let rows = |v: &Vec<f64>| -> Vec<Vec<f64>> {
-        (0..b).map(|i| v[i * t..(i + 1) * t].to_vec()).collect()
-    };
-    (
-        rows(ids)
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x as u32).collect())
-            .collect(),
-        rows(&r.tensors["attention_mask"].1)
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x != 0.0).collect())
-            .collect(),
-        rows(&r.tensors["labels"].1)
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x as i64).collect())
-            .collect(),
-    )
+    Ref {
+        json: json(&dir.join("reference.json")),
+        tensors: common::reference(dir),
+    }
 }
 
 fn rel(a: f64, b: f64) -> f64 {
@@ -80,16 +32,16 @@ fn rel(a: f64, b: f64) -> f64 {
 }
 
 fn loss_of(net: &CausalLm<AB>, b: &Batch) -> f64 {
-    net.loss(&b.0, &b.1, &b.2).0.into_scalar() as f64
+    net.loss(&b.ids, &b.mask, &b.labels).0.into_scalar() as f64
 }
 
 fn full_step(name: &str) {
     let dir = fixture(name);
     let r = reference(&dir);
     let ts = &r.json["train_step"];
-    let b = batch(&r);
+    let b = batch(&r.tensors);
     let model = Model::<AB>::load(&dir, &Default::default()).unwrap();
-    let (loss, _) = model.net.loss(&b.0, &b.1, &b.2);
+    let (loss, _) = model.net.loss(&b.ids, &b.mask, &b.labels);
     let before = loss.clone().into_scalar() as f64;
     assert!(
         rel(before, ts["loss_before"].as_f64().unwrap()) < 1e-4,
@@ -164,33 +116,23 @@ fn full_step(name: &str) {
 fn lora_step(name: &str) {
     let dir = fixture(name);
     let r = reference(&dir);
-    let b = batch(&r);
+    let b = batch(&r.tensors);
     let model = Model::<AB>::load(&dir, &Default::default()).unwrap();
     let (net, cfg) = lora::load_adapter(model.net, &dir.join("lora-init")).unwrap();
     assert_eq!((cfg.r, cfg.alpha, cfg.targets.len()), (4, 8.0, 7));
     // Logits with the adapter.
     let logits: Vec<f32> = net
-        .logits(&b.0, &b.1)
+        .logits(&b.ids, &b.mask)
         .into_data()
         .convert::<f32>()
         .into_vec()
         .unwrap();
     let (shape, want) = &r.tensors["lora_logits"];
     let (t, v) = (shape[1], shape[2]);
-    let mut worst = 0f64;
-    for (bi, row) in b.1.iter().enumerate() {
-        for (ti, m) in row.iter().enumerate() {
-            if *m {
-                let off = (bi * t + ti) * v;
-                for k in 0..v {
-                    worst = worst.max((logits[off + k] as f64 - want[off + k]).abs());
-                }
-            }
-        }
-    }
+    let worst = max_diff_unpadded(&logits, want, &b.mask, t, v);
     assert!(worst <= 1e-4, "{name}: lora logits differ by {worst:e}");
     let ls = &r.json["lora_train_step"];
-    let (loss, _) = net.loss(&b.0, &b.1, &b.2);
+    let (loss, _) = net.loss(&b.ids, &b.mask, &b.labels);
     let before = loss.clone().into_scalar() as f64;
     assert!(
         rel(before, r.json["lora_loss"].as_f64().unwrap()) < 1e-5,
@@ -260,13 +202,13 @@ fn lora_step(name: &str) {
     let (again, cfg2) = lora::load_adapter(base.net, out.path()).unwrap();
     assert_eq!(cfg2, cfg);
     let l1: Vec<f32> = net
-        .logits(&b.0, &b.1)
+        .logits(&b.ids, &b.mask)
         .into_data()
         .convert::<f32>()
         .into_vec()
         .unwrap();
     let l2: Vec<f32> = again
-        .logits(&b.0, &b.1)
+        .logits(&b.ids, &b.mask)
         .into_data()
         .convert::<f32>()
         .into_vec()
@@ -275,7 +217,7 @@ fn lora_step(name: &str) {
     // Merged into the base weights: the same function without adapters.
     let merged = lora::merge(again);
     let l3: Vec<f32> = merged
-        .logits(&b.0, &b.1)
+        .logits(&b.ids, &b.mask)
         .into_data()
         .convert::<f32>()
         .into_vec()
