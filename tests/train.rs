@@ -56,6 +56,7 @@ stages:
       save_steps: SAVE
       cutoff_len: 160
       eval_steps: 3
+      detailed_metrics: true
     outs: {model: work/phase1/, metrics: work/phase1.jsonl}
   phase2:
     kind: train
@@ -108,6 +109,24 @@ fn phases_train_chain_and_cache() {
     }
     assert_eq!(m[0]["lr"], 0.0, "warmup starts at 0");
     assert!(m[2]["eval_loss"].is_number() && m[5]["eval_ppl"].is_number());
+    // detailed_metrics: per-class statistics on the step's batch and on validation.
+    let d = &m[0]["train_detail"];
+    assert_eq!(d["all"]["tokens"], m[0]["tokens"], "{d}");
+    assert_eq!(
+        d["reasoning"]["tokens"], d["all"]["tokens"],
+        "no tool calls in this data"
+    );
+    assert!(d["tool_call"].is_null());
+    let top = |k: &str| d["all"][k].as_f64().unwrap();
+    assert!(0.0 < top("top1") && top("top1") <= top("top2") && top("top5") <= top("top10"));
+    assert!(top("top10") <= 1.0 + 1e-6 && top("entropy_bits") <= 1.0);
+    // Before the update, the batch's loss equals the step's loss.
+    assert!(
+        (top("loss") - m[0]["loss"].as_f64().unwrap()).abs() < 1e-4,
+        "{d}"
+    );
+    let e = &m[2]["eval_detail"]["all"];
+    assert!((e["loss"].as_f64().unwrap() - m[2]["eval_loss"].as_f64().unwrap()).abs() < 1e-4);
     let (first, last) = (
         m[0]["loss"].as_f64().unwrap(),
         m[5]["loss"].as_f64().unwrap(),

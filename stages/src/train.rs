@@ -3,6 +3,7 @@
 //! directory, with LLaMA-Factory / HF TrainingArguments parameter names.
 
 pub mod data;
+pub mod stats;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -149,6 +150,10 @@ pub struct Params {
     /// `all`, `reasoning` or `tool_calls`.
     #[serde(default)]
     pub train_on: TrainOn,
+    /// Also log entropy, perplexity and top-k probabilities, overall and per
+    /// token class, on each step's batch and on the validation set.
+    #[serde(default)]
+    pub detailed_metrics: bool,
     /// Pack short samples (not supported yet).
     #[serde(default)]
     pub packing: bool,
@@ -466,7 +471,7 @@ fn load_samples(
 }
 
 /// Right-padded ids, mask and labels of `samples`.
-type Padded = (Vec<Vec<u32>>, Vec<Vec<bool>>, Vec<Vec<i64>>);
+pub(crate) type Padded = (Vec<Vec<u32>>, Vec<Vec<bool>>, Vec<Vec<i64>>);
 
 fn pad(samples: &[&Sample], pad_id: u32) -> Padded {
     let t = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
@@ -636,6 +641,7 @@ impl OnDevice for Job<'_> {
         let mut trained_tokens = 0usize;
         let eval_every = p.eval_steps.unwrap_or(u64::MAX);
         let mut last_eval = None;
+        let loop_started = Instant::now();
         for step in start..total {
             let t0 = Instant::now();
             // Samples of this step: a stream over epochs, each epoch its own shuffle.
@@ -650,6 +656,14 @@ impl OnDevice for Job<'_> {
                 picked.push(&train[order[(pos % n as u64) as usize] as usize]);
             }
             let total_tokens: usize = picked.iter().map(|s| counted(s)).sum();
+            let train_detail = p.detailed_metrics.then(|| {
+                let inner = net.valid();
+                let mut st = stats::Stats::default();
+                for micro in picked.chunks(p.per_device_train_batch_size) {
+                    st.add_batch(&inner, micro, &pad(micro, pad_id));
+                }
+                st.to_json()
+            });
             let mut grads = Grads::<B::InnerBackend>::default();
             let mut loss_sum = 0.0;
             for micro in picked.chunks(p.per_device_train_batch_size) {
@@ -687,14 +701,28 @@ impl OnDevice for Job<'_> {
                 let (vl, _) = evaluate(&net.valid(), &val, p.per_device_train_batch_size, pad_id);
                 line["eval_loss"] = json!(vl);
                 line["eval_ppl"] = json!(vl.exp().min(1e6));
+                if p.detailed_metrics {
+                    let inner = net.valid();
+                    let mut st = stats::Stats::default();
+                    let refs: Vec<&Sample> = val.iter().collect();
+                    for chunk in refs.chunks(p.per_device_train_batch_size) {
+                        st.add_batch(&inner, chunk, &pad(chunk, pad_id));
+                    }
+                    line["eval_detail"] = st.to_json();
+                }
                 last_eval = Some(vl);
+            }
+            if let Some(d) = train_detail {
+                line["train_detail"] = d;
             }
             writeln!(metrics, "{line}")?;
             metrics.flush()?;
             ctx.progress.set_done(done);
+            let per_step_s = loop_started.elapsed().as_secs_f64() / (done - start) as f64;
             ctx.progress.message(format!(
-                "step {done}/{total} loss {loss_sum:.4} lr {lr:.2e} {:.0} tok/s",
-                total_tokens as f64 / secs.max(1e-9)
+                "step {done}/{total} loss {loss_sum:.4} lr {lr:.2e} {:.0} tok/s, ETA {}",
+                total_tokens as f64 / secs.max(1e-9),
+                eta((total - done) as f64 * per_step_s)
             ));
             if done % p.save_steps == 0 && done < total {
                 save_checkpoint(&ckpt_dir, done, &net, &config, self.base, &lora_cfg, &opt)?;
@@ -747,6 +775,16 @@ impl OnDevice for Job<'_> {
         }
         ctx.report(&report);
         Ok(())
+    }
+}
+
+/// `1h02m`, `3m05s`, `42s`.
+fn eta(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
     }
 }
 

@@ -469,6 +469,32 @@ impl<B: Backend> CausalLm<B> {
         ((lse - target_logit).mean(), n)
     }
 
+    /// Logits `[n, vocab]` at the `n` positions whose next label counts, with
+    /// those targets and their `(row, position)` (position `t` predicts `t + 1`).
+    pub fn counted_logits(
+        &self,
+        ids: &[Vec<u32>],
+        mask: &[Vec<bool>],
+        labels: &[Vec<i64>],
+    ) -> Option<(Tensor<B, 2>, Vec<i64>, Vec<(usize, usize)>)> {
+        let device = self.embed_tokens.device();
+        let pos = self.positions(&arange_rows(ids), mask, &device);
+        let hidden = self.forward_hidden(Self::ids_tensor(ids, &device), &pos, None);
+        let [b, t, d] = hidden.dims();
+        let (rows, targets) = shifted_targets(labels, t);
+        let n = rows.len();
+        if n == 0 {
+            return None;
+        }
+        let at = rows
+            .iter()
+            .map(|&r| (r as usize / t, r as usize % t))
+            .collect();
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
+        let picked = hidden.reshape([b * t, d]).select(0, rows);
+        Some((self.lm_head(picked), targets, at))
+    }
+
     /// Builds the module from HF-named tensors; every tensor must be used.
     pub fn from_tensors(
         config: &ModelConfig,
