@@ -476,7 +476,7 @@ impl<B: Backend> CausalLm<B> {
         ids: &[Vec<u32>],
         mask: &[Vec<bool>],
         labels: &[Vec<i64>],
-    ) -> Option<(Tensor<B, 2>, Vec<i64>, Vec<(usize, usize)>)> {
+    ) -> Option<CountedLogits<B>> {
         let device = self.embed_tokens.device();
         let pos = self.positions(&arange_rows(ids), mask, &device);
         let hidden = self.forward_hidden(Self::ids_tensor(ids, &device), &pos, None);
@@ -676,6 +676,9 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 }
+
+/// Logits at counted positions, their targets, and `(row, position)` of each.
+pub type CountedLogits<B> = (Tensor<B, 2>, Vec<i64>, Vec<(usize, usize)>);
 
 /// `(flat row index b * t + i, target)` for every position whose next label counts.
 pub fn shifted_targets(labels: &[Vec<i64>], t: usize) -> (Vec<i64>, Vec<i64>) {
