@@ -3,6 +3,7 @@
 //! directory, with LLaMA-Factory / HF TrainingArguments parameter names.
 
 pub mod data;
+pub mod plot;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -355,6 +356,11 @@ const OUTPUTS: &[KeySpec] = &[
         name: "metrics",
         required: false,
         doc: "per-step metrics (.jsonl)",
+    },
+    KeySpec {
+        name: "plot",
+        required: false,
+        doc: "the loss curve, training and validation (.png)",
     },
 ];
 
@@ -758,6 +764,20 @@ impl OnDevice for Job<'_> {
         if let Some(m) = ctx.output("metrics") {
             std::fs::copy(&metrics_path, &m)
                 .with_context(|| format!("cannot write {}", m.display()))?;
+        }
+        if let Some(png) = ctx.output("plot") {
+            let (mut tr, mut ev) = (Vec::new(), Vec::new());
+            for l in std::fs::read_to_string(&metrics_path)?.lines() {
+                let v: Value = serde_json::from_str(l)?;
+                let step = v["step"].as_f64().unwrap_or(0.0);
+                if let Some(x) = v["loss"].as_f64() {
+                    tr.push((step, x));
+                }
+                if let Some(x) = v["eval_loss"].as_f64() {
+                    ev.push((step, x));
+                }
+            }
+            plot::loss_png(&png, &tr, &ev)?;
         }
         let mut report = json!({
             "steps": total,
