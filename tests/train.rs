@@ -57,7 +57,7 @@ stages:
       cutoff_len: 160
       eval_steps: 3
       detailed_metrics: true
-    outs: {model: work/phase1/, metrics: work/phase1.jsonl, plot: work/phase1_loss.png}
+    outs: {model: work/phase1/, metrics: work/phase1.jsonl, plot: work/phase1_loss.png, checkpoints: work/phase1_ckpt/}
   phase2:
     kind: train
     deps:

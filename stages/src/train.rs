@@ -358,6 +358,11 @@ const OUTPUTS: &[KeySpec] = &[
         doc: "per-step metrics (.jsonl)",
     },
     KeySpec {
+        name: "checkpoints",
+        required: false,
+        doc: "a directory with global_step_N/ per kept checkpoint and the final model (HF or PEFT)",
+    },
+    KeySpec {
         name: "plot",
         required: false,
         doc: "the loss curve, training and validation (.png)",
@@ -765,6 +770,19 @@ impl OnDevice for Job<'_> {
             std::fs::copy(&metrics_path, &m)
                 .with_context(|| format!("cannot write {}", m.display()))?;
         }
+        if let Some(dir) = ctx.output("checkpoints") {
+            std::fs::create_dir_all(&dir)?;
+            for e in std::fs::read_dir(&ckpt_dir)?.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("global_step_") && e.path().join("state.json").is_file() {
+                    copy_dir(&e.path().join("model"), &dir.join(&name))?;
+                }
+            }
+            let last = dir.join(format!("global_step_{total}"));
+            if !last.exists() {
+                copy_dir(self.out, &last)?;
+            }
+        }
         if let Some(png) = ctx.output("plot") {
             let (mut tr, mut ev) = (Vec::new(), Vec::new());
             for l in std::fs::read_to_string(&metrics_path)?.lines() {
@@ -796,6 +814,23 @@ impl OnDevice for Job<'_> {
         ctx.report(&report);
         Ok(())
     }
+}
+
+/// Copies the files of `from` (recursively) into `to`.
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for e in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+        let e = e?;
+        let dst = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &dst)?;
+        } else {
+            std::fs::copy(e.path(), &dst).with_context(|| {
+                format!("cannot copy {} to {}", e.path().display(), dst.display())
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// `1h02m`, `3m05s`, `42s`.
