@@ -66,6 +66,7 @@ stages:
     params:
       finetuning_type: lora
       lora_rank: 4
+      lora_dropout: 0.05
       lora_target: all
       merge_lora: true
       learning_rate: 2.0e-3

@@ -67,7 +67,7 @@ pub struct Params {
     pub lora_rank: usize,
     /// LoRA alpha (default: twice the rank).
     pub lora_alpha: Option<f64>,
-    /// LoRA dropout (only 0 is supported).
+    /// LoRA dropout on the adapters' input (seeded per step, so resumes match).
     #[serde(default)]
     pub lora_dropout: f64,
     /// Projections with adapters: `all`, a comma-separated string or a list.
@@ -241,11 +241,8 @@ impl Validate for Params {
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return Err(err("warmup_ratio", "warmup_ratio must be in [0, 1)"));
         }
-        if self.lora_dropout != 0.0 {
-            return Err(err(
-                "lora_dropout",
-                "lora_dropout > 0 is not supported yet; set it to 0",
-            ));
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(err("lora_dropout", "lora_dropout must be in [0, 1)"));
         }
         if self.packing {
             return Err(err(
@@ -677,7 +674,12 @@ impl OnDevice for Job<'_> {
             });
             let mut grads = Grads::<B::InnerBackend>::default();
             let mut loss_sum = 0.0;
-            for micro in picked.chunks(p.per_device_train_batch_size) {
+            for (m, micro) in picked.chunks(p.per_device_train_batch_size).enumerate() {
+                // Dropout masks depend only on (seed, step, micro-batch).
+                B::seed(
+                    &device,
+                    p.seed ^ (step.wrapping_mul(1_000_003) + m as u64).wrapping_mul(0x9E37_79B9),
+                );
                 let (ids, mask, labels) = pad(micro, pad_id);
                 let (loss, k) = net.loss(&ids, &mask, &labels);
                 if k == 0 {

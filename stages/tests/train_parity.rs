@@ -249,3 +249,41 @@ fn qwen2_lora_step_matches_peft() {
 fn llama_lora_step_matches_peft() {
     lora_step("tiny-llama");
 }
+
+#[test]
+fn lora_dropout_is_seeded_and_off_in_eval() {
+    use burn::module::AutodiffModule;
+    use burn::tensor::backend::Backend;
+    let dir = fixture("tiny-llama");
+    let r = reference(&dir);
+    let b = batch(&r.tensors);
+    let model = Model::<AB>::load(&dir, &Default::default()).unwrap();
+    let mut cfg = lora::LoraConfig::from_peft_dir(&dir.join("lora-init")).unwrap();
+    cfg.dropout = 0.3;
+    let (net, _) = lora::load_adapter(model.net, &dir.join("lora-init")).unwrap();
+    // Re-attach the same factors with dropout.
+    let tmp = tempfile::tempdir().unwrap();
+    lora::save_adapter(&net, &cfg, None, tmp.path()).unwrap();
+    let base = Model::<AB>::load(&dir, &Default::default()).unwrap();
+    let (drop_net, got) = lora::load_adapter(base.net, tmp.path()).unwrap();
+    assert_eq!(got.dropout, 0.3);
+    let device = Default::default();
+    let train_loss = |seed| {
+        AB::seed(&device, seed);
+        loss_of(&drop_net, &b)
+    };
+    let (a, a2, c) = (train_loss(1), train_loss(1), train_loss(2));
+    assert_eq!(a, a2, "same seed, same masks");
+    assert_ne!(a, c, "another seed, other masks");
+    let plain = loss_of(&net, &b);
+    assert_ne!(a, plain, "dropout is active while training");
+    let eval = drop_net
+        .valid()
+        .loss(&b.ids, &b.mask, &b.labels)
+        .0
+        .into_scalar() as f64;
+    assert!(
+        rel(eval, plain) < 1e-6,
+        "no dropout in eval: {eval} vs {plain}"
+    );
+}

@@ -13,7 +13,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, embedding, linear};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 
 use super::config::{Arch, ModelConfig};
 use super::weights::HostTensor;
@@ -39,6 +39,8 @@ pub struct LoraAdapter<B: Backend> {
     pub lora_b: Param<Tensor<B, 2>>,
     /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
     pub scaling: f64,
+    /// Dropout on the adapter's input while gradients are tracked (training).
+    pub dropout: f64,
 }
 
 impl<B: Backend> Linear<B> {
@@ -47,7 +49,18 @@ impl<B: Backend> Linear<B> {
         match &self.lora {
             None => project(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())),
             Some(l) => {
-                let down = project(x.clone(), l.lora_a.val(), None);
+                let device = x.device();
+                let xa = if l.dropout > 0.0 && B::ad_enabled(&device) {
+                    let keep = Tensor::<B, D>::random(
+                        x.shape(),
+                        Distribution::Bernoulli(1.0 - l.dropout),
+                        &device,
+                    );
+                    x.clone() * keep.div_scalar(1.0 - l.dropout)
+                } else {
+                    x.clone()
+                };
+                let down = project(xa, l.lora_a.val(), None);
                 let up = project(down, l.lora_b.val(), None).mul_scalar(l.scaling);
                 project(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())) + up
             }

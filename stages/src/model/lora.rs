@@ -215,6 +215,7 @@ pub fn attach<B: Backend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) -> Caus
             lora_a: param2(a, &device),
             lora_b: param2(b, &device),
             scaling: cfg.scaling(),
+            dropout: cfg.dropout,
         });
     }
     net
@@ -257,6 +258,7 @@ pub fn load_adapter<B: Backend>(
             lora_a: param2(a, &device),
             lora_b: param2(b, &device),
             scaling: cfg.scaling(),
+            dropout: cfg.dropout,
         });
     }
     if let Some(k) = tensors.keys().next() {
