@@ -255,3 +255,40 @@ fn killed_training_resumes_to_the_same_weights() {
     };
     assert_eq!(losses(&a), losses(&b));
 }
+
+#[test]
+fn packing_trains_the_same_function_with_less_padding() {
+    let losses = |packing: bool| {
+        let p = Project::new();
+        write_data(&p);
+        let yaml = pipeline("tiny", 4, 100)
+            .replace(
+                "      detailed_metrics: true\n",
+                &format!("      detailed_metrics: false\n      packing: {packing}\n"),
+            )
+            .replacen("cutoff_len: 160", "cutoff_len: 1024", 1);
+        p.write("sft.yaml", &yaml);
+        p.run_ok("sft.yaml", &["--stage", "phase1"]);
+        metrics(&p, "work/phase1.jsonl")
+    };
+    let (plain, packed) = (losses(false), losses(true));
+    for (a, b) in plain.iter().zip(&packed) {
+        for k in ["loss", "grad_norm", "eval_loss"] {
+            if let (Some(x), Some(y)) = (a[k].as_f64(), b[k].as_f64()) {
+                assert!(
+                    ((x - y) / x).abs() < 1e-4,
+                    "step {}: {k} {x} vs {y}",
+                    a["step"]
+                );
+            }
+        }
+        assert_eq!(a["tokens"], b["tokens"]);
+    }
+    let rows = |m: &[Value]| m.iter().map(|x| x["rows"].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(rows(&plain), 16, "4 steps of 4 samples");
+    assert!(
+        rows(&packed) < 12,
+        "packing put several samples in a row: {}",
+        rows(&packed)
+    );
+}

@@ -155,7 +155,9 @@ pub struct Params {
     /// token class, on each step's batch and on the validation set.
     #[serde(default)]
     pub detailed_metrics: bool,
-    /// Pack short samples (not supported yet).
+    /// Pack each step's samples into rows of up to `cutoff_len` tokens
+    /// (first fit, in order); attention and positions stay within each sample,
+    /// so the result equals unpacked training with less padding.
     #[serde(default)]
     pub packing: bool,
     /// `fail` (default) or `skip` on a row that cannot be used.
@@ -243,12 +245,6 @@ impl Validate for Params {
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(err("lora_dropout", "lora_dropout must be in [0, 1)"));
-        }
-        if self.packing {
-            return Err(err(
-                "packing",
-                "packing is not supported yet; set it to false",
-            ));
         }
         if self.bf16 {
             return Err(err(
@@ -501,6 +497,49 @@ fn pad(samples: &[&Sample], pad_id: u32) -> Padded {
     (ids, mask, labels)
 }
 
+/// A packed row: ids, the sample index of each token, labels.
+type PackedRow = (Vec<u32>, Vec<u32>, Vec<i64>);
+
+/// First-fit packing of `samples` (in order) into rows of at most `max_len` tokens.
+/// The first label of each sample is -100 so nothing is predicted across samples.
+fn pack(samples: &[&Sample], max_len: usize) -> Vec<PackedRow> {
+    let mut rows: Vec<PackedRow> = Vec::new();
+    for (k, s) in samples.iter().enumerate() {
+        let n = s.ids.len();
+        let row = match rows.iter().position(|r| r.0.len() + n <= max_len) {
+            Some(i) => i,
+            None => {
+                rows.push((Vec::new(), Vec::new(), Vec::new()));
+                rows.len() - 1
+            }
+        };
+        let r = &mut rows[row];
+        r.0.extend_from_slice(&s.ids);
+        r.1.extend(std::iter::repeat_n(k as u32, n));
+        r.2.push(-100);
+        r.2.extend_from_slice(&s.labels[1..]);
+    }
+    rows
+}
+
+/// Right-pads packed rows; padding gets its own segment id.
+fn pad_packed(rows: &[PackedRow], pad_id: u32) -> (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<i64>>) {
+    let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for (ids, segs, labels) in rows {
+        let mut i = ids.clone();
+        i.resize(t, pad_id);
+        let mut s = segs.clone();
+        s.resize(t, u32::MAX);
+        let mut l = labels.clone();
+        l.resize(t, -100);
+        out.0.push(i);
+        out.1.push(s);
+        out.2.push(l);
+    }
+    out
+}
+
 fn counted(s: &Sample) -> usize {
     s.labels.iter().skip(1).filter(|&&l| l != -100).count()
 }
@@ -674,14 +713,27 @@ impl OnDevice for Job<'_> {
             });
             let mut grads = Grads::<B::InnerBackend>::default();
             let mut loss_sum = 0.0;
-            for (m, micro) in picked.chunks(p.per_device_train_batch_size).enumerate() {
+            let packed = p.packing.then(|| pack(&picked, p.cutoff_len));
+            let bs = p.per_device_train_batch_size;
+            let micros = packed.as_ref().map_or(picked.len(), Vec::len).div_ceil(bs);
+            for m in 0..micros {
                 // Dropout masks depend only on (seed, step, micro-batch).
                 B::seed(
                     &device,
                     p.seed ^ (step.wrapping_mul(1_000_003) + m as u64).wrapping_mul(0x9E37_79B9),
                 );
-                let (ids, mask, labels) = pad(micro, pad_id);
-                let (loss, k) = net.loss(&ids, &mask, &labels);
+                let (loss, k) = match &packed {
+                    Some(rows) => {
+                        let chunk = &rows[m * bs..((m + 1) * bs).min(rows.len())];
+                        let (ids, segs, labels) = pad_packed(chunk, pad_id);
+                        net.loss_packed(&ids, &segs, &labels)
+                    }
+                    None => {
+                        let micro = &picked[m * bs..((m + 1) * bs).min(picked.len())];
+                        let (ids, mask, labels) = pad(micro, pad_id);
+                        net.loss(&ids, &mask, &labels)
+                    }
+                };
                 if k == 0 {
                     continue;
                 }
@@ -708,6 +760,7 @@ impl OnDevice for Job<'_> {
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens": total_tokens,
+                "rows": packed.as_ref().map_or(picked.len(), Vec::len),
                 "tokens_per_s": total_tokens as f64 / secs.max(1e-9),
             });
             if !val.is_empty() && (done % eval_every == 0 || done == total) {

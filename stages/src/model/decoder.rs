@@ -352,10 +352,50 @@ impl<B: Backend> CausalLm<B> {
         key_valid: &[Vec<bool>],
         device: &B::Device,
     ) -> Positions<B> {
-        let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
         let s = key_valid.first().map_or(0, Vec::len);
         let past = s - t;
+        self.build_positions(positions, s, device, |b, i, j| {
+            let q = past + i;
+            j == q || (j < q && key_valid[b][j])
+        })
+    }
+
+    /// Rotary tables and mask for packed rows: `segments[b][t]` names the
+    /// sample each token belongs to; tokens attend only within their sample,
+    /// causally, and positions restart at 0 for each sample. Padding gets a
+    /// segment of its own (any id not used by a sample).
+    pub fn positions_packed(&self, segments: &[Vec<u32>], device: &B::Device) -> Positions<B> {
+        let t = segments.first().map_or(0, Vec::len);
+        let positions: Vec<Vec<usize>> = segments
+            .iter()
+            .map(|row| {
+                let mut out = Vec::with_capacity(row.len());
+                for (i, seg) in row.iter().enumerate() {
+                    let p = if i > 0 && row[i - 1] == *seg {
+                        out[i - 1] + 1
+                    } else {
+                        0
+                    };
+                    out.push(p);
+                }
+                out
+            })
+            .collect();
+        self.build_positions(&positions, t, device, |b, i, j| {
+            j <= i && segments[b][j] == segments[b][i]
+        })
+    }
+
+    fn build_positions(
+        &self,
+        positions: &[Vec<usize>],
+        keys: usize,
+        device: &B::Device,
+        allowed: impl Fn(usize, usize, usize) -> bool,
+    ) -> Positions<B> {
+        let b = positions.len();
+        let t = positions.first().map_or(0, Vec::len);
         let hd = self.head_dim();
         let inv = self.inv_freq(hd);
         let mut cos = Vec::with_capacity(b * t * hd);
@@ -370,18 +410,32 @@ impl<B: Backend> CausalLm<B> {
                 }
             }
         }
-        let mut mask = Vec::with_capacity(b * t * s);
-        for valid in key_valid {
+        let mut mask = Vec::with_capacity(b * t * keys);
+        for row in 0..b {
             for i in 0..t {
-                let q = past + i;
-                mask.extend((0..s).map(|j| !(j == q || (j < q && valid[j]))));
+                mask.extend((0..keys).map(|j| !allowed(row, i, j)));
             }
         }
         Positions {
             cos: Tensor::from_data(TensorData::new(cos, [b, 1, t, hd]), device),
             sin: Tensor::from_data(TensorData::new(sin, [b, 1, t, hd]), device),
-            mask: Tensor::from_data(TensorData::new(mask, [b, 1, t, s]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [b, 1, t, keys]), device),
         }
+    }
+
+    /// [`CausalLm::loss`] over packed rows (see [`CausalLm::positions_packed`]).
+    /// The first label of every sample must be -100, so no token predicts
+    /// across a sample boundary.
+    pub fn loss_packed(
+        &self,
+        ids: &[Vec<u32>],
+        segments: &[Vec<u32>],
+        labels: &[Vec<i64>],
+    ) -> (Tensor<B, 1>, usize) {
+        let device = self.embed_tokens.device();
+        let pos = self.positions_packed(segments, &device);
+        let hidden = self.forward_hidden(Self::ids_tensor(ids, &device), &pos, None);
+        self.loss_from_hidden(hidden, labels)
     }
 
     /// Final hidden states `[batch, seq, hidden]` (after the last norm).
