@@ -522,8 +522,11 @@ fn pack(samples: &[&Sample], max_len: usize) -> Vec<PackedRow> {
     rows
 }
 
+/// Right-padded packed rows: ids, segment ids, labels.
+type PackedBatch = (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<i64>>);
+
 /// Right-pads packed rows; padding gets its own segment id.
-fn pad_packed(rows: &[PackedRow], pad_id: u32) -> (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<i64>>) {
+fn pad_packed(rows: &[PackedRow], pad_id: u32) -> PackedBatch {
     let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     let mut out = (Vec::new(), Vec::new(), Vec::new());
     for (ids, segs, labels) in rows {
