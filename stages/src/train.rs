@@ -57,7 +57,9 @@ pub enum Scheduler {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
-    /// Base model directory, when not given as the `init` input.
+    /// Base model directory, when not given as the `init` input. Only this
+    /// path is part of the stage key, not the files in it: prefer `init`, whose
+    /// content is hashed, so a changed model reruns the stage.
     pub model_name_or_path: Option<String>,
     /// `full` or `lora` (default).
     #[serde(default = "default_ft")]
