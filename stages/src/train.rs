@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use burn::module::AutodiffModule;
+use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -133,19 +134,19 @@ pub struct Params {
     /// Evaluate on `val` every N steps (and at the end).
     pub eval_steps: Option<u64>,
     /// Key of verl prompt messages.
-    #[serde(default = "default_prompt_key")]
+    #[serde(default = "data::default_prompt_key")]
     pub prompt_key: String,
     /// Key of the verl response (`extra_info.<key>` or `<key>`).
-    #[serde(default = "default_response_key")]
+    #[serde(default = "data::default_response_key")]
     pub response_key: String,
     /// Key of multi-turn messages.
-    #[serde(default = "default_messages_key")]
+    #[serde(default = "data::default_messages_key")]
     pub messages_key: String,
     /// Train on prompt tokens too.
     #[serde(default)]
     pub train_on_prompt: bool,
     /// Longest sample in tokens.
-    #[serde(default = "default_cutoff")]
+    #[serde(default = "data::default_cutoff")]
     pub cutoff_len: usize,
     /// `right` (default) or `left`.
     #[serde(default)]
@@ -206,19 +207,6 @@ fn default_seed() -> u64 {
 fn default_save() -> u64 {
     500
 }
-fn default_prompt_key() -> String {
-    "prompt".into()
-}
-fn default_response_key() -> String {
-    "answer".into()
-}
-fn default_messages_key() -> String {
-    "messages".into()
-}
-fn default_cutoff() -> usize {
-    2048
-}
-
 fn err(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         key: format!("params.{key}"),
@@ -563,21 +551,11 @@ fn evaluate<B: burn::tensor::backend::Backend>(
         let (ids, mask, labels) = pad(&refs, pad_id);
         let (loss, k) = net.loss(&ids, &mask, &labels);
         if k > 0 {
-            sum += loss.into_scalar().elem_f64() * k as f64;
+            sum += loss.into_scalar().elem::<f64>() * k as f64;
             n += k;
         }
     }
     (if n > 0 { sum / n as f64 } else { f64::NAN }, n)
-}
-
-trait ElemF64 {
-    fn elem_f64(self) -> f64;
-}
-
-impl<E: burn::tensor::ElementConversion> ElemF64 for E {
-    fn elem_f64(self) -> f64 {
-        self.elem::<f64>()
-    }
 }
 
 /// Newest complete checkpoint in `dir` (`global_step_N` with a `state.json`).
@@ -743,7 +721,7 @@ impl OnDevice for Job<'_> {
                     continue;
                 }
                 let scaled = loss.mul_scalar(k as f64 / total_tokens as f64);
-                loss_sum += scaled.clone().into_scalar().elem_f64();
+                loss_sum += scaled.clone().into_scalar().elem::<f64>();
                 let g = scaled.backward();
                 grads.accumulate(&net, &g);
             }

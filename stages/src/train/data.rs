@@ -38,16 +38,16 @@ pub struct DataSpec {
     pub train_on: TrainOn,
 }
 
-fn default_prompt_key() -> String {
+pub(crate) fn default_prompt_key() -> String {
     "prompt".into()
 }
-fn default_response_key() -> String {
+pub(crate) fn default_response_key() -> String {
     "answer".into()
 }
-fn default_messages_key() -> String {
+pub(crate) fn default_messages_key() -> String {
     "messages".into()
 }
-fn default_cutoff() -> usize {
+pub(crate) fn default_cutoff() -> usize {
     2048
 }
 
