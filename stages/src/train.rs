@@ -120,7 +120,9 @@ pub struct Params {
     /// Seed of data order and adapter initialisation.
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// bf16 compute (CUDA only; not supported yet).
+    /// bf16 mixed precision: matmuls and attention in bf16, f32 master
+    /// weights, optimizer state and loss (torch autocast). Meant for CUDA;
+    /// on CPU it is slower than f32 and only useful to check numerics.
     #[serde(default)]
     pub bf16: bool,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -235,12 +237,6 @@ impl Validate for Params {
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(err("lora_dropout", "lora_dropout must be in [0, 1)"));
-        }
-        if self.bf16 {
-            return Err(err(
-                "bf16",
-                "bf16 training is not supported yet; training runs in f32",
-            ));
         }
         if self.save_steps == 0 {
             return Err(err("save_steps", "save_steps must be at least 1"));
@@ -661,6 +657,7 @@ impl OnDevice for Job<'_> {
             .append(true)
             .open(&metrics_path)
             .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+        net.set_bf16(p.bf16);
         ctx.progress.set_total(total);
         ctx.progress.set_done(start);
 

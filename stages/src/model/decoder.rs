@@ -13,7 +13,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, embedding, linear};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
 use super::config::{Arch, ModelConfig};
 use super::weights::HostTensor;
@@ -27,6 +27,9 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A LoRA adapter added to the output, if attached.
     pub lora: Option<LoraAdapter<B>>,
+    /// Multiply in bf16 (inputs and weights rounded, f32 out), as under
+    /// torch's bf16 autocast; the stored weights stay f32.
+    pub bf16: bool,
 }
 
 /// LoRA: `y += scaling * (x A) B`, with `A` `[in, r]` and `B` `[r, out]`
@@ -47,7 +50,12 @@ impl<B: Backend> Linear<B> {
     /// Applies the projection to the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lora {
-            None => project(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())),
+            None => project(
+                x,
+                self.weight.val(),
+                self.bias.as_ref().map(|b| b.val()),
+                self.bf16,
+            ),
             Some(l) => {
                 let device = x.device();
                 let xa = if l.dropout > 0.0 && B::ad_enabled(&device) {
@@ -60,9 +68,14 @@ impl<B: Backend> Linear<B> {
                 } else {
                     x.clone()
                 };
-                let down = project(xa, l.lora_a.val(), None);
-                let up = project(down, l.lora_b.val(), None).mul_scalar(l.scaling);
-                project(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())) + up
+                let down = project(xa, l.lora_a.val(), None, self.bf16);
+                let up = project(down, l.lora_b.val(), None, self.bf16).mul_scalar(l.scaling);
+                project(
+                    x,
+                    self.weight.val(),
+                    self.bias.as_ref().map(|b| b.val()),
+                    self.bf16,
+                ) + up
             }
         }
     }
@@ -70,11 +83,23 @@ impl<B: Backend> Linear<B> {
 
 /// `x W + b` over the last dimension as one 2-d matmul: burn's `linear` on a
 /// 3-d input runs one small matmul per batch row, re-reading `W` each time.
+/// With `bf16`, `x`, `W` and `b` are rounded to bf16 for the product and the
+/// result comes back as f32 (torch's autocast for `linear`).
 pub fn project<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
+    bf16: bool,
 ) -> Tensor<B, D> {
+    if bf16 {
+        let y = project(
+            x.cast(FloatDType::BF16),
+            weight.cast(FloatDType::BF16),
+            bias.map(|b| b.cast(FloatDType::BF16)),
+            false,
+        );
+        return y.cast(FloatDType::F32);
+    }
     let mut dims = x.dims();
     if D <= 2 {
         return linear(x, weight, bias);
@@ -120,6 +145,8 @@ pub struct Attention<B: Backend> {
     pub n_kv_heads: usize,
     /// Width of a head.
     pub head_dim: usize,
+    /// Attention scores and weighted sum in bf16 (see [`Linear::bf16`]).
+    pub bf16: bool,
 }
 
 /// SwiGLU feed-forward block.
@@ -167,6 +194,8 @@ pub struct CausalLm<B: Backend> {
     pub rope_high_freq_factor: f64,
     /// Llama 3 `original_max_position_embeddings`.
     pub rope_original_max: f64,
+    /// Tied LM head in bf16 (see [`Linear::bf16`]).
+    pub bf16: bool,
 }
 
 /// Keys and values of every layer for the positions seen so far.
@@ -267,8 +296,14 @@ impl<B: Backend> Attention<B> {
                 .expand([b, kvh, rep, t, s])
                 .reshape([b, kvh, rep * t, s])
         };
-        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
-            .reshape([b, h, t, hd]);
+        let out = if self.bf16 {
+            let [q, k, v] = [q, k, v].map(|x| x.cast(FloatDType::BF16));
+            attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+                .cast(FloatDType::F32)
+        } else {
+            attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+        }
+        .reshape([b, h, t, hd]);
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
     }
@@ -438,6 +473,31 @@ impl<B: Backend> CausalLm<B> {
         self.loss_from_hidden(hidden, labels)
     }
 
+    /// Switches bf16 mixed precision on or off: matmuls and attention compute
+    /// in bf16 while weights, norms, softmax statistics and the loss stay f32,
+    /// as under `torch.autocast(dtype=torch.bfloat16)` with f32 master weights.
+    pub fn set_bf16(&mut self, on: bool) {
+        self.bf16 = on;
+        if let Some(head) = &mut self.lm_head {
+            head.bf16 = on;
+        }
+        for layer in &mut self.layers {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            a.bf16 = on;
+            for lin in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                lin.bf16 = on;
+            }
+        }
+    }
+
     /// Final hidden states `[batch, seq, hidden]` (after the last norm).
     pub fn forward_hidden(
         &self,
@@ -457,7 +517,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn lm_head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => project(hidden, self.embed_tokens.val().transpose(), None),
+            None => project(hidden, self.embed_tokens.val().transpose(), None, self.bf16),
         }
     }
 
@@ -602,6 +662,7 @@ impl<B: Backend> CausalLm<B> {
                 weight: p2(w),
                 bias: b,
                 lora: None,
+                bf16: false,
             })
         };
         let embed = take("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
@@ -646,6 +707,7 @@ impl<B: Backend> CausalLm<B> {
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: hd,
+                bf16: false,
             };
             let mlp = Mlp {
                 gate_proj: lin(&mut take, &format!("{p}.mlp.gate_proj"), hidden, inter, mb)?,
@@ -693,6 +755,7 @@ impl<B: Backend> CausalLm<B> {
             rope_low_freq_factor: scaling.map_or(0.0, |s| s.low_freq_factor),
             rope_high_freq_factor: scaling.map_or(0.0, |s| s.high_freq_factor),
             rope_original_max: scaling.map_or(0.0, |s| s.original_max_position_embeddings),
+            bf16: false,
         })
     }
 
