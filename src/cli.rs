@@ -113,6 +113,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare the metrics stages wrote (e.g. evaluations of phase 1, 2, 3), with deltas.
+    Metrics {
+        #[command(flatten)]
+        /// Pipeline.
+        pipeline: PipelineArgs,
+        /// Stages to compare, in this order (a fan-out's base name selects every
+        /// instance) [default: every stage with a `metrics` output ending in .json].
+        #[arg(long = "stage", short = 's', value_name = "STAGE")]
+        stages: Vec<String>,
+        /// Deltas are against this stage [default: the first one].
+        #[arg(long, value_name = "STAGE")]
+        baseline: Option<String>,
+        /// The output holding each stage's metrics.
+        #[arg(long, default_value = "metrics", value_name = "NAME")]
+        output: String,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove store objects no kept record points to.
     Gc {
         #[command(flatten)]

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod diag;
 pub mod exec;
 pub mod interp;
+pub mod metrics_cmd;
 pub mod model_cmd;
 pub mod pipeline;
 pub mod plan;

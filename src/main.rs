@@ -71,6 +71,13 @@ fn main() {
             mermaid,
         } => commands::dag(pipeline, *dot, *mermaid),
         Command::Status { pipeline, json } => commands::status(pipeline, *json),
+        Command::Metrics {
+            pipeline,
+            stages,
+            baseline,
+            output,
+            json,
+        } => anneal::metrics_cmd::metrics(pipeline, stages, baseline.as_deref(), output, *json),
         Command::Gc {
             pipeline,
             keep_last,

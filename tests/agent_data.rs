@@ -50,7 +50,9 @@ fn sample_pipeline_runs_end_to_end_and_parquet_reads_back_in_pyarrow() {
     let yaml = p
         .read(file)
         .replace("  max_steps: null", "  max_steps: 2")
-        .replace("  cutoff_len: 2048", "  cutoff_len: 384");
+        .replace("  cutoff_len: 2048", "  cutoff_len: 384")
+        .replace("  eval_limit: 100", "  eval_limit: 3")
+        .replace("  eval_max_tokens: 512", "  eval_max_tokens: 8");
     p.write(file, &yaml);
     let out = p.run_ok_env(file, &[], &env);
     assert!(out.iter().all(|(_, o)| o == "done"), "{out:?}");
@@ -59,6 +61,34 @@ fn sample_pipeline_runs_end_to_end_and_parquet_reads_back_in_pyarrow() {
         assert_eq!(m.lines().count(), 2, "{phase}: {m}");
         assert!(p.exists(&format!("pipelines/work/agent/{phase}/model.safetensors")));
     }
+    // Each phase evaluated; `anneal metrics` lines them up with deltas against phase 1.
+    let m = p.anneal(&[
+        "metrics",
+        file,
+        "-s",
+        "tf_phase1",
+        "-s",
+        "tf_phase2",
+        "-s",
+        "tf_phase3",
+        "--json",
+    ]);
+    assert_eq!(m.code, 0, "{m:?}");
+    let m = m.json();
+    for phase in ["tf_phase1", "tf_phase2", "tf_phase3"] {
+        let loss = m["metrics"]["loss"][phase]["value"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{phase}: {m}");
+    }
+    let d = m["metrics"]["loss"]["tf_phase3"]["delta"].as_f64().unwrap();
+    let (l1, l3) = (
+        m["metrics"]["loss"]["tf_phase1"]["value"].as_f64().unwrap(),
+        m["metrics"]["loss"]["tf_phase3"]["value"].as_f64().unwrap(),
+    );
+    assert!((d - (l3 - l1)).abs() < 1e-9);
+    let gen3: serde_json::Value =
+        serde_json::from_str(&p.read("pipelines/work/agent/eval/gen_phase3.json")).unwrap();
+    assert_eq!(gen3["examples"], 3);
+    assert!(gen3["metrics"]["format_valid"].is_number(), "{gen3}");
 
     let status = p.anneal(&["status", file, "--json"]).json();
     let report = |stage: &str| {

@@ -8,6 +8,8 @@
 
 pub mod agent_samples;
 pub mod command;
+pub mod evaluate;
+pub mod generation;
 pub mod init_model;
 mod job;
 pub mod lines;
@@ -133,6 +135,7 @@ static TRAIN_VAL_SPLIT: train_val_split::TrainValSplit = train_val_split::TrainV
 static LLM_MAP: llm_map::LlmMap = llm_map::LlmMap;
 static INIT_MODEL: init_model::InitModel = init_model::InitModel;
 static TRAIN: train::Train = train::Train;
+static EVALUATE: evaluate::Evaluate = evaluate::Evaluate;
 
 /// Every built-in kind.
 pub fn builtin_kinds() -> Vec<&'static dyn Stage> {
@@ -144,6 +147,7 @@ pub fn builtin_kinds() -> Vec<&'static dyn Stage> {
         &TRAIN_VAL_SPLIT,
         &INIT_MODEL,
         &TRAIN,
+        &EVALUATE,
     ]
 }
 

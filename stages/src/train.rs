@@ -414,28 +414,28 @@ struct Job<'a> {
 }
 
 /// Reads and tokenises every row of `path`; returns the samples and counts by outcome.
-fn load_samples(
+pub(crate) fn load_samples(
     path: &Path,
     tok: &Tokenizer,
-    p: &Params,
+    spec: &DataSpec,
+    on_error: OnError,
     counts: &mut BTreeMap<String, u64>,
     prefix: &str,
 ) -> anyhow::Result<Vec<Sample>> {
-    let spec = p.data_spec();
     let mut reader = RowReader::open(path)?;
     let mut out = Vec::new();
     let mut bump = |k: &str| *counts.entry(format!("{prefix}{k}")).or_default() += 1;
     while let Some(row) = reader.next_row() {
         let (line, row) = match row {
             Ok(r) => r,
-            Err(e) if p.on_error == OnError::Skip => {
+            Err(e) if on_error == OnError::Skip => {
                 tracing::warn!("{e}");
                 bump("skipped_malformed");
                 continue;
             }
             Err(e) => return Err(e).context("set `on_error: skip` to leave such rows out"),
         };
-        let sample = data::conversation(&row, &spec).and_then(|c| data::tokenize(tok, &c, &spec));
+        let sample = data::conversation(&row, spec).and_then(|c| data::tokenize(tok, &c, spec));
         match sample {
             Ok(s) if s.labels.iter().skip(1).all(|&l| l == -100) => {
                 bump("skipped_no_trained_tokens")
@@ -447,7 +447,7 @@ fn load_samples(
                 bump("samples");
                 out.push(s);
             }
-            Err(e) if p.on_error == OnError::Skip => {
+            Err(e) if on_error == OnError::Skip => {
                 tracing::warn!("{}:{line}: {e}", path.display());
                 bump("skipped_invalid");
             }
@@ -463,7 +463,7 @@ fn load_samples(
 /// Right-padded ids, mask and labels of `samples`.
 pub(crate) type Padded = (Vec<Vec<u32>>, Vec<Vec<bool>>, Vec<Vec<i64>>);
 
-fn pad(samples: &[&Sample], pad_id: u32) -> Padded {
+pub(crate) fn pad(samples: &[&Sample], pad_id: u32) -> Padded {
     let t = samples.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let mut ids = Vec::new();
     let mut mask = Vec::new();
@@ -579,7 +579,15 @@ impl OnDevice for Job<'_> {
         let started = Instant::now();
         let tok = Tokenizer::from_dir(self.base)?;
         let mut counts = BTreeMap::new();
-        let train = load_samples(&ctx.input("train")?, &tok, p, &mut counts, "")?;
+        let spec = p.data_spec();
+        let train = load_samples(
+            &ctx.input("train")?,
+            &tok,
+            &spec,
+            p.on_error,
+            &mut counts,
+            "",
+        )?;
         if train.is_empty() {
             bail!(
                 "no usable training samples in {}",
@@ -587,7 +595,14 @@ impl OnDevice for Job<'_> {
             );
         }
         let val = match ctx.deps.get("val") {
-            Some(_) => load_samples(&ctx.input("val")?, &tok, p, &mut counts, "val_")?,
+            Some(_) => load_samples(
+                &ctx.input("val")?,
+                &tok,
+                &spec,
+                p.on_error,
+                &mut counts,
+                "val_",
+            )?,
             None => Vec::new(),
         };
         let base = Model::<B>::load(self.base, &device)?;

@@ -18,6 +18,10 @@
 //! - `GET /v1/models`: a one-model list.
 //! - anything else: 404 with an OpenAI-style error.
 //!
+//! Scripted replies (`Config::replies`, pairs of prompt substring and reply)
+//! replace that content: the first pair whose substring the last user
+//! message contains gives the reply.
+//!
 //! Faults (`Config::faults`) are matched against the last user message by
 //! substring, in order; the first matching fault with injections left is
 //! used and its count goes down by one (atomically). Fault replies, like
@@ -87,6 +91,8 @@ pub struct Config {
     /// Keep every request body for `bodies()` (off by default: it costs a
     /// clone and memory per request).
     pub record_bodies: bool,
+    /// (substring of the last user message, reply): scripted answers.
+    pub replies: Vec<(String, String)>,
 }
 
 struct FaultState {
@@ -107,6 +113,7 @@ struct Shared {
     latency: Duration,
     require_key: Option<String>,
     record_bodies: bool,
+    replies: Vec<(String, String)>,
     faults: Vec<FaultState>,
     stats: Stats,
 }
@@ -140,6 +147,7 @@ impl MockServer {
             latency: Duration::from_millis(config.latency_ms),
             require_key: config.require_key,
             record_bodies: config.record_bodies,
+            replies: config.replies,
             faults: config
                 .faults
                 .into_iter()
@@ -465,7 +473,14 @@ async fn chat_completions(
         Some(t) => t.to_string(),
     };
     let hash = format!("{:016x}", fnv1a64(prompt.as_bytes()));
-    let reply = format!("summary:{}:{model}:{temperature}", &hash[..8]);
+    let reply = match shared
+        .replies
+        .iter()
+        .find(|(k, _)| prompt.contains(k.as_str()))
+    {
+        Some((_, r)) => r.clone(),
+        None => format!("summary:{}:{model}:{temperature}", &hash[..8]),
+    };
     let completion_tokens = 3;
     let body = json!({
         "id": format!("chatcmpl-mock-{n}"),

@@ -48,6 +48,12 @@ impl<'de> serde::Deserialize<'de> for DeviceSpec {
     }
 }
 
+impl serde::Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// CPU backend with autodiff (inference uses its inner backend).
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
 

@@ -25,6 +25,9 @@ pub struct GenerateOptions {
     /// Seed of the sampler; prompt `i` uses its own stream, so results do not
     /// depend on how prompts are batched.
     pub seed: u64,
+    /// Per-prompt seeds, overriding `seed` when not empty (one per prompt):
+    /// for callers that batch prompts in varying groups.
+    pub row_seeds: Vec<u64>,
     /// Token ids that end a sequence (kept in the output ids).
     pub eos_token_ids: Vec<u32>,
     /// Strings that end a sequence (cut from the output text).
@@ -41,6 +44,7 @@ impl Default for GenerateOptions {
             top_p: 1.0,
             top_k: 0,
             seed: 0,
+            row_seeds: Vec::new(),
             eos_token_ids: Vec::new(),
             stop: Vec::new(),
             pad_token_id: 0,
@@ -112,7 +116,10 @@ pub fn generate<B: Backend>(
     }
     let mut next_pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let mut rngs: Vec<SplitMix64> = (0..n)
-        .map(|i| SplitMix64(opts.seed ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)))
+        .map(|i| match opts.row_seeds.get(i) {
+            Some(&s) => SplitMix64(s),
+            None => SplitMix64(opts.seed ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)),
+        })
         .collect();
     let mut active: Vec<usize> = (0..n).collect();
     let mut cache = KvCache::new(net.layers.len());
