@@ -785,15 +785,26 @@ impl<'r, 'a> Loader<'r, 'a> {
                         ..Item::default()
                     })
                     .collect(),
-                RVal::Map(m) => m
-                    .into_iter()
-                    .map(|(k, it)| Item {
-                        suffix: Some(k.clone()),
-                        key: Some(k),
-                        item: Some(it),
-                        ..Item::default()
-                    })
-                    .collect(),
+                RVal::Map(m) => {
+                    // Instances in the order the file lists them.
+                    let written: Vec<&str> = n
+                        .as_map()
+                        .map(|e| e.iter().filter_map(|(k, _)| k.as_text()).collect())
+                        .unwrap_or_default();
+                    let mut items: Vec<(String, RVal)> = m.into_iter().collect();
+                    items.sort_by_key(|(k, _)| {
+                        written.iter().position(|w| w == k).unwrap_or(usize::MAX)
+                    });
+                    items
+                        .into_iter()
+                        .map(|(k, it)| Item {
+                            suffix: Some(k.clone()),
+                            key: Some(k),
+                            item: Some(it),
+                            ..Item::default()
+                        })
+                        .collect()
+                }
                 other => {
                     self.err(
                         n.mark,

@@ -262,8 +262,10 @@ fn gsm8k_through_openai_against_the_mock_scores_known_replies() {
         &format!(
             "{yaml}  eval_boxed:\n    kind: evaluate\n    deps: {{data: gsm8k.jsonl}}\n    \
              params: {{task: gsm8k, answer_format: boxed, backend: openai, base_url: \"{}\", model: mock}}\n    \
-             outs: {{metrics: boxed.json}}\n",
-            server.url
+             outs: {{metrics: boxed.json}}\n  eval_n2:\n    kind: evaluate\n    deps: {{data: gsm8k.jsonl}}\n    \
+             params: {{task: gsm8k, n: 2, temperature: 0.7, seed: 1, backend: openai, base_url: \"{}\", model: mock}}\n    \
+             outs: {{metrics: n2.json, results: n2.jsonl}}\n",
+            server.url, server.url
         ),
     );
     p.run_ok("p.yaml", &[]);
@@ -272,9 +274,29 @@ fn gsm8k_through_openai_against_the_mock_scores_known_replies() {
         boxed["metrics"]["accuracy"], 0.0,
         "no \\boxed{{}} in the replies"
     );
+    // Two samples per question, each its own request (seeds 1 and 2).
+    let n2 = metrics(&p, "n2.json");
+    assert_eq!(n2["examples"], 20);
+    assert_eq!(n2["samples"], 40);
+    assert_eq!(n2["metrics"]["pass@2"], 0.5, "{n2}");
+    assert_eq!(n2["metrics"]["accuracy"], 0.5, "{n2}");
+    assert_eq!(report(&p, "eval_n2")["called"], 40);
+    let seeds: Vec<Value> = server
+        .bodies()
+        .iter()
+        .filter(|b| b["temperature"] == 0.7)
+        .map(|b| b["seed"].clone())
+        .collect();
+    assert_eq!(seeds.len(), 40);
+    assert_eq!(seeds.iter().filter(|s| **s == 1).count(), 20);
+    assert_eq!(seeds.iter().filter(|s| **s == 2).count(), 20);
     let j = p.anneal(&["metrics", "p.yaml", "--json"]);
     assert_eq!(j.code, 0, "{j:?}");
     let j = j.json();
+    assert_eq!(
+        j["stages"],
+        serde_json::json!(["eval", "eval_boxed", "eval_n2"])
+    );
     assert_eq!(j["baseline"], "eval");
     assert_eq!(j["metrics"]["accuracy"]["eval"]["value"], 0.5);
     assert_eq!(j["metrics"]["accuracy"]["eval_boxed"]["delta"], -0.5);
@@ -286,4 +308,39 @@ fn gsm8k_through_openai_against_the_mock_scores_known_replies() {
         .find(|l| l.starts_with("accuracy"))
         .unwrap_or_else(|| panic!("{t:?}"));
     assert!(line.contains("0.5 (+0.5)"), "{line}");
+}
+
+#[test]
+fn a_killed_evaluation_resumes_without_asking_twice() {
+    let rows = gsm8k(60);
+    let server = MockServer::start(Config {
+        latency_ms: 40,
+        ..Config::default()
+    });
+    let p = Project::new();
+    let data: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    p.write("gsm8k.jsonl", &data);
+    p.write(
+        "p.yaml",
+        &format!(
+            "stages:\n  eval:\n    kind: evaluate\n    deps: {{data: gsm8k.jsonl}}\n    \
+             params: {{task: gsm8k, backend: openai, base_url: \"{}\", model: mock, max_concurrent: 4}}\n    \
+             outs: {{metrics: metrics.json}}\n",
+            server.url
+        ),
+    );
+    let mut child = p.spawn(&["run", "p.yaml"]);
+    wait_for("15 answered requests", || server.answered_total() >= 15);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(server.requests() < 60, "finished before the kill");
+    assert!(!p.exists("metrics.json"));
+    p.run_ok("p.yaml", &[]);
+    let answered = server.answered();
+    assert_eq!(answered.len(), 60, "every question was answered");
+    let twice = answered.values().filter(|&&n| n > 1).count();
+    assert!(twice <= 4, "{twice} questions answered twice");
+    assert!(report(&p, "eval")["cached"].as_u64().unwrap() >= 15);
+    assert_eq!(metrics(&p, "metrics.json")["examples"], 60);
 }

@@ -891,4 +891,36 @@ mod tests {
         assert_eq!(r["fact_retention"], 0.5);
         assert_eq!(r["summary_length_ratio"], 0.375);
     }
+
+    #[test]
+    fn scoring_a_next_step_from_a_summary() {
+        let p = all(json!({"task": "reasoning_from_summary"}));
+        let ex = Example {
+            line: 1,
+            messages: vec![],
+            reference: "<think>\nfound it\n</think>\n\n<answer>\n東京\n</answer>".into(),
+            question: String::new(),
+        };
+        let mut means = Means::default();
+        let c = Counter(None);
+        let task = Task::ReasoningFromSummary;
+        let (r, _) = score(task, &p.own, &ex, &ex.reference, &c, &mut means);
+        assert_eq!(r["format_valid"], true);
+        assert_eq!(r["next_step_exact_match"], true);
+        assert_eq!(r["next_step_f1"], 1.0);
+        assert_eq!(r["answer_exact_match"], true);
+        let (r, _) = score(
+            task,
+            &p.own,
+            &ex,
+            "<think>x</think> <answer>大阪",
+            &c,
+            &mut means,
+        );
+        assert_eq!(r["format_valid"], false);
+        assert_eq!(r["answer_exact_match"], false);
+        let m = means.to_json();
+        assert_eq!(m["format_valid"], 0.5);
+        assert_eq!(m["answer_exact_match"], 0.5);
+    }
 }

@@ -8,11 +8,13 @@
 
 pub mod agent_samples;
 pub mod command;
+pub mod conversation_transform;
 pub mod evaluate;
 pub mod generation;
 pub mod init_model;
 mod job;
 pub mod lines;
+pub mod llamafactory_export;
 pub mod llm_map;
 pub mod model;
 pub mod params;
@@ -136,6 +138,10 @@ static LLM_MAP: llm_map::LlmMap = llm_map::LlmMap;
 static INIT_MODEL: init_model::InitModel = init_model::InitModel;
 static TRAIN: train::Train = train::Train;
 static EVALUATE: evaluate::Evaluate = evaluate::Evaluate;
+static CONVERSATION_TRANSFORM: conversation_transform::ConversationTransform =
+    conversation_transform::ConversationTransform;
+static LLAMAFACTORY_EXPORT: llamafactory_export::LlamaFactoryExport =
+    llamafactory_export::LlamaFactoryExport;
 
 /// Every built-in kind.
 pub fn builtin_kinds() -> Vec<&'static dyn Stage> {
@@ -148,6 +154,8 @@ pub fn builtin_kinds() -> Vec<&'static dyn Stage> {
         &INIT_MODEL,
         &TRAIN,
         &EVALUATE,
+        &CONVERSATION_TRANSFORM,
+        &LLAMAFACTORY_EXPORT,
     ]
 }
 

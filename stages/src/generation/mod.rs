@@ -77,8 +77,8 @@ pub struct GenParams {
     /// Sampling temperature (0 is greedy); each kind has its own default.
     #[serde(default)]
     pub temperature: Option<f64>,
-    /// Most new tokens per reply; each kind has its own default.
-    #[serde(default)]
+    /// Most new tokens per reply (also `max_new_tokens`); each kind has its own default.
+    #[serde(default, alias = "max_new_tokens")]
     pub max_tokens: Option<u32>,
     /// Nucleus sampling.
     #[serde(default)]
@@ -141,6 +141,7 @@ pub const GEN_FIELDS: &[&str] = &[
     "system",
     "temperature",
     "max_tokens",
+    "max_new_tokens",
     "top_p",
     "top_k",
     "seed",
@@ -446,7 +447,11 @@ mod tests {
         let p: GenParams = serde_json::from_value(json!({})).unwrap();
         let v = serde_json::to_value(&p).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        let mut fields = GEN_FIELDS.to_vec();
+        let mut fields: Vec<&str> = GEN_FIELDS
+            .iter()
+            .copied()
+            .filter(|f| *f != "max_new_tokens")
+            .collect();
         keys.sort_unstable();
         fields.sort_unstable();
         assert_eq!(keys, fields);
@@ -457,6 +462,9 @@ mod tests {
         let (own, generation) = split_params(&json!({"task": "gsm8k", "temperature": 0.5}));
         assert_eq!(own, json!({"task": "gsm8k"}));
         assert_eq!(generation, json!({"temperature": 0.5}));
+        let (_, g) = split_params(&json!({"max_new_tokens": 7}));
+        let g: GenParams = serde_json::from_value(g).unwrap();
+        assert_eq!(g.max_tokens, Some(7));
     }
 
     #[test]
