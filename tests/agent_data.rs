@@ -90,16 +90,7 @@ fn sample_pipeline_runs_end_to_end_and_parquet_reads_back_in_pyarrow() {
     assert_eq!(gen3["examples"], 3);
     assert!(gen3["metrics"]["format_valid"].is_number(), "{gen3}");
 
-    let status = p.anneal(&["status", file, "--json"]).json();
-    let report = |stage: &str| {
-        status["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["stage"] == stage)
-            .unwrap()["report"]
-            .clone()
-    };
+    let report = |stage: &str| p.report(file, stage);
     assert_eq!(report("per_step")["rows_in"], 200);
     let per_step = report("per_step")["rows_out"].as_u64().unwrap();
     assert_eq!(

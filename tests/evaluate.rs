@@ -60,18 +60,6 @@ fn metrics(p: &Project, rel: &str) -> Value {
     serde_json::from_str(&p.read(rel)).unwrap()
 }
 
-/// The run record's report of the pipeline's stage `stage`.
-fn report(p: &Project, stage: &str) -> Value {
-    let st = p.anneal(&["status", "p.yaml", "--json"]).json();
-    st["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stage"] == stage)
-        .unwrap()["report"]
-        .clone()
-}
-
 fn project_with_data(n: usize) -> Project {
     let p = Project::new();
     let rows: String = gsm8k(n).iter().map(|r| format!("{r}\n")).collect();
@@ -96,8 +84,8 @@ fn gsm8k_with_smollm2_on_cpu_writes_metrics_results_and_csv() {
     let m = metrics(&p, "out/metrics.json");
     assert_eq!(m["task"], "gsm8k");
     assert_eq!(m["examples"], 20);
-    assert_eq!(report(&p, "eval")["called"], 20);
-    assert!(report(&p, "eval")["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(p.report("p.yaml", "eval")["called"], 20);
+    assert!(p.report("p.yaml", "eval")["tokens_per_s"].as_f64().unwrap() > 0.0);
     let results = read_jsonl(&p, "out/results.jsonl");
     assert_eq!(results.len(), 20);
     // The metrics are the means of the per-example results, which follow the data.
@@ -165,8 +153,8 @@ fn gsm8k_with_smollm2_on_cpu_writes_metrics_results_and_csv() {
     assert_eq!(p.run_ok("p.yaml", &[]), pairs(&[("eval", "done")]));
     let m10 = metrics(&p, "out/metrics.json");
     assert_eq!(m10["examples"], 10);
-    assert_eq!(report(&p, "eval")["cached"], 10);
-    assert_eq!(report(&p, "eval")["called"], 0);
+    assert_eq!(p.report("p.yaml", "eval")["cached"], 10);
+    assert_eq!(p.report("p.yaml", "eval")["called"], 0);
     let r10 = read_jsonl(&p, "out/results.jsonl");
     assert_eq!(r10[..], results[..10], "same replies as the first run");
 }
@@ -237,8 +225,8 @@ fn gsm8k_through_openai_against_the_mock_scores_known_replies() {
     assert_eq!(server.requests(), 21);
     let m = metrics(&p, "metrics.json");
     assert_eq!(m["examples"], 20);
-    assert_eq!(report(&p, "eval")["cached"], 19);
-    assert_eq!(report(&p, "eval")["called"], 1);
+    assert_eq!(p.report("p.yaml", "eval")["cached"], 19);
+    assert_eq!(p.report("p.yaml", "eval")["called"], 1);
     let mm = &m["metrics"];
     assert_eq!(mm["accuracy"], 0.5, "{m}");
     assert_eq!(mm["thinking_proportion"], 0.75, "{m}");
@@ -280,7 +268,7 @@ fn gsm8k_through_openai_against_the_mock_scores_known_replies() {
     assert_eq!(n2["samples"], 40);
     assert_eq!(n2["metrics"]["pass@2"], 0.5, "{n2}");
     assert_eq!(n2["metrics"]["accuracy"], 0.5, "{n2}");
-    assert_eq!(report(&p, "eval_n2")["called"], 40);
+    assert_eq!(p.report("p.yaml", "eval_n2")["called"], 40);
     let seeds: Vec<Value> = server
         .bodies()
         .iter()
@@ -341,6 +329,6 @@ fn a_killed_evaluation_resumes_without_asking_twice() {
     assert_eq!(answered.len(), 60, "every question was answered");
     let twice = answered.values().filter(|&&n| n > 1).count();
     assert!(twice <= 4, "{twice} questions answered twice");
-    assert!(report(&p, "eval")["cached"].as_u64().unwrap() >= 15);
+    assert!(p.report("p.yaml", "eval")["cached"].as_u64().unwrap() >= 15);
     assert_eq!(metrics(&p, "metrics.json")["examples"], 60);
 }

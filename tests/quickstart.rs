@@ -55,16 +55,7 @@ fn quickstart_runs_offline_then_is_cached_then_reacts_to_a_param() {
         .collect();
     assert_eq!(summarized.len(), samples);
     assert!(summarized.iter().all(|r| r["summary"].is_string()));
-    let status = p.anneal(&["status", file, "--json"]).json();
-    let report = |stage: &str| {
-        status["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["stage"] == stage)
-            .unwrap()["report"]
-            .clone()
-    };
+    let report = |stage: &str| p.report(file, stage);
     assert_eq!(report("summarize")["called"], samples);
     assert!(report("summarize")["completion_tokens"].as_u64().unwrap() > 0);
 

@@ -13,16 +13,6 @@ use serde_json::{Value, json};
 
 const VARIANTS: [&str; 4] = ["v0", "v5", "v10", "v20"];
 
-fn report(status: &Value, stage: &str) -> Value {
-    status["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stage"] == stage)
-        .unwrap_or_else(|| panic!("no stage {stage}"))["report"]
-        .clone()
-}
-
 fn check_llamafactory(dir: &Path) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/check_llamafactory.py");
     let out = Command::new("python3")
@@ -58,10 +48,9 @@ fn tau2_matrix_cleans_exports_trains_evaluates_and_reruns_one_branch() {
     // The base dialogues' seeded defects (bench/gen_tau2.py lists them by
     // index) are dropped or repaired, identically in every variant; the
     // variants differ only by their clean recovery dialogues.
-    let status = p.anneal(&["status", file, "--json"]).json();
     let extra = [0, 2, 4, 7];
     for (v, extra) in VARIANTS.iter().zip(extra) {
-        let r = report(&status, &format!("clean@{v}"));
+        let r = p.report(file, &format!("clean@{v}"));
         assert_eq!(r["conversations_in"], 36 + extra, "{v}: {r}");
         assert_eq!(r["conversations_out"], 22 + extra, "{v}: {r}");
         assert_eq!(r["fix_arguments_dropped_tool_markup_in_text"], 4, "{r}");

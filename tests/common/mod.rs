@@ -122,6 +122,18 @@ impl Project {
         outcomes(&r.json())
     }
 
+    /// The report in the run record of `stage` (`anneal status FILE --json`).
+    pub fn report(&self, file: &str, stage: &str) -> Value {
+        let st = self.anneal(&["status", file, "--json"]).json();
+        st["stages"]
+            .as_array()
+            .expect("stages")
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .unwrap_or_else(|| panic!("no stage {stage} in `anneal status`"))["report"]
+            .clone()
+    }
+
     /// `anneal plan --json`: stage -> (state, reasons).
     pub fn plan(&self, file: &str) -> Vec<(String, String, Vec<String>)> {
         let r = self.anneal(&["plan", file, "--json"]);
