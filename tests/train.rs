@@ -146,6 +146,22 @@ fn phases_train_chain_and_cache() {
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         assert!(p.exists(&format!("work/phase2/adapter/{f}")), "{f}");
     }
+    // PEFT loads the adapter onto phase 1 and computes what anneal's merged model computes.
+    let peft = peft_check(
+        &p.path("work/phase1"),
+        &p.path("work/phase2/adapter"),
+        &p.path("work/phase2"),
+    );
+    assert_eq!(peft["peft_type"], "LORA", "{peft}");
+    let scale = peft["logit_scale"].as_f64().unwrap();
+    assert!(
+        peft["peft_vs_merged_max_abs"].as_f64().unwrap() < 1e-4 * scale.max(1.0),
+        "{peft}"
+    );
+    assert!(
+        peft["peft_vs_base_max_abs"].as_f64().unwrap() > 1e-5,
+        "the adapter changes nothing: {peft}"
+    );
     let g = p.anneal(&[
         "model",
         "generate",
@@ -178,6 +194,32 @@ fn phases_train_chain_and_cache() {
         out,
         pairs(&[("base", "cached"), ("phase1", "cached"), ("phase2", "done")])
     );
+}
+
+/// `tests/support/check_peft.py`: PEFT's view of an adapter against the merged model.
+fn peft_check(base: &Path, adapter: &Path, merged: &Path) -> Value {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import torch, peft, transformers"])
+        .output()
+        .expect("python3");
+    assert!(
+        have.status.success(),
+        "torch, peft and transformers are required for this test: python3 -m pip install torch peft transformers\n{}",
+        String::from_utf8_lossy(&have.stderr)
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/check_peft.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args([base, adapter, merged])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {

@@ -1,0 +1,47 @@
+"""Loads a LoRA adapter written by anneal with PEFT and compares it with anneal's merged model.
+
+    python3 tests/support/check_peft.py BASE_DIR ADAPTER_DIR MERGED_DIR
+
+BASE_DIR is the model the adapter was trained on, ADAPTER_DIR anneal's PEFT
+adapter (adapter_config.json + adapter_model.safetensors), MERGED_DIR the
+merged checkpoint anneal wrote (merge_lora: true). Prints JSON: the largest
+logit difference between PeftModel(base, adapter) and the merged model, and
+between the base and the adapted model (the adapter must change something).
+"""
+
+import json
+import sys
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def main():
+    base_dir, adapter_dir, merged_dir = sys.argv[1:4]
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    text = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
+    ids = torch.tensor([tok(text)["input_ids"][:48]])
+    load = dict(torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **load).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        peft_logits = peft_model(ids).logits
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, **load).eval()
+    with torch.no_grad():
+        merged_logits = merged(ids).logits
+    print(json.dumps({
+        "tokens": ids.shape[1],
+        "peft_vs_merged_max_abs": (peft_logits - merged_logits).abs().max().item(),
+        "peft_vs_base_max_abs": (peft_logits - base_logits).abs().max().item(),
+        "logit_scale": base_logits.abs().max().item(),
+        "peft_type": peft_model.peft_config["default"].peft_type.value,
+        "target_modules": sorted(peft_model.peft_config["default"].target_modules),
+    }))
+
+
+if __name__ == "__main__":
+    main()
