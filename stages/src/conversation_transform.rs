@@ -543,20 +543,11 @@ fn run(ctx: &StageContext, p: &Params, steps: &[Step]) -> anyhow::Result<()> {
                 Step::ValidateToolCalls(r) => steps::validate_tool_calls(&mut c, &tools, r),
                 Step::DropThink(insert) => steps::drop_think(&mut c, *insert),
                 Step::SetSystemPrompt(on_unknown) => {
-                    match domain_index(&c.system, prompts.iter().map(|(d, _)| d.as_str())) {
-                        Some(i) if c.system == prompts[i].1 => Outcome::Kept(0),
-                        Some(i) => {
-                            c.system = prompts[i].1.clone();
-                            Outcome::Kept(1)
-                        }
-                        None if *on_unknown == UnknownDomain::Drop => {
-                            Outcome::Dropped("unknown_domain")
-                        }
-                        None => {
-                            unknown_domain_kept += 1;
-                            Outcome::Kept(0)
-                        }
-                    }
+                    let drop = *on_unknown == UnknownDomain::Drop;
+                    steps::set_system_prompt(&mut c, &prompts, drop).unwrap_or_else(|| {
+                        unknown_domain_kept += 1;
+                        Outcome::Kept(0)
+                    })
                 }
                 Step::MergeConsecutive => steps::merge_consecutive(&mut c),
                 Step::TrimTrailingUser => steps::trim_trailing_user(&mut c),

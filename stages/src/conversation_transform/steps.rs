@@ -330,6 +330,26 @@ pub fn drop_think(c: &mut Conv, insert_call_text: bool) -> Outcome {
     Outcome::Kept(changed)
 }
 
+/// `set_system_prompt`: the system prompt replaced by the text of the first
+/// `(domain, text)` whose domain the current prompt mentions
+/// (case-insensitive). Without a match: dropped when `drop_unknown`, else
+/// kept as is (`None` then, so the caller can count it).
+pub fn set_system_prompt(
+    c: &mut Conv,
+    prompts: &[(String, String)],
+    drop_unknown: bool,
+) -> Option<Outcome> {
+    match super::schema::domain_index(&c.system, prompts.iter().map(|(d, _)| d.as_str())) {
+        Some(i) if c.system == prompts[i].1 => Some(Outcome::Kept(0)),
+        Some(i) => {
+            c.system = prompts[i].1.clone();
+            Some(Outcome::Kept(1))
+        }
+        None if drop_unknown => Some(Outcome::Dropped("unknown_domain")),
+        None => None,
+    }
+}
+
 /// `merge_consecutive`: neighbouring turns from the same role are joined
 /// with `\n` (function calls excepted: each is one call).
 pub fn merge_consecutive(c: &mut Conv) -> Outcome {
@@ -672,6 +692,38 @@ mod tests {
         assert_eq!(
             validate_tool_calls(&mut other, &tools, &repairs),
             Outcome::Dropped("unknown_domain")
+        );
+    }
+
+    #[test]
+    fn set_system_prompt_golden() {
+        let prompts = vec![
+            (
+                "airline".to_owned(),
+                "You are an airline agent. Full policy.".to_owned(),
+            ),
+            (
+                "retail".to_owned(),
+                "You are a retail agent. Full policy.".to_owned(),
+            ),
+        ];
+        let mut c = conv(&[("human", "hi"), ("gpt", "hello")]);
+        c.system = "# Retail Agent Policy (short)".into();
+        assert_eq!(
+            set_system_prompt(&mut c, &prompts, false),
+            Some(Outcome::Kept(1))
+        );
+        assert_eq!(c.system, "You are a retail agent. Full policy.");
+        assert_eq!(
+            set_system_prompt(&mut c, &prompts, false),
+            Some(Outcome::Kept(0))
+        );
+        c.system = "Telecom support".into();
+        assert_eq!(set_system_prompt(&mut c, &prompts, false), None);
+        assert_eq!(c.system, "Telecom support");
+        assert_eq!(
+            set_system_prompt(&mut c, &prompts, true),
+            Some(Outcome::Dropped("unknown_domain"))
         );
     }
 }
