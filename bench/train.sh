@@ -5,6 +5,11 @@
 # the median per-step throughput in trained tokens (assistant tokens with a
 # label; prompts go through forward and backward too but are not counted) and
 # the peak RSS of the whole `anneal run` (the stage process included).
+# Then, on the same rows, RUNS runs of bench/train_torch.py (plain PyTorch loop
+# over a transformers model, same batches, masking, AdamW settings and
+# per-step trained-tokens/s definition; CPU, f32), its median and peak RSS
+# (of the python process, measured the same way), and the ratio of the medians
+# anneal / PyTorch. TORCH=0 skips it; PYTHON picks the interpreter.
 #
 #   RUNS=3 STEPS=4 BATCH=4 bench/train.sh
 set -euo pipefail
@@ -19,6 +24,12 @@ MODEL="$(pwd)/${MODEL:-target/smollm2}"
 SHARED="$(cd "${ANNEAL_SHARED:-../shared}" && pwd)"
 [ -x "$BIN" ] || die "$BIN not built (cargo build --release)"
 [ -f "$MODEL/model.safetensors" ] || die "$MODEL missing (bash .ci/smollm2.sh)"
+TORCH="${TORCH:-1}"
+PYTHON="${PYTHON:-python3}"
+if [ "$TORCH" != 0 ]; then
+    "$PYTHON" -c 'import torch, transformers' 2>/dev/null ||
+        die "the PyTorch comparison needs torch and transformers for $PYTHON (pip install torch transformers), or set TORCH=0 to skip it"
+fi
 
 work="bench/results/train"
 rm -rf "$work" && mkdir -p "$work"
@@ -61,4 +72,29 @@ print(statistics.median(x["tokens_per_s"] for x in m))' "$d/metrics.jsonl")"
     rss+=("$(rss_mb "$(cat "$d/time")")")
     log "run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB"
 done
-echo "steps=$STEPS batch=$BATCH median_trained_tokens_per_s=$(median "${rates[@]}") peak_rss_mb=$(median "${rss[@]}")"
+anneal_median="$(median "${rates[@]}")"
+echo "steps=$STEPS batch=$BATCH median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
+[ "$TORCH" = 0 ] && exit 0
+
+log "anneal trained tokens per step (run 1): $(python3 -c '
+import json, sys
+print(" ".join(str(json.loads(l)["tokens"]) for l in open(sys.argv[1])))' "$work/run1/metrics.jsonl")"
+trates=()
+trss=()
+for run in $(seq "$RUNS"); do
+    d="$work/torch$run"
+    mkdir -p "$d"
+    secs="$(timed "$d/log" "$d/time" "$PYTHON" bench/train_torch.py "$MODEL" --data "$work/train.jsonl" \
+        --steps "$STEPS" --batch "$BATCH" --cutoff 512 --device cpu)"
+    grep -o '{"steps".*' "$d/log" | tail -n1 >"$d/result.json" ||
+        die "no result line in $d/log"
+    read -r r toks < <(python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(r["median_trained_tokens_per_s"], " ".join(str(s["tokens"]) for s in r["per_step"]))' "$d/result.json")
+    trates+=("$r")
+    trss+=("$(rss_mb "$(cat "$d/time")")")
+    log "PyTorch run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB, trained tokens per step: $toks"
+done
+torch_median="$(median "${trates[@]}")"
+echo "steps=$STEPS batch=$BATCH pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"

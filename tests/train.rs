@@ -152,6 +152,7 @@ fn phases_train_chain_and_cache() {
         &p.path("work/phase2/adapter"),
         &p.path("work/phase2"),
     );
+    eprintln!("PEFT check: {peft}");
     assert_eq!(peft["peft_type"], "LORA", "{peft}");
     let scale = peft["logit_scale"].as_f64().unwrap();
     assert!(
