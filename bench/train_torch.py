@@ -29,14 +29,23 @@ step, read right after the optimizer step):
     torch.cuda.synchronize() before the clock is read on CUDA. Loading the
     model and tokenizing the data are outside it, as in anneal.
   tokens_per_s = tokens / time. The summary is the median over steps.
-peak_rss_mb: ru_maxrss of this process / 1024 (MiB, the whole process).
+  Also per step: processed_tokens, the non-padding tokens of the batch (all
+  that went through forward and backward), and processed_tokens_per_s.
+peak_rss_mb: ru_maxrss of this process / 1024 (MiB, the whole process);
+peak_cuda_allocated_mb: torch.cuda.max_memory_allocated / 2**20 on CUDA (null
+on CPU): tensors only, not the CUDA context or the allocator's cached blocks.
+
+--train-on-prompt labels every token (anneal's `train_on_prompt: true`), so
+trained tokens are all tokens but the first of each sample. --attn picks the
+transformers attention implementation (default sdpa, PyTorch eager's fast path).
 
 Per-step lines go to stderr; one JSON line to stdout:
-  {"steps", "batch", "median_trained_tokens_per_s", "per_step": [...],
-   "peak_rss_mb", "torch", "threads", ...}
+  {"steps", "batch", "median_trained_tokens_per_s",
+   "median_processed_tokens_per_s", "per_step": [...], "peak_rss_mb",
+   "peak_cuda_allocated_mb", "torch", "threads", ...}
 
   python3 bench/train_torch.py target/smollm2 --data train.jsonl --steps 4 --batch 4 \
-      --cutoff 512 [--device cpu|cuda] [--bf16]
+      --cutoff 512 [--device cpu|cuda] [--bf16] [--train-on-prompt] [--attn sdpa]
 """
 
 import argparse
@@ -81,7 +90,7 @@ def splitmix_permutation(n, seed):
     return p
 
 
-def tokenize(tok, messages, cutoff):
+def tokenize(tok, messages, cutoff, train_on_prompt=False):
     """ids and labels of one conversation, as anneal's `data::tokenize`."""
     full = tok.apply_chat_template(messages, tokenize=False)
     spans = []
@@ -96,7 +105,7 @@ def tokenize(tok, messages, cutoff):
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [
-        t if any(a <= s < b for a, b in spans) else -100
+        t if train_on_prompt or any(a <= s < b for a, b in spans) else -100
         for t, (s, _) in zip(ids, enc["offset_mapping"])
     ]
     return ids[:cutoff], labels[:cutoff]
@@ -120,6 +129,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=42, help="data order seed (anneal's default)")
     ap.add_argument("--order", choices=["anneal", "sequential"], default="anneal")
+    ap.add_argument("--train-on-prompt", action="store_true", help="label every token")
+    ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, ...)")
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -131,14 +142,18 @@ def main():
     with open(a.data, encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                ids, labels = tokenize(tok, json.loads(line)["messages"], a.cutoff)
+                ids, labels = tokenize(
+                    tok, json.loads(line)["messages"], a.cutoff, a.train_on_prompt
+                )
                 if any(l != -100 for l in labels[1:]):
                     samples.append((ids, labels))
     n = len(samples)
     if n == 0:
         sys.exit(f"train_torch.py: no usable samples in {a.data}")
 
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        a.model_dir, dtype=torch.float32, attn_implementation=a.attn
+    )
     model.to(device).train()
     pad_id = tok.pad_token_id
     if pad_id is None:
@@ -179,6 +194,7 @@ def main():
         input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
         target = labels[:, 1:]
         tokens = int((target != -100).sum())
+        processed = sum(len(ids) for ids, _ in picked)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
             logits = model(input_ids=input_ids, attention_mask=mask).logits
         loss = F.cross_entropy(
@@ -198,10 +214,12 @@ def main():
         rec = {
             "step": step + 1,
             "tokens": tokens,
+            "processed_tokens": processed,
             "rows": len(picked),
             "seq_len": t,
             "seconds": secs,
             "tokens_per_s": tokens / max(secs, 1e-9),
+            "processed_tokens_per_s": processed / max(secs, 1e-9),
             "loss": loss_v,
             "grad_norm": float(grad_norm),
         }
@@ -218,14 +236,22 @@ def main():
                 "steps": a.steps,
                 "batch": a.batch,
                 "median_trained_tokens_per_s": statistics.median(r["tokens_per_s"] for r in per_step),
+                "median_processed_tokens_per_s": statistics.median(
+                    r["processed_tokens_per_s"] for r in per_step
+                ),
                 "per_step": per_step,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_cuda_allocated_mb": (
+                    torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+                ),
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
                 "transformers": transformers.__version__,
                 "device": str(device),
                 "bf16": a.bf16,
                 "order": a.order,
+                "train_on_prompt": a.train_on_prompt,
+                "attn_implementation": model.config._attn_implementation,
                 "samples": n,
             }
         )

@@ -265,3 +265,43 @@ fn filter_passes_rows_through_and_requests_per_minute_paces_calls() {
     assert!(rows[2..].iter().all(|r| r["summary"].is_string()));
     assert_eq!(report(&p)["filtered_out"], 2);
 }
+
+#[test]
+fn replies_journaled_by_llm_map_v1_are_reused() {
+    let s = server(1, vec![]);
+    let p = project(4, &s.url, "");
+    // Lines as llm_map v1 wrote them: {key, reply}, the key over model, template,
+    // system, sampling and the rendered prompt.
+    let params: anneal_stages::generation::GenParams = serde_json::from_value(serde_json::json!({
+        "base_url": s.url, "model": "m", "api_key_env": "MOCK_KEY", "retry_base_s": 0.05
+    }))
+    .unwrap();
+    let sampling = anneal_stages::generation::Sampling {
+        temperature: 0.3,
+        max_tokens: 2000,
+        top_p: None,
+        top_k: None,
+        seed: None,
+        stop: vec![],
+    };
+    let template = p.read("template.txt");
+    let lines: String = (0..4)
+        .map(|i| {
+            let key = anneal_stages::llm_map::legacy_key(
+                &params,
+                &sampling,
+                &template,
+                &format!("Summarize: question {i}"),
+            );
+            format!("{{\"key\":\"{key}\",\"reply\":\"old reply {i}\"}}\n")
+        })
+        .collect();
+    p.write(".anneal/cache/llm_map/summarize.jsonl", &lines);
+    p.run_ok("p.yaml", &[]);
+    assert_eq!(s.requests(), 0, "every reply came from the v1 journal");
+    let rows = out_rows(&p);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["summary"], format!("old reply {i}"));
+    }
+    assert_eq!(report(&p)["cached"], 4);
+}

@@ -244,6 +244,49 @@ impl Filter {
     }
 }
 
+/// The key under which llm_map v1 journaled the reply to `prompt`.
+pub fn legacy_key(p: &GenParams, sampling: &Sampling, template: &str, prompt: &str) -> String {
+    let canon = json!({
+        "v": 1,
+        "model": p.model,
+        "template": template,
+        "system": p.system,
+        "temperature": sampling.temperature,
+        "max_tokens": sampling.max_tokens,
+        "top_p": sampling.top_p,
+        "seed": sampling.seed,
+        "prompt": prompt,
+    });
+    blake3::hash(canon.to_string().as_bytes())
+        .to_hex()
+        .to_string()
+}
+
+/// Records under the current key every reply that only a v1 journal holds.
+fn adopt_legacy(
+    g: &dyn generation::Generator,
+    journal: &Journal,
+    items: &[Item],
+    requests: &[Request],
+    template: &str,
+    p: &AllParams,
+    sampling: &Sampling,
+) -> anyhow::Result<()> {
+    let identity = g.identity();
+    let extra = json!({"template": template});
+    let prompts = items.iter().filter(|it| it.messages.is_some());
+    for (it, req) in prompts.zip(requests) {
+        let key = generation::item_key(&identity, sampling, &extra, req);
+        if journal.get(&key).is_some() {
+            continue;
+        }
+        if let Some(r) = journal.get(&legacy_key(&p.generation, sampling, template, &it.prompt)) {
+            journal.record(&key, &r)?;
+        }
+    }
+    Ok(())
+}
+
 /// Rows in a JSONL file (newlines of non-blank lines), for the progress total.
 fn count_rows(path: &Path) -> Option<u64> {
     let mut r = crate::rows::LineReader::open(path).ok()?;
@@ -323,6 +366,8 @@ struct Item {
     row: Value,
     /// The prompt's messages, or `None` for a row passed through by the filter.
     messages: Option<Vec<Value>>,
+    /// The rendered prompt (for keys of journals written before v2).
+    prompt: String,
 }
 
 fn run(ctx: &StageContext, p: &AllParams, g: &dyn generation::Generator) -> anyhow::Result<()> {
@@ -344,6 +389,12 @@ fn run(ctx: &StageContext, p: &AllParams, g: &dyn generation::Generator) -> anyh
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let journal = Journal::open(&ctx.cache, &ctx.name)?;
+    // Replies journaled by llm_map before v2 (OpenAI only, one reply per row,
+    // no top_k or stop: what that version could send) are reused, not paid again.
+    let legacy = p.backend() == BackendKind::Openai
+        && n == 1
+        && sampling.top_k.is_none()
+        && sampling.stop.is_empty();
     let output = ctx
         .output("rows")
         .context("output 'rows' is not declared")?;
@@ -393,6 +444,7 @@ fn run(ctx: &StageContext, p: &AllParams, g: &dyn generation::Generator) -> anyh
                     line,
                     row,
                     messages: None,
+                    prompt: String::new(),
                 });
                 continue;
             }
@@ -401,6 +453,7 @@ fn run(ctx: &StageContext, p: &AllParams, g: &dyn generation::Generator) -> anyh
                     line,
                     row,
                     messages: Some(generation::chat(p.generation.system.as_deref(), &prompt)),
+                    prompt,
                 }),
                 Err(e) if own.on_error == OnError::Skip => {
                     eprintln!("warning: {}:{line}: {e}", input.display());
@@ -423,6 +476,9 @@ fn run(ctx: &StageContext, p: &AllParams, g: &dyn generation::Generator) -> anyh
                     });
                 }
             }
+        }
+        if legacy {
+            adopt_legacy(g, &journal, &items, &requests, &template_text, p, &sampling)?;
         }
         let mut replies = generation::run_journaled(
             g,

@@ -14,7 +14,7 @@ use super::Reply;
 
 /// Replies by key.
 pub struct Journal {
-    done: HashMap<String, Reply>,
+    done: Mutex<HashMap<String, Reply>>,
     file: Mutex<File>,
 }
 
@@ -66,14 +66,14 @@ impl Journal {
             .open(&path)
             .with_context(|| format!("opening the journal {}", path.display()))?;
         Ok(Journal {
-            done,
+            done: Mutex::new(done),
             file: Mutex::new(file),
         })
     }
 
     /// The recorded reply of `key`.
     pub fn get(&self, key: &str) -> Option<Reply> {
-        self.done.get(key).cloned()
+        self.done.lock().ok()?.get(key).cloned()
     }
 
     /// Appends one reply in a single write, so a kill loses at most the items in flight.
@@ -89,6 +89,10 @@ impl Journal {
             .lock()
             .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
         f.write_all(&line).context("writing the journal")?;
+        drop(f);
+        if let Ok(mut done) = self.done.lock() {
+            done.insert(key.to_owned(), reply.clone());
+        }
         Ok(())
     }
 }
