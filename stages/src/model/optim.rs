@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
 use super::weights::HostTensor;
 
@@ -74,12 +74,22 @@ impl<B: Backend> Grads<B> {
 
     /// The L2 norm of all gradients together.
     pub fn global_norm(&self) -> f64 {
-        let sq: f64 = self
+        // Per-tensor sums of squares on the device, read back in one transfer
+        // (one sync per step instead of one per parameter on a GPU).
+        let parts: Vec<Tensor<B, 1>> = self
             .map
             .values()
-            .map(|g| g.clone().square().sum().into_scalar().elem::<f64>())
-            .sum();
-        sq.sqrt()
+            .map(|g| g.clone().square().sum())
+            .collect();
+        if parts.is_empty() {
+            return 0.0;
+        }
+        let sums = Tensor::cat(parts, 0)
+            .into_data()
+            .convert::<f64>()
+            .into_vec::<f64>()
+            .expect("sums of squares are floats");
+        sums.iter().sum::<f64>().sqrt()
     }
 
     /// `clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)`
