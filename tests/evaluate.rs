@@ -329,6 +329,8 @@ fn a_killed_evaluation_resumes_without_asking_twice() {
     assert_eq!(answered.len(), 60, "every question was answered");
     let twice = answered.values().filter(|&&n| n > 1).count();
     assert!(twice <= 4, "{twice} questions answered twice");
-    assert!(p.report("p.yaml", "eval")["cached"].as_u64().unwrap() >= 15);
+    // Answered by the server but still in flight to the client when killed: at
+    // most max_concurrent (4) of the 15.
+    assert!(p.report("p.yaml", "eval")["cached"].as_u64().unwrap() >= 11);
     assert_eq!(metrics(&p, "metrics.json")["examples"], 60);
 }
