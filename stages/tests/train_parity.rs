@@ -74,8 +74,10 @@ fn full_step(name: &str) {
     );
     // Adam's first step moves each weight by about lr * g / (|g| + eps): where
     // the clipped gradient is within two orders of eps (1e-6) the update depends
-    // on float32 rounding noise of a near-cancelled gradient, in torch as here.
-    // Those elements are held to lr / 5; all others to 1e-5.
+    // on float32 rounding noise of a near-cancelled gradient, in torch as here,
+    // and can land anywhere in (-lr, lr). Those elements are held to lr / 2
+    // (the matmul kernels' summation order, AVX2 or AVX-512, moves them by up
+    // to ~lr / 4); all others to 1e-5.
     let coef = (1.0 / (norm + 1e-6)).min(1.0);
     let tensors = net.to_tensors();
     for (t, grad) in [
@@ -107,7 +109,7 @@ fn full_step(name: &str) {
         );
         assert!(worst <= 1e-5, "{name}: {t} differs by {worst:e}");
         assert!(
-            worst_ill <= 2e-3,
+            worst_ill <= 5e-3,
             "{name}: {t} differs by {worst_ill:e} where |g| < 1e-6"
         );
     }
