@@ -640,11 +640,7 @@ fn run(ctx: &StageContext, p: &Params, steps: &[Step]) -> anyhow::Result<()> {
         full["stats"] = stats;
     }
     if let Some(path) = ctx.output("report") {
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        std::fs::write(&path, format!("{}\n", serde_json::to_string_pretty(&full)?))
-            .with_context(|| format!("writing {}", path.display()))?;
+        crate::sink::write_json(&path, &full)?;
     }
     let mut report = json!({
         "conversations_in": conversations_in + malformed,

@@ -37,7 +37,7 @@ use crate::model::device::{OnDevice, run_on};
 use crate::model::tokenizer::Tokenizer;
 use crate::params::OnError;
 use crate::rows::RowReader;
-use crate::sink::Sink;
+use crate::sink::{Sink, write_json};
 use crate::train::data::{DataSpec, Sample, Side, TrainOn};
 use crate::train::stats::Stats;
 use crate::{ConfigError, KeySpec, Stage, StageContext};
@@ -475,15 +475,6 @@ fn step_metrics(reference: &str, generated: &str, means: &mut Means, r: &mut Map
 
 fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
-}
-
-fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let mut text = serde_json::to_string_pretty(v)?;
-    text.push('\n');
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 fn generative(ctx: &StageContext, p: &AllParams) -> anyhow::Result<()> {

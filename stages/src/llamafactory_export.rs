@@ -214,11 +214,7 @@ impl Stage for LlamaFactoryExport {
                 }
             }
         });
-        std::fs::write(
-            dir.join("dataset_info.json"),
-            format!("{}\n", serde_json::to_string_pretty(&info)?),
-        )
-        .context("writing dataset_info.json")?;
+        crate::sink::write_json(&dir.join("dataset_info.json"), &info)?;
         let mut not_exported = Vec::new();
         if let Some(yaml_path) = ctx.output("train_yaml") {
             let Some(t) = &p.training else {

@@ -9,6 +9,16 @@ use anyhow::Context;
 
 use crate::rows::{Format, RowReader, RowWriter, infer_schema};
 
+/// Writes `v` to `path` as pretty JSON with a final newline, creating the
+/// parent directory if needed.
+pub fn write_json(path: &Path, v: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Where a stage writes one of its outputs.
 pub struct Sink {
     path: PathBuf,

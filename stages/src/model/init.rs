@@ -12,6 +12,7 @@ use super::config::{Arch, ModelConfig};
 use super::tokenizer::{CHATML_TEMPLATE, chatml_tokenizer_config, train_bpe};
 use super::weights::{self, HostTensor, SaveDtype};
 use crate::rng::SplitMix64;
+use crate::sink::write_json;
 
 /// Special tokens of initialised models, in id order.
 pub const SPECIAL_TOKENS: &[&str] = &[
@@ -365,9 +366,4 @@ pub fn init_checkpoint(
         parameters,
         corpus_texts: corpus.len(),
     })
-}
-
-fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
-        .with_context(|| format!("cannot write {}", path.display()))
 }
