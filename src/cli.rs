@@ -56,10 +56,10 @@ pub enum Command {
         /// Stages.
         select: Selection,
         /// Most stages running at once [default: number of CPUs].
-        #[arg(long, short = 'j')]
+        #[arg(long, short = 'j', value_parser = at_least_one::<usize>)]
         jobs: Option<usize>,
         /// CPUs shared by stages' `resources.cpus` [default: number of CPUs].
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one::<u32>)]
         cpus: Option<u32>,
         /// GPUs available to stages' `resources.gpus` [default: from CUDA_VISIBLE_DEVICES or /dev/nvidia*].
         #[arg(long)]
@@ -216,10 +216,10 @@ pub enum ModelCommand {
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
         /// 0 for greedy decoding.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = temperature)]
         temperature: f32,
         /// Nucleus sampling threshold.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = top_p)]
         top_p: f32,
         /// Sample among the k most likely tokens (0: all).
         #[arg(long, default_value_t = 0)]
@@ -240,4 +240,28 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A whole number of at least 1.
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(v) if v >= T::from(1) => Ok(v),
+        _ => Err(format!("'{s}' is not a whole number of at least 1")),
+    }
+}
+
+/// A sampling temperature: 0 (greedy) or positive.
+fn temperature(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not 0 (greedy) or a positive number")),
+    }
+}
+
+/// A nucleus-sampling threshold in (0, 1].
+fn top_p(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("'{s}' is not in (0, 1]")),
+    }
 }

@@ -221,7 +221,13 @@ fn detect_gpus(want: Option<u32>) -> (Vec<String>, String) {
     )
 }
 
-fn lock_store(store_dir: &Path, wait: bool, ui: &Console) -> anyhow::Result<WorkspaceLock> {
+/// `can_wait`: the command has `--wait` (`run`), so the busy message offers it.
+fn lock_store(
+    store_dir: &Path,
+    wait: bool,
+    can_wait: bool,
+    ui: &Console,
+) -> anyhow::Result<WorkspaceLock> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let res = if wait {
         WorkspaceLock::acquire_wait(store_dir, &command, |info| {
@@ -244,8 +250,12 @@ fn lock_store(store_dir: &Path, wait: bool, ui: &Console) -> anyhow::Result<Work
             Ok(lock)
         }
         Ok((lock, Acquired::Fresh)) => Ok(lock),
-        Err(e @ LockError::Busy(_)) => Err(anyhow::anyhow!(
+        Err(e @ LockError::Busy(_)) if can_wait => Err(anyhow::anyhow!(
             "{e}\n  help: pass --wait to wait for it (store: {})",
+            store_dir.display()
+        )),
+        Err(e @ LockError::Busy(_)) => Err(anyhow::anyhow!(
+            "{e}\n  help: try again when it has finished (store: {})",
             store_dir.display()
         )),
         Err(e) => Err(e.into()),
@@ -298,7 +308,7 @@ pub fn run(
     }
     let store = Arc::new(Store::open(&p.store_dir)?);
     let ui = Arc::new(Console::new(quiet));
-    let _lock = lock_store(&p.store_dir, wait, &ui)?;
+    let _lock = lock_store(&p.store_dir, wait, true, &ui)?;
     let opts = RunOptions {
         jobs: jobs.unwrap_or(ncpu).max(1),
         cpus: cpus.unwrap_or(ncpu as u32).max(1),
@@ -318,7 +328,7 @@ pub fn run(
     let failed = report.count(Outcome::Failed);
     let skipped = report.count(Outcome::Skipped) + report.count(Outcome::Interrupted);
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::ui::stdout_line(&serde_json::to_string_pretty(&report)?);
     } else {
         let mut s = format!("{done} ran, {cached} cached");
         if failed > 0 {
@@ -544,7 +554,7 @@ pub fn gc(
     let p = load(args)?;
     let store = Store::open(&p.store_dir)?;
     let ui = Console::new(quiet);
-    let _lock = lock_store(&p.store_dir, false, &ui)?;
+    let _lock = lock_store(&p.store_dir, false, false, &ui)?;
     // Every pipeline sharing the store keeps its current results.
     let statuses = Status::load_all(&p.store_dir);
     let all = || statuses.iter().flat_map(|st| st.stages.values());

@@ -16,6 +16,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();
@@ -91,9 +92,12 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             if let Some(d) = e.downcast_ref::<anneal::diag::Diags>() {
-                eprintln!("{} {d}", console::style("error:").red().bold());
+                anneal::ui::stderr_line(&format!("{} {d}", console::style("error:").red().bold()));
             } else {
-                eprintln!("{} {e:#}", console::style("error:").red().bold());
+                anneal::ui::stderr_line(&format!(
+                    "{} {e:#}",
+                    console::style("error:").red().bold()
+                ));
             }
             std::process::exit(EXIT_ERROR);
         }

@@ -100,8 +100,12 @@ pub struct OutSpec {
 impl Pipeline {
     /// Reads and resolves a pipeline file. `store` overrides `store.dir`.
     pub fn load(file: &Path, store: Option<&Path>) -> anyhow::Result<Pipeline> {
-        let src = std::fs::read_to_string(file)
+        let mut src = std::fs::read_to_string(file)
             .map_err(|e| anyhow::anyhow!("cannot read pipeline file {}: {e}", file.display()))?;
+        // Editors on Windows may start the file with a byte-order mark.
+        if let Some(rest) = src.strip_prefix('\u{feff}') {
+            src = rest.to_owned();
+        }
         let abs = std::path::absolute(file)?;
         let dir = abs
             .parent()
@@ -132,7 +136,7 @@ impl Pipeline {
             order: Vec::new(),
             src,
         };
-        p.check_store_overlap()?;
+        p.check_out_paths()?;
         p.build_graph()?;
         Ok(p)
     }
@@ -209,21 +213,71 @@ impl Pipeline {
         }
     }
 
-    fn check_store_overlap(&self) -> anyhow::Result<()> {
+    /// Refuses outputs that would overwrite what anneal does not own: the
+    /// store, the pipeline file, another stage's (or the same stage's) file
+    /// inputs, or a place outside the project reached through a symlink.
+    fn check_out_paths(&self) -> anyhow::Result<()> {
+        let real_dir = resolve_existing(&self.dir);
+        let real_store = resolve_existing(&self.store_dir);
+        let file = resolve_existing(&std::path::absolute(&self.file)?);
+        let nested = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
         for s in &self.stages {
             for (name, o) in &s.outs {
                 let p = self.dir.join(&o.path);
-                if p.starts_with(&self.store_dir) || self.store_dir.starts_with(&p) {
+                let real = resolve_existing(&p);
+                let what = format!("output '{name}' of stage '{}' ({})", s.name, o.path);
+                if !real.starts_with(&real_dir) {
                     return Err(self.error_at(
                         o.mark,
                         format!(
-                            "output '{name}' of stage '{}' ({}) overlaps the store {}",
-                            s.name,
-                            o.path,
-                            self.store_dir.display()
+                            "{what} resolves through a symlink to {}, outside the pipeline directory",
+                            real.display()
                         ),
+                        Some("write outputs to a real path inside the pipeline directory".into()),
+                    ));
+                }
+                if nested(&real, &real_store) {
+                    return Err(self.error_at(
+                        o.mark,
+                        format!("{what} overlaps the store {}", self.store_dir.display()),
                         Some("write outputs outside the store directory".into()),
                     ));
+                }
+                if file.starts_with(&real) {
+                    return Err(self.error_at(
+                        o.mark,
+                        format!(
+                            "{what} would overwrite the pipeline file {}",
+                            self.file.display()
+                        ),
+                        Some("write outputs to a path of their own".into()),
+                    ));
+                }
+                for t in &self.stages {
+                    for (dname, d) in t.deps.iter().filter(|(_, d)| d.from.is_none()) {
+                        if d.path.is_empty() {
+                            continue;
+                        }
+                        let dep = resolve_existing(&self.dir.join(&d.path));
+                        if nested(&dep, &real) {
+                            let whose = if t.name == s.name {
+                                "its own".to_owned()
+                            } else {
+                                format!("stage '{}''s", t.name)
+                            };
+                            return Err(self.error_at(
+                                d.mark,
+                                format!(
+                                    "input deps.{dname} ({}) of stage '{}' overlaps {what}: running '{}' would replace {whose} input",
+                                    d.path, t.name, s.name
+                                ),
+                                Some(format!(
+                                    "give the output a path of its own, or depend on the whole output with ${{stages.{}.outs.{name}}}",
+                                    s.name
+                                )),
+                            ));
+                        }
+                    }
                 }
             }
         }
@@ -1280,11 +1334,14 @@ impl<'r, 'a> Loader<'r, 'a> {
                     x.as_u64().unwrap_or(0) as u32
                 }
                 Ok(other) => {
+                    let found = match &other {
+                        RVal::Num(x) => crate::interp::fmt_num(x),
+                        o => o.type_name().to_owned(),
+                    };
                     self.err(
                         v.mark,
                         format!(
-                            "resources.{key} of stage '{name}' must be a whole number, found {}",
-                            other.type_name()
+                            "resources.{key} of stage '{name}' must be a whole number of 0 or more, found {found}"
                         ),
                         None,
                     );
@@ -1349,6 +1406,49 @@ fn instance_suffix(item: &RVal) -> String {
             .join(","),
         other => scalar_text(other),
     }
+}
+
+/// `p` made absolute with every symlink on it resolved, dangling ones too
+/// (whose targets may be created later, as the store is), and `..` applied
+/// after resolution, as the kernel does.
+fn resolve_existing(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    // Components still to walk, last first.
+    let mut todo: Vec<std::ffi::OsString> = abs
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_owned()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut out = PathBuf::from("/");
+    let mut hops = 0;
+    while let Some(c) = todo.pop() {
+        if c == ".." {
+            out.pop();
+            continue;
+        }
+        let next = out.join(&c);
+        match std::fs::read_link(&next) {
+            Ok(target) if hops < 40 => {
+                hops += 1;
+                if target.is_absolute() {
+                    out = PathBuf::from("/");
+                }
+                for t in target.components().rev() {
+                    match t {
+                        Component::Normal(s) => todo.push(s.to_owned()),
+                        Component::ParentDir => todo.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => out = next,
+        }
+    }
+    out
 }
 
 fn normalize_dep(p: &str) -> String {

@@ -131,7 +131,18 @@ impl<'a> Planner<'a> {
                 let path = self.p.dir.join(&o.path);
                 self.store.is_materialized(&o.output, &path, &mut self.stat)
             });
-            return Ok(Decision::Cached { record, restore });
+            match restore.then(|| self.store.restorable(&record)) {
+                Some(Err(why)) => {
+                    return Ok(Decision::Run {
+                        key,
+                        inputs,
+                        reasons: vec![format!(
+                            "its cached result cannot be restored ({why} from the store)"
+                        )],
+                    });
+                }
+                _ => return Ok(Decision::Cached { record, restore }),
+            }
         }
         let reasons = if forced {
             vec!["forced".to_owned()]

@@ -86,11 +86,33 @@ impl Status {
     /// Reads the status of the pipeline file `pipeline` from the store at
     /// `store_root`; missing or unreadable means empty.
     pub fn load(store_root: &Path, pipeline: &Path) -> Status {
+        Self::load_file(
+            store_root
+                .join("status")
+                .join(Self::file_name(store_root, pipeline)),
+        )
+    }
+
+    /// `<pipeline file name>.json` for a store inside the pipeline's directory
+    /// (the project can move); in a store shared from elsewhere
+    /// (`ANNEAL_STORE`), pipelines with the same file name in different
+    /// directories are told apart by a hash of the pipeline's full path.
+    fn file_name(store_root: &Path, pipeline: &Path) -> String {
         let name = pipeline
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        Self::load_file(store_root.join("status").join(format!("{name}.json")))
+        let real = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let file = real(pipeline);
+        let inside = file
+            .parent()
+            .is_some_and(|dir| real(store_root).starts_with(dir));
+        if inside {
+            format!("{name}.json")
+        } else {
+            let h = blake3::hash(file.as_os_str().as_encoded_bytes()).to_hex();
+            format!("{name}-{}.json", &h[..12])
+        }
     }
 
     /// The status of every pipeline that uses the store.

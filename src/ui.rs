@@ -1,7 +1,7 @@
 //! What a run shows people: a live view on a terminal, plain lines otherwise.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -68,7 +68,7 @@ impl Console {
             Some(mp) => {
                 let _ = mp.println(s);
             }
-            None => eprintln!("{s}"),
+            None => stderr_line(&s),
         }
     }
 
@@ -167,7 +167,7 @@ impl Console {
             Some(mp) => {
                 let _ = mp.println(s);
             }
-            None => eprintln!("{s}"),
+            None => stderr_line(&s),
         }
     }
 
@@ -187,7 +187,18 @@ impl Console {
             Some(mp) => {
                 let _ = mp.println(msg);
             }
-            None => eprintln!("{msg}"),
+            None => stderr_line(msg),
         }
     }
+}
+
+/// Writes a line to stderr, ignoring a closed pipe: `anneal run` keeps going
+/// (and keeps its records right) when whoever reads its output goes away.
+pub fn stderr_line(s: &str) {
+    let _ = writeln!(std::io::stderr(), "{s}");
+}
+
+/// Writes a line to stdout, ignoring a closed pipe (see [`stderr_line`]).
+pub fn stdout_line(s: &str) {
+    let _ = writeln!(std::io::stdout(), "{s}");
 }

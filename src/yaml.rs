@@ -43,6 +43,21 @@ pub enum Yaml {
     Map(Vec<(Node, Node)>),
 }
 
+/// Most values that `*alias` references may expand to in one file (a guard
+/// against "billion laughs" files; real pipelines stay far below).
+const MAX_ALIAS_VALUES: usize = 1_000_000;
+
+impl Node {
+    /// Scalars, sequences and mappings in this node, itself included.
+    fn size(&self) -> usize {
+        1 + match &self.value {
+            Yaml::Scalar { .. } => 0,
+            Yaml::Seq(v) => v.iter().map(Node::size).sum(),
+            Yaml::Map(v) => v.iter().map(|(k, x)| k.size() + x.size()).sum(),
+        }
+    }
+}
+
 /// A typed scalar per the YAML 1.2 core schema.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Scalar {
@@ -209,7 +224,9 @@ pub fn parse(src: &str) -> Result<Option<Node>, (Mark, String)> {
     }
     let mut parser = Parser::new_from_str(src);
     let mut stack: Vec<Frame> = Vec::new();
-    let mut anchors: HashMap<usize, Node> = HashMap::new();
+    // Anchored nodes with their sizes in values, to bound what aliases expand to.
+    let mut anchors: HashMap<usize, (Node, usize)> = HashMap::new();
+    let mut expanded = 0usize;
     let mut root: Option<Node> = None;
     loop {
         let (event, m) = parser
@@ -229,12 +246,24 @@ pub fn parse(src: &str) -> Result<Option<Node>, (Mark, String)> {
                     },
                 };
                 if anchor > 0 {
-                    anchors.insert(anchor, node.clone());
+                    anchors.insert(anchor, (node.clone(), node.size()));
                 }
                 Some(node)
             }
             Event::Alias(id) => match anchors.get(&id) {
-                Some(n) => Some(Node { mark, ..n.clone() }),
+                Some((n, size)) => {
+                    expanded += size;
+                    if expanded > MAX_ALIAS_VALUES {
+                        return Err((
+                            mark,
+                            format!(
+                                "aliases expand to more than {MAX_ALIAS_VALUES} values; \
+                                 write the data in a file and declare it as an input instead"
+                            ),
+                        ));
+                    }
+                    Some(Node { mark, ..n.clone() })
+                }
                 None => return Err((mark, "alias refers to an unknown anchor".into())),
             },
             Event::SequenceStart(anchor, _) => {
@@ -252,7 +281,7 @@ pub fn parse(src: &str) -> Result<Option<Node>, (Mark, String)> {
                         value: Yaml::Seq(items),
                     };
                     if anchor > 0 {
-                        anchors.insert(anchor, node.clone());
+                        anchors.insert(anchor, (node.clone(), node.size()));
                     }
                     Some(node)
                 }
@@ -270,7 +299,7 @@ pub fn parse(src: &str) -> Result<Option<Node>, (Mark, String)> {
                         value: Yaml::Map(entries),
                     };
                     if anchor > 0 {
-                        anchors.insert(anchor, node.clone());
+                        anchors.insert(anchor, (node.clone(), node.size()));
                     }
                     Some(node)
                 }
@@ -379,6 +408,18 @@ mod tests {
         assert_eq!(e.0.line, 2);
         assert!(e.1.contains("duplicate key 'a'"));
         assert!(parse("a: [1, 2\n").is_err());
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut src = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            src.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let (mark, msg) = parse(&src).unwrap_err();
+        assert!(msg.contains("aliases expand to more than"), "{msg}");
+        assert!(mark.line >= 6, "{mark:?}");
     }
 
     #[test]

@@ -419,3 +419,66 @@ fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_cached_result_missing_from_the_store_is_recomputed() {
+    let p = project();
+    p.run_ok("p.yaml", &[]);
+    calls(&p);
+    // Lose the objects and the workspace copy of train's output.
+    std::fs::remove_dir_all(p.path(".anneal/objects")).unwrap();
+    std::fs::remove_dir_all(p.path("model")).unwrap();
+    let r = p.anneal(&["plan", "p.yaml"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("cannot be restored") || r.stderr.contains("cannot be restored"),
+        "{r:?}"
+    );
+    let plan = p.plan("p.yaml");
+    assert_eq!(plan[1].1, "run", "{plan:?}");
+    let out = p.run_ok("p.yaml", &[]);
+    assert_eq!(out[1], ("train".to_owned(), "done".to_owned()), "{out:?}");
+    assert!(calls(&p).contains(&"train".to_owned()));
+    assert_eq!(p.read("model/weights.txt"), "HELLO\nWORLD\nlr=1e-5\n");
+}
+
+#[test]
+fn pipelines_sharing_a_store_keep_their_own_status() {
+    let p = Project::new();
+    for d in ["a", "b"] {
+        p.write(
+            &format!("{d}/anneal.yaml"),
+            &format!(
+                "stages:\n  s:\n    kind: command\n    cmd: echo {d} > ${{outs.o}}\n    outs: {{o: o.txt}}\n"
+            ),
+        );
+    }
+    let shared = p.path("shared-store");
+    let run = |d: &str, args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_anneal"));
+        cmd.args(args)
+            .arg(format!("{d}/anneal.yaml"))
+            .env("ANNEAL_STORE", &shared)
+            .current_dir(p.path(""));
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{d} {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run("a", &["run", "-q"]);
+    run("b", &["run", "-q"]);
+    let key = |d: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(&run(d, &["status", "--json"])).unwrap();
+        v["stages"][0]["key"].as_str().unwrap().to_owned()
+    };
+    let (ka, kb) = (key("a"), key("b"));
+    assert_ne!(ka, kb, "each pipeline shows its own last run");
+    // gc for b keeps a's current result.
+    run("b", &["gc", "--keep-last", "0"]);
+    std::fs::remove_file(p.path("a/o.txt")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&run("a", &["run", "--json"])).unwrap();
+    assert_eq!(
+        v["stages"][0]["outcome"], "cached",
+        "restored from the store: {v}"
+    );
+    assert_eq!(p.read("a/o.txt"), "a\n");
+}

@@ -53,7 +53,7 @@ fn wrong_types_name_what_was_found() {
         &e,
         &[
             "pipe.yaml:5:11: 'deps' of stage 'a' must map input names to paths, found a list",
-            "pipe.yaml:6:23: resources.gpus of stage 'a' must be a whole number, found a string",
+            "pipe.yaml:6:23: resources.gpus of stage 'a' must be a whole number of 0 or more, found a string",
         ],
     );
     let e = plan_error("stages:\n  a:\n    kind: command\n    cmd: {x: 1}\n");
@@ -180,6 +180,100 @@ fn outputs_must_be_distinct_and_inside_the_project() {
         &e,
         &["pipe.yaml:5:15: outs.o of stage 'a': '../x.txt' leaves the pipeline directory"],
     );
+}
+
+#[test]
+fn outputs_never_replace_inputs_the_pipeline_or_what_symlinks_reach() {
+    let p = Project::new();
+    p.write("data/in.txt", "precious\n");
+    p.write("data/keep.txt", "also precious\n");
+    // An output directory holding the stage's own input.
+    p.write(
+        "own.yaml",
+        "stages:\n  s:\n    kind: command\n    cmd: cp ${deps.x} ${outs.d}/c\n    deps: {x: data/in.txt}\n    outs: {d: data/}\n",
+    );
+    let r = p.anneal(&["run", "own.yaml"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_has(
+        &r.stderr,
+        &[
+            "own.yaml:5:15: input deps.x (data/in.txt) of stage 's' overlaps output 'd' of stage 's' (data)",
+            "would replace its own input",
+        ],
+    );
+    // Another stage's input inside an output.
+    p.write(
+        "other.yaml",
+        "stages:\n  a:\n    kind: command\n    cmd: echo\n    outs: {d: data}\n  b:\n    kind: command\n    cmd: echo\n    deps: {x: data/keep.txt}\n",
+    );
+    let r = p.anneal(&["plan", "other.yaml"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_has(
+        &r.stderr,
+        &[
+            "other.yaml:9:15: input deps.x (data/keep.txt) of stage 'b' overlaps output 'd' of stage 'a'",
+            "${stages.a.outs.d}",
+        ],
+    );
+    // The pipeline file itself.
+    p.write(
+        "self.yaml",
+        "stages:\n  a:\n    kind: command\n    cmd: echo\n    outs: {y: self.yaml}\n",
+    );
+    let r = p.anneal(&["run", "self.yaml"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_has(&r.stderr, &["would overwrite the pipeline file"]);
+    // Through a symlink: into the store, and out of the project.
+    std::os::unix::fs::symlink(".anneal", p.path("st")).unwrap();
+    std::os::unix::fs::symlink("..", p.path("up")).unwrap();
+    p.write(
+        "link.yaml",
+        "stages:\n  a:\n    kind: command\n    cmd: echo\n    outs: {y: st/records}\n",
+    );
+    let r = p.anneal(&["run", "link.yaml"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_has(&r.stderr, &["overlaps the store"]);
+    p.write(
+        "up.yaml",
+        "stages:\n  a:\n    kind: command\n    cmd: echo\n    outs: {y: up/x.txt}\n",
+    );
+    let r = p.anneal(&["run", "up.yaml"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_has(
+        &r.stderr,
+        &[
+            "resolves through a symlink to",
+            "outside the pipeline directory",
+        ],
+    );
+    assert_eq!(p.read("data/in.txt"), "precious\n");
+    assert_eq!(p.read("data/keep.txt"), "also precious\n");
+    assert_eq!(p.read("self.yaml").lines().count(), 5);
+}
+
+#[test]
+fn a_closed_output_pipe_does_not_stop_a_run() {
+    let p = Project::new();
+    p.write(
+        "pipe.yaml",
+        "stages:\n  a:\n    kind: command\n    cmd: echo a > ${outs.o}\n    outs: {o: a.txt}\n  b:\n    kind: command\n    cmd: cat ${deps.i} > ${outs.o}\n    deps: {i: a.txt}\n    outs: {o: b.txt}\n",
+    );
+    // stdout and stderr into pipes whose readers are gone before anything is written.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_anneal"))
+        .args(["run", "--json", "pipe.yaml"])
+        .current_dir(p.path(""))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "a panic exits 101");
+    assert_eq!(p.read("b.txt"), "a\n");
+    let r = p.anneal(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_has(&r.stderr, &["0 ran, 2 cached"]);
 }
 
 #[test]

@@ -6,13 +6,12 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O operation on `path` failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The file or directory the operation was about.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (shown in the message, so not also a `source`).
+        err: std::io::Error,
     },
     /// A file the cache wrote earlier cannot be understood any more.
     #[error("{path}: corrupt {what}: {detail} (delete it, or run `anneal gc`)")]
@@ -37,7 +36,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 }

@@ -118,6 +118,12 @@ impl Store {
         Ok(report)
     }
 
+    /// Whether every object the record's outputs need is in the store, or
+    /// why not (so its outputs can be restored without running the stage).
+    pub fn restorable(&self, record: &Record) -> std::result::Result<(), String> {
+        self.reachable_from(record).map(|_| ())
+    }
+
     /// Every object a record's outputs need, or why they cannot all be had.
     fn reachable_from(&self, record: &Record) -> std::result::Result<Vec<Digest>, String> {
         let mut out = Vec::new();
