@@ -210,7 +210,7 @@ fn model_init_writes_a_checkpoint_that_transformers_reads() {
         "--arch",
         "qwen2",
         "--vocab-size",
-        "400",
+        "2000",
         "--json",
     ]);
     assert_eq!(r.code, 0, "{r:?}");
@@ -219,6 +219,20 @@ fn model_init_writes_a_checkpoint_that_transformers_reads() {
     let tensors = hf["tensors"].as_object().unwrap();
     assert_eq!(tensors["model.layers.0.self_attn.k_proj.bias"], json!([32]));
     assert!(!tensors.contains_key("model.layers.0.self_attn.o_proj.bias"));
+    // transformers builds its own Qwen2Tokenizer for model_type qwen2 (digits
+    // one at a time); anneal's trained tokenizer must give the same ids.
+    let ours = p.anneal(&[
+        "model",
+        "template",
+        "q",
+        "--messages",
+        "conv.json",
+        "--json",
+    ]);
+    assert_eq!(ours.code, 0, "{ours:?}");
+    let ours = ours.json();
+    assert_eq!(ours["text"], hf["text"]);
+    assert_eq!(ours["input_ids"], hf["input_ids"]);
 }
 
 #[test]

@@ -163,19 +163,26 @@ fn phases_train_chain_and_cache() {
         peft["peft_vs_base_max_abs"].as_f64().unwrap() > 1e-5,
         "the adapter changes nothing: {peft}"
     );
-    let g = p.anneal(&[
-        "model",
-        "generate",
-        "work/phase2",
-        "--chat",
-        "-p",
-        "2+3?",
-        "--max-new-tokens",
-        "3",
-        "--ignore-eos",
-        "--json",
-    ]);
-    assert_eq!(g.code, 0, "{g:?}");
+    // The merged model, and the adapter alone (loaded on its base model from
+    // adapter_config.json), generate the same tokens.
+    let ids = |model: &str| {
+        let g = p.anneal(&[
+            "model",
+            "generate",
+            model,
+            "--chat",
+            "-p",
+            "2+3?",
+            "--max-new-tokens",
+            "3",
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert_eq!(g.code, 0, "{g:?}");
+        let v: Value = serde_json::from_str(&g.stdout).unwrap();
+        v["completions"][0]["ids"].clone()
+    };
+    assert_eq!(ids("work/phase2"), ids("work/phase2/adapter"));
     // The run record carries the stage's report.
     let status = p.anneal(&["status", "sft.yaml", "--json"]);
     assert!(
@@ -334,4 +341,81 @@ fn packing_trains_the_same_function_with_less_padding() {
         "packing put several samples in a row: {}",
         rows(&packed)
     );
+}
+
+/// Steps per epoch, the last step of an epoch, `constant`, `save_total_limit`
+/// and bad params, as HF Trainer / LLaMA-Factory users expect them.
+#[test]
+fn epochs_schedules_and_checkpoint_limits_follow_hf_trainer() {
+    let p = Project::new();
+    write_data(&p);
+    // 10 training rows, 4 a step: 3 steps an epoch (4, 4, then the 2 left).
+    let rows: Vec<String> = p
+        .read("data/train.jsonl")
+        .lines()
+        .take(10)
+        .map(String::from)
+        .collect();
+    p.write("data/ten.jsonl", &(rows.join("\n") + "\n"));
+    let yaml = pipeline("tiny", 1, 1)
+        .replace(
+            "train: data/train.jsonl\n      val",
+            "train: data/ten.jsonl\n      val",
+        )
+        .replace("      max_steps: 1\n", "      num_train_epochs: 2\n")
+        .replace(
+            "gradient_accumulation_steps: 2",
+            "gradient_accumulation_steps: 1",
+        )
+        .replace(
+            "per_device_train_batch_size: 2\n      gradient",
+            "per_device_train_batch_size: 4\n      gradient",
+        )
+        .replace(
+            "warmup_ratio: 0.1",
+            "warmup_steps: 2\n      lr_scheduler_type: constant\n      save_total_limit: 2",
+        )
+        .replace("      detailed_metrics: true\n", "")
+        .replacen("cutoff_len: 160", "cutoff_len: 1024", 1);
+    p.write("sft.yaml", &yaml);
+    p.run_ok("sft.yaml", &["--stage", "phase1"]);
+    let m = metrics(&p, "work/phase1.jsonl");
+    let rows: Vec<u64> = m.iter().map(|x| x["rows"].as_u64().unwrap()).collect();
+    assert_eq!(rows, [4, 4, 2, 4, 4, 2], "{m:?}");
+    let epochs: Vec<f64> = m.iter().map(|x| x["epoch"].as_f64().unwrap()).collect();
+    assert!(
+        (epochs[2] - 1.0).abs() < 1e-9 && (epochs[5] - 2.0).abs() < 1e-9,
+        "{epochs:?}"
+    );
+    assert!(
+        m.iter().all(|x| x["lr"].as_f64() == Some(1e-3)),
+        "constant ignores warmup: {m:?}"
+    );
+    // save_steps 1 with save_total_limit 2: the final checkpoint and the one before it.
+    let mut kept: Vec<String> = std::fs::read_dir(p.path("work/phase1_ckpt"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["global_step_5", "global_step_6"]);
+
+    for (bad, key) in [
+        ("eval_steps: 0", "params.eval_steps"),
+        ("max_steps: 0", "params.max_steps"),
+        ("adam_beta1: 1.0", "params.adam_beta1"),
+    ] {
+        let y = if bad.starts_with("eval_steps") {
+            yaml.replacen("eval_steps: 3", bad, 1)
+        } else {
+            yaml.replacen(
+                "      eval_steps: 3\n",
+                &format!("      eval_steps: 3\n      {bad}\n"),
+                1,
+            )
+        };
+        p.write("bad.yaml", &y);
+        let r = p.anneal(&["plan", "bad.yaml"]);
+        assert_eq!(r.code, 2, "{bad}: {r:?}");
+        assert!(r.stderr.contains(key), "{bad}: {r:?}");
+    }
 }

@@ -282,8 +282,10 @@ impl Stage for ConversationTransform {
         "conversation_transform"
     }
 
+    /// 2: tool schemas reach the chat template in the OpenAI form
+    /// (`{"type": "function", "function": ...}`), as when served.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn inputs(&self) -> &'static [KeySpec] {
@@ -666,13 +668,8 @@ fn run(ctx: &StageContext, p: &Params, steps: &[Step]) -> anyhow::Result<()> {
 /// Tokens of the conversation rendered with the model's chat template.
 fn token_count(tok: &Tokenizer, c: &Conv) -> Result<usize, String> {
     let spec = crate::train::data::DataSpec {
-        prompt_key: crate::train::data::default_prompt_key(),
-        response_key: crate::train::data::default_response_key(),
-        messages_key: crate::train::data::default_messages_key(),
-        train_on_prompt: false,
         cutoff_len: usize::MAX,
-        truncation_side: Default::default(),
-        train_on: Default::default(),
+        ..Default::default()
     };
     let conv = crate::train::data::conversation(&record_of(c), &spec)?;
     let text = tok

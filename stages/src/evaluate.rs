@@ -222,8 +222,10 @@ impl Stage for Evaluate {
         "evaluate"
     }
 
+    /// 2: tool schemas reach the chat template in the OpenAI form
+    /// (`{"type": "function", "function": ...}`), as when served.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn inputs(&self) -> &'static [KeySpec] {

@@ -38,8 +38,9 @@ impl Stage for InitModel {
         "init_model"
     }
 
+    /// 2: qwen2 tokenizers use Qwen2's normalizer and pre-tokenizer.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn inputs(&self) -> &'static [KeySpec] {

@@ -12,7 +12,16 @@ pub fn parse<T: DeserializeOwned>(params: &Value) -> Result<T, ConfigError> {
     } else {
         params.clone()
     };
-    serde_json::from_value(v).map_err(|e| to_config_error(&e.to_string()))
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let mut err = to_config_error(&e.inner().to_string());
+        // A wrong value names its key (`params.val_ratio`, `params.steps[1].x`).
+        if err.key == "params" && path != "." && !path.is_empty() {
+            err.key = format!("params.{path}");
+            err.message = format!("{path}: {}", err.message);
+        }
+        err
+    })
 }
 
 /// Params that check their values beyond what their types say.
@@ -100,6 +109,17 @@ mod tests {
         mode: String,
         #[serde(default)]
         seed: u64,
+    }
+
+    #[test]
+    fn type_errors_name_the_param() {
+        let e = parse::<P>(&serde_json::json!({"mode": "x", "seed": "3"})).unwrap_err();
+        assert_eq!(e.key, "params.seed");
+        assert!(
+            e.message.starts_with("seed: invalid type: string"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

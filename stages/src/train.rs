@@ -50,8 +50,11 @@ pub enum Scheduler {
     Cosine,
     /// Linear decay to 0.
     Linear,
-    /// Constant.
+    /// Constant; no warmup (HF's `constant` ignores warmup settings).
     Constant,
+    /// Linear warmup, then constant.
+    #[serde(rename = "constant_with_warmup")]
+    ConstantWithWarmup,
 }
 
 /// Params of `train` (names as in LLaMA-Factory and HF TrainingArguments).
@@ -218,13 +221,93 @@ fn err(key: &str, message: impl Into<String>) -> ConfigError {
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
-            return Err(err("learning_rate", "learning_rate must be positive"));
-        }
-        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+        if !(self.learning_rate > 0.0 && self.learning_rate <= 1.0) {
             return Err(err(
+                "learning_rate",
+                format!(
+                    "learning_rate must be in (0, 1], not {}",
+                    self.learning_rate
+                ),
+            ));
+        }
+        // Rows are materialised per step: a bound far above any real batch
+        // turns a typo into an error instead of an allocation failure.
+        const MOST_ROWS: usize = 1 << 20;
+        for (key, v) in [
+            (
                 "per_device_train_batch_size",
-                "batch size and gradient_accumulation_steps must be at least 1",
+                self.per_device_train_batch_size,
+            ),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
+        ] {
+            if v == 0 || v > MOST_ROWS {
+                return Err(err(
+                    key,
+                    format!("{key} must be in 1..={MOST_ROWS}, not {v}"),
+                ));
+            }
+        }
+        if self.per_device_train_batch_size * self.gradient_accumulation_steps > MOST_ROWS {
+            return Err(err(
+                "gradient_accumulation_steps",
+                format!(
+                    "per_device_train_batch_size x gradient_accumulation_steps must be at most {MOST_ROWS}"
+                ),
+            ));
+        }
+        if self.max_steps == Some(0) {
+            return Err(err(
+                "max_steps",
+                "max_steps must be at least 1 (or left out to train num_train_epochs)",
+            ));
+        }
+        if self.eval_steps == Some(0) {
+            return Err(err(
+                "eval_steps",
+                "eval_steps must be at least 1 (or left out to evaluate at the end only)",
+            ));
+        }
+        for (key, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(err(key, format!("{key} must be in [0, 1), not {v}")));
+            }
+        }
+        if !(self.adam_epsilon > 0.0 && self.adam_epsilon.is_finite()) {
+            return Err(err(
+                "adam_epsilon",
+                format!("adam_epsilon must be positive, not {}", self.adam_epsilon),
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(err(
+                "weight_decay",
+                format!(
+                    "weight_decay must be 0 or positive, not {}",
+                    self.weight_decay
+                ),
+            ));
+        }
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
+            return Err(err(
+                "max_grad_norm",
+                format!(
+                    "max_grad_norm must be 0 (no clipping) or positive, not {}",
+                    self.max_grad_norm
+                ),
+            ));
+        }
+        if let Some(a) = self.lora_alpha
+            && !(a > 0.0 && a.is_finite())
+        {
+            return Err(err(
+                "lora_alpha",
+                format!("lora_alpha must be positive, not {a}"),
             ));
         }
         if self.max_steps.is_none()
@@ -297,12 +380,15 @@ impl Params {
 /// Learning rate at optimizer step `step` (0-based) of `total`, as
 /// transformers' schedules with warmup compute it.
 pub fn lr_at(kind: Scheduler, peak: f64, step: u64, warmup: u64, total: u64) -> f64 {
+    if kind == Scheduler::Constant {
+        return peak;
+    }
     if step < warmup {
         return peak * step as f64 / warmup.max(1) as f64;
     }
     let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
     match kind {
-        Scheduler::Constant => peak,
+        Scheduler::Constant | Scheduler::ConstantWithWarmup => peak,
         Scheduler::Linear => peak * (1.0 - progress).max(0.0),
         Scheduler::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
     }
@@ -353,8 +439,10 @@ impl Stage for Train {
         "train"
     }
 
+    /// 2: a step never spans two epochs (the last step of an epoch takes
+    /// what is left, as in HF Trainer); `constant` has no warmup.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn inputs(&self) -> &'static [KeySpec] {
@@ -438,7 +526,13 @@ pub(crate) fn load_samples(
         let sample = data::conversation(&row, spec).and_then(|c| data::tokenize(tok, &c, spec));
         match sample {
             Ok(s) if s.labels.iter().skip(1).all(|&l| l == -100) => {
-                bump("skipped_no_trained_tokens")
+                if s.truncated {
+                    // cutoff_len cut off every trained token (a prompt longer than it).
+                    bump("truncated");
+                    bump("skipped_no_trained_tokens_after_truncation");
+                } else {
+                    bump("skipped_no_trained_tokens");
+                }
             }
             Ok(s) => {
                 if s.truncated {
@@ -607,6 +701,23 @@ impl OnDevice for Job<'_> {
         };
         let base = Model::<B>::load(self.base, &device)?;
         let config = base.config.clone();
+        let ctx_len = config.max_position_embeddings;
+        let too_long = train
+            .iter()
+            .chain(&val)
+            .filter(|s| s.ids.len() > ctx_len)
+            .count();
+        if too_long > 0 {
+            tracing::warn!(
+                "{too_long} samples are longer than the model's max_position_embeddings \
+                 ({ctx_len}); servers such as vLLM refuse prompts past it: lower cutoff_len \
+                 or use a model with a longer context"
+            );
+            counts.insert(
+                "samples_longer_than_max_position_embeddings".into(),
+                too_long as u64,
+            );
+        }
         let pad_id = tok.pad_token_id().or(config.pad_token_id).unwrap_or(0);
         let lora_cfg = match p.finetuning_type {
             FinetuningType::Lora => Some(p.lora_config()?),
@@ -686,17 +797,18 @@ impl OnDevice for Job<'_> {
         let loop_started = Instant::now();
         for step in start..total {
             let t0 = Instant::now();
-            // Samples of this step: a stream over epochs, each epoch its own shuffle.
-            let mut picked = Vec::with_capacity(per_step);
-            for k in 0..per_step {
-                let pos = step * per_step as u64 + k as u64;
-                let epoch = pos / n as u64;
-                if epoch != order_epoch {
-                    order = permutation(n, p.seed.wrapping_add(epoch));
-                    order_epoch = epoch;
-                }
-                picked.push(&train[order[(pos % n as u64) as usize] as usize]);
+            // Samples of this step: each epoch its own shuffle, cut into steps
+            // of `per_step` samples; the epoch's last step takes what is left.
+            let epoch = step / steps_per_epoch;
+            if epoch != order_epoch {
+                order = permutation(n, p.seed.wrapping_add(epoch));
+                order_epoch = epoch;
             }
+            let first = (step % steps_per_epoch) as usize * per_step;
+            let picked: Vec<&Sample> = order[first..(first + per_step).min(n)]
+                .iter()
+                .map(|&i| &train[i as usize])
+                .collect();
             let total_tokens: usize = picked.iter().map(|s| counted(s)).sum();
             let train_detail = p.detailed_metrics.then(|| {
                 let inner = net.valid();
@@ -742,6 +854,14 @@ impl OnDevice for Job<'_> {
             } else {
                 grads.global_norm()
             };
+            if !loss_sum.is_finite() || !grad_norm.is_finite() {
+                bail!(
+                    "step {}: training diverged (loss {loss_sum}, gradient norm {grad_norm}); \
+                     lower learning_rate, keep max_grad_norm on, or check the data; \
+                     no model was written",
+                    step + 1
+                );
+            }
             let lr = lr_at(p.lr_scheduler_type, p.learning_rate, step, warmup, total);
             net = opt.step(net, &grads, lr);
             trained_tokens += total_tokens;
@@ -750,7 +870,7 @@ impl OnDevice for Job<'_> {
             let done = step + 1;
             let mut line = json!({
                 "step": done,
-                "epoch": (done * per_step as u64) as f64 / n as f64,
+                "epoch": done as f64 / steps_per_epoch as f64,
                 "loss": loss_sum,
                 "lr": lr,
                 "grad_norm": grad_norm,
@@ -760,6 +880,12 @@ impl OnDevice for Job<'_> {
             });
             if !val.is_empty() && (done % eval_every == 0 || done == total) {
                 let (vl, _) = evaluate(&net.valid(), &val, p.per_device_train_batch_size, pad_id);
+                if !vl.is_finite() {
+                    bail!(
+                        "step {done}: the validation loss is {vl}: training diverged; \
+                         lower learning_rate or check adam_epsilon; no model was written"
+                    );
+                }
                 line["eval_loss"] = json!(vl);
                 line["eval_ppl"] = json!(vl.exp().min(1e6));
                 if p.detailed_metrics {
@@ -801,7 +927,12 @@ impl OnDevice for Job<'_> {
             }
             .save(self.out, SaveDtype::F32, DEFAULT_MAX_SHARD_BYTES)?,
             Some(c) if p.merge_lora => {
-                lora::save_adapter(&inner, c, None, &self.out.join("adapter"))?;
+                lora::save_adapter(
+                    &inner,
+                    c,
+                    Some(&self.base.display().to_string()),
+                    &self.out.join("adapter"),
+                )?;
                 Model {
                     config: config.clone(),
                     net: lora::merge(inner),
@@ -822,16 +953,36 @@ impl OnDevice for Job<'_> {
         }
         if let Some(dir) = ctx.output("checkpoints") {
             std::fs::create_dir_all(&dir)?;
-            for e in std::fs::read_dir(&ckpt_dir)?.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("global_step_") && e.path().join("state.json").is_file() {
-                    copy_dir(&e.path().join("model"), &dir.join(&name))?;
-                }
+            // The saved steps before the last, newest first, within save_total_limit
+            // (which counts the final one too).
+            let mut saved: Vec<(u64, PathBuf)> = std::fs::read_dir(&ckpt_dir)?
+                .flatten()
+                .filter(|e| e.path().join("state.json").is_file())
+                .filter_map(|e| {
+                    let n = e
+                        .file_name()
+                        .to_string_lossy()
+                        .strip_prefix("global_step_")?
+                        .parse()
+                        .ok()?;
+                    (n < total).then(|| (n, e.path()))
+                })
+                .collect();
+            saved.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+            let keep = p
+                .save_total_limit
+                .filter(|k| *k > 0)
+                .map_or(usize::MAX, |k| k - 1);
+            for (n, path) in saved.into_iter().take(keep) {
+                copy_dir(&path.join("model"), &dir.join(format!("global_step_{n}")))?;
             }
-            let last = dir.join(format!("global_step_{total}"));
-            if !last.exists() {
-                copy_dir(self.out, &last)?;
-            }
+            // The final checkpoint in the same format as the others: the PEFT
+            // adapter for LoRA, even when `out` holds the merged model.
+            let final_src = match &lora_cfg {
+                Some(_) if p.merge_lora => self.out.join("adapter"),
+                _ => self.out.to_path_buf(),
+            };
+            copy_dir(&final_src, &dir.join(format!("global_step_{total}")))?;
         }
         if let Some(png) = ctx.output("plot") {
             let (mut tr, mut ev) = (Vec::new(), Vec::new());
@@ -940,7 +1091,10 @@ fn save_checkpoint<B: AutodiffBackend>(
 }
 
 fn prune(dir: &Path, keep: Option<usize>) -> anyhow::Result<()> {
-    let Some(keep) = keep else { return Ok(()) };
+    // As HF Trainer: no limit, or 0, keeps every checkpoint.
+    let Some(keep) = keep.filter(|k| *k > 0) else {
+        return Ok(());
+    };
     let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
         .flatten()
         .filter_map(|e| {
@@ -976,6 +1130,10 @@ mod tests {
         let l = |s| lr_at(Scheduler::Linear, 1.0, s, 0, 4);
         assert_eq!((l(0), l(1), l(3)), (1.0, 0.75, 0.25));
         assert_eq!(lr_at(Scheduler::Constant, 2.0, 7, 0, 8), 2.0);
+        // get_constant_schedule ignores warmup; constant_with_warmup does not.
+        assert_eq!(lr_at(Scheduler::Constant, 2.0, 0, 4, 8), 2.0);
+        let w = |s| lr_at(Scheduler::ConstantWithWarmup, 2.0, s, 4, 8);
+        assert_eq!((w(0), w(2), w(4), w(7)), (0.0, 1.0, 2.0, 2.0));
     }
 
     #[test]

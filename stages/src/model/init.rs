@@ -114,6 +114,15 @@ impl InitSpec {
             ));
         }
         let c = self.dims();
+        for (key, v) in [
+            ("hidden_size", c.1),
+            ("num_hidden_layers", c.2),
+            ("intermediate_size", c.5),
+        ] {
+            if v == 0 {
+                return Err((key.into(), format!("{key} must be at least 1")));
+            }
+        }
         if c.3 == 0 || c.4 == 0 || !c.3.is_multiple_of(c.4) {
             return Err((
                 "num_key_value_heads".into(),
@@ -336,7 +345,7 @@ pub fn init_checkpoint(
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let (vocab, ..) = spec.dims();
-    let tok = train_bpe(corpus, vocab, SPECIAL_TOKENS)?;
+    let tok = train_bpe(corpus, vocab, SPECIAL_TOKENS, spec.arch == "qwen2")?;
     let vocab = tok.get_vocab_size(true);
     let tok_file = out.join("tokenizer.json");
     tok.save(&tok_file, true)

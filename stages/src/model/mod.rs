@@ -53,7 +53,12 @@ pub struct Model<B: Backend> {
 
 impl<B: Backend> Model<B> {
     /// Loads `dir/config.json` and its safetensors weights onto `device`.
+    /// A PEFT LoRA adapter directory (`adapter_config.json`, no `config.json`)
+    /// loads as its local base model with the adapter merged in.
     pub fn load(dir: &Path, device: &B::Device) -> anyhow::Result<Self> {
+        if !dir.join("config.json").is_file() && dir.join("adapter_config.json").is_file() {
+            return Self::load_adapter_dir(dir, device);
+        }
         let config = ModelConfig::from_dir(dir)?;
         let tensors = weights::load_dir(dir)?;
         let net = CausalLm::from_tensors(&config, tensors, device)
@@ -61,6 +66,39 @@ impl<B: Backend> Model<B> {
         Ok(Model {
             config,
             net,
+            source: Some(dir.to_path_buf()),
+        })
+    }
+
+    fn load_adapter_dir(dir: &Path, device: &B::Device) -> anyhow::Result<Self> {
+        let file = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", file.display()))?;
+        let Some(base) = cfg["base_model_name_or_path"].as_str() else {
+            anyhow::bail!(
+                "{}: 'base_model_name_or_path' is not set, so the adapter's base model is unknown; \
+                 set it to the base model's directory, or use the merged model (merge_lora: true)",
+                file.display()
+            );
+        };
+        let base = PathBuf::from(base);
+        if !base.join("config.json").is_file() {
+            anyhow::bail!(
+                "{}: the base model '{}' is not a local model directory (anneal reads models \
+                 from disk and downloads nothing); point 'base_model_name_or_path' at it, \
+                 or use the merged model (merge_lora: true)",
+                file.display(),
+                base.display()
+            );
+        }
+        let model = Self::load(&base, device)?;
+        let (net, _) = lora::load_adapter(model.net, dir)
+            .with_context(|| format!("loading the LoRA adapter in {}", dir.display()))?;
+        Ok(Model {
+            config: model.config,
+            net: lora::merge(net),
             source: Some(dir.to_path_buf()),
         })
     }

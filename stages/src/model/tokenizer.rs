@@ -8,8 +8,17 @@ use anyhow::{Context, bail};
 use serde_json::{Value as Json, json};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainer};
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, DecoderWrapper, PostProcessorWrapper, PreTokenizerWrapper};
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    SplitDelimiterBehavior,
+};
+
+/// Qwen2's pre-tokenizer split pattern (as in its `tokenizer.json`).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 use super::chat::{ChatTemplate, SpecialTokens};
 
@@ -30,6 +39,13 @@ impl Tokenizer {
     /// template (see [`ChatTemplate::from_dir`]) from a checkpoint directory.
     pub fn from_dir(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("tokenizer.json");
+        // A LoRA adapter saved without tokenizer files uses its base model's.
+        if !path.is_file()
+            && let Some(base) = adapter_base(dir)
+            && base.join("tokenizer.json").is_file()
+        {
+            return Self::from_dir(&base);
+        }
         if !path.is_file() {
             bail!(
                 "{} not found: a Hugging Face fast tokenizer is needed; save one with \
@@ -249,10 +265,17 @@ fn read_json(path: &Path) -> anyhow::Result<Option<Json>> {
 /// added tokens), then the 256 byte-level characters, then merges up to
 /// `vocab_size` tokens in all. Training is deterministic: the same corpus gives
 /// the same `tokenizer.json`.
+///
+/// With `qwen2`, the normalizer and pre-tokenizer are Qwen2's instead (NFC,
+/// then its split regex, which takes digits one at a time, then `ByteLevel`
+/// without its own regex): transformers builds a `Qwen2Tokenizer` with those
+/// for any `model_type: qwen2` checkpoint, so a tokenizer trained otherwise
+/// would give other ids there (and in vLLM) than it gave in training.
 pub fn train_bpe(
     corpus: &[String],
     vocab_size: usize,
     special_tokens: &[&str],
+    qwen2: bool,
 ) -> anyhow::Result<tokenizers::Tokenizer> {
     let alphabet = ByteLevel::alphabet();
     let minimum = alphabet.len() + special_tokens.len();
@@ -276,10 +299,23 @@ pub fn train_bpe(
         .build();
     let mut trainer = TrainerWrapper::from(trainer);
     let mut tokenizer = tokenizers::Tokenizer::new(BPE::default());
+    let pre = if qwen2 {
+        let split = Split::new(
+            SplitPattern::Regex(QWEN2_SPLIT.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow::anyhow!("Qwen2 split pattern: {e}"))?;
+        tokenizer.with_normalizer(Some(NormalizerWrapper::from(NFC)));
+        PreTokenizerWrapper::from(Sequence::new(vec![
+            PreTokenizerWrapper::from(split),
+            PreTokenizerWrapper::from(ByteLevel::new(false, false, false)),
+        ]))
+    } else {
+        PreTokenizerWrapper::from(ByteLevel::new(false, true, true))
+    };
     tokenizer
-        .with_pre_tokenizer(Some(PreTokenizerWrapper::from(ByteLevel::new(
-            false, true, true,
-        ))))
+        .with_pre_tokenizer(Some(pre))
         .with_decoder(Some(DecoderWrapper::from(ByteLevel::default())))
         .with_post_processor(Some(PostProcessorWrapper::from(
             ByteLevel::default().trim_offsets(false),
@@ -392,6 +428,14 @@ pub fn chatml_tokenizer_config(tokenizer: &tokenizers::Tokenizer, model_max_leng
     })
 }
 
+/// The local base model directory named by `dir/adapter_config.json`, if any.
+fn adapter_base(dir: &Path) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).ok()?;
+    let cfg: Json = serde_json::from_str(&text).ok()?;
+    let base = std::path::PathBuf::from(cfg["base_model_name_or_path"].as_str()?);
+    (base != dir).then_some(base)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,9 +453,34 @@ mod tests {
     }
 
     #[test]
+    fn qwen2_tokenizers_take_digits_one_at_a_time() {
+        let corpus = corpus();
+        let q = train_bpe(&corpus, 400, &CHATML_SPECIAL_TOKENS, true).unwrap();
+        let g = train_bpe(&corpus, 400, &CHATML_SPECIAL_TOKENS, false).unwrap();
+        let words = |t: &tokenizers::Tokenizer, s: &str| -> Vec<String> {
+            use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+            let mut pts = PreTokenizedString::from(s);
+            t.get_pre_tokenizer()
+                .unwrap()
+                .pre_tokenize(&mut pts)
+                .unwrap();
+            pts.get_splits(OffsetReferential::Original, OffsetType::Byte)
+                .into_iter()
+                .map(|(w, _, _)| w.to_owned())
+                .collect()
+        };
+        assert_eq!(words(&q, "sold 2024"), ["sold", "Ġ", "2", "0", "2", "4"]);
+        assert_eq!(words(&g, "sold 2024"), ["sold", "Ġ2024"]);
+        for text in &corpus {
+            let ids = q.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+            assert_eq!(&q.decode(&ids, false).unwrap(), text);
+        }
+    }
+
+    #[test]
     fn train_bpe_round_trips_and_puts_special_tokens_first() {
         let corpus = corpus();
-        let tok = train_bpe(&corpus, 400, &CHATML_SPECIAL_TOKENS).unwrap();
+        let tok = train_bpe(&corpus, 400, &CHATML_SPECIAL_TOKENS, false).unwrap();
         for (i, t) in CHATML_SPECIAL_TOKENS.iter().enumerate() {
             assert_eq!(tok.token_to_id(t), Some(i as u32), "{t}");
         }
@@ -438,10 +507,10 @@ mod tests {
     #[test]
     fn train_bpe_is_deterministic() {
         let corpus = corpus();
-        let a = train_bpe(&corpus, 380, &CHATML_SPECIAL_TOKENS).unwrap();
-        let b = train_bpe(&corpus, 380, &CHATML_SPECIAL_TOKENS).unwrap();
+        let a = train_bpe(&corpus, 380, &CHATML_SPECIAL_TOKENS, false).unwrap();
+        let b = train_bpe(&corpus, 380, &CHATML_SPECIAL_TOKENS, false).unwrap();
         assert_eq!(a.to_string(false).unwrap(), b.to_string(false).unwrap());
-        assert!(train_bpe(&corpus, 100, &CHATML_SPECIAL_TOKENS).is_err());
+        assert!(train_bpe(&corpus, 100, &CHATML_SPECIAL_TOKENS, false).is_err());
     }
 
     #[test]
@@ -493,7 +562,7 @@ mod tests {
     #[test]
     fn save_to_dir_round_trips() {
         let corpus = corpus();
-        let tok = train_bpe(&corpus, 320, &CHATML_SPECIAL_TOKENS).unwrap();
+        let tok = train_bpe(&corpus, 320, &CHATML_SPECIAL_TOKENS, false).unwrap();
         let config = chatml_tokenizer_config(&tok, 1024);
         assert_eq!(config["added_tokens_decoder"]["2"]["content"], "<|im_end|>");
         let tok = Tokenizer::new(tok, config).unwrap();

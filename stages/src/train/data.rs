@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use crate::model::tokenizer::Tokenizer;
 
 /// How rows are read.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
     /// Key of the prompt messages in verl rows.
@@ -36,6 +36,21 @@ pub struct DataSpec {
     /// Which trained tokens count: `all`, `reasoning` or `tool_calls`.
     #[serde(default)]
     pub train_on: TrainOn,
+}
+
+impl Default for DataSpec {
+    /// The defaults a pipeline gets when it sets none of the keys.
+    fn default() -> Self {
+        DataSpec {
+            prompt_key: default_prompt_key(),
+            response_key: default_response_key(),
+            messages_key: default_messages_key(),
+            train_on_prompt: false,
+            cutoff_len: default_cutoff(),
+            truncation_side: Side::default(),
+            train_on: TrainOn::default(),
+        }
+    }
 }
 
 pub(crate) fn default_prompt_key() -> String {
@@ -175,7 +190,27 @@ fn check_messages(messages: &[Value]) -> Result<(), String> {
     Ok(())
 }
 
+/// The tool list for the chat template, each tool in the OpenAI form
+/// `{"type": "function", "function": {...}}` that serving (vLLM, OpenAI
+/// clients) and LLaMA-Factory give the template; bare `{"name", ...}` schemas
+/// are wrapped so training prompts match what the model sees when served.
 fn tools_of(v: Option<&Value>) -> Result<Option<Value>, String> {
+    Ok(tools_listed(v)?.map(|t| match t {
+        Value::Array(list) => Value::Array(list.into_iter().map(wrap_tool).collect()),
+        other => other,
+    }))
+}
+
+fn wrap_tool(t: Value) -> Value {
+    match &t {
+        Value::Object(m) if !m.contains_key("type") && m.contains_key("name") => {
+            json!({"type": "function", "function": t})
+        }
+        _ => t,
+    }
+}
+
+fn tools_listed(v: Option<&Value>) -> Result<Option<Value>, String> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
@@ -229,7 +264,9 @@ fn sharegpt(obj: &Map<String, Value>, conv: &Value) -> Result<Conversation, Stri
     })
 }
 
-/// `[<think>..</think>] {"name", "arguments"}` -> an assistant message with a tool call.
+/// `[<think>..</think>] {"name", "arguments"}`, or a JSON list of such calls
+/// (parallel calls, as LLaMA-Factory accepts) -> an assistant message with
+/// its tool calls.
 fn function_call(value: &str) -> Result<Value, String> {
     let (text, call) = match value.rfind("</think>") {
         Some(i) => (value[..i + "</think>".len()].trim(), value[i + 8..].trim()),
@@ -237,19 +274,33 @@ fn function_call(value: &str) -> Result<Value, String> {
     };
     let parsed: Value =
         serde_json::from_str(call).map_err(|e| format!("not a JSON function call: {e}"))?;
-    let name = parsed
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or("function call without a string 'name'")?;
-    let args = match parsed.get("arguments") {
-        Some(Value::String(s)) => serde_json::from_str(s).unwrap_or(Value::String(s.clone())),
-        Some(v) => v.clone(),
-        None => json!({}),
+    let calls = match &parsed {
+        Value::Array(list) if list.is_empty() => return Err("an empty list of calls".into()),
+        Value::Array(list) => list.iter().collect(),
+        one => vec![one],
     };
+    let mut tool_calls = Vec::new();
+    for (k, c) in calls.into_iter().enumerate() {
+        let at = if parsed.is_array() {
+            format!("call {k}: ")
+        } else {
+            String::new()
+        };
+        let name = c
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("{at}function call without a string 'name'"))?;
+        let args = match c.get("arguments") {
+            Some(Value::String(s)) => serde_json::from_str(s).unwrap_or(Value::String(s.clone())),
+            Some(v) => v.clone(),
+            None => json!({}),
+        };
+        tool_calls.push(json!({"type": "function", "function": {"name": name, "arguments": args}}));
+    }
     Ok(json!({
         "role": "assistant",
         "content": text,
-        "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]
+        "tool_calls": tool_calls
     }))
 }
 
@@ -311,7 +362,16 @@ pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result
         .map_err(|e| format!("tokenizing: {e}"))?;
     let ids = enc.get_ids().to_vec();
     let offsets = enc.get_offsets();
-    let calls = tool_spans(&full);
+    // Calls only inside assistant turns: a tools system prompt describes the
+    // call syntax (`<function-name>`, `<tool_call>` examples) without calling.
+    let calls: Vec<(usize, usize)> = spans
+        .iter()
+        .flat_map(|&(a, b)| {
+            tool_spans(&full[a..b])
+                .into_iter()
+                .map(move |(x, y)| (a + x, a + y))
+        })
+        .collect();
     let mut labels = Vec::with_capacity(ids.len());
     let mut classes = Vec::with_capacity(ids.len());
     for (k, &id) in ids.iter().enumerate() {
@@ -359,7 +419,9 @@ mod tests {
     use super::*;
 
     fn spec() -> DataSpec {
-        serde_json::from_value(json!({})).unwrap()
+        let s: DataSpec = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(s, DataSpec::default(), "serde defaults and Default agree");
+        s
     }
 
     #[test]
@@ -383,7 +445,28 @@ mod tests {
             json!({"a": 1})
         );
         assert_eq!(c.messages[3]["role"], "tool");
-        assert_eq!(c.tools, Some(json!([{"name": "f"}])));
+        assert_eq!(
+            c.tools,
+            Some(json!([{"type": "function", "function": {"name": "f"}}]))
+        );
+        // Parallel calls: a JSON list.
+        let par = json!({"conversations": [
+            {"from": "human", "value": "hi"},
+            {"from": "function_call", "value": "[{\"name\": \"f\", \"arguments\": {\"a\": 1}}, {\"name\": \"g\"}]"},
+            {"from": "observation", "value": "[1, 2]"},
+            {"from": "gpt", "value": "done"}]});
+        let c = conversation(&par, &spec()).unwrap();
+        let calls = c.messages[1]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1]["function"], json!({"name": "g", "arguments": {}}));
+        let bad = json!({"conversations": [
+            {"from": "human", "value": "hi"},
+            {"from": "function_call", "value": "[{\"name\": \"f\"}, {\"x\": 1}]"}]});
+        let e = conversation(&bad, &spec()).unwrap_err();
+        assert!(
+            e.contains("call 1: function call without a string 'name'"),
+            "{e}"
+        );
         let e = conversation(&json!({"x": 1}), &spec()).unwrap_err();
         assert!(e.contains("none of 'conversations'"), "{e}");
         let e = conversation(&json!({"prompt": "Q"}), &spec()).unwrap_err();
