@@ -100,7 +100,7 @@ PYTHON="${PYTHON:-python3}"
 BIN="$(pwd)/${ANNEAL_BIN:-target/release/anneal}"
 TOKENIZER_DIR="${TOKENIZER_DIR:-target/smollm2}"
 GSM8K="${GSM8K:-../shared/data/gsm8k/train.jsonl}"
-KIT="bench/results/train_gpu_kit"
+KIT="${KIT:-bench/results/train_gpu_kit}"
 work="bench/results/train_gpu"
 
 case "$SHAPE" in

@@ -7,9 +7,12 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-/// `../shared`, beside the checkout.
+/// `../shared`, beside the checkout, or `$ANNEAL_SHARED` (for a test binary
+/// carried to another machine).
 pub fn shared() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    let p = std::env::var_os("ANNEAL_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
     assert!(
         p.join("fixtures").is_dir(),
         "{} is missing: tests need the shared reference directory beside the checkout",
@@ -100,4 +103,16 @@ pub fn max_diff_unpadded(got: &[f32], want: &[f64], mask: &[Vec<bool>], t: usize
         }
     }
     worst
+}
+
+/// CUDA device 0 when this machine has an NVIDIA driver, else `None` (the
+/// CUDA tests then pass without running; they say so on stderr).
+#[cfg(feature = "cuda")]
+pub fn gpu() -> Option<burn::backend::cuda::CudaDevice> {
+    if Path::new("/proc/driver/nvidia/version").exists() {
+        Some(burn::backend::cuda::CudaDevice::new(0))
+    } else {
+        eprintln!("no NVIDIA driver on this machine: CUDA test skipped");
+        None
+    }
 }
