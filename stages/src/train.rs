@@ -649,20 +649,27 @@ fn evaluate<B: burn::tensor::backend::Backend>(
 }
 
 /// Newest complete checkpoint in `dir` (`global_step_N` with a `state.json`).
+/// Complete checkpoints (`global_step_N/` with its `state.json`) in `dir`,
+/// oldest first.
+fn checkpoints(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("global_step_")?
+                .parse()
+                .ok()?;
+            e.path().join("state.json").is_file().then(|| (n, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
 fn newest_checkpoint(dir: &Path) -> Option<(u64, PathBuf)> {
-    let mut best: Option<(u64, PathBuf)> = None;
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name
-            .strip_prefix("global_step_")
-            .and_then(|s| s.parse::<u64>().ok())
-            && e.path().join("state.json").is_file()
-            && best.as_ref().is_none_or(|b| n > b.0)
-        {
-            best = Some((n, e.path()));
-        }
-    }
-    best
+    checkpoints(dir).ok()?.pop()
 }
 
 impl OnDevice for Job<'_> {
@@ -955,20 +962,9 @@ impl OnDevice for Job<'_> {
             std::fs::create_dir_all(&dir)?;
             // The saved steps before the last, newest first, within save_total_limit
             // (which counts the final one too).
-            let mut saved: Vec<(u64, PathBuf)> = std::fs::read_dir(&ckpt_dir)?
-                .flatten()
-                .filter(|e| e.path().join("state.json").is_file())
-                .filter_map(|e| {
-                    let n = e
-                        .file_name()
-                        .to_string_lossy()
-                        .strip_prefix("global_step_")?
-                        .parse()
-                        .ok()?;
-                    (n < total).then(|| (n, e.path()))
-                })
-                .collect();
-            saved.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+            let mut saved = checkpoints(&ckpt_dir)?;
+            saved.retain(|(n, _)| *n < total);
+            saved.reverse();
             let keep = p
                 .save_total_limit
                 .filter(|k| *k > 0)
@@ -1095,19 +1091,7 @@ fn prune(dir: &Path, keep: Option<usize>) -> anyhow::Result<()> {
     let Some(keep) = keep.filter(|k| *k > 0) else {
         return Ok(());
     };
-    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
-        .flatten()
-        .filter_map(|e| {
-            let n = e
-                .file_name()
-                .to_string_lossy()
-                .strip_prefix("global_step_")?
-                .parse()
-                .ok()?;
-            Some((n, e.path()))
-        })
-        .collect();
-    steps.sort();
+    let steps = checkpoints(dir)?;
     let drop_n = steps.len().saturating_sub(keep);
     for (_, path) in steps.into_iter().take(drop_n) {
         std::fs::remove_dir_all(&path)?;
