@@ -482,3 +482,32 @@ fn pipelines_sharing_a_store_keep_their_own_status() {
     );
     assert_eq!(p.read("a/o.txt"), "a\n");
 }
+
+#[test]
+fn an_object_edited_through_a_hard_link_is_caught_and_stored_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = project();
+    p.write(
+        "p.yaml",
+        &PIPELINE.replace("name: t\n", "name: t\nstore: {link: hardlink}\n"),
+    );
+    p.run_ok("p.yaml", &[]);
+    calls(&p);
+    // The output is the store's object (same inode): editing it edits the object.
+    let out = p.path("prep.txt");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+    p.write("prep.txt", "HELLO\nWORLD\nedited\n");
+    let plan = p.plan("p.yaml");
+    assert_eq!(plan[0].1, "run", "{plan:?}");
+    assert!(plan[0].2[0].contains("was changed in place"), "{plan:?}");
+    let ran = p.run_ok("p.yaml", &[]);
+    assert_eq!(ran[0].1, "done", "{ran:?}");
+    assert_eq!(p.read("prep.txt"), "HELLO\nWORLD\n");
+    // The object holds the right bytes again: a copy restored from it is right.
+    std::fs::remove_file(&out).unwrap();
+    p.write("p.yaml", PIPELINE);
+    let ran = p.run_ok("p.yaml", &[]);
+    assert!(ran.iter().all(|(_, o)| o == "cached"), "{ran:?}");
+    assert_eq!(p.read("prep.txt"), "HELLO\nWORLD\n");
+    assert_eq!(calls(&p), ["prep"], "only the edited stage reran");
+}

@@ -120,8 +120,41 @@ impl Store {
 
     /// Whether every object the record's outputs need is in the store, or
     /// why not (so its outputs can be restored without running the stage).
+    /// Objects are only stat'ed: a missing one, or one whose size is not the
+    /// recorded size (edited in place, e.g. through a hard-linked output), fails.
     pub fn restorable(&self, record: &Record) -> std::result::Result<(), String> {
-        self.reachable_from(record).map(|_| ())
+        for (name, o) in &record.outputs {
+            let d = o.output.digest;
+            if o.output.kind == EntryKind::Dir {
+                self.stat_object(&d, None, name)?;
+                let manifest = self.manifest(&d).map_err(|e| e.to_string())?;
+                for e in &manifest.entries {
+                    self.stat_object(&e.digest, Some(e.size), &format!("{name}/{}", e.path))?;
+                }
+            } else {
+                self.stat_object(&d, Some(o.output.size), name)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn stat_object(
+        &self,
+        d: &Digest,
+        size: Option<u64>,
+        what: &str,
+    ) -> std::result::Result<(), String> {
+        match std::fs::metadata(self.object_path(d)) {
+            Ok(m) if m.is_file() => match size {
+                Some(s) if s != m.len() => Err(format!(
+                    "object {} of {what} was changed in place ({} bytes, not {s})",
+                    d.short(),
+                    m.len()
+                )),
+                _ => Ok(()),
+            },
+            _ => Err(format!("object {} of {what} is missing", d.short())),
+        }
     }
 
     /// Every object a record's outputs need, or why they cannot all be had.

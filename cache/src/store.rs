@@ -168,7 +168,7 @@ impl Store {
     /// Put the file at `src` (content `digest`) into the store, moving it if `movable`.
     fn put_file(&self, src: &Path, digest: Digest, exec: bool, movable: bool) -> Result<()> {
         let obj = self.object_path(&digest);
-        if obj.is_file() {
+        if self.intact(&obj, &digest)? {
             return Ok(());
         }
         let parent = obj.parent().unwrap_or(&self.root);
@@ -197,10 +197,29 @@ impl Store {
         copied
     }
 
+    /// Whether the object `obj` exists with content `digest`. One that exists
+    /// with other content (edited in place through a hard link, or by hand) is
+    /// removed, so the caller stores the right bytes again.
+    fn intact(&self, obj: &Path, digest: &Digest) -> Result<bool> {
+        if !obj.is_file() {
+            return Ok(false);
+        }
+        if hash_file(obj)? == *digest {
+            return Ok(true);
+        }
+        tracing::warn!(
+            "{}: object {} was changed in place; storing it again",
+            obj.display(),
+            digest.short()
+        );
+        fs::remove_file(obj).at(obj)?;
+        Ok(false)
+    }
+
     /// Store `bytes`, whose digest is `digest`, as an object.
     fn put_bytes(&self, digest: Digest, bytes: &[u8]) -> Result<()> {
         let obj = self.object_path(&digest);
-        if obj.is_file() {
+        if self.intact(&obj, &digest)? {
             return Ok(());
         }
         let parent = obj.parent().unwrap_or(&self.root);
