@@ -221,6 +221,14 @@ impl Pipeline {
         let real_store = resolve_existing(&self.store_dir);
         let file = resolve_existing(&std::path::absolute(&self.file)?);
         let nested = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+        // Plain file inputs, resolved once: (stage, input name, spec, real path).
+        let file_deps: Vec<_> = self
+            .stages
+            .iter()
+            .flat_map(|t| t.deps.iter().map(move |(n, d)| (t, n, d)))
+            .filter(|(_, _, d)| d.from.is_none() && !d.path.is_empty())
+            .map(|(t, n, d)| (t, n, d, resolve_existing(&self.dir.join(&d.path))))
+            .collect();
         for s in &self.stages {
             for (name, o) in &s.outs {
                 let p = self.dir.join(&o.path);
@@ -253,31 +261,23 @@ impl Pipeline {
                         Some("write outputs to a path of their own".into()),
                     ));
                 }
-                for t in &self.stages {
-                    for (dname, d) in t.deps.iter().filter(|(_, d)| d.from.is_none()) {
-                        if d.path.is_empty() {
-                            continue;
-                        }
-                        let dep = resolve_existing(&self.dir.join(&d.path));
-                        if nested(&dep, &real) {
-                            let whose = if t.name == s.name {
-                                "its own".to_owned()
-                            } else {
-                                format!("stage '{}''s", t.name)
-                            };
-                            return Err(self.error_at(
-                                d.mark,
-                                format!(
-                                    "input deps.{dname} ({}) of stage '{}' overlaps {what}: running '{}' would replace {whose} input",
-                                    d.path, t.name, s.name
-                                ),
-                                Some(format!(
-                                    "give the output a path of its own, or depend on the whole output with ${{stages.{}.outs.{name}}}",
-                                    s.name
-                                )),
-                            ));
-                        }
-                    }
+                if let Some((t, dname, d, _)) = file_deps.iter().find(|f| nested(&f.3, &real)) {
+                    let whose = if t.name == s.name {
+                        "its own".to_owned()
+                    } else {
+                        format!("stage '{}''s", t.name)
+                    };
+                    return Err(self.error_at(
+                        d.mark,
+                        format!(
+                            "input deps.{dname} ({}) of stage '{}' overlaps {what}: running '{}' would replace {whose} input",
+                            d.path, t.name, s.name
+                        ),
+                        Some(format!(
+                            "give the output a path of its own, or depend on the whole output with ${{stages.{}.outs.{name}}}",
+                            s.name
+                        )),
+                    ));
                 }
             }
         }
