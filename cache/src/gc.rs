@@ -123,19 +123,34 @@ impl Store {
     /// Objects are only stat'ed: a missing one, or one whose size is not the
     /// recorded size (edited in place, e.g. through a hard-linked output), fails.
     pub fn restorable(&self, record: &Record) -> std::result::Result<(), String> {
+        self.objects_of(record, true).map(|_| ())
+    }
+
+    /// Every object a record's outputs need, or why they cannot all be had.
+    fn reachable_from(&self, record: &Record) -> std::result::Result<Vec<Digest>, String> {
+        self.objects_of(record, false)
+    }
+
+    /// The objects of a record's outputs (manifests and their files), each
+    /// checked to exist and, with `sizes`, to have its recorded size.
+    fn objects_of(&self, record: &Record, sizes: bool) -> std::result::Result<Vec<Digest>, String> {
+        let mut out = Vec::new();
         for (name, o) in &record.outputs {
             let d = o.output.digest;
-            if o.output.kind == EntryKind::Dir {
-                self.stat_object(&d, None, name)?;
+            let is_dir = o.output.kind == EntryKind::Dir;
+            let size = (sizes && !is_dir).then_some(o.output.size);
+            self.stat_object(&d, size, &format!("output {name:?}"))?;
+            out.push(d);
+            if is_dir {
                 let manifest = self.manifest(&d).map_err(|e| e.to_string())?;
-                for e in &manifest.entries {
-                    self.stat_object(&e.digest, Some(e.size), &format!("{name}/{}", e.path))?;
+                for e in manifest.entries {
+                    let size = sizes.then_some(e.size);
+                    self.stat_object(&e.digest, size, &format!("{name}/{}", e.path))?;
+                    out.push(e.digest);
                 }
-            } else {
-                self.stat_object(&d, Some(o.output.size), name)?;
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     fn stat_object(
@@ -155,35 +170,6 @@ impl Store {
             },
             _ => Err(format!("object {} of {what} is missing", d.short())),
         }
-    }
-
-    /// Every object a record's outputs need, or why they cannot all be had.
-    fn reachable_from(&self, record: &Record) -> std::result::Result<Vec<Digest>, String> {
-        let mut out = Vec::new();
-        for (name, o) in &record.outputs {
-            let d = o.output.digest;
-            if !self.has_object(&d) {
-                return Err(format!(
-                    "object {} of output {name:?} is missing",
-                    d.short()
-                ));
-            }
-            out.push(d);
-            if o.output.kind == EntryKind::Dir {
-                let manifest = self.manifest(&d).map_err(|e| e.to_string())?;
-                for e in manifest.entries {
-                    if !self.has_object(&e.digest) {
-                        return Err(format!(
-                            "object {} of {name}/{} is missing",
-                            e.digest.short(),
-                            e.path
-                        ));
-                    }
-                    out.push(e.digest);
-                }
-            }
-        }
-        Ok(out)
     }
 }
 
