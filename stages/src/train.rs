@@ -648,7 +648,6 @@ fn evaluate<B: burn::tensor::backend::Backend>(
     (if n > 0 { sum / n as f64 } else { f64::NAN }, n)
 }
 
-/// Newest complete checkpoint in `dir` (`global_step_N` with a `state.json`).
 /// Complete checkpoints (`global_step_N/` with its `state.json`) in `dir`,
 /// oldest first.
 fn checkpoints(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
@@ -668,6 +667,7 @@ fn checkpoints(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
+/// Newest complete checkpoint in `dir`.
 fn newest_checkpoint(dir: &Path) -> Option<(u64, PathBuf)> {
     checkpoints(dir).ok()?.pop()
 }

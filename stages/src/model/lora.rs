@@ -99,11 +99,7 @@ impl LoraConfig {
 
     /// Reads `dir/adapter_config.json`.
     pub fn from_peft_dir(dir: &Path) -> anyhow::Result<LoraConfig> {
-        let file = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", file.display()))?;
+        let (file, v) = read_adapter_config(dir)?;
         let get = |k: &str| v.get(k).filter(|x| !x.is_null());
         if let Some(t) = get("peft_type").and_then(Value::as_str)
             && t != "LORA"
@@ -222,6 +218,25 @@ pub fn attach<B: Backend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) -> Caus
 }
 
 /// Freezes the base and attaches the PEFT adapter in `dir`; every adapter
+/// `dir/adapter_config.json`: its path and parsed contents.
+fn read_adapter_config(dir: &Path) -> anyhow::Result<(std::path::PathBuf, Value)> {
+    let file = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let v = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", file.display()))?;
+    Ok((file, v))
+}
+
+/// The base model a PEFT adapter directory names (`base_model_name_or_path`
+/// in its `adapter_config.json`), if it names one.
+pub fn adapter_base(dir: &Path) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let (_, v) = read_adapter_config(dir)?;
+    Ok(v["base_model_name_or_path"]
+        .as_str()
+        .map(std::path::PathBuf::from))
+}
+
 /// tensor must be used.
 pub fn load_adapter<B: Backend>(
     net: CausalLm<B>,

@@ -72,18 +72,13 @@ impl<B: Backend> Model<B> {
 
     fn load_adapter_dir(dir: &Path, device: &B::Device) -> anyhow::Result<Self> {
         let file = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let cfg: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", file.display()))?;
-        let Some(base) = cfg["base_model_name_or_path"].as_str() else {
+        let Some(base) = lora::adapter_base(dir)? else {
             anyhow::bail!(
                 "{}: 'base_model_name_or_path' is not set, so the adapter's base model is unknown; \
                  set it to the base model's directory, or use the merged model (merge_lora: true)",
                 file.display()
             );
         };
-        let base = PathBuf::from(base);
         if !base.join("config.json").is_file() {
             anyhow::bail!(
                 "{}: the base model '{}' is not a local model directory (anneal reads models \

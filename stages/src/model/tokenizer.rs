@@ -41,7 +41,9 @@ impl Tokenizer {
         let path = dir.join("tokenizer.json");
         // A LoRA adapter saved without tokenizer files uses its base model's.
         if !path.is_file()
-            && let Some(base) = adapter_base(dir)
+            && dir.join("adapter_config.json").is_file()
+            && let Ok(Some(base)) = super::lora::adapter_base(dir)
+            && base != dir
             && base.join("tokenizer.json").is_file()
         {
             return Self::from_dir(&base);
@@ -426,14 +428,6 @@ pub fn chatml_tokenizer_config(tokenizer: &tokenizers::Tokenizer, model_max_leng
         "added_tokens_decoder": decoder,
         "chat_template": CHATML_TEMPLATE,
     })
-}
-
-/// The local base model directory named by `dir/adapter_config.json`, if any.
-fn adapter_base(dir: &Path) -> Option<std::path::PathBuf> {
-    let text = std::fs::read_to_string(dir.join("adapter_config.json")).ok()?;
-    let cfg: Json = serde_json::from_str(&text).ok()?;
-    let base = std::path::PathBuf::from(cfg["base_model_name_or_path"].as_str()?);
-    (base != dir).then_some(base)
 }
 
 #[cfg(test)]
