@@ -364,11 +364,7 @@ pub fn status(args: &PipelineArgs, json_out: bool) -> anyhow::Result<i32> {
     let p = load(args)?;
     let st = Status::load(&p.store_dir, &p.file);
     // A stage still marked running while nobody holds the lock was interrupted.
-    // Without taking the lock (that could turn away a run starting now): is its holder alive?
-    let live = std::fs::read(p.store_dir.join("lock"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<anneal_cache::LockInfo>(&b).ok())
-        .is_some_and(|info| Path::new(&format!("/proc/{}", info.pid)).exists());
+    let live = anneal_cache::WorkspaceLock::live_holder(&p.store_dir).is_some();
     let state_of = |s: &crate::status::StageStatus| {
         if s.state == RunState::Running && !live {
             RunState::Interrupted

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anneal_cache::{Digest, Record, RecordOutput, StatCache, Store};
+use anneal_cache::{Digest, LockInfo, Record, RecordOutput, StatCache, Store, WorkspaceLock};
 use serde_json::{Map, Value, json};
 
 use crate::interp::Mode;
@@ -48,6 +48,8 @@ pub struct Planner<'a> {
     pub stat: StatCache,
     /// Last runs.
     pub status: Status,
+    /// Another process running on this store now, if any.
+    pub live_run: Option<LockInfo>,
 }
 
 /// Upstream outputs known so far: stage index -> output name -> record output.
@@ -61,6 +63,7 @@ impl<'a> Planner<'a> {
             store,
             stat: StatCache::load(&store.root().join("stat-cache.json")),
             status: Status::load(store.root(), &p.file),
+            live_run: WorkspaceLock::live_holder(store.root()),
         }
     }
 
@@ -164,7 +167,11 @@ impl<'a> Planner<'a> {
         if prev.key == key {
             return vec![match prev.state {
                 RunState::Failed => "last run failed".into(),
-                RunState::Running | RunState::Interrupted => "resumes an interrupted run".into(),
+                RunState::Running => match &self.live_run {
+                    Some(h) => format!("being run now by pid {} (`{}`)", h.pid, h.command),
+                    None => "resumes an interrupted run".into(),
+                },
+                RunState::Interrupted => "resumes an interrupted run".into(),
                 _ => "its cached result is gone from the store".into(),
             }];
         }

@@ -181,8 +181,13 @@ fn the_store_lock_stops_a_second_run() {
     );
     assert!(second.stderr.contains("--wait"), "{second:?}");
     // Reading is fine while a run holds the lock.
-    let plan = p.anneal(&["plan", "p.yaml"]);
-    assert_eq!(plan.code, 0, "{plan:?}");
+    let plan = p.plan("p.yaml");
+    let why = &plan[0].2[0];
+    assert!(
+        why.starts_with(&format!("being run now by pid {} (`", first.id()))
+            && why.ends_with(" run p.yaml`)"),
+        "{plan:?}"
+    );
     let st = p.anneal(&["status", "p.yaml", "--json"]).json();
     assert_eq!(st["stages"][0]["state"], "running");
 

@@ -115,6 +115,19 @@ impl WorkspaceLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The other process that holds the lock of the store at `root` now, if
+    /// any, without taking the lock (that could turn away a run starting at
+    /// that moment). A holder on this host counts only while its pid is alive;
+    /// one on another host is taken at its word.
+    pub fn live_holder(root: &Path) -> Option<LockInfo> {
+        let info = read_info(&root.join("lock"))?;
+        if info.pid == std::process::id() {
+            return None;
+        }
+        let here = info.host.is_empty() || info.host == hostname();
+        (!here || Path::new(&format!("/proc/{}", info.pid)).exists()).then_some(info)
+    }
 }
 
 impl Drop for WorkspaceLock {
@@ -248,6 +261,31 @@ mod tests {
         fs::write(tmp.path().join("lock"), "garbage").unwrap();
         let (_lock, acquired) = WorkspaceLock::try_acquire(tmp.path(), "x").unwrap();
         assert_eq!(acquired, Acquired::Fresh);
+    }
+
+    #[test]
+    fn live_holder_is_another_living_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(WorkspaceLock::live_holder(tmp.path()), None);
+        let lock = |pid: u32, host: &str| {
+            let info = LockInfo {
+                pid,
+                started_unix_ms: 1,
+                command: "anneal run".into(),
+                host: host.into(),
+            };
+            fs::write(tmp.path().join("lock"), serde_json::to_vec(&info).unwrap()).unwrap();
+            info
+        };
+        // pid 1 is alive on every Linux host; no pid exceeds 2^22 (PID_MAX_LIMIT).
+        let init = lock(1, &hostname());
+        assert_eq!(WorkspaceLock::live_holder(tmp.path()), Some(init));
+        lock(4_194_305, &hostname());
+        assert_eq!(WorkspaceLock::live_holder(tmp.path()), None);
+        let remote = lock(4_194_305, "elsewhere");
+        assert_eq!(WorkspaceLock::live_holder(tmp.path()), Some(remote));
+        lock(std::process::id(), "");
+        assert_eq!(WorkspaceLock::live_holder(tmp.path()), None);
     }
 
     #[test]
