@@ -16,9 +16,11 @@ use crate::pipeline::Pipeline;
 /// The metrics of one stage.
 struct Column {
     stage: String,
-    /// Name -> value; empty with `missing` set when the file is not there.
+    /// Name -> value; empty with `missing` or `unreadable` set when the file
+    /// is not there or cannot be read.
     values: Vec<(String, f64)>,
     missing: Option<String>,
+    unreadable: Option<String>,
 }
 
 fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, f64)>) {
@@ -113,19 +115,20 @@ pub fn metrics(
             )
         })?;
         let path = p.dir.join(&out.path);
-        let col = match read_metrics(&path) {
-            Ok(values) => Column {
-                stage: s.name.clone(),
-                values,
-                missing: None,
-            },
-            Err(_) if !path.exists() => Column {
-                stage: s.name.clone(),
-                values: Vec::new(),
-                missing: Some(format!("{} not written yet: run the stage", out.path)),
-            },
-            Err(e) => return Err(e),
+        let mut col = Column {
+            stage: s.name.clone(),
+            values: Vec::new(),
+            missing: None,
+            unreadable: None,
         };
+        // One bad file must not hide the others: it is reported and the exit status says so.
+        match read_metrics(&path) {
+            Ok(values) => col.values = values,
+            Err(_) if !path.exists() => {
+                col.missing = Some(format!("{} not written yet: run the stage", out.path));
+            }
+            Err(e) => col.unreadable = Some(format!("{e:#}")),
+        }
         cols.push(col);
     }
     let base = match baseline {
@@ -138,6 +141,7 @@ pub fn metrics(
         }
         None => 0,
     };
+    let status = i32::from(cols.iter().any(|c| c.unreadable.is_some()));
     let mut names: Vec<String> = Vec::new();
     for c in &cols {
         for (n, _) in &c.values {
@@ -161,10 +165,11 @@ pub fn metrics(
                 .collect();
             m.insert(n.clone(), Value::Object(row));
         }
-        let missing: Map<String, Value> = cols
-            .iter()
-            .filter_map(|c| c.missing.as_ref().map(|w| (c.stage.clone(), json!(w))))
-            .collect();
+        let by_stage = |f: fn(&Column) -> &Option<String>| -> Map<String, Value> {
+            cols.iter()
+                .filter_map(|c| f(c).as_ref().map(|w| (c.stage.clone(), json!(w))))
+                .collect()
+        };
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
@@ -172,10 +177,11 @@ pub fn metrics(
                 "stages": cols.iter().map(|c| &c.stage).collect::<Vec<_>>(),
                 "baseline": cols[base].stage,
                 "metrics": m,
-                "missing": missing,
+                "missing": by_stage(|c| &c.missing),
+                "unreadable": by_stage(|c| &c.unreadable),
             }))?
         );
-        return Ok(0);
+        return Ok(status);
     }
 
     let mut table: Vec<Vec<String>> = Vec::new();
@@ -233,8 +239,11 @@ pub fn metrics(
         if let Some(w) = &c.missing {
             eprintln!("note: {}: {w}", c.stage);
         }
+        if let Some(e) = &c.unreadable {
+            eprintln!("error: {}: {e}", c.stage);
+        }
     }
-    Ok(0)
+    Ok(status)
 }
 
 /// Up to 4 significant decimals, no trailing zeros; integers as integers.

@@ -277,6 +277,51 @@ fn a_closed_output_pipe_does_not_stop_a_run() {
 }
 
 #[test]
+fn one_unreadable_metrics_file_does_not_hide_the_others() {
+    let p = Project::new();
+    p.write(
+        "pipe.yaml",
+        r#"stages:
+  good:
+    kind: command
+    cmd: |
+      echo '{"metrics": {"loss": 1.5}}' > ${outs.metrics}
+    outs: {metrics: good.json}
+  bad:
+    kind: command
+    cmd: |
+      echo '{"loss": 1.' > ${outs.metrics}
+    outs: {metrics: bad.json}
+  later:
+    kind: command
+    cmd: |
+      echo '{"loss": 1.25}' > ${outs.metrics}
+    outs: {metrics: later.json}
+"#,
+    );
+    let r = p.anneal(&["run", "pipe.yaml", "-s", "good", "-s", "bad"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = p.anneal(&["metrics", "pipe.yaml"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_has(&r.stdout, &["loss", "1.5"]);
+    assert_has(
+        &r.stderr,
+        &[
+            "error: bad: ",
+            "bad.json is not JSON",
+            "note: later: later.json not written yet",
+        ],
+    );
+    let r = p.anneal(&["metrics", "pipe.yaml", "--json"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["metrics"]["loss"]["good"]["value"], 1.5);
+    assert!(j["metrics"]["loss"]["bad"]["value"].is_null(), "{j}");
+    assert_has(j["unreadable"]["bad"].as_str().unwrap(), &["not JSON"]);
+    assert!(j["missing"]["later"].is_string(), "{j}");
+}
+
+#[test]
 fn yaml_syntax_and_empty_and_missing_files() {
     let e = plan_error("stages:\n  a: {kind: command\n  b: 1\n");
     assert_has(&e, &["pipe.yaml:3:", "invalid YAML"]);
