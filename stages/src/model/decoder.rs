@@ -240,7 +240,10 @@ impl<B: Backend> KvCache<B> {
 pub struct Positions<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
-    /// `[batch, 1, queries, keys]`, `true` where attention is not allowed.
+    /// `true` where attention is not allowed: `[batch, 1, queries, keys]`,
+    /// or `[batch, kv_heads, rep * queries, keys]` in the grouped-query layout
+    /// of [`Attention::forward`] (`rep` query heads per kv head, when > 1).
+    /// Built once per forward pass, so the layers do not each copy it.
     mask: Tensor<B, 4, Bool>,
 }
 
@@ -287,15 +290,7 @@ impl<B: Backend> Attention<B> {
         // the query axis (a free reshape of the contiguous `q`).
         let rep = h / kvh;
         let q = q.reshape([b, kvh, rep * t, hd]);
-        let mask = if rep == 1 {
-            pos.mask.clone().expand([b, kvh, t, s])
-        } else {
-            pos.mask
-                .clone()
-                .unsqueeze_dim::<5>(1)
-                .expand([b, kvh, rep, t, s])
-                .reshape([b, kvh, rep * t, s])
-        };
+        let mask = pos.mask.clone().expand([b, kvh, rep * t, s]);
         let out = if self.bf16 {
             let [q, k, v] = [q, k, v].map(|x| x.cast(FloatDType::BF16));
             attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
@@ -451,10 +446,24 @@ impl<B: Backend> CausalLm<B> {
                 mask.extend((0..keys).map(|j| !allowed(row, i, j)));
             }
         }
+        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, keys]), device);
+        let (kvh, rep) = self.layers.first().map_or((1, 1), |l| {
+            let a = &l.self_attn;
+            (a.n_kv_heads, a.n_heads / a.n_kv_heads)
+        });
+        let mask = if rep == 1 {
+            mask
+        } else {
+            // One copy here instead of one per layer (a reshape of the
+            // broadcast mask copies it).
+            mask.unsqueeze_dim::<5>(1)
+                .expand([b, kvh, rep, t, keys])
+                .reshape([b, kvh, rep * t, keys])
+        };
         Positions {
             cos: Tensor::from_data(TensorData::new(cos, [b, 1, t, hd]), device),
             sin: Tensor::from_data(TensorData::new(sin, [b, 1, t, hd]), device),
-            mask: Tensor::from_data(TensorData::new(mask, [b, 1, t, keys]), device),
+            mask,
         }
     }
 
