@@ -155,7 +155,7 @@ fn smollm2_path() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/smollm2"))
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
 fn smollm2_dir_exists() -> bool {
     smollm2_path().join("model.safetensors").is_file()
 }
@@ -252,8 +252,9 @@ fn generation_stops_on_stop_strings_and_eos() {
 }
 
 /// The same checks on burn's CUDA backend, where a GPU is present (built with
-/// `--features cuda`; see `bench/device.sh`).
-#[cfg(feature = "cuda")]
+/// `--features cuda`; see `bench/device.sh`), or on burn's wgpu backend
+/// standing in for it (`--features gpu-on-wgpu`; see `bench/gpu_on_wgpu.sh`).
+#[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
 mod cuda {
     use super::*;
 
@@ -268,7 +269,7 @@ mod cuda {
     fn tiny_fixtures_match_transformers_on_cuda() {
         let Some(device) = common::gpu() else { return };
         for name in ["tiny-qwen2", "tiny-llama"] {
-            check_fixture::<burn::backend::Cuda>(name, &device, &CUDA_TOL);
+            check_fixture::<anneal_stages::model::device::Gpu>(name, &device, &CUDA_TOL);
         }
     }
 
@@ -279,6 +280,6 @@ mod cuda {
             eprintln!("no SmolLM2 checkpoint (ANNEAL_SMOLLM2_DIR): test skipped");
             return;
         }
-        smollm2_check::<burn::backend::Cuda>(&device);
+        smollm2_check::<anneal_stages::model::device::Gpu>(&device);
     }
 }

@@ -357,12 +357,13 @@ fn bf16_check<AB: AutodiffBackend>(device: &AB::Device) {
 }
 
 /// The same steps on burn's CUDA backend, where a GPU is present (built with
-/// `--features cuda`; see `bench/device.sh`).
-#[cfg(feature = "cuda")]
+/// `--features cuda`; see `bench/device.sh`), or on burn's wgpu backend
+/// standing in for it (`--features gpu-on-wgpu`; see `bench/gpu_on_wgpu.sh`).
+#[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
 mod cuda {
     use super::*;
 
-    type Gpu = Autodiff<burn::backend::Cuda>;
+    type Gpu = Autodiff<anneal_stages::model::device::Gpu>;
 
     /// Reductions on the GPU sum in another order (or in TF32): looser than
     /// the CPU, still far below the effect of any real bug.
@@ -388,6 +389,8 @@ mod cuda {
         }
     }
 
+    // wgpu has no bf16.
+    #[cfg(feature = "cuda")]
     #[test]
     fn bf16_stays_close_to_f32_on_cuda() {
         let Some(device) = common::gpu() else { return };

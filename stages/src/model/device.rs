@@ -57,9 +57,34 @@ impl serde::Serialize for DeviceSpec {
 /// CPU backend with autodiff (inference uses its inner backend).
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
 
-/// CUDA backend with autodiff.
+/// The backend `device: cuda` runs on: burn's CUDA backend.
 #[cfg(feature = "cuda")]
-pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
+pub type Gpu = burn::backend::Cuda;
+
+/// The backend `device: cuda` runs on: burn's wgpu backend, standing in for
+/// CUDA to check the GPU code paths without an NVIDIA GPU (feature
+/// `gpu-on-wgpu`; never in a release).
+#[cfg(all(feature = "gpu-on-wgpu", not(feature = "cuda")))]
+pub type Gpu = burn::backend::Wgpu;
+
+/// [`Gpu`] with autodiff.
+#[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
+pub type CudaBackend = burn::backend::Autodiff<Gpu>;
+
+/// Device `n` of [`Gpu`].
+#[cfg(feature = "cuda")]
+pub fn gpu_device(n: usize) -> burn::backend::cuda::CudaDevice {
+    burn::backend::cuda::CudaDevice::new(n)
+}
+
+/// Device `n` of [`Gpu`] (wgpu's own choice for device 0).
+#[cfg(all(feature = "gpu-on-wgpu", not(feature = "cuda")))]
+pub fn gpu_device(n: usize) -> burn::backend::wgpu::WgpuDevice {
+    match n {
+        0 => burn::backend::wgpu::WgpuDevice::default(),
+        n => burn::backend::wgpu::WgpuDevice::DiscreteGpu(n),
+    }
+}
 
 /// Work generic over the backend, run by [`run_on`] on the device asked for.
 pub trait OnDevice {
@@ -77,7 +102,7 @@ pub fn run_on<W: OnDevice>(spec: DeviceSpec, work: W) -> anyhow::Result<W::Outpu
     }
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "gpu-on-wgpu")))]
 fn run_cuda<W: OnDevice>(n: usize, _work: W) -> anyhow::Result<W::Output> {
     bail!(
         "device 'cuda:{n}' asked for, but this anneal was built without CUDA support; \
@@ -85,10 +110,11 @@ fn run_cuda<W: OnDevice>(n: usize, _work: W) -> anyhow::Result<W::Output> {
     )
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
 fn run_cuda<W: OnDevice>(n: usize, work: W) -> anyhow::Result<W::Output> {
+    #[cfg(feature = "cuda")]
     cuda_driver_check()?;
-    let device = burn::backend::cuda::CudaDevice::new(n);
+    let device = gpu_device(n);
     // burn's CUDA runtime panics (on its own threads too) when the device is
     // unusable; turn the first touch into an error.
     let probe = std::panic::catch_unwind(|| {
@@ -139,7 +165,7 @@ mod tests {
         assert!(e.contains("cpu, cuda, cuda:N"), "{e}");
     }
 
-    #[cfg(not(feature = "cuda"))]
+    #[cfg(not(any(feature = "cuda", feature = "gpu-on-wgpu")))]
     #[test]
     fn cuda_without_feature_is_an_error() {
         struct Nothing;

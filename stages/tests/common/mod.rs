@@ -110,9 +110,15 @@ pub fn max_diff_unpadded(got: &[f32], want: &[f64], mask: &[Vec<bool>], t: usize
 #[cfg(feature = "cuda")]
 pub fn gpu() -> Option<burn::backend::cuda::CudaDevice> {
     if Path::new("/proc/driver/nvidia/version").exists() {
-        Some(burn::backend::cuda::CudaDevice::new(0))
+        Some(anneal_stages::model::device::gpu_device(0))
     } else {
         eprintln!("no NVIDIA driver on this machine: CUDA test skipped");
         None
     }
+}
+
+/// The wgpu device standing in for CUDA (feature `gpu-on-wgpu`).
+#[cfg(all(feature = "gpu-on-wgpu", not(feature = "cuda")))]
+pub fn gpu() -> Option<burn::backend::wgpu::WgpuDevice> {
+    Some(anneal_stages::model::device::gpu_device(0))
 }
