@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use burn::module::AutodiffModule;
-use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -826,7 +826,9 @@ impl OnDevice for Job<'_> {
                 st.to_json()
             });
             let mut grads = Grads::<B::InnerBackend>::default();
-            let mut loss_sum = 0.0;
+            // The loss and the gradient norm stay on the device until the
+            // optimizer step is queued: one sync per step on a GPU.
+            let mut loss_dev: Option<Tensor<B::InnerBackend, 1>> = None;
             let packed = p.packing.then(|| pack(&picked, p.cutoff_len));
             let bs = p.per_device_train_batch_size;
             let micros = packed.as_ref().map_or(picked.len(), Vec::len).div_ceil(bs);
@@ -852,15 +854,24 @@ impl OnDevice for Job<'_> {
                     continue;
                 }
                 let scaled = loss.mul_scalar(k as f64 / total_tokens as f64);
-                loss_sum += scaled.clone().into_scalar().elem::<f64>();
+                let part = scaled.clone().inner();
+                loss_dev = Some(match loss_dev {
+                    Some(sum) => sum + part,
+                    None => part,
+                });
                 let g = scaled.backward();
                 grads.accumulate(&net, &g);
             }
-            let grad_norm = if p.max_grad_norm > 0.0 {
-                grads.clip(p.max_grad_norm)
+            let norm_dev = if p.max_grad_norm > 0.0 {
+                grads.clip_tensor(p.max_grad_norm)
             } else {
-                grads.global_norm()
+                grads.norm_tensor()
             };
+            let lr = lr_at(p.lr_scheduler_type, p.learning_rate, step, warmup, total);
+            net = opt.step(net, &grads, lr);
+            let [loss_sum, grad_norm] =
+                [loss_dev, norm_dev].map(|t| t.map_or(0.0, |t| t.into_scalar().elem::<f64>()));
+            // A diverged step was applied above, but nothing of it is written.
             if !loss_sum.is_finite() || !grad_norm.is_finite() {
                 bail!(
                     "step {}: training diverged (loss {loss_sum}, gradient norm {grad_norm}); \
@@ -869,8 +880,6 @@ impl OnDevice for Job<'_> {
                     step + 1
                 );
             }
-            let lr = lr_at(p.lr_scheduler_type, p.learning_rate, step, warmup, total);
-            net = opt.step(net, &grads, lr);
             trained_tokens += total_tokens;
             last_loss = loss_sum;
             let secs = t0.elapsed().as_secs_f64();

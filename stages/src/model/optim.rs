@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 
 use super::weights::HostTensor;
 
@@ -72,38 +72,49 @@ impl<B: Backend> Grads<B> {
         module.visit(&mut v);
     }
 
-    /// The L2 norm of all gradients together.
-    pub fn global_norm(&self) -> f64 {
-        // Per-tensor sums of squares on the device, read back in one transfer
-        // (one sync per step instead of one per parameter on a GPU).
+    /// The L2 norm of all gradients together, as a one-element tensor left
+    /// on the device (reading it is a sync on a GPU); `None` without gradients.
+    pub fn norm_tensor(&self) -> Option<Tensor<B, 1>> {
         let parts: Vec<Tensor<B, 1>> = self
             .map
             .values()
             .map(|g| g.clone().square().sum())
             .collect();
-        if parts.is_empty() {
-            return 0.0;
-        }
-        let sums = Tensor::cat(parts, 0)
-            .into_data()
-            .convert::<f64>()
-            .into_vec::<f64>()
-            .expect("sums of squares are floats");
-        sums.iter().sum::<f64>().sqrt()
+        (!parts.is_empty()).then(|| Tensor::cat(parts, 0).sum().sqrt())
     }
 
-    /// `clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)`
-    /// when that is below 1. Returns the norm before clipping.
-    pub fn clip(&mut self, max_norm: f64) -> f64 {
-        let norm = self.global_norm();
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in self.map.values_mut() {
-                *g = g.clone().mul_scalar(coef);
-            }
-        }
-        norm
+    /// The L2 norm of all gradients together.
+    pub fn global_norm(&self) -> f64 {
+        self.norm_tensor().map_or(0.0, scalar)
     }
+
+    /// `clip_grad_norm_` as torch computes it, on the device: every gradient
+    /// is multiplied by `min(1, max_norm / (norm + 1e-6))`, so the step needs
+    /// no round trip to the host. Returns the norm before clipping, on the
+    /// device; `None` without gradients.
+    pub fn clip_tensor(&mut self, max_norm: f64) -> Option<Tensor<B, 1>> {
+        let norm = self.norm_tensor()?;
+        let coef = norm
+            .clone()
+            .add_scalar(1e-6)
+            .recip()
+            .mul_scalar(max_norm)
+            .clamp_max(1.0);
+        for g in self.map.values_mut() {
+            *g = g.clone() * coef.clone();
+        }
+        Some(norm)
+    }
+
+    /// [`Grads::clip_tensor`], read back.
+    pub fn clip(&mut self, max_norm: f64) -> f64 {
+        self.clip_tensor(max_norm).map_or(0.0, scalar)
+    }
+}
+
+/// The value of a one-element tensor.
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_scalar().elem::<f64>()
 }
 
 /// AdamW settings.
