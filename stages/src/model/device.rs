@@ -1,8 +1,11 @@
 //! Run-time device selection: `cpu` (burn's Flex backend) or `cuda[:N]`
 //! (burn's CUDA backend, when built with the `cuda` feature).
 
+use std::any::Any;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::str::FromStr;
+use std::sync::{Mutex, Once};
 
 use anyhow::bail;
 use burn::tensor::backend::AutodiffBackend;
@@ -122,17 +125,84 @@ fn run_cuda<W: OnDevice>(n: usize, work: W) -> anyhow::Result<W::Output> {
         t.into_data()
     });
     if let Err(e) = probe {
-        let msg = e
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap_or_default();
         bail!(
-            "device 'cuda:{n}' cannot be used: {msg}; check `nvidia-smi`, CUDA_VISIBLE_DEVICES \
-             and that CUDA_PATH points at a CUDA toolkit (NVRTC compiles kernels at run time)"
+            "device 'cuda:{n}' cannot be used: {}; check `nvidia-smi`, CUDA_VISIBLE_DEVICES \
+             and that CUDA_PATH points at a CUDA toolkit (NVRTC compiles kernels at run time)",
+            panic_text(e.as_ref())
         );
     }
-    work.run::<CudaBackend>(device)
+    catch_gpu_panics(n, || work.run::<CudaBackend>(device))
+}
+
+/// The first panic message of this process since [`catch_gpu_panics`] began,
+/// from any thread: burn's GPU runtime fails on its own threads, and what the
+/// calling thread then reports is a consequence, not the cause.
+static FIRST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+fn panic_text(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+/// Runs GPU work, turning a panic (out of memory above all) into an error
+/// that names its first cause and what to change.
+#[cfg_attr(not(any(feature = "cuda", feature = "gpu-on-wgpu")), allow(dead_code))]
+fn catch_gpu_panics<T>(n: usize, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(mut first) = FIRST_PANIC.lock()
+                && first.is_none()
+            {
+                *first = Some(panic_text(info.payload()));
+            }
+            default(info);
+        }));
+    });
+    if let Ok(mut first) = FIRST_PANIC.lock() {
+        *first = None;
+    }
+    let payload = match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => return r,
+        Err(p) => p,
+    };
+    let first = FIRST_PANIC
+        .lock()
+        .ok()
+        .and_then(|f| f.clone())
+        .unwrap_or_else(|| panic_text(payload.as_ref()));
+    // cubecl appends a backtrace to some messages; what comes before says it.
+    let cause = first
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .take_while(|l| {
+            !(l.starts_with(|c: char| c.is_ascii_digit()) || l.to_lowercase().contains("backtrace"))
+        })
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let lower = cause.to_lowercase();
+    if [
+        "out of memory",
+        "out-of-memory",
+        "can't allocate",
+        "cannot allocate",
+    ]
+    .iter()
+    .any(|p| lower.contains(p))
+    {
+        bail!(
+            "device 'cuda:{n}' ran out of memory ({cause}); lower the batch size \
+             (per_device_train_batch_size, or batch_size when generating) or cutoff_len, \
+             or train with bf16: true"
+        );
+    }
+    bail!("the GPU runtime failed on device 'cuda:{n}': {cause}")
 }
 
 /// Fails with a readable message when the NVIDIA driver library is missing.
@@ -163,6 +233,47 @@ mod tests {
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         let e = "tpu".parse::<DeviceSpec>().unwrap_err().to_string();
         assert!(e.contains("cpu, cuda, cuda:N"), "{e}");
+    }
+
+    #[test]
+    fn a_gpu_thread_running_out_of_memory_becomes_an_error_naming_it() {
+        let e = catch_gpu_panics(1, || -> anyhow::Result<()> {
+            // As burn's runtime does: its device thread fails first, then the
+            // caller, on the broken channel.
+            let device = std::thread::spawn(|| {
+                panic!(
+                    "called `Result::unwrap()` on an `Err` value: can't allocate buffer of size: 268435456\nNo backtrace available"
+                )
+            });
+            assert!(device.join().is_err());
+            panic!("the device thread is gone");
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("device 'cuda:1' ran out of memory (called `Result::unwrap()` on an `Err` value: can't allocate buffer of size: 268435456); lower the batch size"),
+            "{e}"
+        );
+        // cubecl's LaunchError::OutOfMemory text.
+        let e = catch_gpu_panics(0, || -> anyhow::Result<()> {
+            panic!(
+                "An out-of-memory error happened during launch\nCaused by:\n  pool full\nBacktrace\n  0: x"
+            )
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("device 'cuda:0' ran out of memory (An out-of-memory error happened during launch Caused by: pool full); "),
+            "{e}"
+        );
+        let e = catch_gpu_panics(0, || -> anyhow::Result<()> { panic!("kernel failed") })
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "the GPU runtime failed on device 'cuda:0': kernel failed"
+        );
+        assert_eq!(catch_gpu_panics(0, || Ok(7)).unwrap(), 7);
     }
 
     #[cfg(not(any(feature = "cuda", feature = "gpu-on-wgpu")))]
