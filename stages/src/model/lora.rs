@@ -217,7 +217,6 @@ pub fn attach<B: Backend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) -> Caus
     net
 }
 
-/// Freezes the base and attaches the PEFT adapter in `dir`; every adapter
 /// `dir/adapter_config.json`: its path and parsed contents.
 fn read_adapter_config(dir: &Path) -> anyhow::Result<(std::path::PathBuf, Value)> {
     let file = dir.join("adapter_config.json");
@@ -237,6 +236,7 @@ pub fn adapter_base(dir: &Path) -> anyhow::Result<Option<std::path::PathBuf>> {
         .map(std::path::PathBuf::from))
 }
 
+/// Freezes the base and attaches the PEFT adapter in `dir`; every adapter
 /// tensor must be used.
 pub fn load_adapter<B: Backend>(
     net: CausalLm<B>,
