@@ -1412,17 +1412,21 @@ fn instance_suffix(item: &RVal) -> String {
 /// (whose targets may be created later, as the store is), and `..` applied
 /// after resolution, as the kernel does.
 fn resolve_existing(p: &Path) -> PathBuf {
-    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     // Components still to walk, last first.
-    let mut todo: Vec<std::ffi::OsString> = abs
-        .components()
-        .rev()
-        .filter_map(|c| match c {
-            Component::Normal(s) => Some(s.to_owned()),
-            Component::ParentDir => Some("..".into()),
-            _ => None,
-        })
-        .collect();
+    let mut todo: Vec<std::ffi::OsString> = Vec::new();
+    let push = |todo: &mut Vec<std::ffi::OsString>, path: &Path| {
+        for c in path.components().rev() {
+            match c {
+                Component::Normal(s) => todo.push(s.to_owned()),
+                Component::ParentDir => todo.push("..".into()),
+                _ => {}
+            }
+        }
+    };
+    push(
+        &mut todo,
+        &std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
+    );
     let mut out = PathBuf::from("/");
     let mut hops = 0;
     while let Some(c) = todo.pop() {
@@ -1437,13 +1441,7 @@ fn resolve_existing(p: &Path) -> PathBuf {
                 if target.is_absolute() {
                     out = PathBuf::from("/");
                 }
-                for t in target.components().rev() {
-                    match t {
-                        Component::Normal(s) => todo.push(s.to_owned()),
-                        Component::ParentDir => todo.push("..".into()),
-                        _ => {}
-                    }
-                }
+                push(&mut todo, &target);
             }
             _ => out = next,
         }

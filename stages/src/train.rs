@@ -284,23 +284,16 @@ impl Validate for Params {
                 format!("adam_epsilon must be positive, not {}", self.adam_epsilon),
             ));
         }
-        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err(err(
-                "weight_decay",
-                format!(
-                    "weight_decay must be 0 or positive, not {}",
-                    self.weight_decay
-                ),
-            ));
-        }
-        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
-            return Err(err(
-                "max_grad_norm",
-                format!(
-                    "max_grad_norm must be 0 (no clipping) or positive, not {}",
-                    self.max_grad_norm
-                ),
-            ));
+        for (key, v, zero) in [
+            ("weight_decay", self.weight_decay, "0"),
+            ("max_grad_norm", self.max_grad_norm, "0 (no clipping)"),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(err(
+                    key,
+                    format!("{key} must be {zero} or positive, not {v}"),
+                ));
+            }
         }
         if let Some(a) = self.lora_alpha
             && !(a > 0.0 && a.is_finite())
@@ -380,9 +373,12 @@ impl Params {
 /// Learning rate at optimizer step `step` (0-based) of `total`, as
 /// transformers' schedules with warmup compute it.
 pub fn lr_at(kind: Scheduler, peak: f64, step: u64, warmup: u64, total: u64) -> f64 {
-    if kind == Scheduler::Constant {
-        return peak;
-    }
+    // HF's `constant` ignores warmup settings.
+    let warmup = if kind == Scheduler::Constant {
+        0
+    } else {
+        warmup
+    };
     if step < warmup {
         return peak * step as f64 / warmup.max(1) as f64;
     }

@@ -83,11 +83,6 @@ impl<B: Backend> Grads<B> {
         (!parts.is_empty()).then(|| Tensor::cat(parts, 0).sum().sqrt())
     }
 
-    /// The L2 norm of all gradients together.
-    pub fn global_norm(&self) -> f64 {
-        self.norm_tensor().map_or(0.0, scalar)
-    }
-
     /// `clip_grad_norm_` as torch computes it, on the device: every gradient
     /// is multiplied by `min(1, max_norm / (norm + 1e-6))`, so the step needs
     /// no round trip to the host. Returns the norm before clipping, on the
@@ -108,13 +103,9 @@ impl<B: Backend> Grads<B> {
 
     /// [`Grads::clip_tensor`], read back.
     pub fn clip(&mut self, max_norm: f64) -> f64 {
-        self.clip_tensor(max_norm).map_or(0.0, scalar)
+        self.clip_tensor(max_norm)
+            .map_or(0.0, |t| t.into_scalar().elem::<f64>())
     }
-}
-
-/// The value of a one-element tensor.
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_scalar().elem::<f64>()
 }
 
 /// AdamW settings.
