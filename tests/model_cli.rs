@@ -114,18 +114,7 @@ fn model_init_writes_a_checkpoint_that_transformers_reads() {
     );
     assert_eq!(hf["eos_token"], "<|im_end|>");
     p.write("conv.json", &conv.to_string());
-    let ours = p.anneal(&[
-        "model",
-        "template",
-        "m",
-        "--messages",
-        "conv.json",
-        "--json",
-    ]);
-    assert_eq!(ours.code, 0, "{ours:?}");
-    let ours = ours.json();
-    assert_eq!(ours["text"], hf["text"]);
-    assert_eq!(ours["input_ids"], hf["input_ids"]);
+    assert_template_matches(&p, "m", &hf);
     assert!(
         hf["text"]
             .as_str()
@@ -221,10 +210,16 @@ fn model_init_writes_a_checkpoint_that_transformers_reads() {
     assert!(!tensors.contains_key("model.layers.0.self_attn.o_proj.bias"));
     // transformers builds its own Qwen2Tokenizer for model_type qwen2 (digits
     // one at a time); anneal's trained tokenizer must give the same ids.
+    assert_template_matches(&p, "q", &hf);
+}
+
+/// `anneal model template DIR --messages conv.json` renders and tokenizes as
+/// transformers did (`hf`: [`python_view`]'s report).
+fn assert_template_matches(p: &Project, dir: &str, hf: &Value) {
     let ours = p.anneal(&[
         "model",
         "template",
-        "q",
+        dir,
         "--messages",
         "conv.json",
         "--json",
