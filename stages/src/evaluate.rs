@@ -25,7 +25,6 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use burn::tensor::ElementConversion;
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -705,7 +704,7 @@ struct TeacherForced<'a> {
 impl OnDevice for TeacherForced<'_> {
     type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: crate::model::TrainBackend>(self, device: B::Device) -> anyhow::Result<()> {
         let (ctx, own) = (self.ctx, &self.p.own);
         let t0 = Instant::now();
         let tok = Tokenizer::from_dir(self.dir)?;

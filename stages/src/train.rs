@@ -624,7 +624,7 @@ fn counted(s: &Sample) -> usize {
 }
 
 /// Mean loss over all counted tokens of `samples`, without gradients.
-fn evaluate<B: burn::tensor::backend::Backend>(
+fn evaluate<B: crate::model::ModelBackend>(
     net: &CausalLm<B>,
     samples: &[Sample],
     batch: usize,
@@ -671,7 +671,7 @@ fn newest_checkpoint(dir: &Path) -> Option<(u64, PathBuf)> {
 impl OnDevice for Job<'_> {
     type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: crate::model::TrainBackend>(self, device: B::Device) -> anyhow::Result<()> {
         let (ctx, p) = (self.ctx, self.p);
         let started = Instant::now();
         let tok = Tokenizer::from_dir(self.base)?;

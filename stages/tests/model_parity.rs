@@ -6,10 +6,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use anneal_stages::model::{GenerateOptions, Model, SaveDtype, generate};
+use anneal_stages::model::{GenerateOptions, Model, ModelBackend, SaveDtype, generate};
 use burn::backend::Flex;
 use burn::tensor::ElementConversion;
-use burn::tensor::backend::Backend;
 use common::{Batch, batch, fixture, json, max_diff_unpadded, reference, shared};
 use serde_json::Value;
 
@@ -28,7 +27,7 @@ const CPU_TOL: Tol = Tol {
     loss: 1e-5,
 };
 
-fn logits_of<B: Backend>(model: &Model<B>, b: &Batch) -> Vec<f32> {
+fn logits_of<B: ModelBackend>(model: &Model<B>, b: &Batch) -> Vec<f32> {
     model
         .net
         .logits(&b.ids, &b.mask)
@@ -38,7 +37,7 @@ fn logits_of<B: Backend>(model: &Model<B>, b: &Batch) -> Vec<f32> {
         .unwrap()
 }
 
-fn check_fixture<B: Backend>(name: &str, device: &B::Device, tol: &Tol) {
+fn check_fixture<B: ModelBackend>(name: &str, device: &B::Device, tol: &Tol) {
     let dir = fixture(name);
     let model = Model::<B>::load(&dir, device).unwrap();
     let r = reference(&dir);
@@ -176,7 +175,7 @@ fn smollm2_reproduces_transformers() {
     smollm2_check::<B>(&Default::default());
 }
 
-fn smollm2_check<B: Backend>(device: &B::Device) {
+fn smollm2_check<B: ModelBackend>(device: &B::Device) {
     let dir = smollm2_dir();
     let refj = json(&shared().join("models/smollm2-reference.json"));
     let model = Model::<B>::load(&dir, device).unwrap();

@@ -8,10 +8,9 @@ use std::path::Path;
 
 use anneal_stages::model::lora;
 use anneal_stages::model::optim::{AdamW, AdamWConfig, Grads};
-use anneal_stages::model::{CausalLm, Model};
+use anneal_stages::model::{CausalLm, Model, TrainBackend};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::ElementConversion;
-use burn::tensor::backend::AutodiffBackend;
 use common::{Batch, batch, fixture, json, max_diff_unpadded};
 use serde_json::Value;
 
@@ -49,14 +48,14 @@ const CPU_TOL: Tol = Tol {
     logits: 1e-4,
 };
 
-fn loss_of<AB: AutodiffBackend>(net: &CausalLm<AB>, b: &Batch) -> f64 {
+fn loss_of<AB: TrainBackend>(net: &CausalLm<AB>, b: &Batch) -> f64 {
     net.loss(&b.ids, &b.mask, &b.labels)
         .0
         .into_scalar()
         .elem::<f64>()
 }
 
-fn full_step<AB: AutodiffBackend>(name: &str, device: &AB::Device, tol: &Tol) {
+fn full_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol) {
     let dir = fixture(name);
     let r = reference(&dir);
     let ts = &r.json["train_step"];
@@ -136,7 +135,7 @@ fn full_step<AB: AutodiffBackend>(name: &str, device: &AB::Device, tol: &Tol) {
     }
 }
 
-fn lora_step<AB: AutodiffBackend>(name: &str, device: &AB::Device, tol: &Tol) {
+fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol) {
     let dir = fixture(name);
     let r = reference(&dir);
     let b = batch(&r.tensors);
@@ -325,7 +324,7 @@ fn bf16_mixed_precision_stays_close_to_f32() {
     bf16_check::<AB>(&Default::default());
 }
 
-fn bf16_check<AB: AutodiffBackend>(device: &AB::Device) {
+fn bf16_check<AB: TrainBackend>(device: &AB::Device) {
     for name in ["tiny-qwen2", "tiny-llama"] {
         let dir = fixture(name);
         let r = reference(&dir);

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use serde_json::{Value, json};
 
 use super::{GenParams, GenStats, Generator, Reply, Request, Sampling};
@@ -49,7 +49,7 @@ struct Local<'a, B: Backend> {
     stats: RefCell<GenStats>,
 }
 
-impl<B: Backend> Generator for Local<'_, B> {
+impl<B: crate::model::ModelBackend> Generator for Local<'_, B> {
     fn identity(&self) -> Value {
         json!({"backend": "local", "checkpoint": self.digest})
     }
@@ -138,7 +138,7 @@ struct Job<'a, F> {
 impl<T, F: FnOnce(&dyn Generator) -> anyhow::Result<T>> OnDevice for Job<'_, F> {
     type Output = T;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<T> {
+    fn run<B: crate::model::TrainBackend>(self, device: B::Device) -> anyhow::Result<T> {
         let digest = checkpoint_digest(self.dir)?;
         let tok = Tokenizer::from_dir(self.dir)?;
         let model = Model::<B::InnerBackend>::load(self.dir, &device)?;

@@ -11,10 +11,10 @@ use anyhow::bail;
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{attention, embedding, linear};
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
+use super::attention::{ModelBackend, masked_attention};
 use super::config::{Arch, ModelConfig};
 use super::weights::HostTensor;
 
@@ -247,7 +247,7 @@ pub struct Positions<B: Backend> {
     mask: Tensor<B, 4, Bool>,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: ModelBackend> Attention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -293,10 +293,9 @@ impl<B: Backend> Attention<B> {
         let mask = pos.mask.clone().expand([b, kvh, rep * t, s]);
         let out = if self.bf16 {
             let [q, k, v] = [q, k, v].map(|x| x.cast(FloatDType::BF16));
-            attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
-                .cast(FloatDType::F32)
+            masked_attention(q, k, v, mask).cast(FloatDType::F32)
         } else {
-            attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+            masked_attention(q, k, v, mask)
         }
         .reshape([b, h, t, hd]);
         self.o_proj
@@ -320,7 +319,7 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: ModelBackend> DecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -335,7 +334,7 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
-impl<B: Backend> CausalLm<B> {
+impl<B: ModelBackend> CausalLm<B> {
     /// Inverse RoPE frequencies (`head_dim / 2` of them), Llama 3 scaling applied.
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
         let half = head_dim / 2;
@@ -630,7 +629,9 @@ impl<B: Backend> CausalLm<B> {
         let picked = hidden.reshape([b * t, d]).select(0, rows);
         Some((self.lm_head(picked), targets, at))
     }
+}
 
+impl<B: Backend> CausalLm<B> {
     /// Builds the module from HF-named tensors; every tensor must be used.
     pub fn from_tensors(
         config: &ModelConfig,

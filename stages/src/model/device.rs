@@ -7,8 +7,8 @@ use std::panic::AssertUnwindSafe;
 use std::str::FromStr;
 use std::sync::{Mutex, Once};
 
+use super::attention::TrainBackend;
 use anyhow::bail;
-use burn::tensor::backend::AutodiffBackend;
 
 /// Where models run, as written in pipeline params (`device: cuda:1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,7 +94,7 @@ pub trait OnDevice {
     /// What the work returns.
     type Output;
     /// Does the work on backend `B`, device `device`.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+    fn run<B: TrainBackend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
 }
 
 /// Runs `work` on `spec`, with a clear error when the device cannot be used.
@@ -282,7 +282,7 @@ mod tests {
         struct Nothing;
         impl OnDevice for Nothing {
             type Output = ();
-            fn run<B: AutodiffBackend>(self, _d: B::Device) -> anyhow::Result<()> {
+            fn run<B: TrainBackend>(self, _d: B::Device) -> anyhow::Result<()> {
                 Ok(())
             }
         }

@@ -5,9 +5,9 @@
 //! Prompts are left-padded so every row's next token sits in the last column;
 //! rows that finish leave the batch (and the cache) at once.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use super::attention::ModelBackend;
 use super::decoder::{CausalLm, KvCache, project};
 use crate::rng::SplitMix64;
 
@@ -80,7 +80,7 @@ pub type Decode<'a> = &'a dyn Fn(&[u32]) -> String;
 
 /// Generates a continuation of every prompt. `decode` turns ids into text;
 /// it is needed for stop strings and fills [`Generated::text`].
-pub fn generate<B: Backend>(
+pub fn generate<B: ModelBackend>(
     net: &CausalLm<B>,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,

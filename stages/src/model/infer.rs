@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::tensor::backend::AutodiffBackend;
 use serde_json::json;
 
 use super::device::{DeviceSpec, OnDevice, run_on};
@@ -66,7 +65,10 @@ struct Job<'a> {
 impl OnDevice for Job<'_> {
     type Output = GenerationReport;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<GenerationReport> {
+    fn run<B: crate::model::TrainBackend>(
+        self,
+        device: B::Device,
+    ) -> anyhow::Result<GenerationReport> {
         let t0 = Instant::now();
         let tok = Tokenizer::from_dir(self.dir)?;
         let model = Model::<B::InnerBackend>::load(self.dir, &device)?;

@@ -1,6 +1,7 @@
 //! The model layer used by the train and evaluate stages: Llama/Qwen2
 //! decoders in burn, loaded from and saved to Hugging Face checkpoints.
 
+pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod decoder;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use burn::tensor::backend::Backend;
 
+pub use attention::{ModelBackend, TrainBackend};
 pub use config::{Arch, ModelConfig};
 pub use decoder::{CausalLm, KvCache};
 pub use device::{DeviceSpec, OnDevice, run_on};

@@ -2,7 +2,6 @@
 //! by the class of the target token (reasoning or tool call).
 
 use burn::tensor::activation::softmax;
-use burn::tensor::backend::Backend;
 use serde_json::{Value, json};
 
 use super::data::{Sample, TokenClass};
@@ -70,7 +69,7 @@ pub struct Stats {
 
 impl Stats {
     /// Adds the counted tokens of `batch` (padded ids, mask, labels of `samples`).
-    pub fn add_batch<B: Backend>(
+    pub fn add_batch<B: crate::model::ModelBackend>(
         &mut self,
         net: &CausalLm<B>,
         samples: &[&Sample],
