@@ -381,13 +381,23 @@ impl<B: ModelBackend> CausalLm<B> {
         key_valid: &[Vec<bool>],
         device: &B::Device,
     ) -> Positions<B> {
+        let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
         let s = key_valid.first().map_or(0, Vec::len);
         let past = s - t;
-        self.build_positions(positions, s, device, |b, i, j| {
-            let q = past + i;
-            j == q || (j < q && key_valid[b][j])
-        })
+        // Row `i` masks the invalid keys before the token, none at it and
+        // every key after it: slice copies and fills, not a test per key.
+        let mut mask = Vec::with_capacity(b * t * s);
+        for valid in key_valid {
+            let invalid: Vec<bool> = valid.iter().map(|v| !v).collect();
+            for q in past..s {
+                mask.extend_from_slice(&invalid[..q]);
+                mask.push(false);
+                mask.resize(mask.len() + s - q - 1, true);
+            }
+        }
+        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, s]), device);
+        self.finish_positions(positions, mask, device)
     }
 
     /// Rotary tables and mask for packed rows: `segments[b][t]` names the
@@ -395,6 +405,7 @@ impl<B: ModelBackend> CausalLm<B> {
     /// causally, and positions restart at 0 for each sample. Padding gets a
     /// segment of its own (any id not used by a sample).
     pub fn positions_packed(&self, segments: &[Vec<u32>], device: &B::Device) -> Positions<B> {
+        let b = segments.len();
         let t = segments.first().map_or(0, Vec::len);
         let positions: Vec<Vec<usize>> = segments
             .iter()
@@ -411,41 +422,33 @@ impl<B: ModelBackend> CausalLm<B> {
                 out
             })
             .collect();
-        self.build_positions(&positions, t, device, |b, i, j| {
-            j <= i && segments[b][j] == segments[b][i]
-        })
+        // Row `i` allows only the keys from its sample's first token to itself.
+        let mut mask = Vec::with_capacity(b * t * t);
+        for row in segments {
+            let mut start = 0;
+            for i in 0..t {
+                if i > 0 && row[i] != row[i - 1] {
+                    start = i;
+                }
+                mask.resize(mask.len() + start, true);
+                mask.resize(mask.len() + i + 1 - start, false);
+                mask.resize(mask.len() + t - i - 1, true);
+            }
+        }
+        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, t]), device);
+        self.finish_positions(&positions, mask, device)
     }
 
-    fn build_positions(
+    /// Rotary tables for `positions` and `mask` (`[batch, 1, queries, keys]`)
+    /// in the layout [`Attention::forward`] takes.
+    fn finish_positions(
         &self,
         positions: &[Vec<usize>],
-        keys: usize,
+        mask: Tensor<B, 4, Bool>,
         device: &B::Device,
-        allowed: impl Fn(usize, usize, usize) -> bool,
     ) -> Positions<B> {
-        let b = positions.len();
-        let t = positions.first().map_or(0, Vec::len);
-        let hd = self.head_dim();
-        let inv = self.inv_freq(hd);
-        let mut cos = Vec::with_capacity(b * t * hd);
-        let mut sin = Vec::with_capacity(b * t * hd);
-        for row in positions {
-            for &p in row {
-                // HF computes the angles in f32.
-                let angles: Vec<f32> = inv.iter().map(|f| (*f as f32) * p as f32).collect();
-                for _ in 0..2 {
-                    cos.extend(angles.iter().map(|a| a.cos()));
-                    sin.extend(angles.iter().map(|a| a.sin()));
-                }
-            }
-        }
-        let mut mask = Vec::with_capacity(b * t * keys);
-        for row in 0..b {
-            for i in 0..t {
-                mask.extend((0..keys).map(|j| !allowed(row, i, j)));
-            }
-        }
-        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, keys]), device);
+        let [b, _, t, keys] = mask.dims();
+        let (cos, sin) = self.rope_tables(positions, device);
         let (kvh, rep) = self.layers.first().map_or((1, 1), |l| {
             let a = &l.self_attn;
             (a.n_kv_heads, a.n_heads / a.n_kv_heads)
@@ -459,11 +462,50 @@ impl<B: ModelBackend> CausalLm<B> {
                 .expand([b, kvh, rep, t, keys])
                 .reshape([b, kvh, rep * t, keys])
         };
-        Positions {
-            cos: Tensor::from_data(TensorData::new(cos, [b, 1, t, hd]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [b, 1, t, hd]), device),
-            mask,
+        Positions { cos, sin, mask }
+    }
+
+    /// cos and sin `[batch, 1, seq, head_dim]` of `positions`: computed on the
+    /// host once per distinct position, then gathered on the device.
+    fn rope_tables(
+        &self,
+        positions: &[Vec<usize>],
+        device: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let b = positions.len();
+        let t = positions.first().map_or(0, Vec::len);
+        let hd = self.head_dim();
+        if b * t == 0 {
+            let empty = Tensor::zeros([b, 1, t, hd], device);
+            return (empty.clone(), empty);
         }
+        let inv = self.inv_freq(hd);
+        let mut distinct: Vec<usize> = positions.iter().flatten().copied().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut cos = Vec::with_capacity(distinct.len() * hd);
+        let mut sin = Vec::with_capacity(distinct.len() * hd);
+        for &p in &distinct {
+            // HF computes the angles in f32.
+            let angles: Vec<f32> = inv.iter().map(|f| (*f as f32) * p as f32).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let rows: Vec<i64> = positions
+            .iter()
+            .flatten()
+            .map(|p| distinct.partition_point(|d| d < p) as i64)
+            .collect();
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b * t]), device);
+        let n = distinct.len();
+        let gather = |table: Vec<f32>| {
+            Tensor::<B, 2>::from_data(TensorData::new(table, [n, hd]), device)
+                .select(0, rows.clone())
+                .reshape([b, 1, t, hd])
+        };
+        (gather(cos), gather(sin))
     }
 
     /// [`CausalLm::loss`] over packed rows (see [`CausalLm::positions_packed`]).
@@ -861,4 +903,90 @@ pub fn host(data: TensorData, transpose: bool) -> HostTensor {
         data: values,
     };
     if transpose { t.transposed() } else { t }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::init::random_tensors;
+    use burn::backend::Flex;
+    use serde_json::json;
+
+    /// One layer of `heads` query heads over `kv_heads`, head dim 8.
+    fn net(heads: usize, kv_heads: usize) -> CausalLm<Flex> {
+        let cfg = json!({
+            "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+            "hidden_size": 8 * heads, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": 16,
+            "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+        });
+        let config = ModelConfig::from_json(&cfg, std::path::Path::new("config.json")).unwrap();
+        let tensors = random_tensors(&config, 0.02, 0);
+        CausalLm::from_tensors(&config, tensors, &Default::default()).unwrap()
+    }
+
+    /// The mask as `[b][kv head][rep * t + i][key]` flattened, from the rule
+    /// (`[b][1][t][key]` without grouped-query heads).
+    fn expected(
+        (b, kvh, rep, t, keys): (usize, usize, usize, usize, usize),
+        allowed: impl Fn(usize, usize, usize) -> bool,
+    ) -> Vec<bool> {
+        let mut out = Vec::new();
+        let copies = if rep == 1 { 1 } else { kvh * rep };
+        for row in 0..b {
+            for _ in 0..copies {
+                for i in 0..t {
+                    out.extend((0..keys).map(|j| !allowed(row, i, j)));
+                }
+            }
+        }
+        out
+    }
+
+    fn mask_of(p: &Positions<Flex>) -> Vec<bool> {
+        p.mask.clone().into_data().into_vec().unwrap()
+    }
+
+    #[test]
+    fn the_mask_follows_causality_key_validity_and_segments() {
+        for (heads, kvh) in [(4, 2), (2, 2)] {
+            let rep = heads / kvh;
+            let net = net(heads, kvh);
+            // Two new tokens after three cached keys; row 1 has its first
+            // key invalid (left padding) and so does its last new token.
+            let valid = vec![vec![true; 5], vec![false, true, true, true, false]];
+            let positions = vec![vec![3, 4], vec![2, 3]];
+            let p = net.positions(&positions, &valid, &Default::default());
+            let want = expected((2, kvh, rep, 2, 5), |b, i, j| {
+                j == 3 + i || (j < 3 + i && valid[b][j])
+            });
+            assert_eq!(mask_of(&p), want, "{heads} heads over {kvh}");
+
+            let segments = vec![vec![0, 0, 1, 1, 1, 7], vec![2, 2, 2, 2, 5, 5]];
+            let p = net.positions_packed(&segments, &Default::default());
+            let want = expected((2, kvh, rep, 6, 6), |b, i, j| {
+                j <= i && segments[b][j] == segments[b][i]
+            });
+            assert_eq!(mask_of(&p), want, "packed, {heads} heads over {kvh}");
+        }
+    }
+
+    #[test]
+    fn rope_tables_hold_each_tokens_own_angles() {
+        let net = net(2, 1);
+        let positions = vec![vec![0, 5, 6], vec![9, 5, 0]];
+        let (cos, sin) = net.rope_tables(&positions, &Default::default());
+        let inv = net.inv_freq(8);
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (
+            cos.into_data().into_vec().unwrap(),
+            sin.into_data().into_vec().unwrap(),
+        );
+        for (k, &p) in positions.iter().flatten().enumerate() {
+            for d in 0..8 {
+                let angle = (inv[d % 4] as f32) * p as f32;
+                assert_eq!(cos[k * 8 + d], angle.cos(), "cos at token {k}, dim {d}");
+                assert_eq!(sin[k * 8 + d], angle.sin(), "sin at token {k}, dim {d}");
+            }
+        }
+    }
 }
