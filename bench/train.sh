@@ -10,8 +10,11 @@
 # per-step trained-tokens/s definition; CPU, f32), its median and peak RSS
 # (of the python process, measured the same way), and the ratio of the medians
 # anneal / PyTorch. TORCH=0 skips it; PYTHON picks the interpreter.
+# Long rows: TURNS consecutive questions per chat (default 1), CUTOFF tokens at
+# most (default 512), TRAIN_ON_PROMPT=1 trains on every token (both sides).
 #
 #   RUNS=3 STEPS=4 BATCH=4 bench/train.sh
+#   RUNS=3 STEPS=2 BATCH=1 TURNS=6 CUTOFF=1024 TRAIN_ON_PROMPT=1 bench/train.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -19,6 +22,9 @@ source bench/lib.sh
 RUNS="${RUNS:-3}"
 STEPS="${STEPS:-4}"
 BATCH="${BATCH:-4}"
+TURNS="${TURNS:-1}"
+CUTOFF="${CUTOFF:-512}"
+TRAIN_ON_PROMPT="${TRAIN_ON_PROMPT:-0}"
 BIN="$(pwd)/${ANNEAL_BIN:-target/release/anneal}"
 MODEL="$(pwd)/${MODEL:-target/smollm2}"
 SHARED="$(cd "${ANNEAL_SHARED:-../shared}" && pwd)"
@@ -33,13 +39,17 @@ fi
 
 work="bench/results/train"
 rm -rf "$work" && mkdir -p "$work"
-python3 - "$SHARED/data/gsm8k/train.jsonl" "$work/train.jsonl" <<'PY'
+python3 - "$SHARED/data/gsm8k/train.jsonl" "$work/train.jsonl" "$TURNS" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in list(open(sys.argv[1]))[:256]]
+turns = int(sys.argv[3])
+rows = [json.loads(l) for l in list(open(sys.argv[1]))[:256 * turns]]
 with open(sys.argv[2], "w") as f:
-    for r in rows:
-        f.write(json.dumps({"messages": [{"role": "user", "content": r["question"]},
-                                         {"role": "assistant", "content": r["answer"]}]}) + "\n")
+    for i in range(0, len(rows), turns):
+        messages = []
+        for r in rows[i:i + turns]:
+            messages += [{"role": "user", "content": r["question"]},
+                         {"role": "assistant", "content": r["answer"]}]
+        f.write(json.dumps({"messages": messages}) + "\n")
 PY
 rates=()
 rss=()
@@ -60,7 +70,8 @@ stages:
       max_steps: $STEPS
       per_device_train_batch_size: $BATCH
       save_steps: 100000
-      cutoff_len: 512
+      cutoff_len: $CUTOFF
+      train_on_prompt: $([ "$TRAIN_ON_PROMPT" = 1 ] && echo true || echo false)
     outs: {model: out/, metrics: metrics.jsonl}
 YAML
     secs="$(timed "$d/log" "$d/time" "$BIN" run "$d/p.yaml")"
@@ -73,7 +84,7 @@ print(statistics.median(x["tokens_per_s"] for x in m))' "$d/metrics.jsonl")"
     log "run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB"
 done
 anneal_median="$(median "${rates[@]}")"
-echo "steps=$STEPS batch=$BATCH median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
 [ "$TORCH" = 0 ] && exit 0
 
 log "anneal trained tokens per step (run 1): $(python3 -c '
@@ -85,7 +96,7 @@ for run in $(seq "$RUNS"); do
     d="$work/torch$run"
     mkdir -p "$d"
     secs="$(timed "$d/log" "$d/time" "$PYTHON" bench/train_torch.py "$MODEL" --data "$work/train.jsonl" \
-        --steps "$STEPS" --batch "$BATCH" --cutoff 512 --device cpu)"
+        --steps "$STEPS" --batch "$BATCH" --cutoff "$CUTOFF" --device cpu $([ "$TRAIN_ON_PROMPT" = 1 ] && echo --train-on-prompt))"
     grep -o '{"steps".*' "$d/log" | tail -n1 >"$d/result.json" ||
         die "no result line in $d/log"
     read -r r toks < <(python3 -c '
@@ -97,4 +108,4 @@ print(r["median_trained_tokens_per_s"], " ".join(str(s["tokens"]) for s in r["pe
     log "PyTorch run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB, trained tokens per step: $toks"
 done
 torch_median="$(median "${trates[@]}")"
-echo "steps=$STEPS batch=$BATCH pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"

@@ -21,16 +21,38 @@ use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorMetadata, TensorPrimit
 /// (128 MiB in f32).
 const CHUNK_ELEMS: usize = 1 << 25;
 
+/// Under a causal mask, the query rows are split into at most this many
+/// chunks (of at least [`MIN_CAUSAL_TOKENS`] tokens), each computed against
+/// the keys up to its last token only: about 56% of the full scores for 8.
+const CAUSAL_CHUNKS: usize = 8;
+
+/// The fewest tokens per causal chunk, so the matmuls stay large.
+const MIN_CAUSAL_TOKENS: usize = 64;
+
+/// What the attention may assume about a mask that is causal: query row `r`
+/// is token `past + r / rep` (the query heads sharing a kv head are stacked
+/// token by token), and it sees no key after that token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Causal {
+    /// Query heads per kv head, stacked along the query axis.
+    pub rep: usize,
+    /// Keys before the first query token (a KV cache).
+    pub past: usize,
+}
+
 /// A backend the decoder runs on: one with [`ModelBackend::masked_attention`].
 pub trait ModelBackend: Backend {
     /// `softmax(q kᵀ / √head_dim, masked) v` on `q: [b, h, queries, d]`,
     /// `k, v: [b, h, keys, d]` and `mask: [b, h, queries, keys]` (`true` where
     /// attention is not allowed). Every query row must allow at least one key.
+    /// With `causal`, the mask must hide every key after each row's token;
+    /// the op may then skip them.
     fn masked_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
+        causal: Option<Causal>,
     ) -> FloatTensor<Self>;
 }
 
@@ -45,12 +67,14 @@ pub fn masked_attention<B: ModelBackend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     mask: Tensor<B, 4, Bool>,
+    causal: Option<Causal>,
 ) -> Tensor<B, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(B::masked_attention(
         q.into_primitive().tensor(),
         k.into_primitive().tensor(),
         v.into_primitive().tensor(),
         mask.into_primitive(),
+        causal,
     )))
 }
 
@@ -68,6 +92,7 @@ impl ModelBackend for burn::backend::Flex {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
+        causal: Option<Causal>,
     ) -> FloatTensor<Self> {
         let [b, h, tq, _] = q.shape().dims::<4>();
         let keys = k.shape().dims::<4>()[2];
@@ -75,8 +100,8 @@ impl ModelBackend for burn::backend::Flex {
             return Self::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
         }
         let [q, k, v] = [q, k, v].map(float::<Self>);
-        let rows = chunk_rows(&q, &k);
-        chunked_forward(q, k, v, Tensor::from_primitive(mask), rows)
+        let chunks = plan(&q, &k, causal);
+        chunked_forward(q, k, v, Tensor::from_primitive(mask), &chunks)
             .into_primitive()
             .tensor()
     }
@@ -90,6 +115,7 @@ impl ModelBackend for super::device::Gpu {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
+        _causal: Option<Causal>,
     ) -> FloatTensor<Self> {
         Self::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
     }
@@ -101,6 +127,7 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
+        causal: Option<Causal>,
     ) -> FloatTensor<Self> {
         let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
         match AttentionBackward
@@ -114,8 +141,9 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
                     prep.checkpoint(&k),
                     prep.checkpoint(&v),
                     mask.clone(),
+                    causal,
                 );
-                let out = B::masked_attention(q.primitive, k.primitive, v.primitive, mask);
+                let out = B::masked_attention(q.primitive, k.primitive, v.primitive, mask, causal);
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::masked_attention(
@@ -123,6 +151,7 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
                 k.primitive,
                 v.primitive,
                 mask,
+                causal,
             )),
         }
     }
@@ -132,7 +161,7 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
 struct AttentionBackward;
 
 impl<B: ModelBackend> Backward<B, 3> for AttentionBackward {
-    type State = (NodeId, NodeId, NodeId, BoolTensor<B>);
+    type State = (NodeId, NodeId, NodeId, BoolTensor<B>, Option<Causal>);
 
     fn backward(
         self,
@@ -142,12 +171,12 @@ impl<B: ModelBackend> Backward<B, 3> for AttentionBackward {
     ) {
         let [node_q, node_k, node_v] = ops.parents;
         let grad = float::<B>(grads.consume::<B>(&ops.node));
-        let (q, k, v, mask) = ops.state;
+        let (q, k, v, mask, causal) = ops.state;
         let q = float::<B>(checkpointer.retrieve_node_output(q));
         let k = float::<B>(checkpointer.retrieve_node_output(k));
         let v = float::<B>(checkpointer.retrieve_node_output(v));
-        let rows = chunk_rows(&q, &k);
-        let (dq, dk, dv) = chunked_backward(q, k, v, Tensor::from_primitive(mask), grad, rows);
+        let chunks = plan(&q, &k, causal);
+        let (dq, dk, dv) = chunked_backward(q, k, v, Tensor::from_primitive(mask), grad, &chunks);
         for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g.into_primitive().tensor());
@@ -173,21 +202,59 @@ fn to<B: Backend>(t: Tensor<B, 4>, dtype: DType) -> Tensor<B, 4> {
     }
 }
 
-/// Query rows per chunk, so that a chunk's scores stay under [`CHUNK_ELEMS`].
-fn chunk_rows<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> usize {
-    let [b, h, queries, _] = q.dims();
-    let per_row = b * h * k.dims()[2];
-    (CHUNK_ELEMS / per_row.max(1)).clamp(1, queries.max(1))
+/// Query rows `start .. start + rows`, which see no key at or after `keys`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Chunk {
+    start: usize,
+    rows: usize,
+    keys: usize,
 }
 
-/// The attention probabilities of query rows `qc` in f32 (softmax as in
+/// Splits the query rows of `q` into chunks whose scores stay under
+/// [`CHUNK_ELEMS`]. Under `causal`, at most [`CAUSAL_CHUNKS`] chunks of whole
+/// tokens, each attending only to the keys up to its last token, so the
+/// masked upper triangle is mostly never computed.
+fn plan<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, causal: Option<Causal>) -> Vec<Chunk> {
+    let [b, h, queries, _] = q.dims();
+    let keys = k.dims()[2];
+    let mut rows = (CHUNK_ELEMS / (b * h * keys).max(1)).clamp(1, queries.max(1));
+    if let Some(c) = causal {
+        let tokens = queries.div_ceil(c.rep);
+        let per_chunk = tokens.div_ceil(CAUSAL_CHUNKS).max(MIN_CAUSAL_TOKENS);
+        rows = rows.min(per_chunk * c.rep);
+        if rows > c.rep {
+            rows -= rows % c.rep;
+        }
+    }
+    (0..queries)
+        .step_by(rows)
+        .map(|start| {
+            let n = rows.min(queries - start);
+            let seen = match causal {
+                Some(c) => (c.past + (start + n - 1) / c.rep + 1).min(keys),
+                None => keys,
+            };
+            Chunk {
+                start,
+                rows: n,
+                keys: seen,
+            }
+        })
+        .collect()
+}
+
+/// The attention probabilities of a chunk's query rows in f32 (softmax as in
 /// burn's fallback: a fully masked row would give zeros, not NaNs).
 fn probs<B: Backend>(
-    qc: Tensor<B, 4>,
-    kt: Tensor<B, 4>,
-    mask: Tensor<B, 4, Bool>,
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    mask: &Tensor<B, 4, Bool>,
+    c: Chunk,
     scale: f32,
 ) -> Tensor<B, 4> {
+    let qc = q.clone().narrow(2, c.start, c.rows);
+    let kt = k.clone().narrow(2, 0, c.keys).swap_dims(2, 3);
+    let mask = mask.clone().narrow(2, c.start, c.rows).narrow(3, 0, c.keys);
     let s = to(qc.matmul(kt), DType::F32).mul_scalar(scale);
     let s = s.mask_fill(mask, f32::NEG_INFINITY);
     let max = s.clone().max_dim(3).clamp_min(f32::MIN);
@@ -205,25 +272,27 @@ fn chunked_forward<B: Backend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     mask: Tensor<B, 4, Bool>,
-    rows: usize,
+    chunks: &[Chunk],
 ) -> Tensor<B, 4> {
-    let tq = q.dims()[2];
     let (dtype, scale) = (q.dtype(), scale_of(&q));
-    let kt = k.swap_dims(2, 3);
-    let outs: Vec<_> = (0..tq)
-        .step_by(rows)
-        .map(|start| {
-            let n = rows.min(tq - start);
-            let p = probs(
-                q.clone().narrow(2, start, n),
-                kt.clone(),
-                mask.clone().narrow(2, start, n),
-                scale,
-            );
-            to(p, dtype).matmul(v.clone())
+    let outs: Vec<_> = chunks
+        .iter()
+        .map(|&c| {
+            let p = probs(&q, &k, &mask, c, scale);
+            to(p, dtype).matmul(v.clone().narrow(2, 0, c.keys))
         })
         .collect();
     Tensor::cat(outs, 2)
+}
+
+/// `t` (`[b, h, n, d]`, `n <= keys`) padded with zero rows to `keys` rows.
+fn pad_keys<B: Backend>(t: Tensor<B, 4>, keys: usize) -> Tensor<B, 4> {
+    let [b, h, n, d] = t.dims();
+    if n == keys {
+        return t;
+    }
+    let zeros = to(Tensor::<B, 4>::zeros([b, h, keys - n, d], &t.device()), t.dtype());
+    Tensor::cat(vec![t, zeros], 2)
 }
 
 /// Gradients of `q`, `k` and `v` given the output's gradient `dout`:
@@ -236,40 +305,37 @@ fn chunked_backward<B: Backend>(
     v: Tensor<B, 4>,
     mask: Tensor<B, 4, Bool>,
     dout: Tensor<B, 4>,
-    rows: usize,
+    chunks: &[Chunk],
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-    let tq = q.dims()[2];
+    let keys = k.dims()[2];
     let (dtype, scale) = (q.dtype(), scale_of(&q));
     let dout = to(dout, dtype);
-    let kt = k.clone().swap_dims(2, 3);
-    let vt = v.swap_dims(2, 3);
     let (mut dk, mut dv): (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>) = (None, None);
-    let mut dqs = Vec::with_capacity(tq.div_ceil(rows));
-    for start in (0..tq).step_by(rows) {
-        let n = rows.min(tq - start);
-        let qc = q.clone().narrow(2, start, n);
-        let doc = dout.clone().narrow(2, start, n);
-        let p = probs(
-            qc.clone(),
-            kt.clone(),
-            mask.clone().narrow(2, start, n),
-            scale,
+    let mut dqs = Vec::with_capacity(chunks.len());
+    for &c in chunks {
+        let (kc, vc) = (
+            k.clone().narrow(2, 0, c.keys),
+            v.clone().narrow(2, 0, c.keys),
         );
+        let qc = q.clone().narrow(2, c.start, c.rows);
+        let doc = dout.clone().narrow(2, c.start, c.rows);
+        let p = probs(&q, &k, &mask, c, scale);
         let dv_c = to(
             to(p.clone(), dtype).swap_dims(2, 3).matmul(doc.clone()),
             DType::F32,
         );
-        let dp = to(doc.matmul(vt.clone()), DType::F32);
+        let dp = to(doc.matmul(vc.swap_dims(2, 3)), DType::F32);
         let row = p.clone().mul(dp.clone()).sum_dim(3);
         let ds = to(p.mul(dp.sub(row)).mul_scalar(scale), dtype);
-        dqs.push(ds.clone().matmul(k.clone()));
-        let dk_c = to(ds.swap_dims(2, 3).matmul(qc), DType::F32);
+        dqs.push(ds.clone().matmul(kc));
+        let dk_c = pad_keys(to(ds.swap_dims(2, 3).matmul(qc), DType::F32), keys);
+        let dv_c = pad_keys(dv_c, keys);
         dk = Some(dk.map_or(dk_c.clone(), |a| a + dk_c));
         dv = Some(dv.map_or(dv_c.clone(), |a| a + dv_c));
     }
     let (dk, dv) = (
         dk.unwrap_or_else(|| k.zeros_like()),
-        dv.unwrap_or_else(|| vt.swap_dims(2, 3).zeros_like()),
+        dv.unwrap_or_else(|| v.zeros_like()),
     );
     (Tensor::cat(dqs, 2), to(dk, dtype), to(dv, dtype))
 }
@@ -288,29 +354,32 @@ mod tests {
         v: Tensor<AD, 4>,
         mask: Tensor<AD, 4, Bool>,
         dout: Tensor<AD, 4>,
+        causal: Causal,
     }
 
-    /// Causal over the last `tq` of `keys` keys, and in odd batch rows every
-    /// third key masked as padding is; every row keeps its own key.
-    fn case(b: usize, h: usize, tq: usize, keys: usize, d: usize) -> Case {
+    /// `tokens` new tokens after `past` keys, `rep` query heads per kv head
+    /// stacked token by token: causal, and in odd batch rows every third key
+    /// masked as padding is; every row keeps its own token's key.
+    fn case(b: usize, h: usize, tokens: usize, rep: usize, past: usize, d: usize) -> Case {
         let device = Default::default();
         let rand = |t: usize| {
             Tensor::<AD, 4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), &device)
         };
-        let past = keys - tq;
-        let mask: Vec<bool> = (0..b * h * tq * keys)
-            .map(|i| {
-                let (j, row) = (i % keys, (i / keys) % tq);
-                let pad = (i / (keys * tq * h)) % 2 == 1 && j % 3 == 0;
-                j > past + row || (pad && j != past + row)
+        let (rows, keys) = (tokens * rep, past + tokens);
+        let mask: Vec<bool> = (0..b * h * rows * keys)
+            .map(|n| {
+                let (j, i) = (n % keys, (n / keys) % rows / rep);
+                let pad = (n / (keys * rows * h)) % 2 == 1 && j % 3 == 0;
+                j > past + i || (pad && j != past + i)
             })
             .collect();
         Case {
-            q: rand(tq).require_grad(),
+            q: rand(rows).require_grad(),
             k: rand(keys).require_grad(),
             v: rand(keys).require_grad(),
-            mask: Tensor::from_data(TensorData::new(mask, [b, h, tq, keys]), &device),
-            dout: rand(tq),
+            mask: Tensor::from_data(TensorData::new(mask, [b, h, rows, keys]), &device),
+            dout: rand(rows),
+            causal: Causal { rep, past },
         }
     }
 
@@ -319,7 +388,8 @@ mod tests {
     }
 
     /// Output and gradients of burn's own attention (autodiff through its
-    /// fallback, which keeps the probabilities).
+    /// fallback, which keeps the probabilities and is told nothing of
+    /// causality).
     fn reference(c: &Case) -> [Tensor<Flex, 4>; 4] {
         let out = burn::tensor::module::attention(
             c.q.clone(),
@@ -338,80 +408,112 @@ mod tests {
         ]
     }
 
-    #[test]
-    fn output_and_gradients_match_burns_attention() {
-        for c in [
-            case(2, 3, 7, 7, 8),
-            case(1, 2, 5, 9, 4),
-            case(2, 1, 1, 6, 4),
-        ] {
-            let out = masked_attention(c.q.clone(), c.k.clone(), c.v.clone(), c.mask.clone());
-            let g = (out.clone() * c.dout.clone()).sum().backward();
-            let ours = [
-                out.inner(),
-                c.q.grad(&g).unwrap(),
-                c.k.grad(&g).unwrap(),
-                c.v.grad(&g).unwrap(),
-            ];
-            for (name, (a, b)) in ["out", "dq", "dk", "dv"]
-                .iter()
-                .zip(ours.into_iter().zip(reference(&c)))
-            {
-                let diff = max_diff(a, b);
-                assert!(diff < 1e-5, "{name} differs by {diff}");
-            }
+    fn assert_close(what: &str, ours: [Tensor<Flex, 4>; 4], want: [Tensor<Flex, 4>; 4]) {
+        for (name, (a, b)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(ours.into_iter().zip(want))
+        {
+            let diff = max_diff(a, b);
+            assert!(diff < 1e-5, "{what}: {name} differs by {diff}");
         }
     }
 
     #[test]
-    fn chunks_of_query_rows_give_the_same_output_and_gradients() {
-        let c = case(2, 2, 10, 12, 4);
-        let [out, dq, dk, dv] = reference(&c);
-        let (q, k, v, mask, dout) = (
-            c.q.inner(),
-            c.k.inner(),
-            c.v.inner(),
-            c.mask.inner(),
-            c.dout.inner(),
-        );
-        for rows in [1, 3, 10] {
-            let o = chunked_forward(q.clone(), k.clone(), v.clone(), mask.clone(), rows);
-            let (gq, gk, gv) = chunked_backward(
-                q.clone(),
-                k.clone(),
-                v.clone(),
-                mask.clone(),
-                dout.clone(),
-                rows,
-            );
-            for (name, a, b) in [
-                ("out", o, &out),
-                ("dq", gq, &dq),
-                ("dk", gk, &dk),
-                ("dv", gv, &dv),
-            ] {
-                let diff = max_diff(a, b.clone());
-                assert!(
-                    diff < 1e-5,
-                    "{name} with {rows} rows per chunk differs by {diff}"
+    fn output_and_gradients_match_burns_attention() {
+        for c in [
+            case(2, 3, 7, 1, 0, 8),
+            case(1, 2, 5, 1, 4, 4),
+            case(2, 1, 1, 3, 5, 4),
+            case(2, 2, 6, 3, 2, 4),
+        ] {
+            for causal in [None, Some(c.causal)] {
+                let out = masked_attention(
+                    c.q.clone(),
+                    c.k.clone(),
+                    c.v.clone(),
+                    c.mask.clone(),
+                    causal,
+                );
+                let g = (out.clone() * c.dout.clone()).sum().backward();
+                let ours = [
+                    out.inner(),
+                    c.q.grad(&g).unwrap(),
+                    c.k.grad(&g).unwrap(),
+                    c.v.grad(&g).unwrap(),
+                ];
+                assert_close(
+                    &format!("{:?}, {causal:?}", c.q.dims()),
+                    ours,
+                    reference(&c),
                 );
             }
         }
     }
 
+    fn chunked(c: &Case, chunks: &[Chunk]) -> [Tensor<Flex, 4>; 4] {
+        let (q, k, v, mask) = (c.q.clone().inner(), c.k.clone().inner(), c.v.clone().inner(), c.mask.clone().inner());
+        let out = chunked_forward(q.clone(), k.clone(), v.clone(), mask.clone(), chunks);
+        let (dq, dk, dv) = chunked_backward(q, k, v, mask, c.dout.clone().inner(), chunks);
+        [out, dq, dk, dv]
+    }
+
+    #[test]
+    fn chunks_of_query_rows_give_the_same_output_and_gradients() {
+        let c = case(2, 2, 10, 1, 2, 4);
+        for rows in [1, 3, 10] {
+            let chunks: Vec<Chunk> = (0..10)
+                .step_by(rows)
+                .map(|start| Chunk {
+                    start,
+                    rows: rows.min(10 - start),
+                    keys: 12,
+                })
+                .collect();
+            assert_close(&format!("{rows} rows"), chunked(&c, &chunks), reference(&c));
+        }
+    }
+
+    #[test]
+    fn causal_chunks_skip_the_keys_after_their_last_token() {
+        // 300 tokens of 2 stacked heads after 5 cached keys: 5 chunks of 64
+        // tokens (the last 44), each seeing the keys up to its last token.
+        let c = case(1, 1, 300, 2, 5, 4);
+        let chunks = plan(&c.q.clone().inner(), &c.k.clone().inner(), Some(c.causal));
+        let want: Vec<Chunk> = (0..5)
+            .map(|n| Chunk {
+                start: n * 128,
+                rows: if n < 4 { 128 } else { 88 },
+                keys: 5 + (64 * (n + 1)).min(300),
+            })
+            .collect();
+        assert_eq!(chunks, want);
+        assert_close("causal chunks", chunked(&c, &chunks), reference(&c));
+        // Without the promise, every chunk sees every key.
+        let all = plan(&c.q.clone().inner(), &c.k.clone().inner(), None);
+        assert_eq!(
+            all,
+            [Chunk {
+                start: 0,
+                rows: 600,
+                keys: 305
+            }]
+        );
+    }
+
     #[test]
     fn bf16_inputs_give_bf16_gradients_close_to_f32() {
-        let c = case(1, 2, 6, 6, 8);
+        let c = case(1, 2, 6, 1, 0, 8);
         let [_, dq, dk, dv] = reference(&c);
         let bf = |t: Tensor<Flex, 4>| t.cast(FloatDType::BF16);
         let (q, k, v, mask, dout) = (
-            bf(c.q.inner()),
-            bf(c.k.inner()),
-            bf(c.v.inner()),
-            c.mask.inner(),
-            bf(c.dout.inner()),
+            bf(c.q.clone().inner()),
+            bf(c.k.clone().inner()),
+            bf(c.v.clone().inner()),
+            c.mask.clone().inner(),
+            bf(c.dout.clone().inner()),
         );
-        let (gq, gk, gv) = chunked_backward(q, k, v, mask, dout, 6);
+        let chunks = plan(&q, &k, Some(c.causal));
+        let (gq, gk, gv) = chunked_backward(q, k, v, mask, dout, &chunks);
         for (name, a, b) in [("dq", gq, dq), ("dk", gk, dk), ("dv", gv, dv)] {
             assert_eq!(a.dtype(), DType::BF16, "{name}");
             let diff = max_diff(to(a, DType::F32), b.clone());

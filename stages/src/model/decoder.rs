@@ -14,7 +14,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
-use super::attention::{ModelBackend, masked_attention};
+use super::attention::{Causal, ModelBackend, masked_attention};
 use super::config::{Arch, ModelConfig};
 use super::weights::HostTensor;
 
@@ -241,8 +241,9 @@ pub struct Positions<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
     /// `true` where attention is not allowed: `[batch, 1, queries, keys]`,
-    /// or `[batch, kv_heads, rep * queries, keys]` in the grouped-query layout
-    /// of [`Attention::forward`] (`rep` query heads per kv head, when > 1).
+    /// or `[batch, kv_heads, queries * rep, keys]` in the grouped-query layout
+    /// of [`Attention::forward`] (`rep` query heads per kv head, when > 1,
+    /// row `i * rep + r` for head `r` of token `i`).
     /// Built once per forward pass, so the layers do not each copy it.
     mask: Tensor<B, 4, Bool>,
 }
@@ -286,20 +287,28 @@ impl<B: ModelBackend> Attention<B> {
         };
         let s = k.dims()[2];
         // Grouped-query attention without copying keys and values per query
-        // head: the `h / kvh` query heads sharing a kv head are stacked along
-        // the query axis (a free reshape of the contiguous `q`).
+        // head: the `rep` query heads sharing a kv head are stacked token by
+        // token along the query axis (row `i * rep + r`), so the mask stays
+        // causal along it and the attention can skip what it hides.
         let rep = h / kvh;
-        let q = q.reshape([b, kvh, rep * t, hd]);
-        let mask = pos.mask.clone().expand([b, kvh, rep * t, s]);
+        let q = if rep == 1 {
+            q
+        } else {
+            q.reshape([b, kvh, rep, t, hd])
+                .swap_dims(2, 3)
+                .reshape([b, kvh, t * rep, hd])
+        };
+        let mask = pos.mask.clone().expand([b, kvh, t * rep, s]);
+        let causal = Some(Causal { rep, past: s - t });
         let out = if self.bf16 {
             let [q, k, v] = [q, k, v].map(|x| x.cast(FloatDType::BF16));
-            masked_attention(q, k, v, mask).cast(FloatDType::F32)
+            masked_attention(q, k, v, mask, causal).cast(FloatDType::F32)
         } else {
-            masked_attention(q, k, v, mask)
-        }
-        .reshape([b, h, t, hd]);
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
+            masked_attention(q, k, v, mask, causal)
+        };
+        // [b, kvh, t, rep, hd] -> [b, t, kvh, rep, hd]: heads in HF's order.
+        let out = out.reshape([b, kvh, t, rep, hd]).swap_dims(1, 2);
+        self.o_proj.forward(out.reshape([b, t, h * hd]))
     }
 }
 
@@ -458,9 +467,9 @@ impl<B: ModelBackend> CausalLm<B> {
         } else {
             // One copy here instead of one per layer (a reshape of the
             // broadcast mask copies it).
-            mask.unsqueeze_dim::<5>(1)
-                .expand([b, kvh, rep, t, keys])
-                .reshape([b, kvh, rep * t, keys])
+            mask.unsqueeze_dim::<5>(3)
+                .expand([b, kvh, t, rep, keys])
+                .reshape([b, kvh, t * rep, keys])
         };
         Positions { cos, sin, mask }
     }
@@ -925,18 +934,20 @@ mod tests {
         CausalLm::from_tensors(&config, tensors, &Default::default()).unwrap()
     }
 
-    /// The mask as `[b][kv head][rep * t + i][key]` flattened, from the rule
+    /// The mask as `[b][kv head][i * rep + r][key]` flattened, from the rule
     /// (`[b][1][t][key]` without grouped-query heads).
     fn expected(
         (b, kvh, rep, t, keys): (usize, usize, usize, usize, usize),
         allowed: impl Fn(usize, usize, usize) -> bool,
     ) -> Vec<bool> {
         let mut out = Vec::new();
-        let copies = if rep == 1 { 1 } else { kvh * rep };
+        let groups = if rep == 1 { 1 } else { kvh };
         for row in 0..b {
-            for _ in 0..copies {
+            for _ in 0..groups {
                 for i in 0..t {
-                    out.extend((0..keys).map(|j| !allowed(row, i, j)));
+                    for _ in 0..rep {
+                        out.extend((0..keys).map(|j| !allowed(row, i, j)));
+                    }
                 }
             }
         }
