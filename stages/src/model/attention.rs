@@ -291,7 +291,10 @@ fn pad_keys<B: Backend>(t: Tensor<B, 4>, keys: usize) -> Tensor<B, 4> {
     if n == keys {
         return t;
     }
-    let zeros = to(Tensor::<B, 4>::zeros([b, h, keys - n, d], &t.device()), t.dtype());
+    let zeros = to(
+        Tensor::<B, 4>::zeros([b, h, keys - n, d], &t.device()),
+        t.dtype(),
+    );
     Tensor::cat(vec![t, zeros], 2)
 }
 
@@ -451,7 +454,12 @@ mod tests {
     }
 
     fn chunked(c: &Case, chunks: &[Chunk]) -> [Tensor<Flex, 4>; 4] {
-        let (q, k, v, mask) = (c.q.clone().inner(), c.k.clone().inner(), c.v.clone().inner(), c.mask.clone().inner());
+        let (q, k, v, mask) = (
+            c.q.clone().inner(),
+            c.k.clone().inner(),
+            c.v.clone().inner(),
+            c.mask.clone().inner(),
+        );
         let out = chunked_forward(q.clone(), k.clone(), v.clone(), mask.clone(), chunks);
         let (dq, dk, dv) = chunked_backward(q, k, v, mask, c.dout.clone().inner(), chunks);
         [out, dq, dk, dv]
