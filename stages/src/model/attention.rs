@@ -148,6 +148,13 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         causal: Option<Causal>,
     ) -> FloatTensor<Self> {
         let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+        let out = B::masked_attention(
+            q.primitive.clone(),
+            k.primitive.clone(),
+            v.primitive.clone(),
+            mask.clone(),
+            causal,
+        );
         match AttentionBackward
             .prepare::<C>(nodes)
             .compute_bound()
@@ -158,19 +165,12 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
                     prep.checkpoint(&q),
                     prep.checkpoint(&k),
                     prep.checkpoint(&v),
-                    mask.clone(),
+                    mask,
                     causal,
                 );
-                let out = B::masked_attention(q.primitive, k.primitive, v.primitive, mask, causal);
                 prep.finish(state, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::masked_attention(
-                q.primitive,
-                k.primitive,
-                v.primitive,
-                mask,
-                causal,
-            )),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 }
@@ -212,12 +212,7 @@ fn to<B: Backend>(t: Tensor<B, 4>, dtype: DType) -> Tensor<B, 4> {
     if t.dtype() == dtype {
         return t;
     }
-    match dtype {
-        DType::BF16 => t.cast(FloatDType::BF16),
-        DType::F16 => t.cast(FloatDType::F16),
-        DType::F64 => t.cast(FloatDType::F64),
-        _ => t.cast(FloatDType::F32),
-    }
+    t.cast(FloatDType::from(dtype))
 }
 
 /// Query rows `start .. start + rows`, which see no key at or after `keys`.

@@ -416,33 +416,23 @@ impl<B: ModelBackend> CausalLm<B> {
     pub fn positions_packed(&self, segments: &[Vec<u32>], device: &B::Device) -> Positions<B> {
         let b = segments.len();
         let t = segments.first().map_or(0, Vec::len);
-        let positions: Vec<Vec<usize>> = segments
-            .iter()
-            .map(|row| {
-                let mut out = Vec::with_capacity(row.len());
-                for (i, seg) in row.iter().enumerate() {
-                    let p = if i > 0 && row[i - 1] == *seg {
-                        out[i - 1] + 1
-                    } else {
-                        0
-                    };
-                    out.push(p);
-                }
-                out
-            })
-            .collect();
-        // Row `i` allows only the keys from its sample's first token to itself.
+        // Row `i` allows only the keys from its sample's first token to
+        // itself, and its position is its offset from that token.
         let mut mask = Vec::with_capacity(b * t * t);
+        let mut positions = Vec::with_capacity(b);
         for row in segments {
             let mut start = 0;
+            let mut pos = Vec::with_capacity(t);
             for i in 0..t {
                 if i > 0 && row[i] != row[i - 1] {
                     start = i;
                 }
+                pos.push(i - start);
                 mask.resize(mask.len() + start, true);
                 mask.resize(mask.len() + i + 1 - start, false);
                 mask.resize(mask.len() + t - i - 1, true);
             }
+            positions.push(pos);
         }
         let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, t]), device);
         self.finish_positions(&positions, mask, device)
