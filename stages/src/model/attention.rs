@@ -56,6 +56,17 @@ pub trait ModelBackend: Backend {
         mask: BoolTensor<Self>,
         causal: Option<Causal>,
     ) -> FloatTensor<Self>;
+
+    /// `x: [a, b, c, d]` as `[a, c, b, d]` (heads to or from the second axis),
+    /// laid out contiguously where the backend's later ops need it.
+    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_swap_dims(x, 1, 2)
+    }
+
+    /// `mask` laid out contiguously where the backend's ops need it.
+    fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
+        mask
+    }
 }
 
 /// A backend that trains the decoder: autodiff over a [`ModelBackend`].
@@ -77,6 +88,13 @@ pub fn masked_attention<B: ModelBackend>(
         v.into_primitive().tensor(),
         mask.into_primitive(),
         causal,
+    )))
+}
+
+/// [`ModelBackend::swap_heads`] on tensors.
+pub fn swap_heads<B: ModelBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::swap_heads(
+        x.into_primitive().tensor(),
     )))
 }
 
@@ -103,6 +121,49 @@ impl ModelBackend for burn::backend::Flex {
         }
         composed::<Self>(q, k, v, mask, causal)
     }
+
+    /// Flex copies views of more than two strided axes element by element;
+    /// this copies the `d`-long rows instead.
+    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        dense(x.transpose(1, 2))
+    }
+
+    fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
+        dense(mask)
+    }
+}
+
+/// `t` laid out contiguously, copied one contiguous run at a time (Flex's own
+/// copy walks layouts of more than two strided axes element by element).
+fn dense(t: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
+    use burn_flex::{FlexTensor, Layout};
+    fn copy<E: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -> FlexTensor {
+        let layout = t.layout();
+        let blocks = layout.strided_blocks();
+        let (src, run) = (t.storage::<E>(), blocks.block_len());
+        let mut out = Vec::with_capacity(layout.num_elements());
+        for start in blocks.block_starts() {
+            out.extend_from_slice(&src[start..start + run]);
+        }
+        FlexTensor::new(
+            burn::tensor::Bytes::from_elems(out),
+            Layout::contiguous(layout.shape().clone()),
+            t.dtype(),
+        )
+    }
+    let layout = t.layout();
+    let whole =
+        layout.start_offset() == 0 && t.bytes().len() == layout.num_elements() * t.dtype().size();
+    if (layout.is_contiguous() && whole) || !layout.has_positive_strides() {
+        return t.to_contiguous();
+    }
+    match t.dtype() {
+        DType::F32 => copy::<f32>(&t),
+        DType::BF16 => copy::<burn::tensor::bf16>(&t),
+        DType::F16 => copy::<burn::tensor::f16>(&t),
+        DType::Bool(_) if t.dtype().size() == 1 => copy::<u8>(&t),
+        _ => t.to_contiguous(),
+    }
 }
 
 /// On a GPU, too, batched matmuls chunk by chunk. burn 0.21's fused (flash)
@@ -125,7 +186,7 @@ impl ModelBackend for super::device::Gpu {
 }
 
 /// The forward pass as batched matmuls over the chunks of [`plan`].
-fn composed<B: Backend>(
+fn composed<B: ModelBackend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -171,6 +232,38 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        SwapHeadsBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateless(B::swap_heads(x.primitive))
+    }
+
+    fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
+        B::dense_mask(mask)
+    }
+}
+
+/// The gradient of [`ModelBackend::swap_heads`] is the same swap of the
+/// output's gradient.
+#[derive(Debug)]
+struct SwapHeadsBackward;
+
+impl<B: ModelBackend> Backward<B, 1> for SwapHeadsBackward {
+    type State = ();
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(parent)] = ops.parents {
+            grads.register::<B>(parent.id, B::swap_heads(grad));
         }
     }
 }
@@ -258,7 +351,7 @@ fn plan<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, causal: Option<Causal>) 
 
 /// The attention probabilities of a chunk's query rows in f32 (softmax as in
 /// burn's fallback: a fully masked row would give zeros, not NaNs).
-fn probs<B: Backend>(
+fn probs<B: ModelBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     mask: &Tensor<B, 4, Bool>,
@@ -268,6 +361,7 @@ fn probs<B: Backend>(
     let qc = q.clone().narrow(2, c.start, c.rows);
     let kt = k.clone().narrow(2, 0, c.keys).swap_dims(2, 3);
     let mask = mask.clone().narrow(2, c.start, c.rows).narrow(3, 0, c.keys);
+    let mask = Tensor::from_primitive(B::dense_mask(mask.into_primitive()));
     let s = to(qc.matmul(kt), DType::F32).mul_scalar(scale);
     let s = s.mask_fill(mask, f32::NEG_INFINITY);
     let max = s.clone().max_dim(3).clamp_min(f32::MIN);
@@ -280,7 +374,7 @@ fn scale_of<B: Backend>(q: &Tensor<B, 4>) -> f32 {
     1.0 / (q.dims()[3] as f32).sqrt()
 }
 
-fn chunked_forward<B: Backend>(
+fn chunked_forward<B: ModelBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -315,7 +409,7 @@ fn pad_keys<B: Backend>(t: Tensor<B, 4>, keys: usize) -> Tensor<B, 4> {
 /// `dV = Pᵀ dO`, `dS = P ∘ (dO Vᵀ − rowsum(P ∘ dO Vᵀ))`, `dQ = scale · dS K`,
 /// `dK = scale · dSᵀ Q`. Softmax and `dS` are in f32; matmuls take the
 /// inputs' dtype (bf16 under mixed precision), as FlashAttention's do.
-fn chunked_backward<B: Backend>(
+fn chunked_backward<B: ModelBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -544,5 +638,56 @@ mod tests {
                 "{name}: bf16 differs by {diff} (largest {size})"
             );
         }
+    }
+
+    #[test]
+    fn dense_copies_views_exactly() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 4>::random([2, 3, 5, 4], Distribution::Normal(0.0, 1.0), &device);
+        let row = Tensor::<Flex, 4>::random([2, 1, 5, 4], Distribution::Normal(0.0, 1.0), &device);
+        let views = [
+            x.clone().swap_dims(1, 2),
+            x.clone().narrow(3, 1, 2),
+            x.clone().narrow(2, 1, 3).narrow(3, 0, 3),
+            row.expand([2, 3, 5, 4]),
+            x.clone(),
+        ];
+        for (i, view) in views.into_iter().enumerate() {
+            let want = view.to_data();
+            for t in [view.clone(), view.cast(FloatDType::BF16)] {
+                let got = dense(t.clone().into_primitive().tensor());
+                assert!(got.is_contiguous(), "view {i}");
+                let got = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(got));
+                assert_eq!(got.to_data(), t.to_data(), "view {i}, {:?}", t.dtype());
+            }
+            let mask = Tensor::<Flex, 4>::from_data(want, &device).greater_elem(0.0);
+            let got = Tensor::<Flex, 4, Bool>::from_primitive(dense(mask.clone().into_primitive()));
+            assert_eq!(got.to_data(), mask.to_data(), "view {i}, mask");
+        }
+        let mask = Tensor::<Flex, 4>::random([2, 1, 5, 4], Distribution::Default, &device)
+            .greater_elem(0.5)
+            .expand([2, 3, 5, 4])
+            .narrow(2, 2, 3)
+            .narrow(3, 0, 2);
+        let got = Tensor::<Flex, 4, Bool>::from_primitive(dense(mask.clone().into_primitive()));
+        assert_eq!(got.to_data(), mask.to_data(), "broadcast, narrowed mask");
+    }
+
+    #[test]
+    fn swap_heads_is_swap_dims_forward_and_backward() {
+        let device = Default::default();
+        let x = Tensor::<AD, 4>::random([2, 3, 4, 5], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let w = Tensor::<AD, 4>::random([2, 4, 3, 5], Distribution::Normal(0.0, 1.0), &device);
+        let ours = swap_heads(x.clone() * 2.0);
+        let burns = (x.clone() * 2.0).swap_dims(1, 2);
+        assert_eq!(ours.to_data(), burns.to_data());
+        let grad = |y: Tensor<AD, 4>| {
+            let g = (y * w.clone()).sum().backward();
+            x.grad(&g).unwrap().to_data()
+        };
+        let want = (w.clone().inner() * 2.0).swap_dims(1, 2).to_data();
+        assert_eq!(grad(ours), want);
+        assert_eq!(grad(burns), want);
     }
 }

@@ -14,7 +14,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
-use super::attention::{Causal, ModelBackend, masked_attention};
+use super::attention::{Causal, ModelBackend, masked_attention, swap_heads};
 use super::config::{Arch, ModelConfig};
 use super::weights::HostTensor;
 
@@ -238,8 +238,12 @@ impl<B: Backend> KvCache<B> {
 /// the attention mask, built on the host from positions and key validity.
 #[derive(Debug, Clone)]
 pub struct Positions<B: Backend> {
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
+    /// cos and sin `[batch, seq, heads, head_dim]` for the query heads, in
+    /// the layout of the projection's output, so RoPE runs on contiguous
+    /// tensors without broadcasting.
+    q_rope: (Tensor<B, 4>, Tensor<B, 4>),
+    /// The same for the kv heads.
+    k_rope: (Tensor<B, 4>, Tensor<B, 4>),
     /// `true` where attention is not allowed: `[batch, 1, queries, keys]`,
     /// or `[batch, kv_heads, queries * rep, keys]` in the grouped-query layout
     /// of [`Attention::forward`] (`rep` query heads per kv head, when > 1,
@@ -257,23 +261,17 @@ impl<B: ModelBackend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, t, h, hd])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, t, kvh, hd])
-            .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, t, kvh, hd])
-            .swap_dims(1, 2);
-        let q = rotate(q, pos);
-        let k = rotate(k, pos);
+        let rep = h / kvh;
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, hd]);
+        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, hd]);
+        let v = self.v_proj.forward(x).reshape([b, t, kvh, hd]);
+        let (q, k) = (rotate(q, &pos.q_rope), rotate(k, &pos.k_rope));
+        // Grouped-query attention without copying keys and values per query
+        // head: the `rep` query heads sharing a kv head are stacked token by
+        // token along the query axis (row `i * rep + r`), so the mask stays
+        // causal along it and the attention can skip what it hides.
+        let q = swap_heads(q.reshape([b, t, kvh, rep * hd])).reshape([b, kvh, t * rep, hd]);
+        let (k, v) = (swap_heads(k), swap_heads(v));
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -286,18 +284,6 @@ impl<B: ModelBackend> Attention<B> {
             }
         };
         let s = k.dims()[2];
-        // Grouped-query attention without copying keys and values per query
-        // head: the `rep` query heads sharing a kv head are stacked token by
-        // token along the query axis (row `i * rep + r`), so the mask stays
-        // causal along it and the attention can skip what it hides.
-        let rep = h / kvh;
-        let q = if rep == 1 {
-            q
-        } else {
-            q.reshape([b, kvh, rep, t, hd])
-                .swap_dims(2, 3)
-                .reshape([b, kvh, t * rep, hd])
-        };
         let mask = pos.mask.clone().expand([b, kvh, t * rep, s]);
         let causal = Some(Causal { rep, past: s - t });
         let out = if self.bf16 {
@@ -306,19 +292,19 @@ impl<B: ModelBackend> Attention<B> {
         } else {
             masked_attention(q, k, v, mask, causal)
         };
-        // [b, kvh, t, rep, hd] -> [b, t, kvh, rep, hd]: heads in HF's order.
-        let out = out.reshape([b, kvh, t, rep, hd]).swap_dims(1, 2);
+        // [b, kvh, t, rep * hd] -> [b, t, kvh, rep * hd]: heads in HF's order.
+        let out = swap_heads(out.reshape([b, kvh, t, rep * hd]));
         self.o_proj.forward(out.reshape([b, t, h * hd]))
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` on `[batch, heads, seq, head_dim]`.
-fn rotate<B: Backend>(x: Tensor<B, 4>, pos: &Positions<B>) -> Tensor<B, 4> {
+/// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`.
+fn rotate<B: Backend>(x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
     let half = x.dims()[3] / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * pos.cos.clone() + rotated * pos.sin.clone()
+    x * cos.clone() + rotated * sin.clone()
 }
 
 impl<B: Backend> Mlp<B> {
@@ -447,11 +433,17 @@ impl<B: ModelBackend> CausalLm<B> {
         device: &B::Device,
     ) -> Positions<B> {
         let [b, _, t, keys] = mask.dims();
-        let (cos, sin) = self.rope_tables(positions, device);
-        let (kvh, rep) = self.layers.first().map_or((1, 1), |l| {
-            let a = &l.self_attn;
-            (a.n_kv_heads, a.n_heads / a.n_kv_heads)
-        });
+        let (kvh, h) = self
+            .layers
+            .first()
+            .map_or((1, 1), |l| (l.self_attn.n_kv_heads, l.self_attn.n_heads));
+        let rep = h / kvh;
+        let k_rope = self.rope_tables(positions, kvh, device);
+        let q_rope = if rep == 1 {
+            k_rope.clone()
+        } else {
+            self.rope_tables(positions, h, device)
+        };
         let mask = if rep == 1 {
             mask
         } else {
@@ -461,21 +453,27 @@ impl<B: ModelBackend> CausalLm<B> {
                 .expand([b, kvh, t, rep, keys])
                 .reshape([b, kvh, t * rep, keys])
         };
-        Positions { cos, sin, mask }
+        Positions {
+            q_rope,
+            k_rope,
+            mask,
+        }
     }
 
-    /// cos and sin `[batch, 1, seq, head_dim]` of `positions`: computed on the
-    /// host once per distinct position, then gathered on the device.
+    /// cos and sin `[batch, seq, heads, head_dim]` of `positions` (the same
+    /// for every head): computed on the host once per distinct position, then
+    /// gathered on the device.
     fn rope_tables(
         &self,
         positions: &[Vec<usize>],
+        heads: usize,
         device: &B::Device,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
         let hd = self.head_dim();
         if b * t == 0 {
-            let empty = Tensor::zeros([b, 1, t, hd], device);
+            let empty = Tensor::zeros([b, t, heads, hd], device);
             return (empty.clone(), empty);
         }
         let inv = self.inv_freq(hd);
@@ -495,14 +493,17 @@ impl<B: ModelBackend> CausalLm<B> {
         let rows: Vec<i64> = positions
             .iter()
             .flatten()
-            .map(|p| distinct.partition_point(|d| d < p) as i64)
+            .flat_map(|p| {
+                let row = distinct.partition_point(|d| d < p) as i64;
+                std::iter::repeat_n(row, heads)
+            })
             .collect();
-        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b * t]), device);
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b * t * heads]), device);
         let n = distinct.len();
         let gather = |table: Vec<f32>| {
             Tensor::<B, 2>::from_data(TensorData::new(table, [n, hd]), device)
                 .select(0, rows.clone())
-                .reshape([b, 1, t, hd])
+                .reshape([b, t, heads, hd])
         };
         (gather(cos), gather(sin))
     }
@@ -976,17 +977,28 @@ mod tests {
     fn rope_tables_hold_each_tokens_own_angles() {
         let net = net(2, 1);
         let positions = vec![vec![0, 5, 6], vec![9, 5, 0]];
-        let (cos, sin) = net.rope_tables(&positions, &Default::default());
+        let heads = 3;
+        let (cos, sin) = net.rope_tables(&positions, heads, &Default::default());
+        assert_eq!(cos.dims(), [2, 3, heads, 8]);
         let inv = net.inv_freq(8);
         let (cos, sin): (Vec<f32>, Vec<f32>) = (
             cos.into_data().into_vec().unwrap(),
             sin.into_data().into_vec().unwrap(),
         );
         for (k, &p) in positions.iter().flatten().enumerate() {
-            for d in 0..8 {
+            for (head, d) in (0..heads).flat_map(|h| (0..8).map(move |d| (h, d))) {
                 let angle = (inv[d % 4] as f32) * p as f32;
-                assert_eq!(cos[k * 8 + d], angle.cos(), "cos at token {k}, dim {d}");
-                assert_eq!(sin[k * 8 + d], angle.sin(), "sin at token {k}, dim {d}");
+                let at = (k * heads + head) * 8 + d;
+                assert_eq!(
+                    cos[at],
+                    angle.cos(),
+                    "cos at token {k}, head {head}, dim {d}"
+                );
+                assert_eq!(
+                    sin[at],
+                    angle.sin(),
+                    "sin at token {k}, head {head}, dim {d}"
+                );
             }
         }
     }
