@@ -444,15 +444,16 @@ impl<B: ModelBackend> CausalLm<B> {
         } else {
             self.rope_tables(positions, h, device)
         };
-        let mask = if rep == 1 {
-            mask
-        } else {
-            // One copy here instead of one per layer (a reshape of the
-            // broadcast mask copies it).
-            mask.unsqueeze_dim::<5>(3)
-                .expand([b, kvh, t, rep, keys])
-                .reshape([b, kvh, t * rep, keys])
-        };
+        let mask =
+            if rep == 1 {
+                mask
+            } else {
+                // One copy here instead of one per layer (a reshape of the
+                // broadcast mask copies it).
+                let grouped = mask.unsqueeze_dim::<5>(3).expand([b, kvh, t, rep, keys]);
+                Tensor::<B, 5, Bool>::from_primitive(B::dense_mask(grouped.into_primitive()))
+                    .reshape([b, kvh, t * rep, keys])
+            };
         Positions {
             q_rope,
             k_rope,
