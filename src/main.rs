@@ -107,10 +107,11 @@ fn main() {
 
 /// Keeps freed memory in glibc's heap for reuse instead of handing it back to
 /// the kernel. A training step frees and reallocates gigabytes of tensors, and
-/// with glibc's defaults each one above 32 MiB is a fresh mapping of zeroed
-/// pages: page faults were 2.1M in four SmolLM2 steps, 1.0M with this, and
-/// trained tokens/s rose 10-15% (docs/BENCHMARKS.md). Peak RSS stayed within
-/// 1%. Left alone when the user tunes malloc through the environment.
+/// with glibc's defaults each one above its mapping threshold (32 MiB at most)
+/// is a fresh mapping of zeroed pages: page faults were 2.1M in four SmolLM2
+/// steps, 1.0M with this, and trained tokens/s rose 10-20%
+/// (docs/BENCHMARKS.md). Peak RSS stayed within 1%. Left alone when the user
+/// tunes malloc through the environment.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
