@@ -234,6 +234,9 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// RoPE's cos and sin tables, `[batch, seq, heads, head_dim]` each.
+type Rope<B> = (Tensor<B, 4>, Tensor<B, 4>);
+
 /// Everything a forward pass needs besides the token ids: rotary tables and
 /// the attention mask, built on the host from positions and key validity.
 #[derive(Debug, Clone)]
@@ -241,9 +244,9 @@ pub struct Positions<B: Backend> {
     /// cos and sin `[batch, seq, heads, head_dim]` for the query heads, in
     /// the layout of the projection's output, so RoPE runs on contiguous
     /// tensors without broadcasting.
-    q_rope: (Tensor<B, 4>, Tensor<B, 4>),
+    q_rope: Rope<B>,
     /// The same for the kv heads.
-    k_rope: (Tensor<B, 4>, Tensor<B, 4>),
+    k_rope: Rope<B>,
     /// `true` where attention is not allowed: `[batch, 1, queries, keys]`,
     /// or `[batch, kv_heads, queries * rep, keys]` in the grouped-query layout
     /// of [`Attention::forward`] (`rep` query heads per kv head, when > 1,
@@ -299,7 +302,7 @@ impl<B: ModelBackend> Attention<B> {
 }
 
 /// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`.
-fn rotate<B: Backend>(x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
+fn rotate<B: Backend>(x: Tensor<B, 4>, (cos, sin): &Rope<B>) -> Tensor<B, 4> {
     let half = x.dims()[3] / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
@@ -438,12 +441,7 @@ impl<B: ModelBackend> CausalLm<B> {
             .first()
             .map_or((1, 1), |l| (l.self_attn.n_kv_heads, l.self_attn.n_heads));
         let rep = h / kvh;
-        let k_rope = self.rope_tables(positions, kvh, device);
-        let q_rope = if rep == 1 {
-            k_rope.clone()
-        } else {
-            self.rope_tables(positions, h, device)
-        };
+        let (q_rope, k_rope) = self.rope_tables(positions, kvh, rep, device);
         let mask =
             if rep == 1 {
                 mask
@@ -462,20 +460,25 @@ impl<B: ModelBackend> CausalLm<B> {
     }
 
     /// cos and sin `[batch, seq, heads, head_dim]` of `positions` (the same
-    /// for every head): computed on the host once per distinct position, then
-    /// gathered on the device.
+    /// for every head), for the `kv_heads * rep` query heads and for the
+    /// `kv_heads` kv heads: computed on the host once per distinct position,
+    /// then gathered on the device.
     fn rope_tables(
         &self,
         positions: &[Vec<usize>],
-        heads: usize,
+        kv_heads: usize,
+        rep: usize,
         device: &B::Device,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    ) -> (Rope<B>, Rope<B>) {
         let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
         let hd = self.head_dim();
         if b * t == 0 {
-            let empty = Tensor::zeros([b, t, heads, hd], device);
-            return (empty.clone(), empty);
+            let empty = |heads| {
+                let e = Tensor::zeros([b, t, heads, hd], device);
+                (e.clone(), e)
+            };
+            return (empty(kv_heads * rep), empty(kv_heads));
         }
         let inv = self.inv_freq(hd);
         let mut distinct: Vec<usize> = positions.iter().flatten().copied().collect();
@@ -491,22 +494,36 @@ impl<B: ModelBackend> CausalLm<B> {
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let rows: Vec<i64> = positions
+        let n = distinct.len();
+        let [cos, sin] = [cos, sin]
+            .map(|table| Tensor::<B, 2>::from_data(TensorData::new(table, [n, hd]), device));
+        let of_token: Vec<i64> = positions
             .iter()
             .flatten()
-            .flat_map(|p| {
-                let row = distinct.partition_point(|d| d < p) as i64;
-                std::iter::repeat_n(row, heads)
-            })
+            .map(|p| distinct.partition_point(|d| d < p) as i64)
             .collect();
-        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b * t * heads]), device);
-        let n = distinct.len();
-        let gather = |table: Vec<f32>| {
-            Tensor::<B, 2>::from_data(TensorData::new(table, [n, hd]), device)
-                .select(0, rows.clone())
-                .reshape([b, t, heads, hd])
+        let gather = |heads: usize| {
+            let rows: Vec<i64> = of_token
+                .iter()
+                .flat_map(|&row| std::iter::repeat_n(row, heads))
+                .collect();
+            let rows =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b * t * heads]), device);
+            let [cos, sin] = [&cos, &sin].map(|table| {
+                table
+                    .clone()
+                    .select(0, rows.clone())
+                    .reshape([b, t, heads, hd])
+            });
+            (cos, sin)
         };
-        (gather(cos), gather(sin))
+        let k_rope = gather(kv_heads);
+        let q_rope = if rep == 1 {
+            k_rope.clone()
+        } else {
+            gather(kv_heads * rep)
+        };
+        (q_rope, k_rope)
     }
 
     /// [`CausalLm::loss`] over packed rows (see [`CausalLm::positions_packed`]).
@@ -978,28 +995,29 @@ mod tests {
     fn rope_tables_hold_each_tokens_own_angles() {
         let net = net(2, 1);
         let positions = vec![vec![0, 5, 6], vec![9, 5, 0]];
-        let heads = 3;
-        let (cos, sin) = net.rope_tables(&positions, heads, &Default::default());
-        assert_eq!(cos.dims(), [2, 3, heads, 8]);
         let inv = net.inv_freq(8);
-        let (cos, sin): (Vec<f32>, Vec<f32>) = (
-            cos.into_data().into_vec().unwrap(),
-            sin.into_data().into_vec().unwrap(),
-        );
-        for (k, &p) in positions.iter().flatten().enumerate() {
-            for (head, d) in (0..heads).flat_map(|h| (0..8).map(move |d| (h, d))) {
-                let angle = (inv[d % 4] as f32) * p as f32;
-                let at = (k * heads + head) * 8 + d;
-                assert_eq!(
-                    cos[at],
-                    angle.cos(),
-                    "cos at token {k}, head {head}, dim {d}"
-                );
-                assert_eq!(
-                    sin[at],
-                    angle.sin(),
-                    "sin at token {k}, head {head}, dim {d}"
-                );
+        let (q_rope, k_rope) = net.rope_tables(&positions, 3, 2, &Default::default());
+        for (heads, (cos, sin)) in [(6, q_rope), (3, k_rope)] {
+            assert_eq!(cos.dims(), [2, 3, heads, 8]);
+            let (cos, sin): (Vec<f32>, Vec<f32>) = (
+                cos.into_data().into_vec().unwrap(),
+                sin.into_data().into_vec().unwrap(),
+            );
+            for (k, &p) in positions.iter().flatten().enumerate() {
+                for (head, d) in (0..heads).flat_map(|h| (0..8).map(move |d| (h, d))) {
+                    let angle = (inv[d % 4] as f32) * p as f32;
+                    let at = (k * heads + head) * 8 + d;
+                    assert_eq!(
+                        cos[at],
+                        angle.cos(),
+                        "cos at token {k}, head {head} of {heads}, dim {d}"
+                    );
+                    assert_eq!(
+                        sin[at],
+                        angle.sin(),
+                        "sin at token {k}, head {head} of {heads}, dim {d}"
+                    );
+                }
             }
         }
     }
