@@ -6,18 +6,22 @@
 #      a LoRA training step against torch/PEFT; bf16 against f32);
 #   2. bench/train_gpu.sh: full fine-tuning of a Qwen2.5-0.5B-shaped model,
 #      seq 2048, bf16, against PyTorch + transformers, with MFU;
-#   3. bench/generate.sh on that model, batch 1 and 16, against transformers.
+#   3. bench/generate.sh on that model, batch 1 and 16, against transformers;
+#   4. attention alone at the training shape: anneal's op forward and backward
+#      and burn's fused (flash) forward (`attention_timing` in
+#      stages/tests/train_parity.rs), then PyTorch's SDPA
+#      (bench/attention_torch.py).
 # Each part's log goes to $OUT (or bench/results/device) as it finishes, so a
 # part that runs out of time leaves the earlier ones.
 #
 #   run(command="bash bench/device.sh", carry=[".device"], timeout_s=570)
-# Env: PARTS (parity,train,generate), CUDA_PATH (/usr/local/cuda), STEPS (10),
+# Env: PARTS (parity,train,generate,attention), CUDA_PATH (/usr/local/cuda), STEPS (10),
 # RUNS (3), NEW (64).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/device}"
 mkdir -p "$OUT" .device/run
-PARTS="${PARTS:-parity,train,generate}"
+PARTS="${PARTS:-parity,train,generate,attention}"
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 export LD_LIBRARY_PATH="$CUDA_PATH/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1
@@ -54,5 +58,11 @@ if [[ ",$PARTS," == *,generate,* ]]; then
     ANNEAL_BIN=.device/run/anneal MODEL="$model" ANNEAL_SHARED=.device/shared DEVICE=cuda \
         RUNS="${RUNS:-3}" NEW="${NEW:-64}" timeout 200 bash bench/generate.sh >"$OUT/generate.log" 2>&1
     stamp "generate: exit $? — $(grep -E 'ratio_' "$OUT/generate.log" | tr '\n' ' ')"
+fi
+if [[ ",$PARTS," == *,attention,* ]]; then
+    timeout 120 .device/run/train_parity attention_timing --nocapture >"$OUT/attention.log" 2>&1
+    stamp "attention (anneal): exit $? — $(grep -E '^attention timing' "$OUT/attention.log" | tail -n1)"
+    timeout 60 python3 bench/attention_torch.py >>"$OUT/attention.log" 2>&1
+    stamp "attention (torch): exit $? — $(grep -E 'sdpa timing' "$OUT/attention.log" | tail -n1)"
 fi
 stamp "done"

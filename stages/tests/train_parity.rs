@@ -517,3 +517,160 @@ mod cuda {
         bf16_check::<Gpu>(&device);
     }
 }
+
+/// Attention at the GPU benchmark's shape (batch 4, 2,048 tokens, 14 query
+/// heads over 2 kv heads, head dim 64, bf16; on wgpu, which has no bf16, a
+/// small f32 shape): our op against burn's fused (flash) forward, in the
+/// decoder's stacked layout with its mask and in the per-head layout with
+/// `is_causal`. Each fused output must stay within rounding of ours; the
+/// median times it prints are collected by `bench/device.sh` (part
+/// `attention`), next to PyTorch's from `bench/attention_torch.py`. Not in the
+/// `cuda` module, so the parity part does not run it.
+#[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
+mod attention_timing {
+    use std::time::Instant;
+
+    use anneal_stages::model::attention::{Causal, masked_attention};
+    use anneal_stages::model::device::Gpu;
+    use burn::tensor::backend::Backend;
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::{Bool, Distribution, FloatDType, Tensor, TensorData};
+
+    use super::*;
+
+    type G = Gpu;
+    type AG = Autodiff<Gpu>;
+
+    /// Median wall time of `runs` calls of `f`, each waited for, after one
+    /// call that is not timed (autotuning and kernel compilation).
+    fn median_ms(device: &burn::tensor::Device<G>, runs: usize, mut f: impl FnMut()) -> f64 {
+        f();
+        G::sync(device).expect("GPU sync");
+        let mut times: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t0 = Instant::now();
+                f();
+                G::sync(device).expect("GPU sync");
+                t0.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[runs / 2]
+    }
+
+    fn max_abs(t: Tensor<G, 4>) -> f32 {
+        t.cast(FloatDType::F32).abs().max().into_scalar().elem()
+    }
+
+    #[test]
+    fn attention_timing() {
+        let Some(device) = common::gpu() else { return };
+        let (b, kvh, rep, t, d, dtype, rel) = if cfg!(feature = "cuda") {
+            (4, 2, 7, 2048, 64, FloatDType::BF16, 2e-2)
+        } else {
+            (1, 2, 3, 96, 16, FloatDType::F32, 5e-3)
+        };
+        let (h, rows) = (kvh * rep, t * rep);
+        G::seed(&device, 11);
+        let rand = |n: usize| {
+            Tensor::<G, 4>::random([b, kvh, n, d], Distribution::Normal(0.0, 1.0), &device)
+                .cast(dtype)
+        };
+        let (q, k, v, dout) = (rand(rows), rand(t), rand(t), rand(rows));
+        // The decoder's mask for unpadded rows: query row `i * rep + r` sees keys `0..=i`.
+        let host: Vec<bool> = (0..rows * t).map(|n| n % t > n / t / rep).collect();
+        let mask = Tensor::<G, 4, Bool>::from_data(TensorData::new(host, [1, 1, rows, t]), &device)
+            .repeat_dim(0, b)
+            .repeat_dim(1, kvh);
+        let causal = Some(Causal { rep, past: 0 });
+
+        // Per-head layout: [b, h, t, d] queries, keys and values repeated per query head.
+        let per_head = |x: Tensor<G, 4>| {
+            x.reshape([b, kvh, t, rep, d])
+                .swap_dims(2, 3)
+                .reshape([b, h, t, d])
+        };
+        let stacked = |x: Tensor<G, 4>| {
+            x.reshape([b, kvh, rep, t, d])
+                .swap_dims(2, 3)
+                .reshape([b, kvh, rows, d])
+        };
+        let repeat = |x: Tensor<G, 4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kvh, rep, t, d])
+                .reshape([b, h, t, d])
+        };
+        let (qh, kh, vh) = (per_head(q.clone()), repeat(k.clone()), repeat(v.clone()));
+        let causal_opts = AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        };
+
+        let ours = masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), causal);
+        let fused_stacked = attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            Some(mask.clone()),
+            None,
+            Default::default(),
+        );
+        let fused_heads = stacked(attention(
+            qh.clone(),
+            kh.clone(),
+            vh.clone(),
+            None,
+            None,
+            causal_opts,
+        ));
+        let size = max_abs(ours.clone());
+        let diff_stacked = max_abs(fused_stacked - ours.clone());
+        let diff_heads = max_abs(fused_heads - ours);
+
+        let runs = 5;
+        let ours_fwd = median_ms(&device, runs, || {
+            let _ = masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), causal);
+        });
+        let ours_fwd_bwd = median_ms(&device, runs, || {
+            let [qa, ka, va] =
+                [&q, &k, &v].map(|x| Tensor::<AG, 4>::from_inner(x.clone()).require_grad());
+            let out = masked_attention(
+                qa.clone(),
+                ka.clone(),
+                va.clone(),
+                Tensor::from_inner(mask.clone()),
+                causal,
+            );
+            let g = (out * Tensor::<AG, 4>::from_inner(dout.clone()))
+                .sum()
+                .backward();
+            let _ = [qa, ka, va].map(|x| x.grad(&g).expect("gradient"));
+        });
+        let fused_stacked_fwd = median_ms(&device, runs, || {
+            let _ = attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(mask.clone()),
+                None,
+                Default::default(),
+            );
+        });
+        let fused_heads_fwd = median_ms(&device, runs, || {
+            let _ = attention(qh.clone(), kh.clone(), vh.clone(), None, None, causal_opts);
+        });
+        eprintln!(
+            "attention timing b{b} h{h}/kv{kvh} t{t} d{d} {dtype:?}: ours forward {ours_fwd:.2} ms, \
+             ours forward+backward {ours_fwd_bwd:.2} ms, fused forward stacked+mask \
+             {fused_stacked_fwd:.2} ms, fused forward per-head+is_causal {fused_heads_fwd:.2} ms; \
+             max diff against ours: stacked {diff_stacked:e}, per-head {diff_heads:e} (largest |out| {size:e})"
+        );
+        let bound = rel * size;
+        assert!(
+            diff_stacked <= bound && diff_heads <= bound,
+            "burn's fused attention differs from ours by {diff_stacked:e} (stacked) / \
+             {diff_heads:e} (per head), bound {bound:e}"
+        );
+    }
+}
