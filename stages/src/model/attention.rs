@@ -16,7 +16,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, ModuleOps};
+use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, IntTensor, ModuleOps};
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
 
 /// Chunks of query rows keep one chunk's scores under this many elements
@@ -66,6 +66,16 @@ pub trait ModelBackend: Backend {
     /// `mask` laid out contiguously where the backend's ops need it.
     fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
         mask
+    }
+
+    /// Per-row cross-entropy of `logits: [n, vocab]` against `targets:
+    /// [n, 1]`, `[n]` in f32 (see [`super::loss::cross_entropy`]).
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        let (loss, _) = super::loss::rows::<Self>(
+            Tensor::from_primitive(TensorPrimitive::Float(logits)),
+            Tensor::from_primitive(targets),
+        );
+        loss.into_primitive().tensor()
     }
 }
 
@@ -243,6 +253,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
 
     fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
         B::dense_mask(mask)
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        super::loss::autodiff_cross_entropy::<B, C>(logits, targets)
     }
 }
 

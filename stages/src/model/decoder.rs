@@ -16,6 +16,7 @@ use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
 use super::attention::{Causal, ModelBackend, masked_attention, swap_heads};
 use super::config::{Arch, ModelConfig};
+use super::loss::cross_entropy;
 use super::weights::HostTensor;
 
 /// A dense projection `y = x W + b` with `W` stored `[in, out]`.
@@ -79,6 +80,20 @@ impl<B: Backend> Linear<B> {
             }
         }
     }
+
+    /// [`Self::forward`] in the dtype its matmul ran in (bf16 under mixed
+    /// precision; with an adapter, f32), for consumers that upcast themselves.
+    pub fn forward_native<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lora {
+            None => project_native(
+                x,
+                self.weight.val(),
+                self.bias.as_ref().map(|b| b.val()),
+                self.bf16,
+            ),
+            Some(_) => self.forward(x),
+        }
+    }
 }
 
 /// `x W + b` over the last dimension as one 2-d matmul: burn's `linear` on a
@@ -91,14 +106,24 @@ pub fn project<B: Backend, const D: usize>(
     bias: Option<Tensor<B, 1>>,
     bf16: bool,
 ) -> Tensor<B, D> {
+    let y = project_native(x, weight, bias, bf16);
+    if bf16 { y.cast(FloatDType::F32) } else { y }
+}
+
+/// [`project`] without the cast back: bf16 under `bf16`.
+fn project_native<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    bf16: bool,
+) -> Tensor<B, D> {
     if bf16 {
-        let y = project(
+        return project_native(
             x.cast(FloatDType::BF16),
             weight.cast(FloatDType::BF16),
             bias.map(|b| b.cast(FloatDType::BF16)),
             false,
         );
-        return y.cast(FloatDType::F32);
     }
     let mut dims = x.dims();
     if D <= 2 {
@@ -656,12 +681,13 @@ impl<B: ModelBackend> CausalLm<B> {
         }
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
         let picked = hidden.reshape([b * t, d]).select(0, rows);
-        let logits = self.lm_head(picked);
+        // bf16 logits stay bf16: the loss reads them in f32 without a copy.
+        let logits = match &self.lm_head {
+            Some(head) => head.forward_native(picked),
+            None => project_native(picked, self.embed_tokens.val().transpose(), None, self.bf16),
+        };
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-        let max = logits.clone().detach().max_dim(1);
-        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        let target_logit = logits.gather(1, targets);
-        ((lse - target_logit).mean(), n)
+        (cross_entropy(logits, targets).mean(), n)
     }
 
     /// Logits `[n, vocab]` at the `n` positions whose next label counts, with

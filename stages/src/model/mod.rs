@@ -10,6 +10,7 @@ pub mod generate;
 pub mod infer;
 pub mod init;
 pub mod lora;
+pub mod loss;
 pub mod optim;
 pub mod tokenizer;
 pub mod weights;
