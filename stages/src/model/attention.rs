@@ -71,11 +71,40 @@ pub trait ModelBackend: Backend {
     /// Per-row cross-entropy of `logits: [n, vocab]` against `targets:
     /// [n, 1]`, `[n]` in f32 (see [`super::loss::cross_entropy`]).
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
-        let (loss, _) = super::loss::rows::<Self>(
+        Self::cross_entropy_lse(logits, targets).0
+    }
+
+    /// [`Self::cross_entropy`] and each row's log-sum-exp (`[n, 1]`, f32).
+    fn cross_entropy_lse(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (loss, lse) = super::loss::rows::<Self>(
             Tensor::from_primitive(TensorPrimitive::Float(logits)),
             Tensor::from_primitive(targets),
         );
-        loss.into_primitive().tensor()
+        (
+            loss.into_primitive().tensor(),
+            lse.into_primitive().tensor(),
+        )
+    }
+
+    /// The gradient of [`Self::cross_entropy`] with respect to the logits,
+    /// in their dtype, given the rows' gradient `g: [n]`.
+    fn cross_entropy_grad(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::loss::grad::<Self>(
+            Tensor::from_primitive(TensorPrimitive::Float(logits)),
+            Tensor::from_primitive(targets),
+            Tensor::from_primitive(TensorPrimitive::Float(lse)),
+            Tensor::from_primitive(TensorPrimitive::Float(g)),
+        )
+        .into_primitive()
+        .tensor()
     }
 }
 
@@ -140,6 +169,43 @@ impl ModelBackend for burn::backend::Flex {
 
     fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
         dense(mask)
+    }
+
+    fn cross_entropy_lse(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match super::loss::flex::lse(&logits, &targets) {
+            Some(out) => out,
+            None => {
+                let (loss, lse) = super::loss::rows::<Self>(
+                    Tensor::from_primitive(TensorPrimitive::Float(logits)),
+                    Tensor::from_primitive(targets),
+                );
+                (
+                    loss.into_primitive().tensor(),
+                    lse.into_primitive().tensor(),
+                )
+            }
+        }
+    }
+
+    fn cross_entropy_grad(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::loss::flex::grad(&logits, &targets, &lse, &g).unwrap_or_else(|| {
+            super::loss::grad::<Self>(
+                Tensor::from_primitive(TensorPrimitive::Float(logits)),
+                Tensor::from_primitive(targets),
+                Tensor::from_primitive(TensorPrimitive::Float(lse)),
+                Tensor::from_primitive(TensorPrimitive::Float(g)),
+            )
+            .into_primitive()
+            .tensor()
+        })
     }
 }
 

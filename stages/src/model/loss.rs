@@ -62,19 +62,13 @@ pub(crate) fn autodiff_cross_entropy<B: ModelBackend, C: CheckpointStrategy>(
     logits: FloatTensor<Autodiff<B, C>>,
     targets: IntTensor<Autodiff<B, C>>,
 ) -> FloatTensor<Autodiff<B, C>> {
-    let x = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(logits.primitive.clone()));
-    let t = Tensor::<B, 2, Int>::from_primitive(targets.clone());
-    let (loss, lse) = rows(x, t);
-    let loss = loss.into_primitive().tensor();
+    let (loss, lse) = B::cross_entropy_lse(logits.primitive.clone(), targets.clone());
     match CrossEntropyBackward
         .prepare::<C>([logits.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish(
-            (logits.primitive, targets, lse.into_primitive().tensor()),
-            loss,
-        ),
+        OpsKind::Tracked(prep) => prep.finish((logits.primitive, targets, lse), loss),
         OpsKind::UnTracked(prep) => prep.finish(loss),
     }
 }
@@ -84,7 +78,7 @@ pub(crate) fn autodiff_cross_entropy<B: ModelBackend, C: CheckpointStrategy>(
 #[derive(Debug)]
 struct CrossEntropyBackward;
 
-impl<B: Backend> Backward<B, 1> for CrossEntropyBackward {
+impl<B: ModelBackend> Backward<B, 1> for CrossEntropyBackward {
     type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
 
     fn backward(
@@ -96,23 +90,145 @@ impl<B: Backend> Backward<B, 1> for CrossEntropyBackward {
         let g = grads.consume::<B>(&ops.node);
         let [Some(parent)] = ops.parents else { return };
         let (logits, targets, lse) = ops.state;
-        let x = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(logits));
-        let dtype = x.dtype();
-        let n = x.dims()[0];
-        let g = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(g)).reshape([n, 1]);
-        let lse = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(lse));
-        let targets = Tensor::<B, 2, Int>::from_primitive(targets);
-        let d =
-            (f32(x) - lse)
-                .exp()
-                .mul(g.clone())
-                .scatter(1, targets, g.neg(), IndexingUpdateOp::Add);
-        let d = if dtype == DType::F32 {
-            d
-        } else {
-            d.cast(FloatDType::from(dtype))
-        };
-        grads.register::<B>(parent.id, d.into_primitive().tensor());
+        grads.register::<B>(parent.id, B::cross_entropy_grad(logits, targets, lse, g));
+    }
+}
+
+/// The logits' gradient `(exp(logits - lse) - onehot(targets)) * g` in the
+/// logits' dtype, from tensor ops; `lse: [n, 1]` and `g: [n]` in f32.
+pub(crate) fn grad<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 2, Int>,
+    lse: Tensor<B, 2>,
+    g: Tensor<B, 1>,
+) -> Tensor<B, 2> {
+    let dtype = logits.dtype();
+    let n = logits.dims()[0];
+    let g = g.reshape([n, 1]);
+    let d = (f32(logits) - lse).exp().mul(g.clone()).scatter(
+        1,
+        targets,
+        g.neg(),
+        IndexingUpdateOp::Add,
+    );
+    if dtype == DType::F32 {
+        d
+    } else {
+        d.cast(FloatDType::from(dtype))
+    }
+}
+
+/// Flex, f32 logits: each row in one pass for its maximum and one for its
+/// sum of exponentials, in parallel over rows, with no `[n, vocab]` temporary.
+pub(crate) mod flex {
+    use burn::tensor::{DType, Shape};
+    use burn_flex::{FlexTensor, Layout};
+    use rayon::prelude::*;
+
+    /// Rows per rayon task: enough work to outweigh scheduling.
+    const ROWS_PER_TASK: usize = 4;
+
+    /// The targets as indices, if their dtype is an integer Flex uses.
+    fn indices(t: &FlexTensor) -> Option<Vec<usize>> {
+        let t = t.to_contiguous();
+        match t.dtype() {
+            DType::I64 => t
+                .as_slice::<i64>()
+                .map(|s| s.iter().map(|&i| i as usize).collect()),
+            DType::I32 => t
+                .as_slice::<i32>()
+                .map(|s| s.iter().map(|&i| i as usize).collect()),
+            _ => None,
+        }
+    }
+
+    fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
+        FlexTensor::new(
+            burn::tensor::Bytes::from_elems(data),
+            Layout::contiguous(shape),
+            DType::F32,
+        )
+    }
+
+    fn row_max(row: &[f32]) -> f32 {
+        // Eight independent lanes so the compiler vectorises the loop.
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            for (l, &x) in lanes.iter_mut().zip(c) {
+                *l = if x > *l { x } else { *l };
+            }
+        }
+        chunks
+            .remainder()
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+    }
+
+    /// `(loss [n], lse [n, 1])`, or `None` where this path does not apply
+    /// (not f32, a target out of range).
+    pub(crate) fn lse(
+        logits: &FlexTensor,
+        targets: &FlexTensor,
+    ) -> Option<(FlexTensor, FlexTensor)> {
+        let logits = logits.to_contiguous();
+        let x = logits.as_slice::<f32>()?;
+        let [n, vocab] = logits.layout().shape().dims::<2>();
+        let t = indices(targets)?;
+        if t.len() != n || t.iter().any(|&i| i >= vocab) || vocab == 0 {
+            return None;
+        }
+        let mut lse = vec![0f32; n];
+        lse.par_iter_mut()
+            .with_min_len(ROWS_PER_TASK)
+            .zip(x.par_chunks(vocab))
+            .for_each(|(out, row)| {
+                let max = row_max(row);
+                let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+                *out = sum.ln() + max;
+            });
+        let loss = lse
+            .iter()
+            .zip(&t)
+            .enumerate()
+            .map(|(i, (&l, &j))| l - x[i * vocab + j])
+            .collect();
+        Some((
+            tensor(loss, Shape::new([n])),
+            tensor(lse, Shape::new([n, 1])),
+        ))
+    }
+
+    /// The logits' gradient, or `None` where this path does not apply.
+    pub(crate) fn grad(
+        logits: &FlexTensor,
+        targets: &FlexTensor,
+        lse: &FlexTensor,
+        g: &FlexTensor,
+    ) -> Option<FlexTensor> {
+        let logits = logits.to_contiguous();
+        let x = logits.as_slice::<f32>()?;
+        let [n, vocab] = logits.layout().shape().dims::<2>();
+        let t = indices(targets)?;
+        let (lse, g) = (lse.to_contiguous(), g.to_contiguous());
+        let (l, g) = (lse.as_slice::<f32>()?, g.as_slice::<f32>()?);
+        if t.len() != n || l.len() != n || g.len() != n || vocab == 0 {
+            return None;
+        }
+        let mut d = vec![0f32; n * vocab];
+        d.par_chunks_mut(vocab)
+            .with_min_len(ROWS_PER_TASK)
+            .zip(x.par_chunks(vocab))
+            .enumerate()
+            .for_each(|(i, (out, row))| {
+                let (li, gi) = (l[i], g[i]);
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o = (v - li).exp() * gi;
+                }
+                out[t[i]] -= gi;
+            });
+        Some(tensor(d, Shape::new([n, vocab])))
     }
 }
 
@@ -142,7 +258,7 @@ mod tests {
     /// Loss rows and the logits' gradient, with row weights as the decoder's
     /// mean gives them, against autodiff of the composed expression; logits
     /// far from 0 and one target at the row's largest logit.
-    fn check(dtype: FloatDType, tol: f32) {
+    fn check(dtype: FloatDType, mean: bool, tol: f32) {
         let device = Default::default();
         let (n, vocab) = (7, 300);
         let x = Tensor::<Flex, 2>::random([n, vocab], Distribution::Normal(40.0, 8.0), &device)
@@ -168,7 +284,13 @@ mod tests {
             } else {
                 composed(x.clone(), t.clone())
             };
-            let g = (loss.clone() * w.clone()).sum().backward();
+            // The mean's gradient reaches the op as a broadcast view.
+            let total = if mean {
+                loss.clone().mean()
+            } else {
+                (loss.clone() * w.clone()).sum()
+            };
+            let g = total.backward();
             let grad = x.grad(&g).unwrap();
             assert_eq!(grad.dtype(), DType::from(dtype), "gradient dtype");
             (loss.inner().reshape([1, n]), grad)
@@ -184,13 +306,44 @@ mod tests {
 
     #[test]
     fn matches_autodiff_of_the_composed_loss() {
-        check(FloatDType::F32, 1e-5);
+        check(FloatDType::F32, false, 1e-5);
+        check(FloatDType::F32, true, 1e-5);
     }
 
     #[test]
     fn bf16_logits_get_bf16_gradients() {
         // Both sides compute in f32 from the same bf16 values; the gradients
         // differ at most by one bf16 rounding of values below 0.7.
-        check(FloatDType::BF16, 4e-3);
+        check(FloatDType::BF16, false, 4e-3);
+        check(FloatDType::BF16, true, 1e-3);
+    }
+
+    /// Flex's own loop against the tensor-op version other backends run.
+    #[test]
+    fn flex_loop_matches_the_tensor_ops() {
+        let device = Default::default();
+        let (n, vocab) = (5, 1003);
+        let x = Tensor::<Flex, 2>::random([n, vocab], Distribution::Normal(0.0, 30.0), &device);
+        let t = Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new(vec![0i64, 1002, 7, 500, 7], [n, 1]),
+            &device,
+        );
+        let g = Tensor::<Flex, 1>::from_data(
+            TensorData::new(vec![0.5f32, -1.0, 2.0, 0.0, 1e-3], [n]),
+            &device,
+        );
+        let (x_p, t_p, g_p) = (
+            x.clone().into_primitive().tensor(),
+            t.clone().into_primitive(),
+            g.clone().into_primitive().tensor(),
+        );
+        let (loss, lse) = flex::lse(&x_p, &t_p).expect("f32 logits take the loop");
+        let (want_loss, want_lse) = rows(x.clone(), t.clone());
+        let float = |p| Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(p));
+        let loss = Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(loss));
+        assert!(max_diff(loss.reshape([1, n]), want_loss.reshape([1, n])) <= 1e-4);
+        assert!(max_diff(float(lse.clone()), want_lse.clone()) <= 1e-4);
+        let d = flex::grad(&x_p, &t_p, &lse, &g_p).expect("f32 logits take the loop");
+        assert!(max_diff(float(d), grad(x, t, float(lse), g)) <= 1e-6);
     }
 }
