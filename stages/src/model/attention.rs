@@ -16,7 +16,9 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, IntTensor, ModuleOps};
+use burn::tensor::ops::{
+    AttentionModuleOptions, BoolTensor, FloatTensor, FloatTensorOps, IntTensor, ModuleOps,
+};
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
 
 /// Chunks of query rows keep one chunk's scores under this many elements
@@ -66,6 +68,11 @@ pub trait ModelBackend: Backend {
     /// `mask` laid out contiguously where the backend's ops need it.
     fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
         mask
+    }
+
+    /// `x · w` for `x: [m, k]` and `w: [k, n]` (the projections).
+    fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(x, w)
     }
 
     /// Per-row cross-entropy of `logits: [n, vocab]` against `targets:
@@ -169,6 +176,10 @@ impl ModelBackend for burn::backend::Flex {
 
     fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
         dense(mask)
+    }
+
+    fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::matmul::flex::matmul_2d(&x, &w).unwrap_or_else(|| Self::float_matmul(x, w))
     }
 
     fn cross_entropy_lse(
@@ -323,6 +334,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
 
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
         super::loss::autodiff_cross_entropy::<B, C>(logits, targets)
+    }
+
+    fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::matmul::autodiff_matmul_2d::<B, C>(x, w)
     }
 }
 

@@ -11,12 +11,13 @@ use anyhow::bail;
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{embedding, linear};
+use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
 use super::attention::{Causal, ModelBackend, masked_attention, swap_heads};
 use super::config::{Arch, ModelConfig};
 use super::loss::cross_entropy;
+use super::matmul::matmul_2d;
 use super::weights::HostTensor;
 
 /// A dense projection `y = x W + b` with `W` stored `[in, out]`.
@@ -47,7 +48,7 @@ pub struct LoraAdapter<B: Backend> {
     pub dropout: f64,
 }
 
-impl<B: Backend> Linear<B> {
+impl<B: ModelBackend> Linear<B> {
     /// Applies the projection to the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lora {
@@ -100,7 +101,7 @@ impl<B: Backend> Linear<B> {
 /// 3-d input runs one small matmul per batch row, re-reading `W` each time.
 /// With `bf16`, `x`, `W` and `b` are rounded to bf16 for the product and the
 /// result comes back as f32 (torch's autocast for `linear`).
-pub fn project<B: Backend, const D: usize>(
+pub fn project<B: ModelBackend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
@@ -111,7 +112,7 @@ pub fn project<B: Backend, const D: usize>(
 }
 
 /// [`project`] without the cast back: bf16 under `bf16`.
-fn project_native<B: Backend, const D: usize>(
+fn project_native<B: ModelBackend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
@@ -126,12 +127,13 @@ fn project_native<B: Backend, const D: usize>(
         );
     }
     let mut dims = x.dims();
-    if D <= 2 {
-        return linear(x, weight, bias);
-    }
     let rows = dims[..D - 1].iter().product();
-    let y = linear(x.reshape([rows, dims[D - 1]]), weight.clone(), bias);
     dims[D - 1] = weight.dims()[1];
+    let y = matmul_2d(x.reshape([rows, weight.dims()[0]]), weight);
+    let y = match bias {
+        Some(b) => y + b.unsqueeze(),
+        None => y,
+    };
     y.reshape(dims)
 }
 
@@ -335,7 +337,7 @@ fn rotate<B: Backend>(x: Tensor<B, 4>, (cos, sin): &Rope<B>) -> Tensor<B, 4> {
     x * cos.clone() + rotated * sin.clone()
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: ModelBackend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))

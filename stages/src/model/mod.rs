@@ -11,6 +11,7 @@ pub mod infer;
 pub mod init;
 pub mod lora;
 pub mod loss;
+pub mod matmul;
 pub mod optim;
 pub mod tokenizer;
 pub mod weights;

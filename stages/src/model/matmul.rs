@@ -1,0 +1,211 @@
+//! The projections' 2-d matmul as its own op.
+//!
+//! On Flex, burn's matmul allocates its output as bytes and then copies the
+//! whole buffer once more to realign it (`FlexTensor::empty` in burn-flex
+//! 0.21), so each projection's output, and each of its gradients, was
+//! written twice and faulted in twice: for a 152k-vocabulary LM head over
+//! 8k tokens that is 5 GB more traffic and a transient 5 GB copy. Here gemm
+//! writes straight into the output's own `Vec<f32>`. The backward pass is
+//! the usual two products, `dx = g wᵀ` and `dw = xᵀ g`, each only when its
+//! input needs a gradient (LoRA's frozen base weights do not).
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use super::attention::ModelBackend;
+
+/// `x · w` for `x: [m, k]` and `w: [k, n]`.
+pub fn matmul_2d<B: ModelBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::matmul_2d(
+        x.into_primitive().tensor(),
+        w.into_primitive().tensor(),
+    )))
+}
+
+/// [`ModelBackend::matmul_2d`] under autodiff.
+pub(crate) fn autodiff_matmul_2d<B: ModelBackend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    w: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let out = B::matmul_2d(x.primitive.clone(), w.primitive.clone());
+    match Matmul2dBackward
+        .prepare::<C>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let state = (prep.checkpoint(&x), prep.checkpoint(&w));
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+#[derive(Debug)]
+struct Matmul2dBackward;
+
+impl<B: ModelBackend> Backward<B, 2> for Matmul2dBackward {
+    type State = (NodeId, NodeId);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_w] = ops.parents;
+        let g = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        if let Some(node) = node_x {
+            let w: FloatTensor<B> = checkpointer.retrieve_node_output(w);
+            let dx = B::matmul_2d(g.clone(), B::float_transpose(w));
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = node_w {
+            let x: FloatTensor<B> = checkpointer.retrieve_node_output(x);
+            grads.register::<B>(node.id, B::matmul_2d(B::float_transpose(x), g));
+        }
+    }
+}
+
+/// Flex, f32: gemm into the output's own buffer.
+pub(crate) mod flex {
+    use burn::tensor::DType;
+    use burn_flex::{FlexTensor, Layout};
+
+    /// Products of at least this many multiply-adds use every core (as
+    /// burn-flex's own matmul decides).
+    const PARALLEL_MACS: usize = 192 * 192 * 192;
+
+    /// `x · w`, or `None` where this path does not apply (not f32, not 2-d,
+    /// an empty dimension, or shapes that do not chain).
+    pub(crate) fn matmul_2d(x: &FlexTensor, w: &FlexTensor) -> Option<FlexTensor> {
+        let (lx, lw) = (x.layout(), w.layout());
+        if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+            return None;
+        }
+        if lx.shape().num_dims() != 2 || lw.shape().num_dims() != 2 {
+            return None;
+        }
+        let ([m, k], [k2, n]) = (lx.shape().dims::<2>(), lw.shape().dims::<2>());
+        if k != k2 || m == 0 || n == 0 || k == 0 {
+            return None;
+        }
+        let (xs, ws) = (lx.strides(), lw.strides());
+        let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MACS {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        // SAFETY: the layouts' offsets and strides address elements inside
+        // their storage (burn-flex keeps them so); gemm writes every one of
+        // the `m * n` outputs (row-major, column stride 1) without reading
+        // them (`read_dst` false), before `set_len` exposes them.
+        unsafe {
+            let xp = x.storage::<f32>().as_ptr().add(lx.start_offset());
+            let wp = w.storage::<f32>().as_ptr().add(lw.start_offset());
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                xp,
+                xs[1],
+                xs[0],
+                wp,
+                ws[1],
+                ws[0],
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+            out.set_len(m * n);
+        }
+        Some(FlexTensor::new(
+            burn::tensor::Bytes::from_elems(out),
+            Layout::contiguous([m, n].into()),
+            DType::F32,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, TensorData};
+
+    type AD = Autodiff<Flex>;
+
+    fn max_diff(a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// Output and both gradients against burn's matmul, with contiguous,
+    /// transposed (the tied LM head) and narrowed inputs, and a frozen weight.
+    #[test]
+    fn matches_burns_matmul_forward_and_backward() {
+        let device = Default::default();
+        let rand =
+            |s: [usize; 2]| Tensor::<Flex, 2>::random(s, Distribution::Normal(0.0, 1.0), &device);
+        let (m, k, n) = (37, 70, 300);
+        let cases: Vec<(&str, Tensor<Flex, 2>, Tensor<Flex, 2>)> = vec![
+            ("contiguous", rand([m, k]), rand([k, n])),
+            ("transposed weight", rand([m, k]), rand([n, k]).transpose()),
+            ("transposed input", rand([k, m]).transpose(), rand([k, n])),
+            (
+                "narrowed",
+                rand([m + 5, k + 3]).narrow(0, 2, m).narrow(1, 3, k),
+                rand([k, n + 9]).narrow(1, 4, n),
+            ),
+        ];
+        for (name, x, w) in cases {
+            for frozen in [false, true] {
+                let dout = rand([m, n]);
+                let run = |ours: bool| {
+                    let xa = Tensor::<AD, 2>::from_inner(x.clone()).require_grad();
+                    let wa = Tensor::<AD, 2>::from_inner(w.clone());
+                    let wa = if frozen { wa } else { wa.require_grad() };
+                    let y = if ours {
+                        matmul_2d(xa.clone(), wa.clone())
+                    } else {
+                        xa.clone().matmul(wa.clone())
+                    };
+                    let g = (y.clone() * Tensor::from_inner(dout.clone()))
+                        .sum()
+                        .backward();
+                    (y.inner(), xa.grad(&g).unwrap(), wa.grad(&g))
+                };
+                let ((y, dx, dw), (wy, wdx, wdw)) = (run(true), run(false));
+                assert!(max_diff(y, wy) < 1e-4, "{name}: output");
+                assert!(max_diff(dx, wdx) < 1e-4, "{name}: dx");
+                match (dw, wdw) {
+                    (Some(a), Some(b)) => assert!(max_diff(a, b) < 1e-4, "{name}: dw"),
+                    (None, None) => assert!(frozen),
+                    _ => panic!("{name}: a gradient for the weight on one side only"),
+                }
+            }
+        }
+        let data = TensorData::new(vec![1f32, 2., 3., 4., 5., 6.], [2, 3]);
+        let x = Tensor::<Flex, 2>::from_data(data, &device);
+        let w = Tensor::<Flex, 2>::from_data(
+            TensorData::new(vec![1f32, 0., 0., 1., 1., 1.], [3, 2]),
+            &device,
+        );
+        let y: Vec<f32> = matmul_2d(x, w).into_data().to_vec().unwrap();
+        assert_eq!(y, [4.0, 5.0, 10.0, 11.0]);
+    }
+}
