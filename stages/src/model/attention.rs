@@ -86,14 +86,7 @@ pub trait ModelBackend: Backend {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (loss, lse) = super::loss::rows::<Self>(
-            Tensor::from_primitive(TensorPrimitive::Float(logits)),
-            Tensor::from_primitive(targets),
-        );
-        (
-            loss.into_primitive().tensor(),
-            lse.into_primitive().tensor(),
-        )
+        super::loss::rows_of::<Self>(logits, targets)
     }
 
     /// The gradient of [`Self::cross_entropy`] with respect to the logits,
@@ -104,14 +97,7 @@ pub trait ModelBackend: Backend {
         lse: FloatTensor<Self>,
         g: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        super::loss::grad::<Self>(
-            Tensor::from_primitive(TensorPrimitive::Float(logits)),
-            Tensor::from_primitive(targets),
-            Tensor::from_primitive(TensorPrimitive::Float(lse)),
-            Tensor::from_primitive(TensorPrimitive::Float(g)),
-        )
-        .into_primitive()
-        .tensor()
+        super::loss::grad_of::<Self>(logits, targets, lse, g)
     }
 }
 
@@ -186,19 +172,8 @@ impl ModelBackend for burn::backend::Flex {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        match super::loss::flex::lse(&logits, &targets) {
-            Some(out) => out,
-            None => {
-                let (loss, lse) = super::loss::rows::<Self>(
-                    Tensor::from_primitive(TensorPrimitive::Float(logits)),
-                    Tensor::from_primitive(targets),
-                );
-                (
-                    loss.into_primitive().tensor(),
-                    lse.into_primitive().tensor(),
-                )
-            }
-        }
+        super::loss::flex::lse(&logits, &targets)
+            .unwrap_or_else(|| super::loss::rows_of::<Self>(logits, targets))
     }
 
     fn cross_entropy_grad(
@@ -207,16 +182,8 @@ impl ModelBackend for burn::backend::Flex {
         lse: FloatTensor<Self>,
         g: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        super::loss::flex::grad(&logits, &targets, &lse, &g).unwrap_or_else(|| {
-            super::loss::grad::<Self>(
-                Tensor::from_primitive(TensorPrimitive::Float(logits)),
-                Tensor::from_primitive(targets),
-                Tensor::from_primitive(TensorPrimitive::Float(lse)),
-                Tensor::from_primitive(TensorPrimitive::Float(g)),
-            )
-            .into_primitive()
-            .tensor()
-        })
+        super::loss::flex::grad(&logits, &targets, &lse, &g)
+            .unwrap_or_else(|| super::loss::grad_of::<Self>(logits, targets, lse, g))
     }
 }
 

@@ -43,6 +43,21 @@ pub(crate) fn rows<B: Backend>(
     ((lse.clone() - target).reshape([n]), lse)
 }
 
+/// [`rows`] on primitives.
+pub(crate) fn rows_of<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (loss, lse) = rows::<B>(
+        Tensor::from_primitive(TensorPrimitive::Float(logits)),
+        Tensor::from_primitive(targets),
+    );
+    (
+        loss.into_primitive().tensor(),
+        lse.into_primitive().tensor(),
+    )
+}
+
 /// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, targets[i]]`
 /// (`[n]`, f32) of `logits: [n, vocab]` in any float dtype and `targets:
 /// [n, 1]`. Under autodiff the logits' gradient comes back in their dtype.
@@ -116,6 +131,23 @@ pub(crate) fn grad<B: Backend>(
     } else {
         d.cast(FloatDType::from(dtype))
     }
+}
+
+/// [`grad`] on primitives.
+pub(crate) fn grad_of<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    g: FloatTensor<B>,
+) -> FloatTensor<B> {
+    grad::<B>(
+        Tensor::from_primitive(TensorPrimitive::Float(logits)),
+        Tensor::from_primitive(targets),
+        Tensor::from_primitive(TensorPrimitive::Float(lse)),
+        Tensor::from_primitive(TensorPrimitive::Float(g)),
+    )
+    .into_primitive()
+    .tensor()
 }
 
 /// Flex, f32 logits: each row in one pass for its maximum and one for its
