@@ -70,6 +70,16 @@ pub trait ModelBackend: Backend {
         mask
     }
 
+    /// One AdamW update of a flat parameter: `[p, g, m, v]` to the new
+    /// `[p, m, v]` (see [`super::optim::AdamWStep`]).
+    fn adamw(t: [FloatTensor<Self>; 4], s: super::optim::AdamWStep) -> [FloatTensor<Self>; 3] {
+        super::optim::adamw_ops::<Self>(
+            t.map(|x| Tensor::from_primitive(TensorPrimitive::Float(x))),
+            s,
+        )
+        .map(|x| x.into_primitive().tensor())
+    }
+
     /// `x · w` for `x: [m, k]` and `w: [k, n]` (the projections).
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(x, w)
@@ -166,6 +176,16 @@ impl ModelBackend for burn::backend::Flex {
 
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         super::matmul::flex::matmul_2d(&x, &w).unwrap_or_else(|| Self::float_matmul(x, w))
+    }
+
+    fn adamw(t: [FloatTensor<Self>; 4], s: super::optim::AdamWStep) -> [FloatTensor<Self>; 3] {
+        super::optim::flex::adamw(&t, s).unwrap_or_else(|| {
+            super::optim::adamw_ops::<Self>(
+                t.map(|x| Tensor::from_primitive(TensorPrimitive::Float(x))),
+                s,
+            )
+            .map(|x| x.into_primitive().tensor())
+        })
     }
 
     fn cross_entropy_lse(

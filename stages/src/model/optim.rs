@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Tensor, TensorData, TensorPrimitive};
 
+use super::attention::ModelBackend;
 use super::weights::HostTensor;
 
 /// Gradients of the trainable parameters, flattened, summed over micro-batches.
@@ -138,6 +139,116 @@ pub fn decays(path: &str) -> bool {
     !(path.contains("bias") || path.contains("norm"))
 }
 
+/// The scalars of one AdamW update of one parameter at step `t`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// `1 - lr * weight_decay` where the parameter decays.
+    pub decay: Option<f64>,
+    /// `betas[0]`.
+    pub beta1: f64,
+    /// `betas[1]`.
+    pub beta2: f64,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias_correction2_sqrt: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f64,
+}
+
+/// One AdamW update of a flat parameter `p` with gradient `g` and moments
+/// `m`, `v`, as torch's (non-fused) `AdamW` computes it:
+/// `p = p * decay - m' / (sqrt(v') / bc2 + eps) * step_size`. Returns the
+/// new `[p, m, v]`.
+pub(crate) fn adamw_ops<B: Backend>(
+    [p, g, m, v]: [Tensor<B, 1>; 4],
+    s: AdamWStep,
+) -> [Tensor<B, 1>; 3] {
+    let p = match s.decay {
+        Some(d) => p.mul_scalar(d),
+        None => p,
+    };
+    let m = m.mul_scalar(s.beta1) + g.clone().mul_scalar(1.0 - s.beta1);
+    let v = v.mul_scalar(s.beta2) + g.square().mul_scalar(1.0 - s.beta2);
+    let denom = v
+        .clone()
+        .sqrt()
+        .div_scalar(s.bias_correction2_sqrt)
+        .add_scalar(s.eps);
+    let p = p - (m.clone() / denom).mul_scalar(s.step_size);
+    [p, m, v]
+}
+
+/// Flex, f32: the update in one parallel pass, no temporaries.
+pub(crate) mod flex {
+    use std::mem::MaybeUninit;
+
+    use burn::tensor::DType;
+    use burn_flex::{FlexTensor, Layout};
+    use rayon::prelude::*;
+
+    use super::AdamWStep;
+
+    /// Elements per rayon task.
+    const CHUNK: usize = 1 << 14;
+
+    /// `[p, m, v]` updated, or `None` where this path does not apply (not
+    /// f32, not contiguous, lengths differ).
+    pub(crate) fn adamw(t: &[FlexTensor; 4], s: AdamWStep) -> Option<[FlexTensor; 3]> {
+        let mut slices = Vec::with_capacity(4);
+        for x in t {
+            slices.push(x.as_slice::<f32>()?);
+        }
+        let [p, g, m, v] = [slices[0], slices[1], slices[2], slices[3]];
+        let n = p.len();
+        if g.len() != n || m.len() != n || v.len() != n {
+            return None;
+        }
+        // The scalars as burn's scalar ops round them (f64 to the f32 element).
+        let decay = s.decay.map(|d| d as f32);
+        let (b1, c1) = (s.beta1 as f32, (1.0 - s.beta1) as f32);
+        let (b2, c2) = (s.beta2 as f32, (1.0 - s.beta2) as f32);
+        let (bc2, eps, step) = (
+            s.bias_correction2_sqrt as f32,
+            s.eps as f32,
+            s.step_size as f32,
+        );
+        let mut out: [Vec<f32>; 3] = std::array::from_fn(|_| Vec::with_capacity(n));
+        let [po, mo, vo] = &mut out;
+        po.spare_capacity_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(mo.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
+            .zip(vo.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, ((pc, mc), vc))| {
+                let at = c * CHUNK;
+                for i in 0..pc.len() {
+                    let j = at + i;
+                    let gj = g[j];
+                    let pj = match decay {
+                        Some(d) => p[j] * d,
+                        None => p[j],
+                    };
+                    let mj = m[j] * b1 + gj * c1;
+                    let vj = v[j] * b2 + gj * gj * c2;
+                    let denom = vj.sqrt() / bc2 + eps;
+                    pc[i] = MaybeUninit::new(pj - mj / denom * step);
+                    mc[i] = MaybeUninit::new(mj);
+                    vc[i] = MaybeUninit::new(vj);
+                }
+            });
+        Some(out.map(|mut x| {
+            // SAFETY: every one of the `n` elements was written above.
+            unsafe { x.set_len(n) };
+            FlexTensor::new(
+                burn::tensor::Bytes::from_elems(x),
+                Layout::contiguous([n].into()),
+                DType::F32,
+            )
+        }))
+    }
+}
+
 /// AdamW with its moment estimates.
 #[derive(Debug)]
 pub struct AdamW<B: Backend> {
@@ -156,7 +267,7 @@ struct Update<'a, AB: AutodiffBackend> {
     path: Vec<String>,
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
+impl<AB: AutodiffBackend<InnerBackend: ModelBackend>> ModuleMapper<AB> for Update<'_, AB> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_owned());
     }
@@ -180,17 +291,18 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
             Some(mv) => mv,
             None => (p.zeros_like(), p.zeros_like()),
         };
-        let p = if c.weight_decay != 0.0 && decays(&name) {
-            p.mul_scalar(1.0 - self.lr * c.weight_decay)
-        } else {
-            p
+        let s = AdamWStep {
+            decay: (c.weight_decay != 0.0 && decays(&name))
+                .then_some(1.0 - self.lr * c.weight_decay),
+            beta1: c.beta1,
+            beta2: c.beta2,
+            bias_correction2_sqrt: (1.0 - c.beta2.powi(t)).sqrt(),
+            eps: c.eps,
+            step_size: self.lr / (1.0 - c.beta1.powi(t)),
         };
-        let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
-        let v = v.mul_scalar(c.beta2) + g.clone().square().mul_scalar(1.0 - c.beta2);
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(c.eps);
-        let p = p - (m.clone() / denom).mul_scalar(self.lr / bc1);
+        let [p, m, v] =
+            AB::InnerBackend::adamw([p, g.clone(), m, v].map(|x| x.into_primitive().tensor()), s)
+                .map(|x| Tensor::<AB::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(x)));
         self.opt.moments.insert(name, (m, v));
         let p = Tensor::<AB, D>::from_inner(p.reshape(dims)).require_grad();
         Param::from_mapped_value(id, p, mapper)
@@ -210,6 +322,7 @@ impl<B: Backend> AdamW<B> {
     /// One update of every parameter of `module` that has a gradient in `grads`.
     pub fn step<AB, M>(&mut self, module: M, grads: &Grads<B>, lr: f64) -> M
     where
+        B: ModelBackend,
         AB: AutodiffBackend<InnerBackend = B>,
         M: Module<AB>,
     {
@@ -270,5 +383,50 @@ impl<B: Backend> AdamW<B> {
             self.moments.insert(name, (m, v));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    /// Flex's one-pass update against the tensor ops, with and without
+    /// decay, at step 1 (zero moments) and at a later step, over more
+    /// elements than one parallel chunk.
+    #[test]
+    fn flex_loop_matches_the_tensor_ops() {
+        let device = Default::default();
+        let n = 40_000;
+        let rand = |sd: f64| Tensor::<Flex, 1>::random([n], Distribution::Normal(0.0, sd), &device);
+        let (p, g) = (rand(1.0), rand(0.1));
+        let (m, v) = (rand(0.01), rand(1e-3).abs());
+        for (t, decay, m, v) in [
+            (1, None, p.zeros_like(), p.zeros_like()),
+            (7, Some(1.0 - 1e-3 * 0.1), m.clone(), v.clone()),
+        ] {
+            let s = AdamWStep {
+                decay,
+                beta1: 0.9,
+                beta2: 0.999,
+                bias_correction2_sqrt: (1.0f64 - 0.999f64.powi(t)).sqrt(),
+                eps: 1e-8,
+                step_size: 1e-3 / (1.0 - 0.9f64.powi(t)),
+            };
+            let inputs = [p.clone(), g.clone(), m, v];
+            let want = adamw_ops(inputs.clone(), s);
+            let got = flex::adamw(&inputs.map(|x| x.into_primitive().tensor()), s)
+                .expect("f32 contiguous tensors take the loop");
+            for (name, (a, b)) in ["p", "m", "v"].iter().zip(got.into_iter().zip(want)) {
+                let a = Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(a));
+                let scale: f32 = b.clone().abs().max().into_scalar();
+                let diff: f32 = (a - b).abs().max().into_scalar();
+                assert!(
+                    diff <= 1e-6 * scale,
+                    "step {t}: {name} off by {diff:e} (largest {scale:e})"
+                );
+            }
+        }
     }
 }
