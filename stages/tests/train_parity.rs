@@ -607,59 +607,38 @@ mod attention_timing {
             ..Default::default()
         };
 
-        let ours = masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), causal);
-        let fused_stacked = attention(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            Some(mask.clone()),
-            None,
-            Default::default(),
-        );
-        let fused_heads = stacked(attention(
-            qh.clone(),
-            kh.clone(),
-            vh.clone(),
-            None,
-            None,
-            causal_opts,
-        ));
-        let size = max_abs(ours.clone());
-        let diff_stacked = max_abs(fused_stacked - ours.clone());
-        let diff_heads = max_abs(fused_heads - ours);
-
-        let runs = 5;
-        let ours_fwd = median_ms(&device, runs, || {
-            let _ = masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), causal);
-        });
-        let ours_fwd_bwd = median_ms(&device, runs, || {
-            let [qa, ka, va] =
-                [&q, &k, &v].map(|x| Tensor::<AG, 4>::from_inner(x.clone()).require_grad());
-            let out = masked_attention(
-                qa.clone(),
-                ka.clone(),
-                va.clone(),
-                Tensor::from_inner(mask.clone()),
-                causal,
-            );
-            let g = (out * Tensor::<AG, 4>::from_inner(dout.clone()))
-                .sum()
-                .backward();
-            let _ = [qa, ka, va].map(|x| x.grad(&g).expect("gradient"));
-        });
-        let fused_stacked_fwd = median_ms(&device, runs, || {
-            let _ = attention(
+        let ours = || masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), causal);
+        let fused_stacked = || {
+            let opts = Default::default();
+            attention(
                 q.clone(),
                 k.clone(),
                 v.clone(),
                 Some(mask.clone()),
                 None,
-                Default::default(),
-            );
+                opts,
+            )
+        };
+        let fused_heads = || attention(qh.clone(), kh.clone(), vh.clone(), None, None, causal_opts);
+        let want = ours();
+        let size = max_abs(want.clone());
+        let diff_stacked = max_abs(fused_stacked() - want.clone());
+        let diff_heads = max_abs(stacked(fused_heads()) - want);
+
+        let runs = 5;
+        let ours_fwd = median_ms(&device, runs, || drop(ours()));
+        let ours_fwd_bwd = median_ms(&device, runs, || {
+            let [qa, ka, va] =
+                [&q, &k, &v].map(|x| Tensor::<AG, 4>::from_inner(x.clone()).require_grad());
+            let mask = Tensor::from_inner(mask.clone());
+            let out = masked_attention(qa.clone(), ka.clone(), va.clone(), mask, causal);
+            let g = (out * Tensor::<AG, 4>::from_inner(dout.clone()))
+                .sum()
+                .backward();
+            let _ = [qa, ka, va].map(|x| x.grad(&g).expect("gradient"));
         });
-        let fused_heads_fwd = median_ms(&device, runs, || {
-            let _ = attention(qh.clone(), kh.clone(), vh.clone(), None, None, causal_opts);
-        });
+        let fused_stacked_fwd = median_ms(&device, runs, || drop(fused_stacked()));
+        let fused_heads_fwd = median_ms(&device, runs, || drop(fused_heads()));
         eprintln!(
             "attention timing b{b} h{h}/kv{kvh} t{t} d{d} {dtype:?}: ours forward {ours_fwd:.2} ms, \
              ours forward+backward {ours_fwd_bwd:.2} ms, fused forward stacked+mask \

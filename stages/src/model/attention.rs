@@ -73,11 +73,7 @@ pub trait ModelBackend: Backend {
     /// One AdamW update of a flat parameter: `[p, g, m, v]` to the new
     /// `[p, m, v]` (see [`super::optim::AdamWStep`]).
     fn adamw(t: [FloatTensor<Self>; 4], s: super::optim::AdamWStep) -> [FloatTensor<Self>; 3] {
-        super::optim::adamw_ops::<Self>(
-            t.map(|x| Tensor::from_primitive(TensorPrimitive::Float(x))),
-            s,
-        )
-        .map(|x| x.into_primitive().tensor())
+        super::optim::adamw_of::<Self>(t, s)
     }
 
     /// `x · w` for `x: [m, k]` and `w: [k, n]` (the projections).
@@ -179,13 +175,7 @@ impl ModelBackend for burn::backend::Flex {
     }
 
     fn adamw(t: [FloatTensor<Self>; 4], s: super::optim::AdamWStep) -> [FloatTensor<Self>; 3] {
-        super::optim::flex::adamw(&t, s).unwrap_or_else(|| {
-            super::optim::adamw_ops::<Self>(
-                t.map(|x| Tensor::from_primitive(TensorPrimitive::Float(x))),
-                s,
-            )
-            .map(|x| x.into_primitive().tensor())
-        })
+        super::optim::flex::adamw(&t, s).unwrap_or_else(|| super::optim::adamw_of::<Self>(t, s))
     }
 
     fn cross_entropy_lse(

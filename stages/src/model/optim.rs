@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{ElementConversion, Tensor, TensorData, TensorPrimitive};
 
 use super::attention::ModelBackend;
@@ -177,6 +178,15 @@ pub(crate) fn adamw_ops<B: Backend>(
         .add_scalar(s.eps);
     let p = p - (m.clone() / denom).mul_scalar(s.step_size);
     [p, m, v]
+}
+
+/// [`adamw_ops`] on primitives.
+pub(crate) fn adamw_of<B: Backend>(t: [FloatTensor<B>; 4], s: AdamWStep) -> [FloatTensor<B>; 3] {
+    adamw_ops::<B>(
+        t.map(|x| Tensor::from_primitive(TensorPrimitive::Float(x))),
+        s,
+    )
+    .map(|x| x.into_primitive().tensor())
 }
 
 /// Flex, f32: the update in one parallel pass, no temporaries.
