@@ -2,6 +2,7 @@
 //! by the class of the target token (reasoning or tool call).
 
 use burn::tensor::activation::softmax;
+use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use super::data::{Sample, TokenClass};
@@ -19,8 +20,17 @@ pub struct Acc {
 /// The k of the cumulative top-k probabilities.
 pub const TOP_K: [usize; 4] = [1, 2, 5, 10];
 
-impl Acc {
-    fn add(&mut self, probs: &[f32], target: usize) {
+/// One token's statistics: negative log-likelihood, binary entropy of the
+/// top-1 probability in bits, cumulative top-k probabilities.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    nll: f64,
+    entropy_bits: f64,
+    top: [f64; 4],
+}
+
+impl Row {
+    fn of(probs: &[f32], target: usize) -> Row {
         let mut best: Vec<f32> = Vec::with_capacity(11);
         for &p in probs {
             if best.len() < 10 || p > *best.last().unwrap() {
@@ -31,11 +41,21 @@ impl Acc {
         }
         let p1 = best[0] as f64;
         let h = |p: f64| if p <= 0.0 { 0.0 } else { -p * p.log2() };
-        self.entropy_bits += h(p1) + h(1.0 - p1);
-        for (i, k) in TOP_K.iter().enumerate() {
-            self.top[i] += best.iter().take(*k).map(|&p| p as f64).sum::<f64>();
+        Row {
+            nll: -(probs[target].max(f32::MIN_POSITIVE) as f64).ln(),
+            entropy_bits: h(p1) + h(1.0 - p1),
+            top: TOP_K.map(|k| best.iter().take(k).map(|&p| p as f64).sum::<f64>()),
         }
-        self.nll -= (probs[target].max(f32::MIN_POSITIVE) as f64).ln();
+    }
+}
+
+impl Acc {
+    fn add(&mut self, r: &Row) {
+        self.entropy_bits += r.entropy_bits;
+        for (sum, t) in self.top.iter_mut().zip(r.top) {
+            *sum += t;
+        }
+        self.nll += r.nll;
         self.tokens += 1;
     }
 
@@ -85,13 +105,17 @@ impl Stats {
             .convert::<f32>()
             .into_vec()
             .expect("probabilities are floats");
-        for (i, (&target, &(b, t))) in targets.iter().zip(&at).enumerate() {
-            let row = &probs[i * vocab..(i + 1) * vocab];
-            let target = target as usize;
-            self.all.add(row, target);
+        // Rows in parallel, summed in order: the same sums on any core count.
+        let rows: Vec<Row> = probs
+            .par_chunks(vocab)
+            .zip(&targets)
+            .map(|(p, &target)| Row::of(p, target as usize))
+            .collect();
+        for (r, &(b, t)) in rows.iter().zip(&at) {
+            self.all.add(r);
             match samples[b].classes.get(t + 1) {
-                Some(TokenClass::ToolCall) => self.tool_call.add(row, target),
-                _ => self.reasoning.add(row, target),
+                Some(TokenClass::ToolCall) => self.tool_call.add(r),
+                _ => self.reasoning.add(r),
             }
         }
     }
@@ -113,7 +137,7 @@ mod tests {
     #[test]
     fn confident_and_uniform_tokens() {
         let mut a = Acc::default();
-        a.add(&[1.0, 0.0, 0.0, 0.0], 0);
+        a.add(&Row::of(&[1.0, 0.0, 0.0, 0.0], 0));
         let j = a.to_json();
         assert_eq!(
             (j["entropy_bits"].as_f64(), j["top1"].as_f64()),
@@ -121,7 +145,7 @@ mod tests {
         );
         assert_eq!(j["loss"].as_f64(), Some(0.0));
         let mut u = Acc::default();
-        u.add(&[0.5, 0.5], 1);
+        u.add(&Row::of(&[0.5, 0.5], 1));
         let j = u.to_json();
         assert_eq!(j["entropy_bits"].as_f64(), Some(1.0));
         assert_eq!(
