@@ -175,7 +175,11 @@ impl ModelBackend for burn::backend::Flex {
     }
 
     fn adamw(t: [FloatTensor<Self>; 4], s: super::optim::AdamWStep) -> [FloatTensor<Self>; 3] {
-        super::optim::flex::adamw(&t, s).unwrap_or_else(|| super::optim::adamw_of::<Self>(t, s))
+        if super::optim::flex::applies(&t) {
+            super::optim::flex::adamw(t, s)
+        } else {
+            super::optim::adamw_of::<Self>(t, s)
+        }
     }
 
     fn cross_entropy_lse(

@@ -189,10 +189,9 @@ pub(crate) fn adamw_of<B: Backend>(t: [FloatTensor<B>; 4], s: AdamWStep) -> [Flo
     .map(|x| x.into_primitive().tensor())
 }
 
-/// Flex, f32: the update in one parallel pass, no temporaries.
+/// Flex, f32: the update in one parallel pass, in place where the tensors
+/// are not shared.
 pub(crate) mod flex {
-    use std::mem::MaybeUninit;
-
     use burn::tensor::DType;
     use burn_flex::{FlexTensor, Layout};
     use rayon::prelude::*;
@@ -202,18 +201,45 @@ pub(crate) mod flex {
     /// Elements per rayon task.
     const CHUNK: usize = 1 << 14;
 
-    /// `[p, m, v]` updated, or `None` where this path does not apply (not
-    /// f32, not contiguous, lengths differ).
-    pub(crate) fn adamw(t: &[FlexTensor; 4], s: AdamWStep) -> Option<[FlexTensor; 3]> {
-        let mut slices = Vec::with_capacity(4);
-        for x in t {
-            slices.push(x.as_slice::<f32>()?);
+    /// Whether [`adamw`] applies: all f32, contiguous, of one length.
+    pub(crate) fn applies(t: &[FlexTensor; 4]) -> bool {
+        let n = t[0].layout().num_elements();
+        t.iter().all(|x| {
+            x.dtype() == DType::F32
+                && x.layout().num_elements() == n
+                && x.as_slice::<f32>().is_some()
+        })
+    }
+
+    /// `t` as a tensor that owns its whole buffer of `n` elements.
+    fn owned(t: FlexTensor, n: usize) -> FlexTensor {
+        if t.is_unique()
+            && t.layout().contiguous_offsets() == Some((0, n))
+            && t.storage::<f32>().len() == n
+        {
+            return t;
         }
-        let [p, g, m, v] = [slices[0], slices[1], slices[2], slices[3]];
-        let n = p.len();
-        if g.len() != n || m.len() != n || v.len() != n {
-            return None;
-        }
+        let data = t
+            .as_slice::<f32>()
+            .expect("checked contiguous f32")
+            .to_vec();
+        FlexTensor::new(
+            burn::tensor::Bytes::from_elems(data),
+            Layout::contiguous([n].into()),
+            DType::F32,
+        )
+    }
+
+    /// `[p, m, v]` updated, for tensors that [`applies`] accepts.
+    pub(crate) fn adamw(t: [FlexTensor; 4], s: AdamWStep) -> [FlexTensor; 3] {
+        assert!(
+            applies(&t),
+            "AdamW's loop needs contiguous f32 tensors of one length"
+        );
+        let n = t[0].layout().num_elements();
+        let [p, g, m, v] = t;
+        let [mut p, mut m, mut v] = [p, m, v].map(|x| owned(x, n));
+        let g = g.as_slice::<f32>().expect("checked contiguous f32");
         // The scalars as burn's scalar ops round them (f64 to the f32 element).
         let decay = s.decay.map(|d| d as f32);
         let (b1, c1) = (s.beta1 as f32, (1.0 - s.beta1) as f32);
@@ -223,39 +249,29 @@ pub(crate) mod flex {
             s.eps as f32,
             s.step_size as f32,
         );
-        let mut out: [Vec<f32>; 3] = std::array::from_fn(|_| Vec::with_capacity(n));
-        let [po, mo, vo] = &mut out;
-        po.spare_capacity_mut()[..n]
-            .par_chunks_mut(CHUNK)
-            .zip(mo.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
-            .zip(vo.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, ((pc, mc), vc))| {
-                let at = c * CHUNK;
-                for i in 0..pc.len() {
-                    let j = at + i;
-                    let gj = g[j];
-                    let pj = match decay {
-                        Some(d) => p[j] * d,
-                        None => p[j],
-                    };
-                    let mj = m[j] * b1 + gj * c1;
-                    let vj = v[j] * b2 + gj * gj * c2;
-                    let denom = vj.sqrt() / bc2 + eps;
-                    pc[i] = MaybeUninit::new(pj - mj / denom * step);
-                    mc[i] = MaybeUninit::new(mj);
-                    vc[i] = MaybeUninit::new(vj);
-                }
-            });
-        Some(out.map(|mut x| {
-            // SAFETY: every one of the `n` elements was written above.
-            unsafe { x.set_len(n) };
-            FlexTensor::new(
-                burn::tensor::Bytes::from_elems(x),
-                Layout::contiguous([n].into()),
-                DType::F32,
-            )
-        }))
+        {
+            let unique = "owned() made it unique";
+            let pw = p.try_storage_mut::<f32>().expect(unique);
+            let mw = m.try_storage_mut::<f32>().expect(unique);
+            let vw = v.try_storage_mut::<f32>().expect(unique);
+            pw.par_chunks_mut(CHUNK)
+                .zip(mw.par_chunks_mut(CHUNK))
+                .zip(vw.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((pc, mc), vc), gc)| {
+                    for (((pj, mj), vj), &gj) in pc.iter_mut().zip(mc).zip(vc).zip(gc) {
+                        let p0 = match decay {
+                            Some(d) => *pj * d,
+                            None => *pj,
+                        };
+                        *mj = *mj * b1 + gj * c1;
+                        *vj = *vj * b2 + gj * gj * c2;
+                        let denom = vj.sqrt() / bc2 + eps;
+                        *pj = p0 - *mj / denom * step;
+                    }
+                });
+        }
+        [p, m, v]
     }
 }
 
@@ -426,8 +442,12 @@ mod tests {
             };
             let inputs = [p.clone(), g.clone(), m, v];
             let want = adamw_ops(inputs.clone(), s);
-            let got = flex::adamw(&inputs.map(|x| x.into_primitive().tensor()), s)
-                .expect("f32 contiguous tensors take the loop");
+            let inputs = inputs.map(|x| x.into_primitive().tensor());
+            assert!(
+                flex::applies(&inputs),
+                "f32 contiguous tensors take the loop"
+            );
+            let got = flex::adamw(inputs, s);
             for (name, (a, b)) in ["p", "m", "v"].iter().zip(got.into_iter().zip(want)) {
                 let a = Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(a));
                 let scale: f32 = b.clone().abs().max().into_scalar();
