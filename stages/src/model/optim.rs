@@ -212,10 +212,9 @@ pub(crate) mod flex {
     }
 
     /// `t` as a tensor that owns its whole buffer of `n` elements.
-    fn owned(t: FlexTensor, n: usize) -> FlexTensor {
-        if t.is_unique()
-            && t.layout().contiguous_offsets() == Some((0, n))
-            && t.storage::<f32>().len() == n
+    fn owned(mut t: FlexTensor, n: usize) -> FlexTensor {
+        if t.layout().contiguous_offsets() == Some((0, n))
+            && t.try_storage_mut::<f32>().is_some_and(|d| d.len() == n)
         {
             return t;
         }
