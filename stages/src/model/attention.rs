@@ -44,7 +44,11 @@ pub struct Causal {
     pub past: usize,
 }
 
-/// A backend the decoder runs on: one with [`ModelBackend::masked_attention`].
+/// A backend the decoder runs on: [`ModelBackend::masked_attention`] plus the
+/// ops the decoder and the optimizer take from the backend where burn's own
+/// composition costs extra passes or copies (layouts, the projections'
+/// matmul, the loss, the AdamW update). Each has a tensor-op default; Flex
+/// and autodiff override some.
 pub trait ModelBackend: Backend {
     /// `softmax(q kᵀ / √head_dim, masked) v` on `q: [b, h, queries, d]`,
     /// `k, v: [b, h, keys, d]` and `mask: [b, h, queries, keys]` (`true` where
@@ -376,7 +380,7 @@ fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
 }
 
 /// `t` in `dtype`, without a copy when it already is.
-fn to<B: Backend>(t: Tensor<B, 4>, dtype: DType) -> Tensor<B, 4> {
+pub(crate) fn to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if t.dtype() == dtype {
         return t;
     }

@@ -16,7 +16,7 @@ use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
 use super::attention::{Causal, ModelBackend, masked_attention, swap_heads};
 use super::config::{Arch, ModelConfig};
-use super::loss::cross_entropy;
+use super::loss::{cross_entropy, to_f32};
 use super::matmul::matmul_2d;
 use super::weights::HostTensor;
 
@@ -52,12 +52,7 @@ impl<B: ModelBackend> Linear<B> {
     /// Applies the projection to the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lora {
-            None => project(
-                x,
-                self.weight.val(),
-                self.bias.as_ref().map(|b| b.val()),
-                self.bf16,
-            ),
+            None => to_f32(self.base(x)),
             Some(l) => {
                 let device = x.device();
                 let xa = if l.dropout > 0.0 && B::ad_enabled(&device) {
@@ -72,12 +67,7 @@ impl<B: ModelBackend> Linear<B> {
                 };
                 let down = project(xa, l.lora_a.val(), None, self.bf16);
                 let up = project(down, l.lora_b.val(), None, self.bf16).mul_scalar(l.scaling);
-                project(
-                    x,
-                    self.weight.val(),
-                    self.bias.as_ref().map(|b| b.val()),
-                    self.bf16,
-                ) + up
+                to_f32(self.base(x)) + up
             }
         }
     }
@@ -86,29 +76,33 @@ impl<B: ModelBackend> Linear<B> {
     /// precision; with an adapter, f32), for consumers that upcast themselves.
     pub fn forward_native<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lora {
-            None => project_native(
-                x,
-                self.weight.val(),
-                self.bias.as_ref().map(|b| b.val()),
-                self.bf16,
-            ),
+            None => self.base(x),
             Some(_) => self.forward(x),
         }
     }
+
+    /// `x W + b` without an adapter, in the matmul's dtype.
+    fn base<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        project_native(
+            x,
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+            self.bf16,
+        )
+    }
 }
 
-/// `x W + b` over the last dimension as one 2-d matmul: burn's `linear` on a
-/// 3-d input runs one small matmul per batch row, re-reading `W` each time.
-/// With `bf16`, `x`, `W` and `b` are rounded to bf16 for the product and the
-/// result comes back as f32 (torch's autocast for `linear`).
+/// `x W + b` over the last dimension as one 2-d matmul ([`matmul_2d`]; burn's
+/// `linear` on a 3-d input runs one small matmul per batch row, re-reading
+/// `W` each time). With `bf16`, `x`, `W` and `b` are rounded to bf16 for the
+/// product and the result comes back as f32 (torch's autocast for `linear`).
 pub fn project<B: ModelBackend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
     bf16: bool,
 ) -> Tensor<B, D> {
-    let y = project_native(x, weight, bias, bf16);
-    if bf16 { y.cast(FloatDType::F32) } else { y }
+    to_f32(project_native(x, weight, bias, bf16))
 }
 
 /// [`project`] without the cast back: bf16 under `bf16`.
@@ -610,9 +604,15 @@ impl<B: ModelBackend> CausalLm<B> {
 
     /// Projects hidden states to vocabulary logits.
     pub fn lm_head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        to_f32(self.lm_head_native(hidden))
+    }
+
+    /// [`Self::lm_head`] in the dtype its matmul ran in (bf16 under mixed
+    /// precision), for the loss, which reads it in f32 without a copy.
+    fn lm_head_native<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => project(hidden, self.embed_tokens.val().transpose(), None, self.bf16),
+            Some(head) => head.forward_native(hidden),
+            None => project_native(hidden, self.embed_tokens.val().transpose(), None, self.bf16),
         }
     }
 
@@ -683,11 +683,7 @@ impl<B: ModelBackend> CausalLm<B> {
         }
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
         let picked = hidden.reshape([b * t, d]).select(0, rows);
-        // bf16 logits stay bf16: the loss reads them in f32 without a copy.
-        let logits = match &self.lm_head {
-            Some(head) => head.forward_native(picked),
-            None => project_native(picked, self.embed_tokens.val().transpose(), None, self.bf16),
-        };
+        let logits = self.lm_head_native(picked);
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
         (cross_entropy(logits, targets).mean(), n)
     }

@@ -16,17 +16,13 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
-use super::attention::ModelBackend;
+use super::attention::{ModelBackend, to};
 
 /// `x` in f32, without a copy when it already is.
-fn f32<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    if x.dtype() == DType::F32 {
-        x
-    } else {
-        x.cast(FloatDType::F32)
-    }
+pub(crate) fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    to(x, DType::F32)
 }
 
 /// Per-row losses `[n]` and log-sum-exps `[n, 1]`, in f32, of `logits:
@@ -36,7 +32,7 @@ pub(crate) fn rows<B: Backend>(
     targets: Tensor<B, 2, Int>,
 ) -> (Tensor<B, 1>, Tensor<B, 2>) {
     let n = logits.dims()[0];
-    let x = f32(logits);
+    let x = to_f32(logits);
     let max = x.clone().max_dim(1);
     let lse = (x.clone() - max.clone()).exp().sum_dim(1).log() + max;
     let target = x.gather(1, targets);
@@ -120,17 +116,13 @@ pub(crate) fn grad<B: Backend>(
     let dtype = logits.dtype();
     let n = logits.dims()[0];
     let g = g.reshape([n, 1]);
-    let d = (f32(logits) - lse).exp().mul(g.clone()).scatter(
+    let d = (to_f32(logits) - lse).exp().mul(g.clone()).scatter(
         1,
         targets,
         g.neg(),
         IndexingUpdateOp::Add,
     );
-    if dtype == DType::F32 {
-        d
-    } else {
-        d.cast(FloatDType::from(dtype))
-    }
+    to(d, dtype)
 }
 
 /// [`grad`] on primitives.
@@ -268,14 +260,14 @@ pub(crate) mod flex {
 mod tests {
     use super::*;
     use burn::backend::Flex;
-    use burn::tensor::{Distribution, TensorData};
+    use burn::tensor::{Distribution, FloatDType, TensorData};
 
     type AD = Autodiff<Flex>;
 
     /// The composed expression the op replaces, differentiated by autodiff.
     fn composed(x: Tensor<AD, 2>, t: Tensor<AD, 2, Int>) -> Tensor<AD, 1> {
         let n = x.dims()[0];
-        let x = f32(x);
+        let x = to_f32(x);
         let max = x.clone().detach().max_dim(1);
         let lse = (x.clone() - max.clone()).exp().sum_dim(1).log() + max;
         (lse - x.gather(1, t)).reshape([n])
