@@ -10,15 +10,16 @@
 //! chunk's last token.
 
 use burn::backend::Autodiff;
+use burn::backend::Flex;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ops::{
-    AttentionModuleOptions, BoolTensor, FloatTensor, FloatTensorOps, IntTensor, ModuleOps,
-};
+use burn::tensor::backend::Backend;
+
+use super::backend::ModelBackend;
+use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, ModuleOps};
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
 
 /// Chunks of query rows keep one chunk's scores under this many elements
@@ -43,78 +44,6 @@ pub struct Causal {
     /// Keys before the first query token (a KV cache).
     pub past: usize,
 }
-
-/// A backend the decoder runs on: [`ModelBackend::masked_attention`] plus the
-/// ops the decoder and the optimizer take from the backend where burn's own
-/// composition costs extra passes or copies (layouts, the projections'
-/// matmul, the loss, the AdamW update). Each has a tensor-op default; Flex
-/// and autodiff override some.
-pub trait ModelBackend: Backend {
-    /// `softmax(q kᵀ / √head_dim, masked) v` on `q: [b, h, queries, d]`,
-    /// `k, v: [b, h, keys, d]` and `mask: [b, h, queries, keys]` (`true` where
-    /// attention is not allowed). Every query row must allow at least one key.
-    /// With `causal`, the mask must hide every key after each row's token;
-    /// the op may then skip them.
-    fn masked_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        mask: BoolTensor<Self>,
-        causal: Option<Causal>,
-    ) -> FloatTensor<Self>;
-
-    /// `x: [a, b, c, d]` as `[a, c, b, d]` (heads to or from the second axis),
-    /// laid out contiguously where the backend's later ops need it.
-    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_swap_dims(x, 1, 2)
-    }
-
-    /// `mask` laid out contiguously where the backend's ops need it.
-    fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
-        mask
-    }
-
-    /// One AdamW update of a flat parameter: `[p, g, m, v]` to the new
-    /// `[p, m, v]` (see [`super::optim::AdamWStep`]).
-    fn adamw(t: [FloatTensor<Self>; 4], s: super::optim::AdamWStep) -> [FloatTensor<Self>; 3] {
-        super::optim::adamw_of::<Self>(t, s)
-    }
-
-    /// `x · w` for `x: [m, k]` and `w: [k, n]` (the projections).
-    fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_matmul(x, w)
-    }
-
-    /// Per-row cross-entropy of `logits: [n, vocab]` against `targets:
-    /// [n, 1]`, `[n]` in f32 (see [`super::loss::cross_entropy`]).
-    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
-        Self::cross_entropy_lse(logits, targets).0
-    }
-
-    /// [`Self::cross_entropy`] and each row's log-sum-exp (`[n, 1]`, f32).
-    fn cross_entropy_lse(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        super::loss::rows_of::<Self>(logits, targets)
-    }
-
-    /// The gradient of [`Self::cross_entropy`] with respect to the logits,
-    /// in their dtype, given the rows' gradient `g: [n]`.
-    fn cross_entropy_grad(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        lse: FloatTensor<Self>,
-        g: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        super::loss::grad_of::<Self>(logits, targets, lse, g)
-    }
-}
-
-/// A backend that trains the decoder: autodiff over a [`ModelBackend`].
-pub trait TrainBackend: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {}
-
-impl<T> TrainBackend for T where T: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {}
 
 /// [`ModelBackend::masked_attention`] on tensors.
 pub fn masked_attention<B: ModelBackend>(
@@ -144,120 +73,33 @@ pub fn swap_heads<B: ModelBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 /// fused attention.
 const FLEX_FUSED_ELEMS: usize = 1 << 18;
 
-/// On the CPU, decoding steps (fewer query rows than keys, few scores) use
-/// Flex's fused op. Prompts and training are batched matmuls chunk by chunk,
-/// as the backward pass recomputes them, since the fused op runs each head on
-/// one thread.
-impl ModelBackend for burn::backend::Flex {
-    fn masked_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        mask: BoolTensor<Self>,
-        causal: Option<Causal>,
-    ) -> FloatTensor<Self> {
-        let [b, h, tq, _] = q.shape().dims::<4>();
-        let keys = k.shape().dims::<4>()[2];
-        if tq < keys && b * h * tq * keys <= FLEX_FUSED_ELEMS {
-            return Self::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
-        }
-        composed::<Self>(q, k, v, mask, causal)
+/// [`ModelBackend::masked_attention`] on Flex. Decoding steps (fewer query
+/// rows than keys, few scores) use Flex's fused op. Prompts and training are
+/// batched matmuls chunk by chunk, as the backward pass recomputes them,
+/// since the fused op runs each head on one thread.
+pub(crate) fn flex(
+    q: FloatTensor<Flex>,
+    k: FloatTensor<Flex>,
+    v: FloatTensor<Flex>,
+    mask: BoolTensor<Flex>,
+    causal: Option<Causal>,
+) -> FloatTensor<Flex> {
+    let [b, h, tq, _] = q.shape().dims::<4>();
+    let keys = k.shape().dims::<4>()[2];
+    if tq < keys && b * h * tq * keys <= FLEX_FUSED_ELEMS {
+        return Flex::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
     }
-
-    /// Flex copies views of more than two strided axes element by element;
-    /// this copies the `d`-long rows instead.
-    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        dense(x.transpose(1, 2))
-    }
-
-    fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
-        dense(mask)
-    }
-
-    fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        super::matmul::flex::matmul_2d(&x, &w).unwrap_or_else(|| Self::float_matmul(x, w))
-    }
-
-    fn adamw(t: [FloatTensor<Self>; 4], s: super::optim::AdamWStep) -> [FloatTensor<Self>; 3] {
-        if super::optim::flex::applies(&t) {
-            super::optim::flex::adamw(t, s)
-        } else {
-            super::optim::adamw_of::<Self>(t, s)
-        }
-    }
-
-    fn cross_entropy_lse(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        super::loss::flex::lse(&logits, &targets)
-            .unwrap_or_else(|| super::loss::rows_of::<Self>(logits, targets))
-    }
-
-    fn cross_entropy_grad(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        lse: FloatTensor<Self>,
-        g: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        super::loss::flex::grad(&logits, &targets, &lse, &g)
-            .unwrap_or_else(|| super::loss::grad_of::<Self>(logits, targets, lse, g))
-    }
+    composed::<Flex>(q, k, v, mask, causal)
 }
 
-/// `t` laid out contiguously, copied one contiguous run at a time (Flex's own
-/// copy walks layouts of more than two strided axes element by element).
-fn dense(t: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
-    use burn_flex::{FlexTensor, Layout};
-    fn copy<E: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -> FlexTensor {
-        let layout = t.layout();
-        let blocks = layout.strided_blocks();
-        let (src, run) = (t.storage::<E>(), blocks.block_len());
-        let mut out = Vec::with_capacity(layout.num_elements());
-        for start in blocks.block_starts() {
-            out.extend_from_slice(&src[start..start + run]);
-        }
-        FlexTensor::new(
-            burn::tensor::Bytes::from_elems(out),
-            Layout::contiguous(layout.shape().clone()),
-            t.dtype(),
-        )
-    }
-    // Flex's own copy is already right for these: none for a whole
-    // contiguous tensor, one run for a contiguous view, and flips.
-    if t.is_contiguous() || !t.layout().has_positive_strides() {
-        return t.to_contiguous();
-    }
-    match t.dtype() {
-        DType::F32 => copy::<f32>(&t),
-        DType::BF16 => copy::<burn::tensor::bf16>(&t),
-        DType::F16 => copy::<burn::tensor::f16>(&t),
-        DType::Bool(_) if t.dtype().size() == 1 => copy::<u8>(&t),
-        _ => t.to_contiguous(),
-    }
-}
-
-/// On a GPU, too, batched matmuls chunk by chunk. burn 0.21's fused (flash)
-/// attention reads a broadcast mask (stride 0 over heads, as the decoder
-/// passes for models without grouped-query heads) as if it were contiguous,
-/// and its result differed from the exact one by 1e-3 at 1,024 keys (both
-/// seen on its wgpu backend; `attention_matches_burns_attention_on_cuda` in
+/// The forward pass as batched matmuls over the chunks of [`plan`]. On a GPU,
+/// too: burn 0.21's fused (flash) attention reads a broadcast mask (stride 0
+/// over heads, as the decoder passes for models without grouped-query heads)
+/// as if it were contiguous, and its result differed from the exact one by
+/// 1e-3 at 1,024 keys (both seen on its wgpu backend;
+/// `attention_matches_burns_attention_on_cuda` in
 /// `stages/tests/train_parity.rs` checks this op there).
-#[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
-impl ModelBackend for super::device::Gpu {
-    fn masked_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        mask: BoolTensor<Self>,
-        causal: Option<Causal>,
-    ) -> FloatTensor<Self> {
-        composed::<Self>(q, k, v, mask, causal)
-    }
-}
-
-/// The forward pass as batched matmuls over the chunks of [`plan`].
-fn composed<B: ModelBackend>(
+pub(crate) fn composed<B: ModelBackend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -271,59 +113,51 @@ fn composed<B: ModelBackend>(
         .tensor()
 }
 
-impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
-    fn masked_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        mask: BoolTensor<Self>,
-        causal: Option<Causal>,
-    ) -> FloatTensor<Self> {
-        let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
-        let out = B::masked_attention(
-            q.primitive.clone(),
-            k.primitive.clone(),
-            v.primitive.clone(),
-            mask.clone(),
-            causal,
-        );
-        match AttentionBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let state = (
-                    prep.checkpoint(&q),
-                    prep.checkpoint(&k),
-                    prep.checkpoint(&v),
-                    mask,
-                    causal,
-                );
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(out),
+/// [`ModelBackend::masked_attention`] under autodiff: the forward pass on the
+/// inner backend, the backward pass [`AttentionBackward`], which keeps only
+/// the inputs (checkpointed) and the mask.
+pub(crate) fn autodiff_masked_attention<B: ModelBackend, C: CheckpointStrategy>(
+    q: FloatTensor<Autodiff<B, C>>,
+    k: FloatTensor<Autodiff<B, C>>,
+    v: FloatTensor<Autodiff<B, C>>,
+    mask: BoolTensor<Autodiff<B, C>>,
+    causal: Option<Causal>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+    let out = B::masked_attention(
+        q.primitive.clone(),
+        k.primitive.clone(),
+        v.primitive.clone(),
+        mask.clone(),
+        causal,
+    );
+    match AttentionBackward
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let state = (
+                prep.checkpoint(&q),
+                prep.checkpoint(&k),
+                prep.checkpoint(&v),
+                mask,
+                causal,
+            );
+            prep.finish(state, out)
         }
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
+}
 
-    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        SwapHeadsBackward
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateless(B::swap_heads(x.primitive))
-    }
-
-    fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
-        B::dense_mask(mask)
-    }
-
-    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
-        super::loss::autodiff_cross_entropy::<B, C>(logits, targets)
-    }
-
-    fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        super::matmul::autodiff_matmul_2d::<B, C>(x, w)
-    }
+/// [`ModelBackend::swap_heads`] under autodiff.
+pub(crate) fn autodiff_swap_heads<B: ModelBackend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    SwapHeadsBackward
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateless(B::swap_heads(x.primitive))
 }
 
 /// The gradient of [`ModelBackend::swap_heads`] is the same swap of the
@@ -532,6 +366,7 @@ fn chunked_backward<B: ModelBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::backend::dense;
     use burn::backend::Flex;
     use burn::tensor::{Distribution, TensorData};
 

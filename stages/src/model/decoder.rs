@@ -14,9 +14,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
-use super::attention::{Causal, ModelBackend, masked_attention, swap_heads};
+use super::attention::{Causal, masked_attention, swap_heads};
+use super::backend::ModelBackend;
 use super::config::{Arch, ModelConfig};
-use super::loss::{cross_entropy, to_f32};
+use super::loss::{cross_entropy, linear_cross_entropy, to_f32};
 use super::matmul::matmul_2d;
 use super::weights::HostTensor;
 
@@ -683,19 +684,39 @@ impl<B: ModelBackend> CausalLm<B> {
         }
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
         let picked = hidden.reshape([b * t, d]).select(0, rows);
-        let logits = self.lm_head_native(picked);
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-        (cross_entropy(logits, targets).mean(), n)
+        (self.head_loss(picked, targets), n)
     }
 
-    /// Logits `[n, vocab]` at the `n` positions whose next label counts, with
-    /// those targets and their `(row, position)` (position `t` predicts `t + 1`).
-    pub fn counted_logits(
+    /// The mean loss of the LM head on `hidden: [n, d]` against `targets:
+    /// [n, 1]`. A plain head matrix (tied or not, without bias or adapter)
+    /// goes through the fused [`linear_cross_entropy`], which never holds
+    /// all the logits; others compute the logits, then the loss.
+    fn head_loss(&self, hidden: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let (w, bf16) = match &self.lm_head {
+            None => (self.embed_tokens.val().transpose(), self.bf16),
+            Some(head) if head.bias.is_none() && head.lora.is_none() => {
+                (head.weight.val(), head.bf16)
+            }
+            Some(_) => return cross_entropy(self.lm_head_native(hidden), targets).mean(),
+        };
+        if bf16 {
+            let bf = FloatDType::BF16;
+            return linear_cross_entropy(hidden.cast(bf), w.cast(bf), targets);
+        }
+        linear_cross_entropy(hidden, w, targets)
+    }
+
+    /// Final hidden states `[n, hidden]` at the `n` positions whose next
+    /// label counts, with those targets and their `(row, position)`
+    /// (position `t` predicts `t + 1`). [`Self::lm_head`] gives their logits;
+    /// over a large vocabulary, a chunk of rows at a time.
+    pub fn counted_hidden(
         &self,
         ids: &[Vec<u32>],
         mask: &[Vec<bool>],
         labels: &[Vec<i64>],
-    ) -> Option<CountedLogits<B>> {
+    ) -> Option<Counted<B>> {
         let device = self.embed_tokens.device();
         let pos = self.positions(&arange_rows(ids), mask, &device);
         let hidden = self.forward_hidden(Self::ids_tensor(ids, &device), &pos, None);
@@ -711,7 +732,7 @@ impl<B: ModelBackend> CausalLm<B> {
             .collect();
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
         let picked = hidden.reshape([b * t, d]).select(0, rows);
-        Some((self.lm_head(picked), targets, at))
+        Some((picked, targets, at))
     }
 }
 
@@ -901,8 +922,9 @@ impl<B: Backend> CausalLm<B> {
     }
 }
 
-/// Logits at counted positions, their targets, and `(row, position)` of each.
-pub type CountedLogits<B> = (Tensor<B, 2>, Vec<i64>, Vec<(usize, usize)>);
+/// Hidden states at counted positions, their targets, and `(row, position)`
+/// of each.
+pub type Counted<B> = (Tensor<B, 2>, Vec<i64>, Vec<(usize, usize)>);
 
 /// `(flat row index b * t + i, target)` for every position whose next label counts.
 pub fn shifted_targets(labels: &[Vec<i64>], t: usize) -> (Vec<i64>, Vec<i64>) {

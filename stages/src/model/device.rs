@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::str::FromStr;
 use std::sync::{Mutex, Once};
 
-use super::attention::TrainBackend;
+use super::backend::TrainBackend;
 use anyhow::bail;
 
 /// Where models run, as written in pipeline params (`device: cuda:1`).

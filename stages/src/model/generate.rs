@@ -7,7 +7,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::attention::ModelBackend;
+use super::backend::ModelBackend;
 use super::decoder::{CausalLm, KvCache, project};
 use crate::rng::SplitMix64;
 

@@ -18,7 +18,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use super::attention::ModelBackend;
+use super::backend::ModelBackend;
 
 /// `x · w` for `x: [m, k]` and `w: [k, n]`.
 pub fn matmul_2d<B: ModelBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {

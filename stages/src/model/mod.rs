@@ -2,6 +2,7 @@
 //! decoders in burn, loaded from and saved to Hugging Face checkpoints.
 
 pub mod attention;
+pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod decoder;
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use burn::tensor::backend::Backend;
 
-pub use attention::{ModelBackend, TrainBackend};
+pub use backend::{ModelBackend, TrainBackend};
 pub use config::{Arch, ModelConfig};
 pub use decoder::{CausalLm, KvCache};
 pub use device::{DeviceSpec, OnDevice, run_on};

@@ -12,7 +12,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{ElementConversion, Tensor, TensorData, TensorPrimitive};
 
-use super::attention::ModelBackend;
+use super::backend::ModelBackend;
 use super::weights::HostTensor;
 
 /// Gradients of the trainable parameters, flattened, summed over micro-batches.

@@ -1,0 +1,250 @@
+//! The backend the model runs on: burn's ops plus the few the decoder, the
+//! loss and the optimizer take as whole ops of their own, where burn's
+//! composition costs extra passes, copies or kept tensors. Each op has a
+//! tensor-op default that any backend runs; Flex overrides some with loops
+//! of its own, and autodiff gives each its own backward pass. The ops live
+//! in their modules (`attention`, `matmul`, `loss`, `optim`); this module
+//! only says which backend runs which.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::{BoolTensor, FloatTensor, FloatTensorOps, IntTensor};
+use burn::tensor::{DType, TensorMetadata};
+
+use super::attention::{self, Causal};
+
+/// A backend the decoder runs on: [`ModelBackend::masked_attention`] plus the
+/// ops the decoder and the optimizer take from the backend where burn's own
+/// composition costs extra passes or copies (layouts, the projections'
+/// matmul, the loss, the AdamW update). Each has a tensor-op default; Flex
+/// and autodiff override some.
+pub trait ModelBackend: Backend {
+    /// `softmax(q kᵀ / √head_dim, masked) v` on `q: [b, h, queries, d]`,
+    /// `k, v: [b, h, keys, d]` and `mask: [b, h, queries, keys]` (`true` where
+    /// attention is not allowed). Every query row must allow at least one key.
+    /// With `causal`, the mask must hide every key after each row's token;
+    /// the op may then skip them.
+    fn masked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        causal: Option<Causal>,
+    ) -> FloatTensor<Self>;
+
+    /// `x: [a, b, c, d]` as `[a, c, b, d]` (heads to or from the second axis),
+    /// laid out contiguously where the backend's later ops need it.
+    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_swap_dims(x, 1, 2)
+    }
+
+    /// `mask` laid out contiguously where the backend's ops need it.
+    fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
+        mask
+    }
+
+    /// One AdamW update of a flat parameter: `[p, g, m, v]` to the new
+    /// `[p, m, v]` (see [`super::optim::AdamWStep`]).
+    fn adamw(t: [FloatTensor<Self>; 4], s: super::optim::AdamWStep) -> [FloatTensor<Self>; 3] {
+        super::optim::adamw_of::<Self>(t, s)
+    }
+
+    /// `x · w` for `x: [m, k]` and `w: [k, n]` (the projections).
+    fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(x, w)
+    }
+
+    /// Per-row cross-entropy of `logits: [n, vocab]` against `targets:
+    /// [n, 1]`, `[n]` in f32 (see [`super::loss::cross_entropy`]).
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        Self::cross_entropy_lse(logits, targets).0
+    }
+
+    /// [`Self::cross_entropy`] and each row's log-sum-exp (`[n, 1]`, f32).
+    fn cross_entropy_lse(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        super::loss::rows_of::<Self>(logits, targets)
+    }
+
+    /// The gradient of [`Self::cross_entropy`] with respect to the logits,
+    /// in their dtype, given the rows' gradient `g: [n]`.
+    fn cross_entropy_grad(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::loss::grad_of::<Self>(logits, targets, lse, g)
+    }
+
+    /// The mean over rows of the cross-entropy of the logits `x · w` (`x:
+    /// [n, d]`, `w: [d, vocab]`) against `targets: [n, 1]`, `[1]` in f32,
+    /// and, where `want` asks, its gradients with respect to `x` and `w` (in
+    /// their dtypes). The logits exist one chunk of rows at a time
+    /// ([`super::loss::LOGIT_CHUNK_ELEMS`]).
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        want: [bool; 2],
+    ) -> (
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+        Option<FloatTensor<Self>>,
+    ) {
+        let vocab = w.shape().dims::<2>()[1];
+        let rows = super::loss::LOGIT_CHUNK_ELEMS / vocab.max(1);
+        super::loss::linear_cross_entropy_of::<Self>(x, w, targets, want, rows)
+    }
+}
+
+/// A backend that trains the decoder: autodiff over a [`ModelBackend`].
+pub trait TrainBackend: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {}
+
+impl<T> TrainBackend for T where T: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {}
+
+/// Flex: its own gemm, loss loops and in-place AdamW where they apply.
+impl ModelBackend for burn::backend::Flex {
+    fn masked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        causal: Option<Causal>,
+    ) -> FloatTensor<Self> {
+        attention::flex(q, k, v, mask, causal)
+    }
+
+    /// Flex copies views of more than two strided axes element by element;
+    /// this copies the `d`-long rows instead.
+    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        dense(x.transpose(1, 2))
+    }
+
+    fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
+        dense(mask)
+    }
+
+    fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::matmul::flex::matmul_2d(&x, &w).unwrap_or_else(|| Self::float_matmul(x, w))
+    }
+
+    fn adamw(t: [FloatTensor<Self>; 4], s: super::optim::AdamWStep) -> [FloatTensor<Self>; 3] {
+        if super::optim::flex::applies(&t) {
+            super::optim::flex::adamw(t, s)
+        } else {
+            super::optim::adamw_of::<Self>(t, s)
+        }
+    }
+
+    fn cross_entropy_lse(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        super::loss::flex::lse(&logits, &targets)
+            .unwrap_or_else(|| super::loss::rows_of::<Self>(logits, targets))
+    }
+
+    fn cross_entropy_grad(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::loss::flex::grad(&logits, &targets, &lse, &g)
+            .unwrap_or_else(|| super::loss::grad_of::<Self>(logits, targets, lse, g))
+    }
+}
+
+/// `t` laid out contiguously, copied one contiguous run at a time (Flex's own
+/// copy walks layouts of more than two strided axes element by element).
+pub(crate) fn dense(t: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
+    use burn_flex::{FlexTensor, Layout};
+    fn copy<E: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -> FlexTensor {
+        let layout = t.layout();
+        let blocks = layout.strided_blocks();
+        let (src, run) = (t.storage::<E>(), blocks.block_len());
+        let mut out = Vec::with_capacity(layout.num_elements());
+        for start in blocks.block_starts() {
+            out.extend_from_slice(&src[start..start + run]);
+        }
+        FlexTensor::new(
+            burn::tensor::Bytes::from_elems(out),
+            Layout::contiguous(layout.shape().clone()),
+            t.dtype(),
+        )
+    }
+    // Flex's own copy is already right for these: none for a whole
+    // contiguous tensor, one run for a contiguous view, and flips.
+    if t.is_contiguous() || !t.layout().has_positive_strides() {
+        return t.to_contiguous();
+    }
+    match t.dtype() {
+        DType::F32 => copy::<f32>(&t),
+        DType::BF16 => copy::<burn::tensor::bf16>(&t),
+        DType::F16 => copy::<burn::tensor::f16>(&t),
+        DType::Bool(_) if t.dtype().size() == 1 => copy::<u8>(&t),
+        _ => t.to_contiguous(),
+    }
+}
+
+/// A GPU: burn's ops, with attention as chunked batched matmuls (see
+/// [`attention::composed`]).
+#[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
+impl ModelBackend for super::device::Gpu {
+    fn masked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        causal: Option<Causal>,
+    ) -> FloatTensor<Self> {
+        attention::composed::<Self>(q, k, v, mask, causal)
+    }
+}
+
+/// Autodiff: each op's backward pass is its own (see the op's module).
+impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn masked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        causal: Option<Causal>,
+    ) -> FloatTensor<Self> {
+        attention::autodiff_masked_attention::<B, C>(q, k, v, mask, causal)
+    }
+
+    fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        attention::autodiff_swap_heads::<B, C>(x)
+    }
+
+    fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
+        B::dense_mask(mask)
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        super::loss::autodiff_cross_entropy::<B, C>(logits, targets)
+    }
+
+    fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::matmul::autodiff_matmul_2d::<B, C>(x, w)
+    }
+
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        _want: [bool; 2],
+    ) -> (
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+        Option<FloatTensor<Self>>,
+    ) {
+        let loss = super::loss::autodiff_linear_cross_entropy::<B, C>(x, w, targets);
+        (loss, None, None)
+    }
+}
