@@ -20,6 +20,11 @@ use super::attention::{self, Causal};
 /// matmul, the loss, the AdamW update). Each has a tensor-op default; Flex
 /// and autodiff override some.
 pub trait ModelBackend: Backend {
+    /// Logits are computed a chunk of rows at a time, each chunk under this
+    /// many elements ([`Self::linear_cross_entropy`], `detailed_metrics`):
+    /// 256 MiB in f32 by default.
+    const LOGIT_CHUNK_ELEMS: usize = 1 << 26;
+
     /// `softmax(q kᵀ / √head_dim, masked) v` on `q: [b, h, queries, d]`,
     /// `k, v: [b, h, keys, d]` and `mask: [b, h, queries, keys]` (`true` where
     /// attention is not allowed). Every query row must allow at least one key.
@@ -84,7 +89,7 @@ pub trait ModelBackend: Backend {
     /// [n, d]`, `w: [d, vocab]`) against `targets: [n, 1]`, `[1]` in f32,
     /// and, where `want` asks, its gradients with respect to `x` and `w` (in
     /// their dtypes). The logits exist one chunk of rows at a time
-    /// ([`super::loss::LOGIT_CHUNK_ELEMS`]).
+    /// ([`Self::LOGIT_CHUNK_ELEMS`]).
     fn linear_cross_entropy(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
@@ -96,7 +101,7 @@ pub trait ModelBackend: Backend {
         Option<FloatTensor<Self>>,
     ) {
         let vocab = w.shape().dims::<2>()[1];
-        let rows = super::loss::LOGIT_CHUNK_ELEMS / vocab.max(1);
+        let rows = Self::LOGIT_CHUNK_ELEMS / vocab.max(1);
         super::loss::linear_cross_entropy_of::<Self>(x, w, targets, want, rows)
     }
 }
@@ -195,6 +200,11 @@ pub(crate) fn dense(t: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
 /// [`attention::composed`]).
 #[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
 impl ModelBackend for super::device::Gpu {
+    /// Fewer, larger chunks: the LM head's matmuls stay large, and the f32
+    /// sum of the head's gradient over chunks (a full pass over it each)
+    /// runs at most a few times a step. 512 MiB of bf16 logits.
+    const LOGIT_CHUNK_ELEMS: usize = 1 << 28;
+
     fn masked_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -208,6 +218,8 @@ impl ModelBackend for super::device::Gpu {
 
 /// Autodiff: each op's backward pass is its own (see the op's module).
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    const LOGIT_CHUNK_ELEMS: usize = B::LOGIT_CHUNK_ELEMS;
+
     fn masked_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -143,10 +143,6 @@ pub(crate) fn grad_of<B: Backend>(
     .tensor()
 }
 
-/// The fused LM head and loss split its rows into chunks whose logits stay
-/// under this many elements (256 MiB in f32).
-pub(crate) const LOGIT_CHUNK_ELEMS: usize = 1 << 26;
-
 /// The mean cross-entropy (`[1]`, f32) of the logits `x · w` (`x: [n, d]`,
 /// `w: [d, vocab]`, the LM head) against `targets: [n, 1]`, without the
 /// `[n, vocab]` logits ever existing whole: see

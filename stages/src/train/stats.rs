@@ -7,7 +7,6 @@ use serde_json::{Value, json};
 
 use super::data::{Sample, TokenClass};
 use crate::model::CausalLm;
-use crate::model::loss::LOGIT_CHUNK_ELEMS;
 
 /// Sums of the statistics of one token class.
 #[derive(Debug, Clone, Default)]
@@ -96,7 +95,7 @@ impl Stats {
         samples: &[&Sample],
         padded: &super::Padded,
     ) {
-        self.add_chunked(net, samples, padded, LOGIT_CHUNK_ELEMS);
+        self.add_chunked(net, samples, padded, B::LOGIT_CHUNK_ELEMS);
     }
 
     /// [`Self::add_batch`] with the logits of at most `chunk_elems` elements
