@@ -12,9 +12,13 @@
 # anneal / PyTorch. TORCH=0 skips it; PYTHON picks the interpreter.
 # Long rows: TURNS consecutive questions per chat (default 1), CUTOFF tokens at
 # most (default 512), TRAIN_ON_PROMPT=1 trains on every token (both sides).
+# LORA=8 trains LoRA adapters of rank 8 instead (alpha 16, dropout 0, on every
+# linear layer but the LM head: anneal `lora_target: all`, PEFT "all-linear";
+# the PyTorch side needs peft), at LR (default 1e-5, with LORA 1e-4).
 #
 #   RUNS=3 STEPS=4 BATCH=4 bench/train.sh
 #   RUNS=3 STEPS=2 BATCH=1 TURNS=6 CUTOFF=1024 TRAIN_ON_PROMPT=1 bench/train.sh
+#   RUNS=3 STEPS=4 BATCH=4 LORA=8 bench/train.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -25,6 +29,8 @@ BATCH="${BATCH:-4}"
 TURNS="${TURNS:-1}"
 CUTOFF="${CUTOFF:-512}"
 TRAIN_ON_PROMPT="${TRAIN_ON_PROMPT:-0}"
+LORA="${LORA:-0}"
+if [ "$LORA" != 0 ]; then LR="${LR:-1.0e-4}"; else LR="${LR:-1.0e-5}"; fi
 BIN="$(pwd)/${ANNEAL_BIN:-target/release/anneal}"
 MODEL="$(pwd)/${MODEL:-target/smollm2}"
 SHARED="$(cd "${ANNEAL_SHARED:-../shared}" && pwd)"
@@ -65,8 +71,12 @@ stages:
     deps: {train: train.jsonl}
     params:
       model_name_or_path: $MODEL
-      finetuning_type: full
-      learning_rate: 1.0e-5
+$(if [ "$LORA" != 0 ]; then
+    printf '      finetuning_type: lora\n      lora_rank: %s\n      lora_target: all\n' "$LORA"
+else
+    printf '      finetuning_type: full\n'
+fi)
+      learning_rate: $LR
       max_steps: $STEPS
       per_device_train_batch_size: $BATCH
       save_steps: 100000
@@ -84,7 +94,7 @@ print(statistics.median(x["tokens_per_s"] for x in m))' "$d/metrics.jsonl")"
     log "run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB"
 done
 anneal_median="$(median "${rates[@]}")"
-echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
 [ "$TORCH" = 0 ] && exit 0
 
 log "anneal trained tokens per step (run 1): $(python3 -c '
@@ -96,7 +106,8 @@ for run in $(seq "$RUNS"); do
     d="$work/torch$run"
     mkdir -p "$d"
     secs="$(timed "$d/log" "$d/time" "$PYTHON" bench/train_torch.py "$MODEL" --data "$work/train.jsonl" \
-        --steps "$STEPS" --batch "$BATCH" --cutoff "$CUTOFF" --device cpu $([ "$TRAIN_ON_PROMPT" = 1 ] && echo --train-on-prompt))"
+        --steps "$STEPS" --batch "$BATCH" --cutoff "$CUTOFF" --device cpu --lr "$LR" --lora "$LORA" \
+        $([ "$TRAIN_ON_PROMPT" = 1 ] && echo --train-on-prompt))"
     grep -o '{"steps".*' "$d/log" | tail -n1 >"$d/result.json" ||
         die "no result line in $d/log"
     read -r r toks < <(python3 -c '
@@ -108,4 +119,4 @@ print(r["median_trained_tokens_per_s"], " ".join(str(s["tokens"]) for s in r["pe
     log "PyTorch run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB, trained tokens per step: $toks"
 done
 torch_median="$(median "${trates[@]}")"
-echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"

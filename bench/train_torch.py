@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Plain-PyTorch counterpart of anneal's `train` stage (finetuning_type: full), for
-bench/train.sh. No HF Trainer: a hand-written loop over a transformers model.
+"""Plain-PyTorch counterpart of anneal's `train` stage (finetuning_type: full, or
+lora with --lora RANK), for bench/train.sh. No HF Trainer: a hand-written loop
+over a transformers model (a PEFT model with --lora).
 
 Data, as in stages/src/train/data.rs: each row's `messages` rendered with the
 model's chat template and tokenized without special tokens; a token is trained
@@ -34,6 +35,11 @@ step, read right after the optimizer step):
 peak_rss_mb: ru_maxrss of this process / 1024 (MiB, the whole process);
 peak_cuda_allocated_mb: torch.cuda.max_memory_allocated / 2**20 on CUDA (null
 on CPU): tensors only, not the CUDA context or the allocator's cached blocks.
+
+--lora RANK: PEFT LoRA (peft.LoraConfig: r=RANK, lora_alpha=--lora-alpha,
+default 2*RANK as anneal's, dropout 0, target_modules "all-linear": every
+linear layer but the LM head, as anneal's `lora_target: all`) on the f32 model;
+AdamW, clipping and the loss as above, over the adapters' parameters only.
 
 --train-on-prompt labels every token (anneal's `train_on_prompt: true`), so
 trained tokens are all tokens but the first of each sample. --attn picks the
@@ -131,6 +137,8 @@ def main():
     ap.add_argument("--order", choices=["anneal", "sequential"], default="anneal")
     ap.add_argument("--train-on-prompt", action="store_true", help="label every token")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, ...)")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (PEFT); 0: full fine-tuning")
+    ap.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -154,12 +162,26 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(
         a.model_dir, dtype=torch.float32, attn_implementation=a.attn
     )
+    if a.lora:
+        try:
+            import peft
+        except ImportError as e:
+            sys.exit(f"train_torch.py: {e}: --lora needs peft (pip install peft)")
+        config = peft.LoraConfig(
+            r=a.lora,
+            lora_alpha=a.lora_alpha if a.lora_alpha is not None else 2.0 * a.lora,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, config)
     model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
     pad_id = tok.pad_token_id
     if pad_id is None:
         pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     opt = torch.optim.AdamW(
-        model.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+        params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
     )
 
     def sync():
@@ -203,7 +225,7 @@ def main():
             ignore_index=-100,
         )
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
             g["lr"] = lr_at(a.lr, step, a.steps)
         opt.step()
@@ -251,6 +273,8 @@ def main():
                 "bf16": a.bf16,
                 "order": a.order,
                 "train_on_prompt": a.train_on_prompt,
+                "lora_rank": a.lora,
+                "trainable_params": sum(p.numel() for p in params),
                 "attn_implementation": model.config._attn_implementation,
                 "samples": n,
             }

@@ -274,13 +274,155 @@ fn probs<B: ModelBackend>(
     let qc = q.clone().narrow(2, c.start, c.rows);
     let kt = k.clone().narrow(2, 0, c.keys).swap_dims(2, 3);
     let mask = mask.clone().narrow(2, c.start, c.rows).narrow(3, 0, c.keys);
-    let mask = Tensor::from_primitive(B::dense_mask(mask.into_primitive()));
-    let s = to(qc.matmul(kt), DType::F32).mul_scalar(scale);
-    let s = s.mask_fill(mask, f32::NEG_INFINITY);
+    let s = to(qc.matmul(kt), DType::F32);
+    float(B::attention_probs(
+        s.into_primitive().tensor(),
+        mask.into_primitive(),
+        scale,
+    ))
+}
+
+/// [`ModelBackend::attention_probs`] as tensor ops.
+pub(crate) fn probs_of<B: ModelBackend>(
+    s: FloatTensor<B>,
+    mask: BoolTensor<B>,
+    scale: f32,
+) -> FloatTensor<B> {
+    let mask = Tensor::<B, 4, Bool>::from_primitive(B::dense_mask(mask));
+    let s = float::<B>(s)
+        .mul_scalar(scale)
+        .mask_fill(mask, f32::NEG_INFINITY);
     let max = s.clone().max_dim(3).clamp_min(f32::MIN);
     let e = s.sub(max).exp();
     let sum = e.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
-    e.div(sum)
+    e.div(sum).into_primitive().tensor()
+}
+
+/// [`ModelBackend::attention_ds`] as tensor ops.
+pub(crate) fn ds_of<B: ModelBackend>(
+    p: FloatTensor<B>,
+    dp: FloatTensor<B>,
+    scale: f32,
+) -> FloatTensor<B> {
+    let (p, dp) = (float::<B>(p), float::<B>(dp));
+    let row = p.clone().mul(dp.clone()).sum_dim(3);
+    p.mul(dp.sub(row))
+        .mul_scalar(scale)
+        .into_primitive()
+        .tensor()
+}
+
+/// Flex, f32: the softmax and its gradient one row at a time, in parallel
+/// over rows, in place where the scores' buffer is not shared, reading the
+/// mask through its strides (no dense copy of it per chunk and layer).
+pub(crate) mod flex {
+    use burn::tensor::DType;
+    use burn_flex::{FlexTensor, Layout};
+    use rayon::prelude::*;
+
+    /// Rows per rayon task.
+    const ROWS_PER_TASK: usize = 8;
+
+    fn dims(t: &FlexTensor) -> Option<[usize; 4]> {
+        let shape = t.layout().shape();
+        (shape.num_dims() == 4).then(|| shape.dims::<4>())
+    }
+
+    /// `f` over `t`'s elements as one contiguous f32 slice: in place when `t`
+    /// is the only owner of its buffer, else on a copy.
+    fn in_place(mut t: FlexTensor, f: impl FnOnce(&mut [f32])) -> FlexTensor {
+        if let Some((a, b)) = t.layout().contiguous_offsets()
+            && let Some(buf) = t.try_storage_mut::<f32>()
+        {
+            f(&mut buf[a..b]);
+            return t;
+        }
+        let t = t.to_contiguous();
+        let mut x = t.as_slice::<f32>().expect("contiguous f32").to_vec();
+        f(&mut x);
+        FlexTensor::new(
+            burn::tensor::Bytes::from_elems(x),
+            Layout::contiguous(t.layout().shape().clone()),
+            DType::F32,
+        )
+    }
+
+    /// Whether [`probs`] applies: f32 scores, a one-byte bool mask of the
+    /// same shape, contiguous along keys.
+    pub(crate) fn probs_applies(s: &FlexTensor, mask: &FlexTensor) -> bool {
+        let ok = s.dtype() == DType::F32
+            && matches!(mask.dtype(), DType::Bool(_))
+            && mask.dtype().size() == 1;
+        ok && dims(s).is_some_and(|d| {
+            dims(mask) == Some(d) && (d[3] <= 1 || mask.layout().strides()[3] == 1)
+        })
+    }
+
+    /// The softmax of `scale * s` over keys where `mask` is false; zeros for
+    /// a row masked whole. Only where [`probs_applies`].
+    pub(crate) fn probs(s: FlexTensor, mask: &FlexTensor, scale: f32) -> FlexTensor {
+        let [_, h, r, k] = dims(&s).expect("probs_applies");
+        let (ml, m) = (mask.layout(), mask.storage::<u8>());
+        let (st, start) = (ml.strides(), ml.start_offset() as isize);
+        in_place(s, |x| {
+            x.par_chunks_mut(k.max(1))
+                .with_min_len(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(row, xs)| {
+                    let (bi, hi, ri) = (row / (h * r), row / r % h, row % r);
+                    let at =
+                        (start + bi as isize * st[0] + hi as isize * st[1] + ri as isize * st[2])
+                            as usize;
+                    let hidden = &m[at..at + xs.len()];
+                    let mut max = f32::NEG_INFINITY;
+                    for (x, &hide) in xs.iter_mut().zip(hidden) {
+                        *x *= scale;
+                        if hide == 0 && *x > max {
+                            max = *x;
+                        }
+                    }
+                    if max == f32::NEG_INFINITY {
+                        xs.fill(0.0);
+                        return;
+                    }
+                    let mut sum = 0f32;
+                    for (x, &hide) in xs.iter_mut().zip(hidden) {
+                        *x = if hide == 0 { (*x - max).exp() } else { 0.0 };
+                        sum += *x;
+                    }
+                    for x in xs.iter_mut() {
+                        *x /= sum;
+                    }
+                })
+        })
+    }
+
+    /// Whether [`ds`] applies: f32 `p` and `dp` of the same 4-d shape.
+    pub(crate) fn ds_applies(p: &FlexTensor, dp: &FlexTensor) -> bool {
+        p.dtype() == DType::F32
+            && dp.dtype() == DType::F32
+            && dims(p).is_some()
+            && dims(p) == dims(dp)
+    }
+
+    /// `scale * p ∘ (dp − rowsum(p ∘ dp))`, written over `dp`'s buffer where
+    /// it can be. Only where [`ds_applies`].
+    pub(crate) fn ds(p: &FlexTensor, dp: FlexTensor, scale: f32) -> FlexTensor {
+        let k = dims(p).expect("ds_applies")[3].max(1);
+        let p = p.to_contiguous();
+        let pv = p.as_slice::<f32>().expect("contiguous f32");
+        in_place(dp, |d| {
+            d.par_chunks_mut(k)
+                .with_min_len(ROWS_PER_TASK)
+                .zip(pv.par_chunks(k))
+                .for_each(|(ds, ps)| {
+                    let row: f32 = ps.iter().zip(ds.iter()).map(|(p, d)| p * d).sum();
+                    for (d, &p) in ds.iter_mut().zip(ps) {
+                        *d = p * (*d - row) * scale;
+                    }
+                })
+        })
+    }
 }
 
 fn scale_of<B: Backend>(q: &Tensor<B, 4>) -> f32 {
@@ -348,8 +490,12 @@ fn chunked_backward<B: ModelBackend>(
             DType::F32,
         );
         let dp = to(doc.matmul(vc.swap_dims(2, 3)), DType::F32);
-        let row = p.clone().mul(dp.clone()).sum_dim(3);
-        let ds = to(p.mul(dp.sub(row)).mul_scalar(scale), dtype);
+        let ds = float(B::attention_ds(
+            p.into_primitive().tensor(),
+            dp.into_primitive().tensor(),
+            scale,
+        ));
+        let ds = to(ds, dtype);
         dqs.push(ds.clone().matmul(kc));
         let dk_c = pad_keys(to(ds.swap_dims(2, 3).matmul(qc), DType::F32), keys);
         let dv_c = pad_keys(dv_c, keys);
@@ -595,6 +741,64 @@ mod tests {
             let got = Tensor::<Flex, 4, Bool>::from_primitive(got);
             assert_eq!(got.to_data(), m.to_data(), "view {i}, mask");
         }
+    }
+
+    /// Flex's softmax and `dS` loops against the tensor-op versions: a mask
+    /// broadcast over heads and narrowed (an offset, rows not adjacent), one
+    /// row masked whole, and a shared score tensor, which must be left as it
+    /// was (the loops write in place only into a buffer they own alone).
+    #[test]
+    fn flex_softmax_loops_match_the_tensor_ops() {
+        let device = Default::default();
+        let (b, h, r, k) = (2, 3, 5, 37);
+        let s = Tensor::<Flex, 4>::random([b, h, r, k], Distribution::Normal(0.0, 4.0), &device);
+        let hide: Vec<bool> = (0..b * (r + 2) * (k + 3))
+            .map(|n| (n * 7919) % 5 == 0)
+            .collect();
+        let full = Tensor::<Flex, 4, Bool>::from_data(
+            TensorData::new(hide, [b, 1, r + 2, k + 3]),
+            &device,
+        );
+        let mut mask = full.narrow(2, 1, r).narrow(3, 2, k).expand([b, h, r, k]);
+        // Row (1, *, 3) masked whole: the loop gives zeros, as the ops do.
+        let whole = Tensor::<Flex, 4, Bool>::from_data(
+            TensorData::new(vec![true; k], [1, 1, 1, k]),
+            &device,
+        );
+        mask = mask.slice_assign([1..2, 0..h, 3..4, 0..k], whole.expand([1, h, 1, k]));
+        let m = mask.clone().into_primitive();
+        assert!(flex::probs_applies(
+            &s.clone().into_primitive().tensor(),
+            &m
+        ));
+        let scale = 0.125;
+        let want = float::<Flex>(probs_of::<Flex>(
+            s.clone().into_primitive().tensor(),
+            m.clone(),
+            scale,
+        ));
+        let before = s.to_data();
+        let shared = s.clone().into_primitive().tensor();
+        let got = float::<Flex>(flex::probs(shared, &m, scale));
+        assert_eq!(s.to_data(), before, "the shared scores were written");
+        assert!(max_diff(got.clone(), want.clone()) <= 1e-6);
+        let zeros: f32 = got
+            .clone()
+            .slice([1..2, 0..h, 3..4, 0..k])
+            .abs()
+            .sum()
+            .into_scalar();
+        assert_eq!(zeros, 0.0);
+        // Unshared, in place.
+        let owned = (s.clone() * 1.0).into_primitive().tensor();
+        let got = float::<Flex>(flex::probs(owned, &m, scale));
+        assert!(max_diff(got.clone(), want) <= 1e-6);
+        let dp = Tensor::<Flex, 4>::random([b, h, r, k], Distribution::Normal(0.0, 1.0), &device);
+        let (p_p, dp_p) = (got.into_primitive().tensor(), dp.into_primitive().tensor());
+        assert!(flex::ds_applies(&p_p, &dp_p));
+        let want = float::<Flex>(ds_of::<Flex>(p_p.clone(), dp_p.clone(), scale));
+        let got = float::<Flex>(flex::ds(&p_p, dp_p, scale));
+        assert!(max_diff(got, want) <= 1e-7);
     }
 
     #[test]

@@ -44,6 +44,23 @@ pub trait ModelBackend: Backend {
         Self::float_swap_dims(x, 1, 2)
     }
 
+    /// Attention probabilities `softmax(scale * s)` over the last axis of
+    /// `s: [b, h, rows, keys]` (f32), where `mask` (same shape, `true` where
+    /// attention is not allowed) hides keys; a row masked whole gives zeros.
+    fn attention_probs(
+        s: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        attention::probs_of::<Self>(s, mask, scale)
+    }
+
+    /// The scores' gradient `scale * p ∘ (dp − rowsum(p ∘ dp))` from the
+    /// probabilities `p` and their gradient `dp` (f32, `[b, h, rows, keys]`).
+    fn attention_ds(p: FloatTensor<Self>, dp: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        attention::ds_of::<Self>(p, dp, scale)
+    }
+
     /// `mask` laid out contiguously where the backend's ops need it.
     fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
         mask
@@ -131,6 +148,24 @@ impl ModelBackend for burn::backend::Flex {
 
     fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
         dense(mask)
+    }
+
+    fn attention_probs(
+        s: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        if attention::flex::probs_applies(&s, &mask) {
+            return attention::flex::probs(s, &mask, scale);
+        }
+        attention::probs_of::<Self>(s, mask, scale)
+    }
+
+    fn attention_ds(p: FloatTensor<Self>, dp: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        if attention::flex::ds_applies(&p, &dp) {
+            return attention::flex::ds(&p, dp, scale);
+        }
+        attention::ds_of::<Self>(p, dp, scale)
     }
 
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
