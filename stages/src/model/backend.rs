@@ -3,7 +3,7 @@
 //! composition costs extra passes, copies or kept tensors. Each op has a
 //! tensor-op default that any backend runs; Flex overrides some with loops
 //! of its own, and autodiff gives each its own backward pass. The ops live
-//! in their modules (`attention`, `matmul`, `loss`, `optim`); this module
+//! in their modules (`attention`, `matmul`, `loss`, `swiglu`, `optim`); this module
 //! only says which backend runs which.
 
 use burn::backend::Autodiff;
@@ -59,6 +59,21 @@ pub trait ModelBackend: Backend {
     /// probabilities `p` and their gradient `dp` (f32, `[b, h, rows, keys]`).
     fn attention_ds(p: FloatTensor<Self>, dp: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
         attention::ds_of::<Self>(p, dp, scale)
+    }
+
+    /// `silu(gate) * up`, elementwise (see [`super::swiglu`]).
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::swiglu::swiglu_of::<Self>(gate, up)
+    }
+
+    /// The gradients `(d gate, d up)` of [`Self::swiglu`] given the output's
+    /// gradient `dout`.
+    fn swiglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        super::swiglu::swiglu_grad_of::<Self>(gate, up, dout)
     }
 
     /// `mask` laid out contiguously where the backend's ops need it.
@@ -172,6 +187,20 @@ impl ModelBackend for burn::backend::Flex {
         super::matmul::flex::matmul_2d(&x, &w).unwrap_or_else(|| Self::float_matmul(x, w))
     }
 
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::swiglu::flex::swiglu(&gate, &up)
+            .unwrap_or_else(|| super::swiglu::swiglu_of::<Self>(gate, up))
+    }
+
+    fn swiglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        super::swiglu::flex::swiglu_grad(&gate, &up, &dout)
+            .unwrap_or_else(|| super::swiglu::swiglu_grad_of::<Self>(gate, up, dout))
+    }
+
     fn adamw(t: [FloatTensor<Self>; 4], s: super::optim::AdamWStep) -> [FloatTensor<Self>; 3] {
         if super::optim::flex::applies(&t) {
             super::optim::flex::adamw(t, s)
@@ -279,6 +308,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
 
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         super::matmul::autodiff_matmul_2d::<B, C>(x, w)
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::swiglu::autodiff_swiglu::<B, C>(gate, up)
     }
 
     fn linear_cross_entropy(

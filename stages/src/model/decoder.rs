@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 
 use anyhow::bail;
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
@@ -19,6 +18,7 @@ use super::backend::ModelBackend;
 use super::config::{Arch, ModelConfig};
 use super::loss::{cross_entropy, linear_cross_entropy, to_f32};
 use super::matmul::matmul_2d;
+use super::swiglu::swiglu;
 use super::weights::HostTensor;
 
 /// A dense projection `y = x W + b` with `W` stored `[in, out]`.
@@ -334,8 +334,9 @@ fn rotate<B: Backend>(x: Tensor<B, 4>, (cos, sin): &Rope<B>) -> Tensor<B, 4> {
 
 impl<B: ModelBackend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(swiglu(gate, self.up_proj.forward(x)))
     }
 }
 
