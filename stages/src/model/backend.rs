@@ -3,7 +3,8 @@
 //! composition costs extra passes, copies or kept tensors. Each op has a
 //! tensor-op default that any backend runs; Flex overrides some with loops
 //! of its own, and autodiff gives each its own backward pass. The ops live
-//! in their modules (`attention`, `matmul`, `loss`, `swiglu`, `optim`); this module
+//! in their modules (`attention`, `matmul`, `loss`, `rms_norm`, `swiglu`,
+//! `optim`); this module
 //! only says which backend runs which.
 
 use burn::backend::Autodiff;
@@ -74,6 +75,23 @@ pub trait ModelBackend: Backend {
         dout: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         super::swiglu::swiglu_grad_of::<Self>(gate, up, dout)
+    }
+
+    /// `w * x / sqrt(mean(x²) + eps)` over the last axis (see
+    /// [`super::rms_norm`]).
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        super::rms_norm::rms_norm_of::<Self>(x, w, eps)
+    }
+
+    /// The gradients `(dx, dw)` of [`Self::rms_norm`] given the output's
+    /// gradient `dy`.
+    fn rms_norm_grad(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        super::rms_norm::rms_norm_grad_of::<Self>(x, w, dy, eps)
     }
 
     /// `mask` laid out contiguously where the backend's ops need it.
@@ -185,6 +203,21 @@ impl ModelBackend for burn::backend::Flex {
 
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         super::matmul::flex::matmul_2d(&x, &w).unwrap_or_else(|| Self::float_matmul(x, w))
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        super::rms_norm::flex::rms_norm(&x, &w, eps)
+            .unwrap_or_else(|| super::rms_norm::rms_norm_of::<Self>(x, w, eps))
+    }
+
+    fn rms_norm_grad(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        super::rms_norm::flex::rms_norm_grad(&x, &w, &dy, eps)
+            .unwrap_or_else(|| super::rms_norm::rms_norm_grad_of::<Self>(x, w, dy, eps))
     }
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -312,6 +345,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         super::swiglu::autodiff_swiglu::<B, C>(gate, up)
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        super::rms_norm::autodiff_rms_norm::<B, C>(x, w, eps)
     }
 
     fn linear_cross_entropy(

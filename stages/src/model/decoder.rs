@@ -18,6 +18,7 @@ use super::backend::ModelBackend;
 use super::config::{Arch, ModelConfig};
 use super::loss::{cross_entropy, linear_cross_entropy, to_f32};
 use super::matmul::matmul_2d;
+use super::rms_norm::rms_norm;
 use super::swiglu::swiglu;
 use super::weights::HostTensor;
 
@@ -141,12 +142,10 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
-    /// Normalises the last dimension.
+impl<B: ModelBackend> RmsNorm<B> {
+    /// Normalises the last dimension ([`rms_norm`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let var = x.clone().square().mean_dim(D - 1);
-        let normed = x * var.add_scalar(self.eps).sqrt().recip();
-        normed * self.weight.val().unsqueeze::<D>()
+        rms_norm(x, self.weight.val(), self.eps)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod lora;
 pub mod loss;
 pub mod matmul;
 pub mod optim;
+pub mod rms_norm;
 pub mod swiglu;
 pub mod tokenizer;
 pub mod weights;
