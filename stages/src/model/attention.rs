@@ -316,8 +316,9 @@ pub(crate) fn ds_of<B: ModelBackend>(
 /// over rows, in place where the scores' buffer is not shared, reading the
 /// mask through its strides (no dense copy of it per chunk and layer).
 pub(crate) mod flex {
+    use crate::model::backend::flex_f32;
     use burn::tensor::DType;
-    use burn_flex::{FlexTensor, Layout};
+    use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
     /// Rows per rayon task.
@@ -340,11 +341,7 @@ pub(crate) mod flex {
         let t = t.to_contiguous();
         let mut x = t.as_slice::<f32>().expect("contiguous f32").to_vec();
         f(&mut x);
-        FlexTensor::new(
-            burn::tensor::Bytes::from_elems(x),
-            Layout::contiguous(t.layout().shape().clone()),
-            DType::F32,
-        )
+        flex_f32(x, t.layout().shape().clone())
     }
 
     /// Whether [`probs`] applies: f32 scores, a one-byte bool mask of the

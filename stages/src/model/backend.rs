@@ -261,6 +261,19 @@ impl ModelBackend for burn::backend::Flex {
     }
 }
 
+/// A contiguous f32 Flex tensor of `shape` over `data` (the Flex loops'
+/// outputs).
+pub(crate) fn flex_f32(
+    data: Vec<f32>,
+    shape: impl Into<burn::tensor::Shape>,
+) -> burn_flex::FlexTensor {
+    burn_flex::FlexTensor::new(
+        burn::tensor::Bytes::from_elems(data),
+        burn_flex::Layout::contiguous(shape.into()),
+        DType::F32,
+    )
+}
+
 /// `t` laid out contiguously, copied one contiguous run at a time (Flex's own
 /// copy walks layouts of more than two strided axes element by element).
 pub(crate) fn dense(t: burn_flex::FlexTensor) -> burn_flex::FlexTensor {

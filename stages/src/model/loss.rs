@@ -273,8 +273,9 @@ impl<B: ModelBackend> Backward<B, 2> for LinearCrossEntropyBackward {
 /// Flex, f32 logits: each row in one pass for its maximum and one for its
 /// sum of exponentials, in parallel over rows, with no `[n, vocab]` temporary.
 pub(crate) mod flex {
-    use burn::tensor::{DType, Shape};
-    use burn_flex::{FlexTensor, Layout};
+    use crate::model::backend::flex_f32;
+    use burn::tensor::DType;
+    use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
     /// Rows per rayon task: enough work to outweigh scheduling.
@@ -292,14 +293,6 @@ pub(crate) mod flex {
                 .map(|s| s.iter().map(|&i| i as usize).collect()),
             _ => None,
         }
-    }
-
-    fn tensor(data: Vec<f32>, shape: Shape) -> FlexTensor {
-        FlexTensor::new(
-            burn::tensor::Bytes::from_elems(data),
-            Layout::contiguous(shape),
-            DType::F32,
-        )
     }
 
     fn row_max(row: &[f32]) -> f32 {
@@ -346,10 +339,7 @@ pub(crate) mod flex {
             .enumerate()
             .map(|(i, (&l, &j))| l - x[i * vocab + j])
             .collect();
-        Some((
-            tensor(loss, Shape::new([n])),
-            tensor(lse, Shape::new([n, 1])),
-        ))
+        Some((flex_f32(loss, [n]), flex_f32(lse, [n, 1])))
     }
 
     /// The logits' gradient, or `None` where this path does not apply.
@@ -380,7 +370,7 @@ pub(crate) mod flex {
                 }
                 out[t[i]] -= gi;
             });
-        Some(tensor(d, Shape::new([n, vocab])))
+        Some(flex_f32(d, [n, vocab]))
     }
 }
 

@@ -10,15 +10,12 @@
 //! input needs a gradient (LoRA's frozen base weights do not).
 
 use burn::backend::Autodiff;
-use burn::backend::autodiff::NodeId;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::backend::ModelBackend;
+use super::binary_op::{self, BinaryGrad};
 
 /// `x · w` for `x: [m, k]` and `w: [k, n]`.
 pub fn matmul_2d<B: ModelBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -34,50 +31,32 @@ pub(crate) fn autodiff_matmul_2d<B: ModelBackend, C: CheckpointStrategy>(
     w: FloatTensor<Autodiff<B, C>>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let out = B::matmul_2d(x.primitive.clone(), w.primitive.clone());
-    match Matmul2dBackward
-        .prepare::<C>([x.node.clone(), w.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(mut prep) => {
-            let state = (prep.checkpoint(&x), prep.checkpoint(&w));
-            prep.finish(state, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+    binary_op::record::<B, C, _>(Matmul2dGrad, &x, &w, out)
 }
 
+/// `dx = g wᵀ`, `dw = xᵀ g`, each only where wanted.
 #[derive(Debug)]
-struct Matmul2dBackward;
+struct Matmul2dGrad;
 
-impl<B: ModelBackend> Backward<B, 2> for Matmul2dBackward {
-    type State = (NodeId, NodeId);
-
-    fn backward(
+impl<B: ModelBackend> BinaryGrad<B> for Matmul2dGrad {
+    fn grads(
         self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_w] = ops.parents;
-        let g = grads.consume::<B>(&ops.node);
-        let (x, w) = ops.state;
-        if let Some(node) = node_x {
-            let w: FloatTensor<B> = checkpointer.retrieve_node_output(w);
-            let dx = B::matmul_2d(g.clone(), B::float_transpose(w));
-            grads.register::<B>(node.id, dx);
-        }
-        if let Some(node) = node_w {
-            let x: FloatTensor<B> = checkpointer.retrieve_node_output(x);
-            grads.register::<B>(node.id, B::matmul_2d(B::float_transpose(x), g));
-        }
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        g: FloatTensor<B>,
+        want: [bool; 2],
+    ) -> [Option<FloatTensor<B>>; 2] {
+        let dw = want[1].then(|| B::matmul_2d(B::float_transpose(x), g.clone()));
+        let dx = want[0].then(|| B::matmul_2d(g, B::float_transpose(w)));
+        [dx, dw]
     }
 }
 
 /// Flex, f32: gemm into the output's own buffer.
 pub(crate) mod flex {
+    use crate::model::backend::flex_f32;
     use burn::tensor::DType;
-    use burn_flex::{FlexTensor, Layout};
+    use burn_flex::FlexTensor;
 
     /// Products of at least this many multiply-adds use every core (as
     /// burn-flex's own matmul decides).
@@ -134,11 +113,7 @@ pub(crate) mod flex {
             );
             out.set_len(m * n);
         }
-        Some(FlexTensor::new(
-            burn::tensor::Bytes::from_elems(out),
-            Layout::contiguous([m, n].into()),
-            DType::F32,
-        ))
+        Some(flex_f32(out, [m, n]))
     }
 }
 

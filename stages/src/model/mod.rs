@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod backend;
+mod binary_op;
 pub mod chat;
 pub mod config;
 pub mod decoder;

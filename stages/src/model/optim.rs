@@ -192,8 +192,9 @@ pub(crate) fn adamw_of<B: Backend>(t: [FloatTensor<B>; 4], s: AdamWStep) -> [Flo
 /// Flex, f32: the update in one parallel pass, in place where the tensors
 /// are not shared.
 pub(crate) mod flex {
+    use crate::model::backend::flex_f32;
     use burn::tensor::DType;
-    use burn_flex::{FlexTensor, Layout};
+    use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
     use super::AdamWStep;
@@ -222,11 +223,7 @@ pub(crate) mod flex {
             .as_slice::<f32>()
             .expect("checked contiguous f32")
             .to_vec();
-        FlexTensor::new(
-            burn::tensor::Bytes::from_elems(data),
-            Layout::contiguous([n].into()),
-            DType::F32,
-        )
+        flex_f32(data, [n])
     }
 
     /// `[p, m, v]` updated, for tensors that [`applies`] accepts.

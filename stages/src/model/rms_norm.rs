@@ -8,16 +8,13 @@
 //! `dx = r (g - n mean(g n))` and `dw = Σ_rows dy n`.
 
 use burn::backend::Autodiff;
-use burn::backend::autodiff::NodeId;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Shape, Tensor, TensorMetadata, TensorPrimitive};
 
 use super::backend::ModelBackend;
+use super::binary_op::{self, BinaryGrad};
 
 /// `w * x / sqrt(mean(x²) + eps)` over the last axis of `x`; `w: [hidden]`.
 pub fn rms_norm<B: ModelBackend, const D: usize>(
@@ -94,58 +91,40 @@ pub(crate) fn rms_norm_grad_of<B: Backend>(
 }
 
 /// [`ModelBackend::rms_norm`] under autodiff: the forward pass on the inner
-/// backend, the backward pass [`RmsNormBackward`], which keeps `x` and `w`.
+/// backend; the backward pass keeps `x` and `w` only.
 pub(crate) fn autodiff_rms_norm<B: ModelBackend, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
     w: FloatTensor<Autodiff<B, C>>,
     eps: f64,
 ) -> FloatTensor<Autodiff<B, C>> {
     let out = B::rms_norm(x.primitive.clone(), w.primitive.clone(), eps);
-    match RmsNormBackward
-        .prepare::<C>([x.node.clone(), w.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(mut prep) => {
-            let state = (prep.checkpoint(&x), prep.checkpoint(&w), eps);
-            prep.finish(state, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+    binary_op::record::<B, C, _>(RmsNormGrad { eps }, &x, &w, out)
 }
 
 #[derive(Debug)]
-struct RmsNormBackward;
+struct RmsNormGrad {
+    eps: f64,
+}
 
-impl<B: ModelBackend> Backward<B, 2> for RmsNormBackward {
-    type State = (NodeId, NodeId, f64);
-
-    fn backward(
+impl<B: ModelBackend> BinaryGrad<B> for RmsNormGrad {
+    fn grads(
         self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_w] = ops.parents;
-        let dy = grads.consume::<B>(&ops.node);
-        let (x, w, eps) = ops.state;
-        let x: FloatTensor<B> = checkpointer.retrieve_node_output(x);
-        let w: FloatTensor<B> = checkpointer.retrieve_node_output(w);
-        let (dx, dw) = B::rms_norm_grad(x, w, dy, eps);
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, dx);
-        }
-        if let Some(node) = node_w {
-            grads.register::<B>(node.id, dw);
-        }
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        dy: FloatTensor<B>,
+        _want: [bool; 2],
+    ) -> [Option<FloatTensor<B>>; 2] {
+        let (dx, dw) = B::rms_norm_grad(x, w, dy, self.eps);
+        [Some(dx), Some(dw)]
     }
 }
 
 /// Flex, f32: rows in parallel; `dw`'s sum over rows in fixed blocks of
 /// rows, added in order, so it is the same on any core count.
 pub(crate) mod flex {
+    use crate::model::backend::flex_f32;
     use burn::tensor::DType;
-    use burn_flex::{FlexTensor, Layout};
+    use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
     /// Rows per block of the `dw` sum (and per rayon task).
@@ -155,14 +134,6 @@ pub(crate) mod flex {
         (t.dtype() == DType::F32)
             .then(|| t.as_slice::<f32>())
             .flatten()
-    }
-
-    fn tensor(data: Vec<f32>, like: &FlexTensor) -> FlexTensor {
-        FlexTensor::new(
-            burn::tensor::Bytes::from_elems(data),
-            Layout::contiguous(like.layout().shape().clone()),
-            DType::F32,
-        )
     }
 
     /// `(x, w, hidden)` as slices, where this path applies: f32, contiguous,
@@ -193,7 +164,7 @@ pub(crate) mod flex {
                     *o = v * r * w;
                 }
             });
-        Some(tensor(out, x))
+        Some(flex_f32(out, x.layout().shape().clone()))
     }
 
     /// `(dx, dw)`, or `None` where this path does not apply.
@@ -243,7 +214,10 @@ pub(crate) mod flex {
                 *a += b;
             }
         }
-        Some((tensor(dx, x), tensor(dw, w)))
+        Some((
+            flex_f32(dx, x.layout().shape().clone()),
+            flex_f32(dw, [hidden]),
+        ))
     }
 }
 

@@ -8,17 +8,14 @@
 //! `s = sigmoid(g)`.
 
 use burn::backend::Autodiff;
-use burn::backend::autodiff::NodeId;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::backend::ModelBackend;
+use super::binary_op::{self, BinaryGrad};
 
 /// `silu(gate) * up`, elementwise; `gate` and `up` of one shape.
 pub fn swiglu<B: ModelBackend, const D: usize>(
@@ -61,57 +58,36 @@ pub(crate) fn swiglu_grad_of<B: Backend>(
 }
 
 /// [`ModelBackend::swiglu`] under autodiff: the forward pass on the inner
-/// backend, the backward pass [`SwigluBackward`], which keeps `gate` and
-/// `up` only.
+/// backend; the backward pass keeps `gate` and `up` only.
 pub(crate) fn autodiff_swiglu<B: ModelBackend, C: CheckpointStrategy>(
     gate: FloatTensor<Autodiff<B, C>>,
     up: FloatTensor<Autodiff<B, C>>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let out = B::swiglu(gate.primitive.clone(), up.primitive.clone());
-    match SwigluBackward
-        .prepare::<C>([gate.node.clone(), up.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(mut prep) => {
-            let state = (prep.checkpoint(&gate), prep.checkpoint(&up));
-            prep.finish(state, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+    binary_op::record::<B, C, _>(SwigluGrad, &gate, &up, out)
 }
 
 #[derive(Debug)]
-struct SwigluBackward;
+struct SwigluGrad;
 
-impl<B: ModelBackend> Backward<B, 2> for SwigluBackward {
-    type State = (NodeId, NodeId);
-
-    fn backward(
+impl<B: ModelBackend> BinaryGrad<B> for SwigluGrad {
+    fn grads(
         self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_gate, node_up] = ops.parents;
-        let dout = grads.consume::<B>(&ops.node);
-        let (gate, up) = ops.state;
-        let gate: FloatTensor<B> = checkpointer.retrieve_node_output(gate);
-        let up: FloatTensor<B> = checkpointer.retrieve_node_output(up);
+        gate: FloatTensor<B>,
+        up: FloatTensor<B>,
+        dout: FloatTensor<B>,
+        _want: [bool; 2],
+    ) -> [Option<FloatTensor<B>>; 2] {
         let (dg, du) = B::swiglu_grad(gate, up, dout);
-        if let Some(node) = node_gate {
-            grads.register::<B>(node.id, dg);
-        }
-        if let Some(node) = node_up {
-            grads.register::<B>(node.id, du);
-        }
+        [Some(dg), Some(du)]
     }
 }
 
 /// Flex, f32: one parallel pass over contiguous inputs of one shape.
 pub(crate) mod flex {
+    use crate::model::backend::flex_f32;
     use burn::tensor::DType;
-    use burn_flex::{FlexTensor, Layout};
+    use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
     /// Elements per rayon task.
@@ -126,14 +102,6 @@ pub(crate) mod flex {
                     .flatten()
             })
             .collect()
-    }
-
-    fn tensor(data: Vec<f32>, like: &FlexTensor) -> FlexTensor {
-        FlexTensor::new(
-            burn::tensor::Bytes::from_elems(data),
-            Layout::contiguous(like.layout().shape().clone()),
-            DType::F32,
-        )
     }
 
     fn sigmoid(g: f32) -> f32 {
@@ -154,7 +122,7 @@ pub(crate) mod flex {
                     *o = g * sigmoid(g) * u;
                 }
             });
-        Some(tensor(out, gate))
+        Some(flex_f32(out, gate.layout().shape().clone()))
     }
 
     /// `(d gate, d up)`, or `None` where this path does not apply.
@@ -179,7 +147,8 @@ pub(crate) mod flex {
                     dg[i] = d * u * s * (1.0 + g * (1.0 - s));
                 }
             });
-        Some((tensor(dg, gate), tensor(du, gate)))
+        let shape = gate.layout().shape();
+        Some((flex_f32(dg, shape.clone()), flex_f32(du, shape.clone())))
     }
 }
 
