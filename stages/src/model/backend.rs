@@ -139,7 +139,7 @@ pub trait ModelBackend: Backend {
     /// [n, d]`, `w: [d, vocab]`) against `targets: [n, 1]`, `[1]` in f32,
     /// and, where `want` asks, its gradients with respect to `x` and `w` (in
     /// their dtypes). The logits exist one chunk of rows at a time
-    /// ([`Self::LOGIT_CHUNK_ELEMS`]).
+    /// ([`Self::LOGIT_CHUNK_ELEMS`]). `x` must have a row.
     fn linear_cross_entropy(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,

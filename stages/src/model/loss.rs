@@ -146,7 +146,7 @@ pub(crate) fn grad_of<B: Backend>(
 /// The mean cross-entropy (`[1]`, f32) of the logits `x · w` (`x: [n, d]`,
 /// `w: [d, vocab]`, the LM head) against `targets: [n, 1]`, without the
 /// `[n, vocab]` logits ever existing whole: see
-/// [`ModelBackend::linear_cross_entropy`].
+/// [`ModelBackend::linear_cross_entropy`]. `n` must be at least 1.
 pub fn linear_cross_entropy<B: ModelBackend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
@@ -162,7 +162,7 @@ pub fn linear_cross_entropy<B: ModelBackend>(
 }
 
 /// [`ModelBackend::linear_cross_entropy`] from the backend's own matmul and
-/// loss ops, `rows` rows of logits at a time.
+/// loss ops, `rows` rows of logits at a time. `x` must have a row.
 pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
     x: FloatTensor<B>,
     w: FloatTensor<B>,
@@ -186,7 +186,8 @@ pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
     };
     let (mut losses, mut dxs) = (Vec::new(), Vec::new());
     let mut dw: Option<Tensor<B, 2>> = None;
-    for start in (0..n).step_by(rows.max(1)) {
+    let rows = rows.max(1);
+    for start in (0..n).step_by(rows) {
         let c = rows.min(n - start);
         let xc = x.clone().narrow(0, start, c);
         let tc = targets.clone().narrow(0, start, c).into_primitive();
