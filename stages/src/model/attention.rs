@@ -17,10 +17,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
-
-use super::backend::ModelBackend;
 use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, ModuleOps};
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
+
+use super::backend::ModelBackend;
 
 /// Chunks of query rows keep one chunk's scores under this many elements
 /// (128 MiB in f32).
@@ -316,7 +316,7 @@ pub(crate) fn ds_of<B: ModelBackend>(
 /// over rows, in place where the scores' buffer is not shared, reading the
 /// mask through its strides (no dense copy of it per chunk and layer).
 pub(crate) mod flex {
-    use crate::model::backend::flex_f32;
+    use crate::model::backend::flex_unique_f32;
     use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
@@ -331,17 +331,11 @@ pub(crate) mod flex {
 
     /// `f` over `t`'s elements as one contiguous f32 slice: in place when `t`
     /// is the only owner of its buffer, else on a copy.
-    fn in_place(mut t: FlexTensor, f: impl FnOnce(&mut [f32])) -> FlexTensor {
-        if let Some((a, b)) = t.layout().contiguous_offsets()
-            && let Some(buf) = t.try_storage_mut::<f32>()
-        {
-            f(&mut buf[a..b]);
-            return t;
-        }
-        let t = t.to_contiguous();
-        let mut x = t.as_slice::<f32>().expect("contiguous f32").to_vec();
-        f(&mut x);
-        flex_f32(x, t.layout().shape().clone())
+    fn in_place(t: FlexTensor, f: impl FnOnce(&mut [f32])) -> FlexTensor {
+        let mut t = flex_unique_f32(t);
+        f(t.try_storage_mut::<f32>()
+            .expect("flex_unique_f32 made it unique"));
+        t
     }
 
     /// Whether [`probs`] applies: f32 scores, a one-byte bool mask of the

@@ -4,8 +4,7 @@
 //! tensor-op default that any backend runs; Flex overrides some with loops
 //! of its own, and autodiff gives each its own backward pass. The ops live
 //! in their modules (`attention`, `matmul`, `loss`, `rms_norm`, `swiglu`,
-//! `optim`); this module
-//! only says which backend runs which.
+//! `optim`); this module only says which backend runs which.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -17,9 +16,10 @@ use super::attention::{self, Causal};
 
 /// A backend the decoder runs on: [`ModelBackend::masked_attention`] plus the
 /// ops the decoder and the optimizer take from the backend where burn's own
-/// composition costs extra passes or copies (layouts, the projections'
-/// matmul, the loss, the AdamW update). Each has a tensor-op default; Flex
-/// and autodiff override some.
+/// composition costs extra passes, copies or kept tensors (layouts, the
+/// attention softmax, SwiGLU, the RMS norm, the projections' matmul, the
+/// loss, the AdamW update). Each has a tensor-op default; Flex and autodiff
+/// override some.
 pub trait ModelBackend: Backend {
     /// Logits are computed a chunk of rows at a time, each chunk under this
     /// many elements ([`Self::linear_cross_entropy`], `detailed_metrics`):
@@ -272,6 +272,24 @@ pub(crate) fn flex_f32(
         burn_flex::Layout::contiguous(shape.into()),
         DType::F32,
     )
+}
+
+/// `t` as a contiguous f32 tensor that alone owns its whole buffer, so the
+/// Flex loops may write into it: `t` itself when it already is, else a copy.
+/// `t` must be f32.
+pub(crate) fn flex_unique_f32(mut t: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
+    let n = t.layout().num_elements();
+    if t.layout().contiguous_offsets() == Some((0, n))
+        && t.try_storage_mut::<f32>().is_some_and(|d| d.len() == n)
+    {
+        return t;
+    }
+    let data = t
+        .to_contiguous()
+        .as_slice::<f32>()
+        .expect("an f32 tensor")
+        .to_vec();
+    flex_f32(data, t.layout().shape().clone())
 }
 
 /// `t` laid out contiguously, copied one contiguous run at a time (Flex's own

@@ -20,6 +20,7 @@ use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
 use super::attention::to;
 use super::backend::ModelBackend;
+use super::matmul::matmul_2d;
 
 /// `x` in f32, without a copy when it already is.
 pub(crate) fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -178,12 +179,6 @@ pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
     let w = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(w));
     let targets = Tensor::<B, 2, Int>::from_primitive(targets);
     let (n, device) = (x.dims()[0], x.device());
-    let matmul = |a: Tensor<B, 2>, b: Tensor<B, 2>| -> Tensor<B, 2> {
-        Tensor::from_primitive(TensorPrimitive::Float(B::matmul_2d(
-            a.into_primitive().tensor(),
-            b.into_primitive().tensor(),
-        )))
-    };
     let (mut losses, mut dxs) = (Vec::new(), Vec::new());
     let mut dw: Option<Tensor<B, 2>> = None;
     let rows = rows.max(1);
@@ -191,10 +186,7 @@ pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
         let c = rows.min(n - start);
         let xc = x.clone().narrow(0, start, c);
         let tc = targets.clone().narrow(0, start, c).into_primitive();
-        let logits = B::matmul_2d(
-            xc.clone().into_primitive().tensor(),
-            w.clone().into_primitive().tensor(),
-        );
+        let logits = matmul_2d(xc.clone(), w.clone()).into_primitive().tensor();
         let (loss, lse) = B::cross_entropy_lse(logits.clone(), tc.clone());
         losses.push(Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(loss)));
         if want == [false; 2] {
@@ -205,11 +197,11 @@ pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
         let dl = B::cross_entropy_grad(logits, tc, lse, g.into_primitive().tensor());
         let dl = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(dl));
         if want[0] {
-            dxs.push(matmul(dl.clone(), w.clone().transpose()));
+            dxs.push(matmul_2d(dl.clone(), w.clone().transpose()));
         }
         if want[1] {
             // Summed over chunks in f32, rounded to the weight's dtype once.
-            let part = to_f32(matmul(xc.transpose(), dl));
+            let part = to_f32(matmul_2d(xc.transpose(), dl));
             dw = Some(match dw {
                 Some(sum) => sum + part,
                 None => part,
@@ -467,7 +459,6 @@ mod tests {
     /// scales the loss; and the chunked forward pass with the chunk's
     /// gradients on the inner backend, three rows at a time.
     fn check_fused(dtype: FloatDType, tol: f32) {
-        use crate::model::matmul::matmul_2d;
         let device = Default::default();
         let (n, d, vocab) = (8, 24, 301);
         let rand = |s: [usize; 2], sd: f64| {

@@ -192,7 +192,7 @@ pub(crate) fn adamw_of<B: Backend>(t: [FloatTensor<B>; 4], s: AdamWStep) -> [Flo
 /// Flex, f32: the update in one parallel pass, in place where the tensors
 /// are not shared.
 pub(crate) mod flex {
-    use crate::model::backend::flex_f32;
+    use crate::model::backend::flex_unique_f32;
     use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
@@ -212,29 +212,14 @@ pub(crate) mod flex {
         })
     }
 
-    /// `t` as a tensor that owns its whole buffer of `n` elements.
-    fn owned(mut t: FlexTensor, n: usize) -> FlexTensor {
-        if t.layout().contiguous_offsets() == Some((0, n))
-            && t.try_storage_mut::<f32>().is_some_and(|d| d.len() == n)
-        {
-            return t;
-        }
-        let data = t
-            .as_slice::<f32>()
-            .expect("checked contiguous f32")
-            .to_vec();
-        flex_f32(data, [n])
-    }
-
     /// `[p, m, v]` updated, for tensors that [`applies`] accepts.
     pub(crate) fn adamw(t: [FlexTensor; 4], s: AdamWStep) -> [FlexTensor; 3] {
         assert!(
             applies(&t),
             "AdamW's loop needs contiguous f32 tensors of one length"
         );
-        let n = t[0].layout().num_elements();
         let [p, g, m, v] = t;
-        let [mut p, mut m, mut v] = [p, m, v].map(|x| owned(x, n));
+        let [mut p, mut m, mut v] = [p, m, v].map(flex_unique_f32);
         let g = g.as_slice::<f32>().expect("checked contiguous f32");
         // The scalars as burn's scalar ops round them (f64 to the f32 element).
         let decay = s.decay.map(|d| d as f32);
@@ -246,7 +231,7 @@ pub(crate) mod flex {
             s.step_size as f32,
         );
         {
-            let unique = "owned() made it unique";
+            let unique = "flex_unique_f32 made it unique";
             let pw = p.try_storage_mut::<f32>().expect(unique);
             let mw = m.try_storage_mut::<f32>().expect(unique);
             let vw = v.try_storage_mut::<f32>().expect(unique);
