@@ -267,6 +267,7 @@ impl<B: ModelBackend> Backward<B, 2> for LinearCrossEntropyBackward {
 /// sum of exponentials, in parallel over rows, with no `[n, vocab]` temporary.
 pub(crate) mod flex {
     use crate::model::backend::flex_f32;
+    use crate::model::vmath::{self, vectorized};
     use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
@@ -288,22 +289,6 @@ pub(crate) mod flex {
         }
     }
 
-    fn row_max(row: &[f32]) -> f32 {
-        // Eight independent lanes so the compiler vectorises the loop.
-        let mut lanes = [f32::NEG_INFINITY; 8];
-        let mut chunks = row.chunks_exact(8);
-        for c in &mut chunks {
-            for (l, &x) in lanes.iter_mut().zip(c) {
-                *l = if x > *l { x } else { *l };
-            }
-        }
-        chunks
-            .remainder()
-            .iter()
-            .chain(&lanes)
-            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
-    }
-
     /// `(loss [n], lse [n, 1])`, or `None` where this path does not apply
     /// (not f32, a target out of range).
     pub(crate) fn lse(
@@ -322,9 +307,10 @@ pub(crate) mod flex {
             .with_min_len(ROWS_PER_TASK)
             .zip(x.par_chunks(vocab))
             .for_each(|(out, row)| {
-                let max = row_max(row);
-                let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-                *out = sum.ln() + max;
+                *out = vectorized(|| {
+                    let max = vmath::max(row);
+                    vmath::sum_exp(row, max).ln() + max
+                })
             });
         let loss = lse
             .iter()
@@ -358,9 +344,11 @@ pub(crate) mod flex {
             .enumerate()
             .for_each(|(i, (out, row))| {
                 let (li, gi) = (l[i], g[i]);
-                for (o, &v) in out.iter_mut().zip(row) {
-                    *o = (v - li).exp() * gi;
-                }
+                vectorized(|| {
+                    for (o, &v) in out.iter_mut().zip(row) {
+                        *o = vmath::exp(v - li) * gi;
+                    }
+                });
                 out[t[i]] -= gi;
             });
         Some(flex_f32(d, [n, vocab]))

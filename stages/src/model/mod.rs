@@ -18,6 +18,7 @@ pub mod optim;
 pub mod rms_norm;
 pub mod swiglu;
 pub mod tokenizer;
+pub mod vmath;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

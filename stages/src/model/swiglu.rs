@@ -86,6 +86,7 @@ impl<B: ModelBackend> BinaryGrad<B> for SwigluGrad {
 /// Flex, f32: one parallel pass over contiguous inputs of one shape.
 pub(crate) mod flex {
     use crate::model::backend::flex_f32;
+    use crate::model::vmath::{sigmoid, vectorized};
     use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
@@ -104,10 +105,6 @@ pub(crate) mod flex {
             .collect()
     }
 
-    fn sigmoid(g: f32) -> f32 {
-        1.0 / (1.0 + (-g).exp())
-    }
-
     /// `silu(gate) * up`, or `None` where this path does not apply (not f32,
     /// not contiguous, shapes that differ).
     pub(crate) fn swiglu(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
@@ -118,9 +115,11 @@ pub(crate) mod flex {
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
-                }
+                vectorized(|| {
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o = g * sigmoid(g) * u;
+                    }
+                })
             });
         Some(flex_f32(out, gate.layout().shape().clone()))
     }
@@ -140,12 +139,14 @@ pub(crate) mod flex {
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .zip(d.par_chunks(CHUNK))
             .for_each(|(((dg, du), (g, u)), d)| {
-                for i in 0..g.len() {
-                    let (g, u, d) = (g[i], u[i], d[i]);
-                    let s = sigmoid(g);
-                    du[i] = d * g * s;
-                    dg[i] = d * u * s * (1.0 + g * (1.0 - s));
-                }
+                vectorized(|| {
+                    let inputs = g.iter().zip(u).zip(d);
+                    for ((dg, du), ((&g, &u), &d)) in dg.iter_mut().zip(du).zip(inputs) {
+                        let s = sigmoid(g);
+                        *du = d * g * s;
+                        *dg = d * u * s * (1.0 + g * (1.0 - s));
+                    }
+                })
             });
         let shape = gate.layout().shape();
         Some((flex_f32(dg, shape.clone()), flex_f32(du, shape.clone())))
