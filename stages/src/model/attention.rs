@@ -317,7 +317,7 @@ pub(crate) fn ds_of<B: ModelBackend>(
 /// mask through its strides (no dense copy of it per chunk and layer).
 pub(crate) mod flex {
     use crate::model::backend::flex_unique_f32;
-    use crate::model::vmath::{self, vectorized};
+    use crate::model::vmath;
     use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
@@ -365,33 +365,9 @@ pub(crate) mod flex {
                     let at =
                         (start + bi as isize * st[0] + hi as isize * st[1] + ri as isize * st[2])
                             as usize;
-                    vectorized(|| softmax_row(xs, &m[at..at + xs.len()], scale))
+                    vmath::softmax(xs, &m[at..at + xs.len()], scale)
                 })
         })
-    }
-
-    /// One row of [`probs`]: masked entries are -∞ before the softmax.
-    #[inline(always)]
-    fn softmax_row(xs: &mut [f32], hidden: &[u8], scale: f32) {
-        for (x, &hide) in xs.iter_mut().zip(hidden) {
-            *x = if hide == 0 {
-                *x * scale
-            } else {
-                f32::NEG_INFINITY
-            };
-        }
-        let max = vmath::max(xs);
-        if max == f32::NEG_INFINITY {
-            xs.fill(0.0);
-            return;
-        }
-        for x in xs.iter_mut() {
-            *x = vmath::exp(*x - max);
-        }
-        let sum = vmath::sum(xs);
-        for x in xs.iter_mut() {
-            *x /= sum;
-        }
     }
 
     /// Whether [`ds`] applies: f32 `p` and `dp` of the same 4-d shape.
@@ -412,14 +388,7 @@ pub(crate) mod flex {
             d.par_chunks_mut(k)
                 .with_min_len(ROWS_PER_TASK)
                 .zip(pv.par_chunks(k))
-                .for_each(|(ds, ps)| {
-                    vectorized(|| {
-                        let row = vmath::dot(ps, ds);
-                        for (d, &p) in ds.iter_mut().zip(ps) {
-                            *d = p * (*d - row) * scale;
-                        }
-                    })
-                })
+                .for_each(|(ds, ps)| vmath::softmax_grad(ps, ds, scale))
         })
     }
 }

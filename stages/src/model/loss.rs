@@ -267,7 +267,7 @@ impl<B: ModelBackend> Backward<B, 2> for LinearCrossEntropyBackward {
 /// sum of exponentials, in parallel over rows, with no `[n, vocab]` temporary.
 pub(crate) mod flex {
     use crate::model::backend::flex_f32;
-    use crate::model::vmath::{self, vectorized};
+    use crate::model::vmath;
     use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
@@ -307,10 +307,7 @@ pub(crate) mod flex {
             .with_min_len(ROWS_PER_TASK)
             .zip(x.par_chunks(vocab))
             .for_each(|(out, row)| {
-                *out = vectorized(|| {
-                    let max = vmath::max(row);
-                    vmath::sum_exp(row, max).ln() + max
-                })
+                *out = vmath::logsumexp(row);
             });
         let loss = lse
             .iter()
@@ -344,11 +341,7 @@ pub(crate) mod flex {
             .enumerate()
             .for_each(|(i, (out, row))| {
                 let (li, gi) = (l[i], g[i]);
-                vectorized(|| {
-                    for (o, &v) in out.iter_mut().zip(row) {
-                        *o = vmath::exp(v - li) * gi;
-                    }
-                });
+                vmath::exp_scaled(out, row, li, gi);
                 out[t[i]] -= gi;
             });
         Some(flex_f32(d, [n, vocab]))

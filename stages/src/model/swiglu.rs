@@ -86,7 +86,7 @@ impl<B: ModelBackend> BinaryGrad<B> for SwigluGrad {
 /// Flex, f32: one parallel pass over contiguous inputs of one shape.
 pub(crate) mod flex {
     use crate::model::backend::flex_f32;
-    use crate::model::vmath::{sigmoid, vectorized};
+    use crate::model::vmath;
     use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
@@ -114,13 +114,7 @@ pub(crate) mod flex {
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| {
-                vectorized(|| {
-                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                        *o = g * sigmoid(g) * u;
-                    }
-                })
-            });
+            .for_each(|(o, (g, u))| vmath::swiglu(o, g, u));
         Some(flex_f32(out, gate.layout().shape().clone()))
     }
 
@@ -138,16 +132,7 @@ pub(crate) mod flex {
             .zip(du.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .zip(d.par_chunks(CHUNK))
-            .for_each(|(((dg, du), (g, u)), d)| {
-                vectorized(|| {
-                    let inputs = g.iter().zip(u).zip(d);
-                    for ((dg, du), ((&g, &u), &d)) in dg.iter_mut().zip(du).zip(inputs) {
-                        let s = sigmoid(g);
-                        *du = d * g * s;
-                        *dg = d * u * s * (1.0 + g * (1.0 - s));
-                    }
-                })
-            });
+            .for_each(|(((dg, du), (g, u)), d)| vmath::swiglu_grad(dg, du, g, u, d));
         let shape = gate.layout().shape();
         Some((flex_f32(dg, shape.clone()), flex_f32(du, shape.clone())))
     }

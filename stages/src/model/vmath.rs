@@ -1,12 +1,16 @@
-//! `exp` for the Flex loops (softmax, cross-entropy, SwiGLU), written so the
-//! compiler vectorises the loops around it, and [`vectorized`], which runs a
-//! loop with the widest SIMD instructions the CPU has.
+//! The Flex loops' elementwise math (softmax, cross-entropy, SwiGLU), one
+//! row or chunk at a time, compiled for the widest SIMD instructions the CPU
+//! has (AVX-512, AVX2 + FMA, or the baseline), picked at run time.
 //!
 //! libm's `expf` is a call per element, which keeps every loop calling it
 //! scalar. [`exp`] is Cephes' `expf` (reduction by multiples of ln 2, a
-//! degree-5 polynomial) in plain f32 arithmetic, without branches or fused
-//! multiply-adds: its relative error is under f32's epsilon, and it is rounded the same on
-//! every CPU and instruction set, so results do not depend on the machine.
+//! degree-5 polynomial) in plain f32 arithmetic without branches, so the loops
+//! vectorise; its relative error is under f32's epsilon. Sums run in eight
+//! fixed lanes. No kernel uses fused multiply-adds (Rust does not contract
+//! `a * b + c`), so every instruction set rounds alike and results do not
+//! depend on the machine.
+
+use multiversion::multiversion;
 
 /// `ln(f32::MIN_POSITIVE)`: below it [`exp`] returns 0.
 const LO: f32 = -87.336_54;
@@ -52,13 +56,73 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
-/// Runs `f` compiled for the widest SIMD instructions this CPU has (AVX-512,
-/// AVX2 + FMA, or the baseline), so that the loops inlined into it vectorise
-/// with them. Results are the same whichever runs: the loops here use no
-/// fused multiply-adds and keep their order of operations.
-#[inline(always)]
-pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
-    pulp::Arch::new().dispatch(f)
+/// `xs` scaled by `scale` and softmaxed over the entries where `hidden` is 0;
+/// zeros for a row hidden whole.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn softmax(xs: &mut [f32], hidden: &[u8], scale: f32) {
+    for (x, &hide) in xs.iter_mut().zip(hidden) {
+        *x = if hide == 0 {
+            *x * scale
+        } else {
+            f32::NEG_INFINITY
+        };
+    }
+    let max = max(xs);
+    if max == f32::NEG_INFINITY {
+        xs.fill(0.0);
+        return;
+    }
+    for x in xs.iter_mut() {
+        *x = exp(*x - max);
+    }
+    let sum = sum(xs);
+    for x in xs.iter_mut() {
+        *x /= sum;
+    }
+}
+
+/// The softmax's input gradient from its output `p` and output gradient
+/// `dp` (overwritten): `scale * p * (dp - Σ p dp)`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn softmax_grad(p: &[f32], dp: &mut [f32], scale: f32) {
+    let row = dot(p, dp);
+    for (d, &p) in dp.iter_mut().zip(p) {
+        *d = p * (*d - row) * scale;
+    }
+}
+
+/// `ln Σ e^x` over `xs`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn logsumexp(xs: &[f32]) -> f32 {
+    let max = max(xs);
+    sum_exp(xs, max).ln() + max
+}
+
+/// `out = e^(x - shift) * scale`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn exp_scaled(out: &mut [f32], xs: &[f32], shift: f32, scale: f32) {
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = exp(x - shift) * scale;
+    }
+}
+
+/// `out = silu(gate) * up`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+/// The gradients of [`swiglu`] for the output gradient `d`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn swiglu_grad(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], d: &[f32]) {
+    let inputs = gate.iter().zip(up).zip(d);
+    for ((dg, du), ((&g, &u), &d)) in dgate.iter_mut().zip(dup).zip(inputs) {
+        let s = sigmoid(g);
+        *du = d * g * s;
+        *dg = d * u * s * (1.0 + g * (1.0 - s));
+    }
 }
 
 /// The sum of `xs` in eight interleaved lanes (a fixed order, so the
@@ -194,10 +258,71 @@ mod tests {
         assert_eq!(max(&[]), f32::NEG_INFINITY);
         let exact: f64 = xs.iter().map(|&x| (x as f64 - m as f64).exp()).sum();
         assert!((sum_exp(&xs, m) as f64 / exact - 1.0).abs() < 1e-6);
-        // The same whether or not the widest SIMD runs it.
-        assert_eq!(
-            vectorized(|| sum_exp(&xs, m)).to_bits(),
-            sum_exp(&xs, m).to_bits()
-        );
+        assert!((logsumexp(&xs) as f64 - (exact.ln() + m as f64)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn kernels_match_their_definitions_and_round_as_the_baseline() {
+        // The kernels run with this CPU's widest SIMD; this test's own loops
+        // are compiled for the baseline, so the bitwise checks show that the
+        // instruction set does not change the rounding.
+        let xs: Vec<f32> = (0..301)
+            .map(|i| ((i * 7919) % 1009) as f32 / 37.0 - 13.0)
+            .collect();
+        let ys: Vec<f32> = xs.iter().rev().map(|y| y * 0.5).collect();
+        let mut out = vec![0f32; xs.len()];
+        exp_scaled(&mut out, &xs, 1.5, 0.25);
+        for (o, &x) in out.iter().zip(&xs) {
+            assert_eq!(o.to_bits(), (exp(x - 1.5) * 0.25).to_bits());
+        }
+        swiglu(&mut out, &xs, &ys);
+        for ((o, &g), &u) in out.iter().zip(&xs).zip(&ys) {
+            assert_eq!(o.to_bits(), (g * sigmoid(g) * u).to_bits());
+            let exact = g as f64 / (1.0 + (-g as f64).exp()) * u as f64;
+            assert!((*o as f64 - exact).abs() <= 1e-6 * exact.abs().max(1.0));
+        }
+        let (mut dg, mut du) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+        swiglu_grad(&mut dg, &mut du, &xs, &ys, &out);
+        for i in 0..xs.len() {
+            let (g, u, d) = (xs[i] as f64, ys[i] as f64, out[i] as f64);
+            let s = 1.0 / (1.0 + (-g).exp());
+            assert!((du[i] as f64 - d * g * s).abs() <= 1e-5 * (d * g * s).abs().max(1.0));
+            let exact = d * u * s * (1.0 + g * (1.0 - s));
+            assert!((dg[i] as f64 - exact).abs() <= 1e-5 * exact.abs().max(1.0));
+        }
+        let m = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = xs.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+        assert!((logsumexp(&xs) as f64 - lse).abs() < 1e-5);
+
+        // Softmax of 0.5 x over every third entry hidden, then its gradient.
+        let hidden: Vec<u8> = (0..xs.len()).map(|i| (i % 3 == 1) as u8).collect();
+        let mut p = xs.clone();
+        softmax(&mut p, &hidden, 0.5);
+        let shown = |i: usize| hidden[i] == 0;
+        let z: f64 = (0..xs.len())
+            .filter(|&i| shown(i))
+            .map(|i| (xs[i] as f64 * 0.5).exp())
+            .sum();
+        for (i, &pi) in p.iter().enumerate() {
+            let exact = if shown(i) {
+                (xs[i] as f64 * 0.5).exp() / z
+            } else {
+                0.0
+            };
+            assert!(
+                (pi as f64 - exact).abs() <= 1e-6 * exact.max(1e-30),
+                "p[{i}]"
+            );
+        }
+        let mut ds = ys.clone();
+        softmax_grad(&p, &mut ds, 0.5);
+        let row: f64 = p.iter().zip(&ys).map(|(&p, &d)| p as f64 * d as f64).sum();
+        for i in 0..xs.len() {
+            let exact = 0.5 * p[i] as f64 * (ys[i] as f64 - row);
+            assert!((ds[i] as f64 - exact).abs() <= 1e-6, "ds[{i}]");
+        }
+        let mut none = xs[..10].to_vec();
+        softmax(&mut none, &[1; 10], 0.5);
+        assert_eq!(none, [0.0; 10]);
     }
 }
