@@ -193,6 +193,7 @@ pub(crate) fn adamw_of<B: Backend>(t: [FloatTensor<B>; 4], s: AdamWStep) -> [Flo
 /// are not shared.
 pub(crate) mod flex {
     use crate::model::backend::flex_unique_f32;
+    use crate::model::vmath;
     use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
@@ -222,14 +223,14 @@ pub(crate) mod flex {
         let [mut p, mut m, mut v] = [p, m, v].map(flex_unique_f32);
         let g = g.as_slice::<f32>().expect("checked contiguous f32");
         // The scalars as burn's scalar ops round them (f64 to the f32 element).
-        let decay = s.decay.map(|d| d as f32);
-        let (b1, c1) = (s.beta1 as f32, (1.0 - s.beta1) as f32);
-        let (b2, c2) = (s.beta2 as f32, (1.0 - s.beta2) as f32);
-        let (bc2, eps, step) = (
-            s.bias_correction2_sqrt as f32,
-            s.eps as f32,
-            s.step_size as f32,
-        );
+        let s = vmath::AdamW {
+            decay: s.decay.map(|d| d as f32),
+            b1: (s.beta1 as f32, (1.0 - s.beta1) as f32),
+            b2: (s.beta2 as f32, (1.0 - s.beta2) as f32),
+            bc2: s.bias_correction2_sqrt as f32,
+            eps: s.eps as f32,
+            step: s.step_size as f32,
+        };
         {
             let unique = "flex_unique_f32 made it unique";
             let pw = p.try_storage_mut::<f32>().expect(unique);
@@ -239,18 +240,7 @@ pub(crate) mod flex {
                 .zip(mw.par_chunks_mut(CHUNK))
                 .zip(vw.par_chunks_mut(CHUNK))
                 .zip(g.par_chunks(CHUNK))
-                .for_each(|(((pc, mc), vc), gc)| {
-                    for (((pj, mj), vj), &gj) in pc.iter_mut().zip(mc).zip(vc).zip(gc) {
-                        let p0 = match decay {
-                            Some(d) => *pj * d,
-                            None => *pj,
-                        };
-                        *mj = *mj * b1 + gj * c1;
-                        *vj = *vj * b2 + gj * gj * c2;
-                        let denom = vj.sqrt() / bc2 + eps;
-                        *pj = p0 - *mj / denom * step;
-                    }
-                });
+                .for_each(|(((pc, mc), vc), gc)| vmath::adamw(pc, mc, vc, gc, s));
         }
         [p, m, v]
     }

@@ -1,6 +1,6 @@
-//! The Flex loops' elementwise math (softmax, cross-entropy, SwiGLU), one
-//! row or chunk at a time, compiled for the widest SIMD instructions the CPU
-//! has (AVX-512, AVX2 + FMA, or the baseline), picked at run time.
+//! The Flex loops' elementwise math (softmax, cross-entropy, SwiGLU, AdamW),
+//! one row or chunk at a time, compiled for the widest SIMD instructions the
+//! CPU has (AVX-512, AVX2 + FMA, or the baseline), picked at run time.
 //!
 //! libm's `expf` is a call per element, which keeps every loop calling it
 //! scalar. [`exp`] is Cephes' `expf` (reduction by multiples of ln 2, a
@@ -122,6 +122,40 @@ pub fn swiglu_grad(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32],
         let s = sigmoid(g);
         *du = d * g * s;
         *dg = d * u * s * (1.0 + g * (1.0 - s));
+    }
+}
+
+/// AdamW's scalars for one step, as f32.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamW {
+    /// `1 - lr * weight_decay`, or `None` for no decay.
+    pub decay: Option<f32>,
+    /// `beta1` and `1 - beta1`.
+    pub b1: (f32, f32),
+    /// `beta2` and `1 - beta2`.
+    pub b2: (f32, f32),
+    /// `sqrt(1 - beta2^t)`.
+    pub bc2: f32,
+    /// `epsilon`.
+    pub eps: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step: f32,
+}
+
+/// One AdamW update of the parameters `p` and moments `m`, `v` in place
+/// for the gradient `g`, as torch's `AdamW` computes it.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: AdamW) {
+    let ((b1, c1), (b2, c2)) = (s.b1, s.b2);
+    for (((pj, mj), vj), &gj) in p.iter_mut().zip(m).zip(v).zip(g) {
+        let p0 = match s.decay {
+            Some(d) => *pj * d,
+            None => *pj,
+        };
+        *mj = *mj * b1 + gj * c1;
+        *vj = *vj * b2 + gj * gj * c2;
+        let denom = vj.sqrt() / s.bc2 + s.eps;
+        *pj = p0 - *mj / denom * s.step;
     }
 }
 
