@@ -194,7 +194,6 @@ pub(crate) fn adamw_of<B: Backend>(t: [FloatTensor<B>; 4], s: AdamWStep) -> [Flo
 pub(crate) mod flex {
     use crate::model::backend::flex_unique_f32;
     use crate::model::vmath;
-    use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
@@ -206,11 +205,8 @@ pub(crate) mod flex {
     /// Whether [`adamw`] applies: all f32, contiguous, of one length.
     pub(crate) fn applies(t: &[FlexTensor; 4]) -> bool {
         let n = t[0].layout().num_elements();
-        t.iter().all(|x| {
-            x.dtype() == DType::F32
-                && x.layout().num_elements() == n
-                && x.as_slice::<f32>().is_some()
-        })
+        t.iter()
+            .all(|x| x.layout().num_elements() == n && x.as_slice::<f32>().is_some())
     }
 
     /// `[p, m, v]` updated, for tensors that [`applies`] accepts.
@@ -222,15 +218,6 @@ pub(crate) mod flex {
         let [p, g, m, v] = t;
         let [mut p, mut m, mut v] = [p, m, v].map(flex_unique_f32);
         let g = g.as_slice::<f32>().expect("checked contiguous f32");
-        // The scalars as burn's scalar ops round them (f64 to the f32 element).
-        let s = vmath::AdamW {
-            decay: s.decay.map(|d| d as f32),
-            b1: (s.beta1 as f32, (1.0 - s.beta1) as f32),
-            b2: (s.beta2 as f32, (1.0 - s.beta2) as f32),
-            bc2: s.bias_correction2_sqrt as f32,
-            eps: s.eps as f32,
-            step: s.step_size as f32,
-        };
         {
             let unique = "flex_unique_f32 made it unique";
             let pw = p.try_storage_mut::<f32>().expect(unique);
@@ -240,7 +227,7 @@ pub(crate) mod flex {
                 .zip(mw.par_chunks_mut(CHUNK))
                 .zip(vw.par_chunks_mut(CHUNK))
                 .zip(g.par_chunks(CHUNK))
-                .for_each(|(((pc, mc), vc), gc)| vmath::adamw(pc, mc, vc, gc, s));
+                .for_each(|(((pc, mc), vc), gc)| vmath::adamw(pc, mc, vc, gc, &s));
         }
         [p, m, v]
     }

@@ -123,23 +123,16 @@ impl<B: ModelBackend> BinaryGrad<B> for RmsNormGrad {
 /// rows, added in order, so it is the same on any core count.
 pub(crate) mod flex {
     use crate::model::backend::flex_f32;
-    use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
     /// Rows per block of the `dw` sum (and per rayon task).
     const ROWS: usize = 16;
 
-    fn slice(t: &FlexTensor) -> Option<&[f32]> {
-        (t.dtype() == DType::F32)
-            .then(|| t.as_slice::<f32>())
-            .flatten()
-    }
-
     /// `(x, w, hidden)` as slices, where this path applies: f32, contiguous,
     /// `w` as long as `x`'s last axis.
     fn inputs<'a>(x: &'a FlexTensor, w: &'a FlexTensor) -> Option<(&'a [f32], &'a [f32], usize)> {
-        let (xs, ws) = (slice(x)?, slice(w)?);
+        let (xs, ws) = (x.as_slice::<f32>()?, w.as_slice::<f32>()?);
         let hidden = *x.layout().shape().as_slice().last()?;
         (hidden > 0 && ws.len() == hidden && w.layout().shape().num_dims() == 1)
             .then_some((xs, ws, hidden))
@@ -175,7 +168,7 @@ pub(crate) mod flex {
         eps: f64,
     ) -> Option<(FlexTensor, FlexTensor)> {
         let (xs, ws, hidden) = inputs(x, w)?;
-        let dys = slice(dy)?;
+        let dys = dy.as_slice::<f32>()?;
         if dys.len() != xs.len() {
             return None;
         }

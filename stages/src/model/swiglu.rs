@@ -87,7 +87,6 @@ impl<B: ModelBackend> BinaryGrad<B> for SwigluGrad {
 pub(crate) mod flex {
     use crate::model::backend::flex_f32;
     use crate::model::vmath;
-    use burn::tensor::DType;
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
@@ -98,7 +97,7 @@ pub(crate) mod flex {
         let shape = ts.first()?.layout().shape();
         ts.iter()
             .map(|t| {
-                (t.dtype() == DType::F32 && t.layout().shape() == shape)
+                (t.layout().shape() == shape)
                     .then(|| t.as_slice::<f32>())
                     .flatten()
             })

@@ -12,6 +12,8 @@
 
 use multiversion::multiversion;
 
+use super::optim::AdamWStep;
+
 /// `ln(f32::MIN_POSITIVE)`: below it [`exp`] returns 0.
 const LO: f32 = -87.336_54;
 
@@ -125,37 +127,28 @@ pub fn swiglu_grad(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32],
     }
 }
 
-/// AdamW's scalars for one step, as f32.
-#[derive(Debug, Clone, Copy)]
-pub struct AdamW {
-    /// `1 - lr * weight_decay`, or `None` for no decay.
-    pub decay: Option<f32>,
-    /// `beta1` and `1 - beta1`.
-    pub b1: (f32, f32),
-    /// `beta2` and `1 - beta2`.
-    pub b2: (f32, f32),
-    /// `sqrt(1 - beta2^t)`.
-    pub bc2: f32,
-    /// `epsilon`.
-    pub eps: f32,
-    /// `lr / (1 - beta1^t)`.
-    pub step: f32,
-}
-
 /// One AdamW update of the parameters `p` and moments `m`, `v` in place
 /// for the gradient `g`, as torch's `AdamW` computes it.
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
-pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: AdamW) {
-    let ((b1, c1), (b2, c2)) = (s.b1, s.b2);
+pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWStep) {
+    // The scalars as burn's scalar ops round them (f64 to the f32 element).
+    let decay = s.decay.map(|d| d as f32);
+    let (b1, c1) = (s.beta1 as f32, (1.0 - s.beta1) as f32);
+    let (b2, c2) = (s.beta2 as f32, (1.0 - s.beta2) as f32);
+    let (bc2, eps, step) = (
+        s.bias_correction2_sqrt as f32,
+        s.eps as f32,
+        s.step_size as f32,
+    );
     for (((pj, mj), vj), &gj) in p.iter_mut().zip(m).zip(v).zip(g) {
-        let p0 = match s.decay {
+        let p0 = match decay {
             Some(d) => *pj * d,
             None => *pj,
         };
         *mj = *mj * b1 + gj * c1;
         *vj = *vj * b2 + gj * gj * c2;
-        let denom = vj.sqrt() / s.bc2 + s.eps;
-        *pj = p0 - *mj / denom * s.step;
+        let denom = vj.sqrt() / bc2 + eps;
+        *pj = p0 - *mj / denom * step;
     }
 }
 
