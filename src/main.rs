@@ -110,8 +110,10 @@ fn main() {
 /// with glibc's defaults each one above its mapping threshold (32 MiB at most)
 /// is a fresh mapping of zeroed pages: page faults were 2.1M in four SmolLM2
 /// steps, 1.0M with this, and trained tokens/s rose 10-20%
-/// (docs/BENCHMARKS.md). Peak RSS stayed within 1%. Left alone when the user
-/// tunes malloc through the environment.
+/// (docs/BENCHMARKS.md). Peak RSS stayed within 1%. The heap is never trimmed:
+/// at Qwen2.5-0.5B's vocabulary one chunk of logits is a gigabyte, and a
+/// 1 GiB threshold gave it back and faulted it in again every step. Left
+/// alone when the user tunes malloc through the environment.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -124,7 +126,8 @@ fn tune_malloc() {
             // before any other thread exists.
             unsafe {
                 libc::mallopt(libc::M_MMAP_MAX, 0);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+                // -1: never trim (mallopt(3)).
+                libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
                 libc::mallopt(libc::M_TOP_PAD, 256 << 20);
             }
         }

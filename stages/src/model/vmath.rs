@@ -157,13 +157,9 @@ pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWSt
 #[inline(always)]
 pub fn sum(xs: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
-    let mut chunks = xs.chunks_exact(8);
-    for c in &mut chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += x;
-        }
-    }
-    let tail: f32 = chunks.remainder().iter().sum();
+    let whole = xs.len() / 8 * 8;
+    add_lanes(&mut lanes, &xs[..whole]);
+    let tail: f32 = xs[whole..].iter().sum();
     fold(lanes) + tail
 }
 
@@ -191,15 +187,38 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The sum of `e^(x - shift)` over `xs`, in the order of [`sum`].
 #[inline(always)]
 pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
+    // The exponentials go through a buffer a block at a time: a plain map
+    // loop vectorises, where `exp` inlined into the lanes' adds stays scalar.
+    const BLOCK: usize = 64;
     let mut lanes = [0f32; 8];
-    let mut chunks = xs.chunks_exact(8);
-    for c in &mut chunks {
+    let mut buf = [0f32; BLOCK];
+    let mut blocks = xs.chunks_exact(BLOCK);
+    for b in &mut blocks {
+        for (e, &x) in buf.iter_mut().zip(b) {
+            *e = exp(x - shift);
+        }
+        add_lanes(&mut lanes, &buf);
+    }
+    let rest = blocks.remainder();
+    let buf = &mut buf[..rest.len()];
+    for (e, &x) in buf.iter_mut().zip(rest) {
+        *e = exp(x - shift);
+    }
+    let whole = buf.len() / 8 * 8;
+    add_lanes(&mut lanes, &buf[..whole]);
+    let tail: f32 = buf[whole..].iter().sum();
+    fold(lanes) + tail
+}
+
+/// Adds `xs` (a multiple of eight long) into the lanes, element `i` into
+/// lane `i % 8`.
+#[inline(always)]
+fn add_lanes(lanes: &mut [f32; 8], xs: &[f32]) {
+    for c in xs.chunks_exact(8) {
         for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += exp(x - shift);
+            *l += x;
         }
     }
-    let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - shift)).sum();
-    fold(lanes) + tail
 }
 
 /// The eight lanes' sum, pairwise.
@@ -286,6 +305,30 @@ mod tests {
         let exact: f64 = xs.iter().map(|&x| (x as f64 - m as f64).exp()).sum();
         assert!((sum_exp(&xs, m) as f64 / exact - 1.0).abs() < 1e-6);
         assert!((logsumexp(&xs) as f64 - (exact.ln() + m as f64)).abs() < 1e-6);
+    }
+
+    /// `sum` and `sum_exp` add in the documented order (element `i` into
+    /// lane `i % 8`, the lanes folded, then the tail) at every length,
+    /// across `sum_exp`'s blocks and their remainders.
+    #[test]
+    fn sums_keep_their_order_across_blocks() {
+        let lanes_then_tail = |es: &[f32]| {
+            let whole = es.len() / 8 * 8;
+            let mut lanes = [0f32; 8];
+            for (i, &e) in es[..whole].iter().enumerate() {
+                lanes[i % 8] += e;
+            }
+            fold(lanes) + es[whole..].iter().sum::<f32>()
+        };
+        for n in [0, 5, 8, 63, 64, 65, 71, 128, 200, 1031] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 211) as f32 / 17.0 - 6.0)
+                .collect();
+            assert_eq!(sum(&xs).to_bits(), lanes_then_tail(&xs).to_bits(), "n={n}");
+            let es: Vec<f32> = xs.iter().map(|&x| exp(x - 1.5)).collect();
+            let want = lanes_then_tail(&es);
+            assert_eq!(sum_exp(&xs, 1.5).to_bits(), want.to_bits(), "n={n}");
+        }
     }
 
     #[test]
