@@ -209,6 +209,14 @@ impl<B: ModelBackend> Backward<B, 3> for AttentionBackward {
     }
 }
 
+/// [`ModelBackend::batched_matmul`] on tensors.
+fn bmm<B: ModelBackend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    float(B::batched_matmul(
+        a.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+    ))
+}
+
 fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
@@ -274,7 +282,7 @@ fn probs<B: ModelBackend>(
     let qc = q.clone().narrow(2, c.start, c.rows);
     let kt = k.clone().narrow(2, 0, c.keys).swap_dims(2, 3);
     let mask = mask.clone().narrow(2, c.start, c.rows).narrow(3, 0, c.keys);
-    let s = to(qc.matmul(kt), DType::F32);
+    let s = to(bmm(qc, kt), DType::F32);
     float(B::attention_probs(
         s.into_primitive().tensor(),
         mask.into_primitive(),
@@ -409,7 +417,7 @@ fn chunked_forward<B: ModelBackend>(
         .iter()
         .map(|&c| {
             let p = probs(&q, &k, &mask, c, scale);
-            to(p, dtype).matmul(v.clone().narrow(2, 0, c.keys))
+            bmm(to(p, dtype), v.clone().narrow(2, 0, c.keys))
         })
         .collect();
     Tensor::cat(outs, 2)
@@ -454,18 +462,18 @@ fn chunked_backward<B: ModelBackend>(
         let doc = dout.clone().narrow(2, c.start, c.rows);
         let p = probs(&q, &k, &mask, c, scale);
         let dv_c = to(
-            to(p.clone(), dtype).swap_dims(2, 3).matmul(doc.clone()),
+            bmm(to(p.clone(), dtype).swap_dims(2, 3), doc.clone()),
             DType::F32,
         );
-        let dp = to(doc.matmul(vc.swap_dims(2, 3)), DType::F32);
+        let dp = to(bmm(doc, vc.swap_dims(2, 3)), DType::F32);
         let ds = float(B::attention_ds(
             p.into_primitive().tensor(),
             dp.into_primitive().tensor(),
             scale,
         ));
         let ds = to(ds, dtype);
-        dqs.push(ds.clone().matmul(kc));
-        let dk_c = pad_keys(to(ds.swap_dims(2, 3).matmul(qc), DType::F32), keys);
+        dqs.push(bmm(ds.clone(), kc));
+        let dk_c = pad_keys(to(bmm(ds.swap_dims(2, 3), qc), DType::F32), keys);
         let dv_c = pad_keys(dv_c, keys);
         dk = Some(dk.map_or(dk_c.clone(), |a| a + dk_c));
         dv = Some(dv.map_or(dv_c.clone(), |a| a + dv_c));

@@ -110,6 +110,12 @@ pub trait ModelBackend: Backend {
         Self::float_matmul(x, w)
     }
 
+    /// `a · b` over the last two axes for `a: [p, q, m, k]` and
+    /// `b: [p, q, k, n]` (attention's batched products).
+    fn batched_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(a, b)
+    }
+
     /// Per-row cross-entropy of `logits: [n, vocab]` against `targets:
     /// [n, 1]`, `[n]` in f32 (see [`super::loss::cross_entropy`]).
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
@@ -203,6 +209,10 @@ impl ModelBackend for burn::backend::Flex {
 
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         super::matmul::flex::matmul_2d(&x, &w).unwrap_or_else(|| Self::float_matmul(x, w))
+    }
+
+    fn batched_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::matmul::flex::batched(&a, &b).unwrap_or_else(|| Self::float_matmul(a, b))
     }
 
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {

@@ -115,6 +115,76 @@ pub(crate) mod flex {
         }
         Some(flex_f32(out, [m, n]))
     }
+
+    /// `a · b` over the last two axes of `a: [p, q, m, k]` and
+    /// `b: [p, q, k, n]` (the same leading axes, no broadcasting), one gemm
+    /// per matrix straight into the output, or `None` where this path does
+    /// not apply (not f32, not 4-d, an empty dimension, shapes that differ).
+    /// burn-flex's own batched matmul zero-fills its output and then copies
+    /// it once more to realign it.
+    pub(crate) fn batched(a: &FlexTensor, b: &FlexTensor) -> Option<FlexTensor> {
+        let (la, lb) = (a.layout(), b.layout());
+        if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+            return None;
+        }
+        if la.shape().num_dims() != 4 || lb.shape().num_dims() != 4 {
+            return None;
+        }
+        let ([p, q, m, k], [p2, q2, k2, n]) = (la.shape().dims::<4>(), lb.shape().dims::<4>());
+        if (p, q, k) != (p2, q2, k2) || p * q == 0 || m == 0 || n == 0 || k == 0 {
+            return None;
+        }
+        let (sa, sb) = (la.strides(), lb.strides());
+        let (count, size) = (p * q, m * n);
+        let macs = size.saturating_mul(k);
+        let mut out: Vec<f32> = Vec::with_capacity(count * size);
+        // Addresses, so the rayon closure is Send.
+        let (a0, b0, o0) = (
+            a.storage::<f32>().as_ptr().wrapping_add(la.start_offset()) as usize,
+            b.storage::<f32>().as_ptr().wrapping_add(lb.start_offset()) as usize,
+            out.as_mut_ptr() as usize,
+        );
+        // SAFETY: as in `matmul_2d`; matrix `i` starts at its leading axes'
+        // offsets, and each gemm writes only its own `size` outputs.
+        let one = |i: usize, parallelism: gemm::Parallelism| unsafe {
+            let (pi, qi) = ((i / q) as isize, (i % q) as isize);
+            gemm::gemm(
+                m,
+                n,
+                k,
+                (o0 as *mut f32).add(i * size),
+                1,
+                n as isize,
+                false,
+                (a0 as *const f32).offset(pi * sa[0] + qi * sa[1]),
+                sa[3],
+                sa[2],
+                (b0 as *const f32).offset(pi * sb[0] + qi * sb[1]),
+                sb[3],
+                sb[2],
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        };
+        if count.saturating_mul(macs) < PARALLEL_MACS {
+            (0..count).for_each(|i| one(i, gemm::Parallelism::None));
+        } else if count >= rayon::current_num_threads() {
+            // A matrix per task: every thread busy, no split inside a gemm.
+            use rayon::prelude::*;
+            (0..count)
+                .into_par_iter()
+                .for_each(|i| one(i, gemm::Parallelism::None));
+        } else {
+            (0..count).for_each(|i| one(i, gemm::Parallelism::Rayon(0)));
+        }
+        // SAFETY: every matrix was written whole above.
+        unsafe { out.set_len(count * size) };
+        Some(flex_f32(out, [p, q, m, n]))
+    }
 }
 
 #[cfg(test)]
@@ -182,5 +252,44 @@ mod tests {
         );
         let y: Vec<f32> = matmul_2d(x, w).into_data().to_vec().unwrap();
         assert_eq!(y, [4.0, 5.0, 10.0, 11.0]);
+    }
+
+    /// Flex's batched matmul against burn's, on the views attention passes
+    /// (rows narrowed out of the sequence, keys transposed), in sizes that
+    /// take each of its three schedules; other shapes fall back.
+    #[test]
+    fn batched_matches_burns_matmul() {
+        use burn::tensor::TensorPrimitive;
+        let device = Default::default();
+        let rand =
+            |s: [usize; 4]| Tensor::<Flex, 4>::random(s, Distribution::Normal(0.0, 1.0), &device);
+        let ours = |a: &Tensor<Flex, 4>, b: &Tensor<Flex, 4>| {
+            flex::batched(
+                &a.clone().into_primitive().tensor(),
+                &b.clone().into_primitive().tensor(),
+            )
+            .map(|t| Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(t)))
+        };
+        // (batch, heads, rows, keys, head dim): serial, a matrix per task,
+        // and gemm's own threads (fewer matrices than threads).
+        for (p, q, m, n, d) in [(1, 2, 5, 7, 3), (2, 7, 70, 90, 64), (1, 1, 300, 200, 64)] {
+            let (qs, ks) = (rand([p, q, m + 9, d]), rand([p, q, n + 4, d]));
+            let qc = qs.narrow(2, 6, m);
+            let kt = ks.narrow(2, 0, n).swap_dims(2, 3);
+            let got = ours(&qc, &kt).expect("f32 4-d views take the gemm path");
+            let want = qc.clone().matmul(kt.clone());
+            assert_eq!(got.dims(), [p, q, m, n]);
+            let diff: f32 = (got.clone() - want).abs().max().into_scalar();
+            assert!(diff < 1e-4, "scores {p}x{q}x{m}x{n}: {diff}");
+            // The probabilities' product with the values, contiguous.
+            let v = rand([p, q, n, d]);
+            let diff: f32 = (ours(&got, &v).unwrap() - got.matmul(v))
+                .abs()
+                .max()
+                .into_scalar();
+            assert!(diff < 1e-3, "values {p}x{q}x{m}x{n}: {diff}");
+        }
+        assert!(ours(&rand([1, 2, 3, 4]), &rand([1, 1, 4, 5])).is_none());
+        assert!(ours(&rand([1, 2, 3, 4]), &rand([1, 2, 5, 5])).is_none());
     }
 }
