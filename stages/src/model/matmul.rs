@@ -60,7 +60,7 @@ pub(crate) mod flex {
 
     /// Products of at least this many multiply-adds use every core (as
     /// burn-flex's own matmul decides).
-    const PARALLEL_MACS: usize = 192 * 192 * 192;
+    pub(super) const PARALLEL_MACS: usize = 192 * 192 * 192;
 
     /// `x · w`, or `None` where this path does not apply (not f32, not 2-d,
     /// an empty dimension, or shapes that do not chain).
@@ -256,7 +256,8 @@ mod tests {
 
     /// Flex's batched matmul against burn's, on the views attention passes
     /// (rows narrowed out of the sequence, keys transposed), in sizes that
-    /// take each of its three schedules; other shapes fall back.
+    /// take each of its three schedules (with 2 to 14 rayon threads); other
+    /// shapes fall back.
     #[test]
     fn batched_matches_burns_matmul() {
         use burn::tensor::TensorPrimitive;
@@ -272,7 +273,9 @@ mod tests {
         };
         // (batch, heads, rows, keys, head dim): serial, a matrix per task,
         // and gemm's own threads (fewer matrices than threads).
-        for (p, q, m, n, d) in [(1, 2, 5, 7, 3), (2, 7, 70, 90, 64), (1, 1, 300, 200, 64)] {
+        for (p, q, m, n, d) in [(1, 2, 5, 7, 3), (2, 7, 100, 130, 64), (1, 1, 400, 300, 64)] {
+            let macs = p * q * m * n * d;
+            assert_eq!(macs >= flex::PARALLEL_MACS, d == 64, "schedule of {p}x{q}");
             let (qs, ks) = (rand([p, q, m + 9, d]), rand([p, q, n + 4, d]));
             let qc = qs.narrow(2, 6, m);
             let kt = ks.narrow(2, 0, n).swap_dims(2, 3);
