@@ -62,20 +62,68 @@ pub(crate) mod flex {
     /// burn-flex's own matmul decides).
     pub(super) const PARALLEL_MACS: usize = 192 * 192 * 192;
 
+    /// The shapes of `a` and `b`, where both are f32 and `D`-d.
+    fn f32_dims<const D: usize>(
+        a: &FlexTensor,
+        b: &FlexTensor,
+    ) -> Option<([usize; D], [usize; D])> {
+        let dims = |t: &FlexTensor| {
+            let shape = t.layout().shape();
+            (t.dtype() == DType::F32 && shape.num_dims() == D).then(|| shape.dims::<D>())
+        };
+        Some((dims(a)?, dims(b)?))
+    }
+
+    /// The `[m, k] · [k, n]` product at `lhs` and `rhs` (each with its
+    /// `[row, column]` strides) written row-major to `dst`.
+    ///
+    /// # Safety
+    /// `lhs` and `rhs` with their strides must address elements of live
+    /// storage, and `dst` must be valid for `m * n` writes; gemm writes every
+    /// one of them without reading them (`read_dst` false).
+    unsafe fn gemm_into(
+        dst: *mut f32,
+        [m, k, n]: [usize; 3],
+        lhs: *const f32,
+        lhs_strides: [isize; 2],
+        rhs: *const f32,
+        rhs_strides: [isize; 2],
+        parallelism: gemm::Parallelism,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst,
+                1,
+                n as isize,
+                false,
+                lhs,
+                lhs_strides[1],
+                lhs_strides[0],
+                rhs,
+                rhs_strides[1],
+                rhs_strides[0],
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+    }
+
     /// `x · w`, or `None` where this path does not apply (not f32, not 2-d,
     /// an empty dimension, or shapes that do not chain).
     pub(crate) fn matmul_2d(x: &FlexTensor, w: &FlexTensor) -> Option<FlexTensor> {
-        let (lx, lw) = (x.layout(), w.layout());
-        if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
-            return None;
-        }
-        if lx.shape().num_dims() != 2 || lw.shape().num_dims() != 2 {
-            return None;
-        }
-        let ([m, k], [k2, n]) = (lx.shape().dims::<2>(), lw.shape().dims::<2>());
+        let ([m, k], [k2, n]) = f32_dims::<2>(x, w)?;
         if k != k2 || m == 0 || n == 0 || k == 0 {
             return None;
         }
+        let (lx, lw) = (x.layout(), w.layout());
         let (xs, ws) = (lx.strides(), lw.strides());
         let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MACS {
             gemm::Parallelism::Rayon(0)
@@ -84,31 +132,16 @@ pub(crate) mod flex {
         };
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
         // SAFETY: the layouts' offsets and strides address elements inside
-        // their storage (burn-flex keeps them so); gemm writes every one of
-        // the `m * n` outputs (row-major, column stride 1) without reading
-        // them (`read_dst` false), before `set_len` exposes them.
+        // their storage (burn-flex keeps them so); gemm writes all `m * n`
+        // outputs before `set_len` exposes them.
         unsafe {
-            let xp = x.storage::<f32>().as_ptr().add(lx.start_offset());
-            let wp = w.storage::<f32>().as_ptr().add(lw.start_offset());
-            gemm::gemm(
-                m,
-                n,
-                k,
+            gemm_into(
                 out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                xp,
-                xs[1],
-                xs[0],
-                wp,
-                ws[1],
-                ws[0],
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+                [m, k, n],
+                x.storage::<f32>().as_ptr().add(lx.start_offset()),
+                [xs[0], xs[1]],
+                w.storage::<f32>().as_ptr().add(lw.start_offset()),
+                [ws[0], ws[1]],
                 parallelism,
             );
             out.set_len(m * n);
@@ -123,17 +156,11 @@ pub(crate) mod flex {
     /// burn-flex's own batched matmul zero-fills its output and then copies
     /// it once more to realign it.
     pub(crate) fn batched(a: &FlexTensor, b: &FlexTensor) -> Option<FlexTensor> {
-        let (la, lb) = (a.layout(), b.layout());
-        if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
-            return None;
-        }
-        if la.shape().num_dims() != 4 || lb.shape().num_dims() != 4 {
-            return None;
-        }
-        let ([p, q, m, k], [p2, q2, k2, n]) = (la.shape().dims::<4>(), lb.shape().dims::<4>());
+        let ([p, q, m, k], [p2, q2, k2, n]) = f32_dims::<4>(a, b)?;
         if (p, q, k) != (p2, q2, k2) || p * q == 0 || m == 0 || n == 0 || k == 0 {
             return None;
         }
+        let (la, lb) = (a.layout(), b.layout());
         let (sa, sb) = (la.strides(), lb.strides());
         let (count, size) = (p * q, m * n);
         let macs = size.saturating_mul(k);
@@ -148,25 +175,13 @@ pub(crate) mod flex {
         // offsets, and each gemm writes only its own `size` outputs.
         let one = |i: usize, parallelism: gemm::Parallelism| unsafe {
             let (pi, qi) = ((i / q) as isize, (i % q) as isize);
-            gemm::gemm(
-                m,
-                n,
-                k,
+            gemm_into(
                 (o0 as *mut f32).add(i * size),
-                1,
-                n as isize,
-                false,
+                [m, k, n],
                 (a0 as *const f32).offset(pi * sa[0] + qi * sa[1]),
-                sa[3],
-                sa[2],
+                [sa[2], sa[3]],
                 (b0 as *const f32).offset(pi * sb[0] + qi * sb[1]),
-                sb[3],
-                sb[2],
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+                [sb[2], sb[3]],
                 parallelism,
             );
         };

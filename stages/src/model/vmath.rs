@@ -157,9 +157,7 @@ pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWSt
 #[inline(always)]
 pub fn sum(xs: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
-    let whole = xs.len() / 8 * 8;
-    add_lanes(&mut lanes, &xs[..whole]);
-    let tail: f32 = xs[whole..].iter().sum();
+    let tail = add_lanes(&mut lanes, xs);
     fold(lanes) + tail
 }
 
@@ -189,36 +187,30 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
     // The exponentials go through a buffer a block at a time: a plain map
     // loop vectorises, where `exp` inlined into the lanes' adds stays scalar.
+    // Blocks are whole groups of eight, so only the last one leaves a tail.
     const BLOCK: usize = 64;
-    let mut lanes = [0f32; 8];
-    let mut buf = [0f32; BLOCK];
-    let mut blocks = xs.chunks_exact(BLOCK);
-    for b in &mut blocks {
-        for (e, &x) in buf.iter_mut().zip(b) {
+    let (mut lanes, mut buf, mut tail) = ([0f32; 8], [0f32; BLOCK], 0.0);
+    for block in xs.chunks(BLOCK) {
+        let es = &mut buf[..block.len()];
+        for (e, &x) in es.iter_mut().zip(block) {
             *e = exp(x - shift);
         }
-        add_lanes(&mut lanes, &buf);
+        tail = add_lanes(&mut lanes, es);
     }
-    let rest = blocks.remainder();
-    let buf = &mut buf[..rest.len()];
-    for (e, &x) in buf.iter_mut().zip(rest) {
-        *e = exp(x - shift);
-    }
-    let whole = buf.len() / 8 * 8;
-    add_lanes(&mut lanes, &buf[..whole]);
-    let tail: f32 = buf[whole..].iter().sum();
     fold(lanes) + tail
 }
 
-/// Adds `xs` (a multiple of eight long) into the lanes, element `i` into
-/// lane `i % 8`.
+/// Adds `xs` into the lanes a group of eight at a time, element `i` into
+/// lane `i % 8`, and returns the sum of the last `len % 8` elements.
 #[inline(always)]
-fn add_lanes(lanes: &mut [f32; 8], xs: &[f32]) {
-    for c in xs.chunks_exact(8) {
+fn add_lanes(lanes: &mut [f32; 8], xs: &[f32]) -> f32 {
+    let mut groups = xs.chunks_exact(8);
+    for c in &mut groups {
         for (l, &x) in lanes.iter_mut().zip(c) {
             *l += x;
         }
     }
+    groups.remainder().iter().sum()
 }
 
 /// The eight lanes' sum, pairwise.
