@@ -78,6 +78,8 @@ fn quickstart_runs_offline_then_is_cached_then_reacts_to_a_param() {
     for k in ["format_valid", "next_step_exact_match", "next_step_f1"] {
         assert!(g["metrics"][k].is_number(), "{k}: {g}");
     }
+    // Lengths are counted with the generating model's own tokenizer.
+    assert_eq!(g["generation"]["length_unit"], "tokens", "{g}");
     let m = p.anneal(&[
         "metrics",
         file,

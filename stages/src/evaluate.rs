@@ -492,10 +492,13 @@ fn generative(ctx: &StageContext, p: &AllParams) -> anyhow::Result<()> {
     if examples.is_empty() {
         bail!("no examples to evaluate in {}", data.display());
     }
-    let counter = Counter(match &model_dir {
-        Some(d) if own.task == Task::SummaryReasoning => Some(Tokenizer::from_dir(d)?),
+    // Lengths in tokens need the model's tokenizer: the local backend loads
+    // it anyway; for a server it is loaded here, before any request is sent.
+    let count_tokens = own.task == Task::SummaryReasoning && model_dir.is_some();
+    let mut tokenizer = match &model_dir {
+        Some(d) if count_tokens && backend != BackendKind::Local => Some(Tokenizer::from_dir(d)?),
         _ => None,
-    });
+    };
     let requests: Vec<Request> = examples
         .iter()
         .flat_map(|e| {
@@ -525,8 +528,12 @@ fn generative(ctx: &StageContext, p: &AllParams) -> anyhow::Result<()> {
             &ctx.progress,
             &mut counts,
         )?;
+        if count_tokens && tokenizer.is_none() {
+            tokenizer = g.tokenizer().cloned();
+        }
         Ok((r, g.stats(), g.identity()))
     })?;
+    let counter = Counter(tokenizer);
 
     let mut means = Means::default();
     let mut failures: Vec<String> = Vec::new();

@@ -117,6 +117,10 @@ impl<B: crate::model::ModelBackend> Generator for Local<'_, B> {
         self.stats.borrow().clone()
     }
 
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        Some(&self.tok)
+    }
+
     fn status(&self) -> String {
         let st = self.stats.borrow();
         format!(

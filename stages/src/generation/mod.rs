@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use crate::ConfigError;
 use crate::model::DeviceSpec;
+use crate::model::tokenizer::Tokenizer;
 use crate::progress::Progress;
 
 pub use journal::Journal;
@@ -315,6 +316,10 @@ pub trait Generator {
     /// A status line for the progress bar.
     fn status(&self) -> String {
         String::new()
+    }
+    /// The tokenizer it encodes prompts with, where it loaded one (`local`).
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        None
     }
 }
 

@@ -94,6 +94,27 @@ pub trait ModelBackend: Backend {
         super::rms_norm::rms_norm_grad_of::<Self>(x, w, dy, eps)
     }
 
+    /// RoPE, `x * cos + rotate_half(x) * sin` over the last axis of
+    /// `[batch, seq, heads, head_dim]` tensors of one shape (see
+    /// [`super::rope`]).
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::rope::rope_of::<Self>(x, cos, sin)
+    }
+
+    /// The gradient of [`Self::rope`]'s input given the output's gradient
+    /// `dy`.
+    fn rope_grad(
+        dy: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::rope::rope_grad_of::<Self>(dy, cos, sin)
+    }
+
     /// `mask` laid out contiguously where the backend's ops need it.
     fn dense_mask(mask: BoolTensor<Self>) -> BoolTensor<Self> {
         mask
@@ -228,6 +249,24 @@ impl ModelBackend for burn::backend::Flex {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         super::rms_norm::flex::rms_norm_grad(&x, &w, &dy, eps)
             .unwrap_or_else(|| super::rms_norm::rms_norm_grad_of::<Self>(x, w, dy, eps))
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::rope::flex::rope(&x, &cos, &sin)
+            .unwrap_or_else(|| super::rope::rope_of::<Self>(x, cos, sin))
+    }
+
+    fn rope_grad(
+        dy: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::rope::flex::rope_grad(&dy, &cos, &sin)
+            .unwrap_or_else(|| super::rope::rope_grad_of::<Self>(dy, cos, sin))
     }
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -390,6 +429,14 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
 
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         super::rms_norm::autodiff_rms_norm::<B, C>(x, w, eps)
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::rope::autodiff_rope::<B, C>(x, cos, sin)
     }
 
     fn linear_cross_entropy(

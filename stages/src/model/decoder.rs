@@ -19,6 +19,7 @@ use super::config::{Arch, ModelConfig};
 use super::loss::{cross_entropy, linear_cross_entropy, to_f32};
 use super::matmul::matmul_2d;
 use super::rms_norm::rms_norm;
+use super::rope::rope;
 use super::swiglu::swiglu;
 use super::weights::HostTensor;
 
@@ -289,7 +290,10 @@ impl<B: ModelBackend> Attention<B> {
         let q = self.q_proj.forward(x.clone()).reshape([b, t, h, hd]);
         let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, hd]);
         let v = self.v_proj.forward(x).reshape([b, t, kvh, hd]);
-        let (q, k) = (rotate(q, &pos.q_rope), rotate(k, &pos.k_rope));
+        let (q, k) = (
+            rope(q, &pos.q_rope.0, &pos.q_rope.1),
+            rope(k, &pos.k_rope.0, &pos.k_rope.1),
+        );
         // Grouped-query attention without copying keys and values per query
         // head: the `rep` query heads sharing a kv head are stacked token by
         // token along the query axis (row `i * rep + r`), so the mask stays
@@ -320,15 +324,6 @@ impl<B: ModelBackend> Attention<B> {
         let out = swap_heads(out.reshape([b, kvh, t, rep * hd]));
         self.o_proj.forward(out.reshape([b, t, h * hd]))
     }
-}
-
-/// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`.
-fn rotate<B: Backend>(x: Tensor<B, 4>, (cos, sin): &Rope<B>) -> Tensor<B, 4> {
-    let half = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
 }
 
 impl<B: ModelBackend> Mlp<B> {

@@ -16,6 +16,7 @@ pub mod loss;
 pub mod matmul;
 pub mod optim;
 pub mod rms_norm;
+pub mod rope;
 pub mod swiglu;
 pub mod tokenizer;
 pub mod vmath;

@@ -1,6 +1,7 @@
-//! The Flex loops' elementwise math (softmax, cross-entropy, SwiGLU, AdamW),
-//! one row or chunk at a time, compiled for the widest SIMD instructions the
-//! CPU has (AVX-512, AVX2 + FMA, or the baseline), picked at run time.
+//! The Flex loops' elementwise math (softmax, cross-entropy, SwiGLU, RMS
+//! norm, AdamW), one row or chunk at a time, compiled for the widest SIMD
+//! instructions the CPU has (AVX-512, AVX2 + FMA, or the baseline), picked at
+//! run time.
 //!
 //! libm's `expf` is a call per element, which keeps every loop calling it
 //! scalar. [`exp`] is Cephes' `expf` (reduction by multiples of ln 2, a
@@ -150,6 +151,77 @@ pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamWSt
         let denom = vj.sqrt() / bc2 + eps;
         *pj = p0 - *mj / denom * step;
     }
+}
+
+/// One row of RoPE: `out = x * cos + [-x2, x1] * sin`, with `x1`, `x2` the
+/// halves of `x` (see [`super::rope`]).
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn rope(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
+    let h = x.len() / 2;
+    let ((o1, o2), (x1, x2)) = (out.split_at_mut(h), x.split_at(h));
+    let ((c1, c2), (s1, s2)) = (cos.split_at(h), sin.split_at(h));
+    let lo = o1.iter_mut().zip(x1.iter().zip(x2)).zip(c1.iter().zip(s1));
+    for ((o, (&a, &b)), (&c, &s)) in lo {
+        *o = a * c + -b * s;
+    }
+    let hi = o2.iter_mut().zip(x2.iter().zip(x1)).zip(c2.iter().zip(s2));
+    for ((o, (&b, &a)), (&c, &s)) in hi {
+        *o = b * c + a * s;
+    }
+}
+
+/// One row of [`rope`]'s gradient: `dx1 = dy1 * cos1 + dy2 * sin2`, `dx2 =
+/// dy2 * cos2 - dy1 * sin1`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn rope_grad(dx: &mut [f32], dy: &[f32], cos: &[f32], sin: &[f32]) {
+    let h = dy.len() / 2;
+    let ((d1, d2), (g1, g2)) = (dx.split_at_mut(h), dy.split_at(h));
+    let ((c1, c2), (s1, s2)) = (cos.split_at(h), sin.split_at(h));
+    let lo = d1.iter_mut().zip(g1.iter().zip(g2)).zip(c1.iter().zip(s2));
+    for ((d, (&a, &b)), (&c, &s)) in lo {
+        *d = a * c + b * s;
+    }
+    let hi = d2.iter_mut().zip(g2.iter().zip(g1)).zip(c2.iter().zip(s1));
+    for ((d, (&b, &a)), (&c, &s)) in hi {
+        *d = b * c - a * s;
+    }
+}
+
+/// One row of the RMS norm: `out = x * r * w` with `r = 1 / sqrt(mean(x²) +
+/// eps)`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn rms_norm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let r = inv_rms(x, eps);
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
+        *o = v * r * w;
+    }
+}
+
+/// One row of [`rms_norm`]'s gradient for the output gradient `dy`: writes
+/// `dx` and adds the row's share of the weight's gradient to `dw`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn rms_norm_grad(dx: &mut [f32], dw: &mut [f32], x: &[f32], w: &[f32], dy: &[f32], eps: f32) {
+    let r = inv_rms(x, eps);
+    // dx holds dy ∘ w until the last loop: the normalised row's gradient.
+    for ((d, &g), &w) in dx.iter_mut().zip(dy).zip(w) {
+        *d = g * w;
+    }
+    let mean = dot(dx, x) * r / x.len() as f32;
+    for (((d, dw), &v), &g) in dx.iter_mut().zip(dw).zip(x).zip(dy) {
+        let n = v * r;
+        *d = (*d - n * mean) * r;
+        *dw += g * n;
+    }
+}
+
+/// `1 / sqrt(mean(x²) + eps)`. The squares are summed one after another, as
+/// the norm always has: in lanes the sum is four times faster, but it moves
+/// the outputs by an ulp, and through them the near-zero gradients that
+/// decide a first Adam step's sign (`stages/tests/train_parity.rs`).
+#[inline(always)]
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    1.0 / (ss / x.len() as f32 + eps).sqrt()
 }
 
 /// The sum of `xs` in eight interleaved lanes (a fixed order, so the
@@ -355,6 +427,41 @@ mod tests {
         let m = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let lse = xs.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
         assert!((logsumexp(&xs) as f64 - lse).abs() < 1e-5);
+
+        // RoPE on one row of 300, ys as cos and xs / 13 as sin, and back.
+        let (x, c) = (&xs[..300], &ys[..300]);
+        let sn: Vec<f32> = xs[1..301].iter().map(|v| v / 13.0).collect();
+        let mut r = vec![0f32; 300];
+        rope(&mut r, x, c, &sn);
+        let mut d = vec![0f32; 300];
+        rope_grad(&mut d, x, c, &sn);
+        for i in 0..150 {
+            let j = i + 150;
+            assert_eq!(r[i].to_bits(), (x[i] * c[i] + -x[j] * sn[i]).to_bits());
+            assert_eq!(r[j].to_bits(), (x[j] * c[j] + x[i] * sn[j]).to_bits());
+            assert_eq!(d[i].to_bits(), (x[i] * c[i] + x[j] * sn[j]).to_bits());
+            assert_eq!(d[j].to_bits(), (x[j] * c[j] - x[i] * sn[i]).to_bits());
+        }
+
+        // The RMS norm of xs with ys as the weight, and its gradient for dy =
+        // sin above (one element short, so the lanes leave a tail).
+        let n = xs.len() as f64;
+        let inv = 1.0 / (xs.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n + 1e-6).sqrt();
+        rms_norm(&mut out, &xs, &ys, 1e-6);
+        let dy = &xs[..];
+        let (mut dx, mut dw) = (vec![0f32; xs.len()], vec![1f32; xs.len()]);
+        rms_norm_grad(&mut dx, &mut dw, &xs, &ys, dy, 1e-6);
+        let mean = (0..xs.len())
+            .map(|i| dy[i] as f64 * ys[i] as f64 * xs[i] as f64 * inv)
+            .sum::<f64>()
+            / n;
+        for i in 0..xs.len() {
+            let (x, w, g) = (xs[i] as f64, ys[i] as f64, dy[i] as f64);
+            let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-5 * b.abs().max(1.0);
+            assert!(close(out[i], x * inv * w), "rms_norm[{i}]");
+            assert!(close(dx[i], (g * w - x * inv * mean) * inv), "dx[{i}]");
+            assert!(close(dw[i], 1.0 + g * x * inv), "dw[{i}]");
+        }
 
         // Softmax of 0.5 x over every third entry hidden, then its gradient.
         let hidden: Vec<u8> = (0..xs.len()).map(|i| (i % 3 == 1) as u8).collect();
