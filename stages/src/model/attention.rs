@@ -217,7 +217,8 @@ fn bmm<B: ModelBackend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
     ))
 }
 
-fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
+/// A float primitive as a rank-4 tensor.
+pub(crate) fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 

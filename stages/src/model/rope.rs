@@ -17,6 +17,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
+use super::attention::float;
 use super::backend::ModelBackend;
 
 /// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`; the
@@ -32,10 +33,6 @@ pub fn rope<B: ModelBackend>(
         cos,
         sin,
     )))
-}
-
-fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// The two halves of the last axis.

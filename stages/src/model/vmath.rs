@@ -444,7 +444,7 @@ mod tests {
         }
 
         // The RMS norm of xs with ys as the weight, and its gradient for dy =
-        // sin above (one element short, so the lanes leave a tail).
+        // xs (301 long, so the lanes of the gradient's sum leave a tail).
         let n = xs.len() as f64;
         let inv = 1.0 / (xs.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n + 1e-6).sqrt();
         rms_norm(&mut out, &xs, &ys, 1e-6);
