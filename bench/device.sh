@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine (no Rust, no network) checks and measures, in
 # one call of the device tool, from what bench/device_pack.sh put in .device/:
-#   1. the CUDA parity tests (stages/tests/{model,train}_parity.rs `cuda`
+#   1. bench/train_gpu.sh: full fine-tuning of a Qwen2.5-0.5B-shaped model,
+#      seq 2048, bf16, against PyTorch + transformers, with MFU (first: it is
+#      the issue's headline figure);
+#   2. the CUDA parity tests (stages/tests/{model,train}_parity.rs `cuda`
 #      modules: logits, loss and greedy tokens against transformers; a full and
-#      a LoRA training step against torch/PEFT; bf16 against f32);
-#   2. bench/train_gpu.sh: full fine-tuning of a Qwen2.5-0.5B-shaped model,
-#      seq 2048, bf16, against PyTorch + transformers, with MFU;
+#      a LoRA training step against torch/PEFT, with and without gradient
+#      checkpointing; bf16 against f32);
 #   3. bench/generate.sh on that model, batch 1 and 16, against transformers;
 #   4. attention alone at the training shape: anneal's op forward and backward
 #      and burn's fused (flash) forward (`attention_timing` in
@@ -15,13 +17,13 @@
 # part that runs out of time leaves the earlier ones.
 #
 #   run(command="bash bench/device.sh", carry=[".device"], timeout_s=570)
-# Env: PARTS (parity,train,generate,attention), CUDA_PATH (/usr/local/cuda), STEPS (10),
+# Env: PARTS (train,parity,generate,attention), CUDA_PATH (/usr/local/cuda), STEPS (10),
 # RUNS (3), NEW (64).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/device}"
 mkdir -p "$OUT" .device/run
-PARTS="${PARTS:-parity,train,generate,attention}"
+PARTS="${PARTS:-train,parity,generate,attention}"
 export CUDA_PATH="${CUDA_PATH:-/usr/local/cuda}"
 export LD_LIBRARY_PATH="$CUDA_PATH/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1
@@ -36,6 +38,12 @@ done
 } >"$OUT/machine.txt" 2>&1
 stamp "machine: $(tr '\n' ' ' <"$OUT/machine.txt")"
 
+if [[ ",$PARTS," == *,train,* ]]; then
+    ANNEAL_BIN=.device/run/anneal KIT=.device/kit TOKENIZER_DIR=/nonexistent GSM8K=/nonexistent STEPS="${STEPS:-10}" \
+        timeout 330 bash bench/train_gpu.sh >"$OUT/train_gpu.log" 2>&1
+    stamp "train_gpu: exit $? — $(grep -E 'ratio=' "$OUT/train_gpu.log" | tail -n1)"
+    cp bench/results/train_gpu/summary.json "$OUT/train_gpu_summary.json" 2>/dev/null
+fi
 if [[ ",$PARTS," == *,parity,* ]]; then
     for t in model_parity train_parity; do
         ANNEAL_SHARED=.device/shared timeout 240 ".device/run/$t" cuda --test-threads 1 --nocapture \
@@ -44,12 +52,6 @@ if [[ ",$PARTS," == *,parity,* ]]; then
         stamp "$t (cuda): exit $rc — $(grep -E '^test result' "$OUT/$t.log" | tail -n1)$(
             grep -q 'CUDA test skipped' "$OUT/$t.log" && echo ' (SKIPPED: no NVIDIA driver)')"
     done
-fi
-if [[ ",$PARTS," == *,train,* ]]; then
-    ANNEAL_BIN=.device/run/anneal KIT=.device/kit TOKENIZER_DIR=/nonexistent GSM8K=/nonexistent STEPS="${STEPS:-10}" \
-        timeout 330 bash bench/train_gpu.sh >"$OUT/train_gpu.log" 2>&1
-    stamp "train_gpu: exit $? — $(grep -E 'ratio=' "$OUT/train_gpu.log" | tail -n1)"
-    cp bench/results/train_gpu/summary.json "$OUT/train_gpu_summary.json" 2>/dev/null
 fi
 if [[ ",$PARTS," == *,generate,* ]]; then
     model=bench/results/train_gpu/model

@@ -15,6 +15,8 @@
 # LORA=8 trains LoRA adapters of rank 8 instead (alpha 16, dropout 0, on every
 # linear layer but the LM head: anneal `lora_target: all`, PEFT "all-linear";
 # the PyTorch side needs peft), at LR (default 1e-5, with LORA 1e-4).
+# GC=1 turns gradient checkpointing on, on both sides (anneal
+# `gradient_checkpointing: true`, transformers' gradient_checkpointing_enable).
 #
 #   RUNS=3 STEPS=4 BATCH=4 bench/train.sh
 #   RUNS=3 STEPS=2 BATCH=1 TURNS=6 CUTOFF=1024 TRAIN_ON_PROMPT=1 bench/train.sh
@@ -30,6 +32,7 @@ TURNS="${TURNS:-1}"
 CUTOFF="${CUTOFF:-512}"
 TRAIN_ON_PROMPT="${TRAIN_ON_PROMPT:-0}"
 LORA="${LORA:-0}"
+GC="${GC:-0}"
 if [ "$LORA" != 0 ]; then LR="${LR:-1.0e-4}"; else LR="${LR:-1.0e-5}"; fi
 BIN="$(pwd)/${ANNEAL_BIN:-target/release/anneal}"
 MODEL="$(pwd)/${MODEL:-target/smollm2}"
@@ -82,6 +85,7 @@ fi)
       save_steps: 100000
       cutoff_len: $CUTOFF
       train_on_prompt: $([ "$TRAIN_ON_PROMPT" = 1 ] && echo true || echo false)
+      gradient_checkpointing: $([ "$GC" = 1 ] && echo true || echo false)
     outs: {model: out/, metrics: metrics.jsonl}
 YAML
     secs="$(timed "$d/log" "$d/time" "$BIN" run "$d/p.yaml")"
@@ -94,7 +98,7 @@ print(statistics.median(x["tokens_per_s"] for x in m))' "$d/metrics.jsonl")"
     log "run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB"
 done
 anneal_median="$(median "${rates[@]}")"
-echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA gc=$GC median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
 [ "$TORCH" = 0 ] && exit 0
 
 log "anneal trained tokens per step (run 1): $(python3 -c '
@@ -107,7 +111,7 @@ for run in $(seq "$RUNS"); do
     mkdir -p "$d"
     secs="$(timed "$d/log" "$d/time" "$PYTHON" bench/train_torch.py "$MODEL" --data "$work/train.jsonl" \
         --steps "$STEPS" --batch "$BATCH" --cutoff "$CUTOFF" --device cpu --lr "$LR" --lora "$LORA" \
-        $([ "$TRAIN_ON_PROMPT" = 1 ] && echo --train-on-prompt))"
+        $([ "$TRAIN_ON_PROMPT" = 1 ] && echo --train-on-prompt) $([ "$GC" = 1 ] && echo --gradient-checkpointing))"
     grep -o '{"steps".*' "$d/log" | tail -n1 >"$d/result.json" ||
         die "no result line in $d/log"
     read -r r toks < <(python3 -c '
@@ -119,4 +123,4 @@ print(r["median_trained_tokens_per_s"], " ".join(str(s["tokens"]) for s in r["pe
     log "PyTorch run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB, trained tokens per step: $toks"
 done
 torch_median="$(median "${trates[@]}")"
-echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA gc=$GC pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"

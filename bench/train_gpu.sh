@@ -14,6 +14,7 @@
 # shape; tiny = hidden 128, 2 layers, 4 heads, 2 kv heads, intermediate 256),
 # VOCAB (151936), SEQ (2048), BATCH (4 rows a step), STEPS (10 measured steps),
 # WARMUP (2 steps run first, left out of the medians), BF16 (1), PACKING (0),
+# GC (0; 1: gradient checkpointing on both sides, MFU still counts model FLOPs),
 # PEAK_TFLOPS (989: H100/H200 dense bf16; used for MFU on any device),
 # ANNEAL_BIN (target/release/anneal; for CUDA a `--features cuda` build),
 # PYTHON (python3, needs torch + transformers), TORCH=0 / ANNEAL=0 skip a side,
@@ -93,6 +94,7 @@ STEPS="${STEPS:-10}"
 WARMUP="${WARMUP:-2}"
 BF16="${BF16:-1}"
 PACKING="${PACKING:-0}"
+GC="${GC:-0}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
 TORCH="${TORCH:-1}"
 ANNEAL="${ANNEAL:-1}"
@@ -152,6 +154,7 @@ else
 fi
 [ "$BF16" = 1 ] && bf16_yaml=true || bf16_yaml=false
 [ "$PACKING" = 1 ] && packing_yaml=true || packing_yaml=false
+[ "$GC" = 1 ] && gc_yaml=true || gc_yaml=false
 
 rm -rf "$work" && mkdir -p "$work"
 work_abs="$(cd "$work" && pwd)"
@@ -200,7 +203,7 @@ run_measured() {
     fi
 }
 
-log "device=$DEVICE shape=$SHAPE vocab=$VOCAB seq=$SEQ batch=$BATCH steps=$STEPS+$WARMUP warmup bf16=$BF16 packing=$PACKING"
+log "device=$DEVICE shape=$SHAPE vocab=$VOCAB seq=$SEQ batch=$BATCH steps=$STEPS+$WARMUP warmup bf16=$BF16 packing=$PACKING gc=$GC"
 
 # --- the model
 t0="$(now_ns)"
@@ -266,6 +269,7 @@ stages:
       save_steps: 1000000
       cutoff_len: $SEQ
       train_on_prompt: true
+      gradient_checkpointing: $gc_yaml
       packing: $packing_yaml
       bf16: $bf16_yaml
       device: $DEVICE
@@ -282,6 +286,7 @@ if [ "$TORCH" != 0 ]; then
     targs=(--data "$work/train.jsonl" --steps "$total_steps" --batch "$BATCH" --cutoff "$SEQ"
         --device "$DEVICE" --train-on-prompt --attn sdpa)
     [ "$BF16" = 1 ] && targs+=(--bf16)
+    [ "$GC" = 1 ] && targs+=(--gradient-checkpointing)
     log "PyTorch run ($DEVICE) ..."
     run_measured torch "$PYTHON" bench/train_torch.py "$work/model" "${targs[@]}"
     grep -o '{"steps".*' "$work/torch.log" | tail -n1 >"$work/torch_result.json" ||
@@ -290,10 +295,10 @@ if [ "$TORCH" != 0 ]; then
 fi
 
 # --- summary
-python3 - "$work" "$DEVICE" "$SHAPE" "$SEQ" "$BATCH" "$STEPS" "$WARMUP" "$BF16" "$PACKING" \
+python3 - "$work" "$DEVICE" "$SHAPE" "$SEQ" "$BATCH" "$STEPS" "$WARMUP" "$BF16" "$PACKING" "$GC" \
     "$PEAK_TFLOPS" "$ANNEAL" "$TORCH" "$(elapsed "$t_start" "$(now_ns)")" <<'PY'
 import json, os, statistics, sys
-(work, device, shape, seq, batch, steps, warmup, bf16, packing, peak, do_anneal, do_torch,
+(work, device, shape, seq, batch, steps, warmup, bf16, packing, gc, peak, do_anneal, do_torch,
  elapsed) = sys.argv[1:]
 seq, batch, steps, warmup, peak = int(seq), int(batch), int(steps), int(warmup), float(peak)
 p = json.load(open(f"{work}/params.json"))
@@ -339,6 +344,7 @@ def side(name, per_step):
 
 out = {"device": device, "shape": shape, "seq": seq, "batch": batch, "steps": steps,
        "warmup": warmup, "bf16": bf16 == "1", "packing": packing == "1",
+       "gradient_checkpointing": gc == "1",
        "peak_tflops": peak, "params": p, "flops_per_token": flops_tok,
        "flops_formula": "6*N_nonemb + 6*hidden*vocab + 12*layers*hidden*seq",
        "tokens": "processed (forward+backward) tokens per second, median over measured steps"}

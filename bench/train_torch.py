@@ -139,6 +139,11 @@ def main():
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, ...)")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (PEFT); 0: full fine-tuning")
     ap.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="transformers' gradient checkpointing (non-reentrant), as HF Trainer's flag",
+    )
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -162,6 +167,8 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(
         a.model_dir, dtype=torch.float32, attn_implementation=a.attn
     )
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if a.lora:
         try:
             import peft

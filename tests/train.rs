@@ -343,6 +343,52 @@ fn packing_trains_the_same_function_with_less_padding() {
     );
 }
 
+/// `gradient_checkpointing: true` recomputes each layer in the backward pass
+/// and trains the same model: full fine-tuning, then LoRA with dropout (each
+/// layer's masks drawn again from the same seed).
+#[test]
+fn gradient_checkpointing_trains_the_same_model() {
+    let run = |on: bool| {
+        let p = Project::new();
+        write_data(&p);
+        let yaml = pipeline("tiny", 4, 100)
+            .replace(
+                "      detailed_metrics: true\n",
+                &format!("      gradient_checkpointing: {on}\n"),
+            )
+            .replace(
+                "      merge_lora: true\n",
+                &format!("      merge_lora: true\n      gradient_checkpointing: {on}\n"),
+            )
+            .replace(
+                "outs: {model: work/phase2/}",
+                "outs: {model: work/phase2/, metrics: work/phase2.jsonl}",
+            );
+        p.write("sft.yaml", &yaml);
+        p.run_ok("sft.yaml", &[]);
+        [
+            metrics(&p, "work/phase1.jsonl"),
+            metrics(&p, "work/phase2.jsonl"),
+        ]
+    };
+    let (plain, ckpt) = (run(false), run(true));
+    for (phase, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            for k in ["loss", "grad_norm", "eval_loss"] {
+                if let (Some(u), Some(v)) = (x[k].as_f64(), y[k].as_f64()) {
+                    assert!(
+                        ((u - v) / u).abs() < 1e-6,
+                        "phase {}: step {}: {k} {u} without checkpointing, {v} with",
+                        phase + 1,
+                        x["step"]
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Steps per epoch, the last step of an epoch, `constant`, `save_total_limit`
 /// and bad params, as HF Trainer / LLaMA-Factory users expect them.
 #[test]

@@ -18,6 +18,8 @@ use burn::tensor::{ElementConversion, Tensor};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::model::checkpoint;
+use crate::model::decoder::arange_rows;
 use crate::model::lora::{self, LoraConfig};
 use crate::model::optim::{AdamW, AdamWConfig, Grads};
 use crate::model::tokenizer::Tokenizer;
@@ -168,6 +170,12 @@ pub struct Params {
     /// so the result equals unpacked training with less padding.
     #[serde(default)]
     pub packing: bool,
+    /// Keep only each decoder layer's input from the forward pass and
+    /// recompute the layer in the backward pass (HF's
+    /// `gradient_checkpointing`): activation memory of one layer instead of
+    /// all, for one more forward pass of the layers. Trains the same model.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// `fail` (default) or `skip` on a row that cannot be used.
     #[serde(default)]
     pub on_error: OnError,
@@ -437,8 +445,10 @@ impl Stage for Train {
 
     /// 2: a step never spans two epochs (the last step of an epoch takes
     /// what is left, as in HF Trainer); `constant` has no warmup.
+    /// 3: each layer's LoRA dropout masks come from a seed of their own, so
+    /// that `gradient_checkpointing` trains the same model.
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn inputs(&self) -> &'static [KeySpec] {
@@ -829,34 +839,47 @@ impl OnDevice for Job<'_> {
             let bs = p.per_device_train_batch_size;
             let micros = packed.as_ref().map_or(picked.len(), Vec::len).div_ceil(bs);
             for m in 0..micros {
-                // Dropout masks depend only on (seed, step, micro-batch).
-                B::seed(
-                    &device,
-                    p.seed ^ (step.wrapping_mul(1_000_003) + m as u64).wrapping_mul(0x9E37_79B9),
-                );
-                let (loss, k) = match &packed {
+                // Dropout masks depend only on (seed, step, micro-batch, layer).
+                let seed =
+                    p.seed ^ (step.wrapping_mul(1_000_003) + m as u64).wrapping_mul(0x9E37_79B9);
+                let (ids, pos, labels) = match &packed {
                     Some(rows) => {
                         let chunk = &rows[m * bs..((m + 1) * bs).min(rows.len())];
                         let (ids, segs, labels) = pad_packed(chunk, pad_id);
-                        net.loss_packed(&ids, &segs, &labels)
+                        (ids, net.positions_packed(&segs, &device), labels)
                     }
                     None => {
                         let micro = &picked[m * bs..((m + 1) * bs).min(picked.len())];
                         let (ids, mask, labels) = pad(micro, pad_id);
-                        net.loss(&ids, &mask, &labels)
+                        let pos = net.positions(&arange_rows(&ids), &mask, &device);
+                        (ids, pos, labels)
                     }
                 };
-                if k == 0 {
-                    continue;
+                let part = if p.gradient_checkpointing {
+                    checkpoint::loss_and_grads(
+                        &net,
+                        &ids,
+                        &pos,
+                        &labels,
+                        seed,
+                        total_tokens,
+                        &mut grads,
+                    )
+                    .map(|(part, _)| part)
+                } else {
+                    let (loss, k) = net.train_loss(&ids, &pos, &labels, seed);
+                    (k > 0).then(|| {
+                        let scaled = loss.mul_scalar(k as f64 / total_tokens as f64);
+                        grads.accumulate(&net, &scaled.backward());
+                        scaled.inner()
+                    })
+                };
+                if let Some(part) = part {
+                    loss_dev = Some(match loss_dev {
+                        Some(sum) => sum + part,
+                        None => part,
+                    });
                 }
-                let scaled = loss.mul_scalar(k as f64 / total_tokens as f64);
-                let part = scaled.clone().inner();
-                loss_dev = Some(match loss_dev {
-                    Some(sum) => sum + part,
-                    None => part,
-                });
-                let g = scaled.backward();
-                grads.accumulate(&net, &g);
             }
             let norm_dev = if p.max_grad_norm > 0.0 {
                 grads.clip_tensor(p.max_grad_norm)

@@ -6,6 +6,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use anneal_stages::model::checkpoint;
+use anneal_stages::model::decoder::{arange_rows, shifted_targets};
 use anneal_stages::model::lora;
 use anneal_stages::model::optim::{AdamW, AdamWConfig, Grads};
 use anneal_stages::model::{CausalLm, Model, TrainBackend};
@@ -59,21 +61,39 @@ fn loss_of<AB: TrainBackend>(net: &CausalLm<AB>, b: &Batch) -> f64 {
         .elem::<f64>()
 }
 
-fn full_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol) {
+/// The loss of one batch and its gradients: by autodiff of the whole pass
+/// or, with `ckpt`, with gradient checkpointing (dropout seed 0).
+fn loss_and_grads<AB: TrainBackend>(
+    net: &CausalLm<AB>,
+    b: &Batch,
+    ckpt: bool,
+) -> (f64, Grads<AB::InnerBackend>) {
+    let mut g = Grads::default();
+    if ckpt {
+        let pos = net.positions(&arange_rows(&b.ids), &b.mask, &net.embed_tokens.device());
+        let k = shifted_targets(&b.labels, b.ids[0].len()).0.len();
+        let (loss, _) =
+            checkpoint::loss_and_grads(net, &b.ids, &pos, &b.labels, 0, k, &mut g).unwrap();
+        (loss.into_scalar().elem::<f64>(), g)
+    } else {
+        let (loss, _) = net.loss(&b.ids, &b.mask, &b.labels);
+        let before = loss.clone().into_scalar().elem::<f64>();
+        g.accumulate(net, &loss.backward());
+        (before, g)
+    }
+}
+
+fn full_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt: bool) {
     let dir = fixture(name);
     let r = reference(&dir);
     let ts = &r.json["train_step"];
     let b = batch(&r.tensors);
     let model = Model::<AB>::load(&dir, device).unwrap();
-    let (loss, _) = model.net.loss(&b.ids, &b.mask, &b.labels);
-    let before = loss.clone().into_scalar().elem::<f64>();
+    let (before, mut g) = loss_and_grads(&model.net, &b, ckpt);
     assert!(
         rel(before, ts["loss_before"].as_f64().unwrap()) < tol.rel,
         "{name}: loss before {before}"
     );
-    let grads = loss.backward();
-    let mut g = Grads::default();
-    g.accumulate(&model.net, &grads);
     let host = |k: &str| -> Vec<f32> { g.map[k].to_data().convert::<f32>().into_vec().unwrap() };
     let qg = host("layers.0.self_attn.q_proj.weight");
     let eg = host("embed_tokens");
@@ -141,7 +161,7 @@ fn full_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol) {
     }
 }
 
-fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol) {
+fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt: bool) {
     let dir = fixture(name);
     let r = reference(&dir);
     let b = batch(&r.tensors);
@@ -163,15 +183,11 @@ fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol) {
         "{name}: lora logits differ by {worst:e}"
     );
     let ls = &r.json["lora_train_step"];
-    let (loss, _) = net.loss(&b.ids, &b.mask, &b.labels);
-    let before = loss.clone().into_scalar().elem::<f64>();
+    let (before, g) = loss_and_grads(&net, &b, ckpt);
     assert!(
         rel(before, r.json["lora_loss"].as_f64().unwrap()) < tol.rel / 10.0,
         "{name}: lora loss {before}"
     );
-    let grads = loss.backward();
-    let mut g = Grads::default();
-    g.accumulate(&net, &grads);
     assert_eq!(
         g.map.len(),
         2 * 7 * 2,
@@ -266,22 +282,101 @@ fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol) {
 
 #[test]
 fn qwen2_full_step_matches_torch() {
-    full_step::<AB>("tiny-qwen2", &Default::default(), &CPU_TOL);
+    full_step::<AB>("tiny-qwen2", &Default::default(), &CPU_TOL, false);
 }
 
 #[test]
 fn llama_full_step_matches_torch() {
-    full_step::<AB>("tiny-llama", &Default::default(), &CPU_TOL);
+    full_step::<AB>("tiny-llama", &Default::default(), &CPU_TOL, false);
 }
 
 #[test]
 fn qwen2_lora_step_matches_peft() {
-    lora_step::<AB>("tiny-qwen2", &Default::default(), &CPU_TOL);
+    lora_step::<AB>("tiny-qwen2", &Default::default(), &CPU_TOL, false);
 }
 
 #[test]
 fn llama_lora_step_matches_peft() {
-    lora_step::<AB>("tiny-llama", &Default::default(), &CPU_TOL);
+    lora_step::<AB>("tiny-llama", &Default::default(), &CPU_TOL, false);
+}
+
+/// The same steps with gradient checkpointing, against the same references.
+#[test]
+fn steps_with_gradient_checkpointing_match_torch_and_peft() {
+    for name in ["tiny-qwen2", "tiny-llama"] {
+        full_step::<AB>(name, &Default::default(), &CPU_TOL, true);
+        lora_step::<AB>(name, &Default::default(), &CPU_TOL, true);
+    }
+}
+
+/// With LoRA dropout, gradient checkpointing recomputes each layer with the
+/// masks of the forward pass: its gradients are those of the whole pass
+/// with the same seed ([`CausalLm::train_loss`]), and another seed gives
+/// others.
+#[test]
+fn gradient_checkpointing_keeps_the_dropout_masks() {
+    let dir = fixture("tiny-llama");
+    let b = batch(&reference(&dir).tensors);
+    let device = Default::default();
+    let (net, mut cfg) = lora::load_adapter(
+        Model::<AB>::load(&dir, &device).unwrap().net,
+        &dir.join("lora-init"),
+    )
+    .unwrap();
+    // B = 0 in a fresh adapter would hide A's gradient: take one step first.
+    let (_, g) = loss_and_grads(&net, &b, false);
+    let net = AdamW::new(AdamWConfig::default()).step(net, &g, 0.01);
+    cfg.dropout = 0.3;
+    let tmp = tempfile::tempdir().unwrap();
+    lora::save_adapter(&net, &cfg, None, tmp.path()).unwrap();
+    let base = Model::<AB>::load(&dir, &device).unwrap();
+    let (net, _) = lora::load_adapter(base.net, tmp.path()).unwrap();
+    let pos = net.positions(&arange_rows(&b.ids), &b.mask, &device);
+    let k = shifted_targets(&b.labels, b.ids[0].len()).0.len();
+    let whole = |seed| {
+        let (loss, _) = net.train_loss(&b.ids, &pos, &b.labels, seed);
+        let mut g = Grads::default();
+        g.accumulate(&net, &loss.backward());
+        g
+    };
+    let ckpt = |seed| {
+        let mut g = Grads::default();
+        checkpoint::loss_and_grads(&net, &b.ids, &pos, &b.labels, seed, k, &mut g).unwrap();
+        g
+    };
+    let diff = |a: &Grads<Flex>, b: &Grads<Flex>| {
+        assert_eq!(
+            a.map.keys().collect::<Vec<_>>(),
+            b.map.keys().collect::<Vec<_>>()
+        );
+        a.map
+            .iter()
+            .map(|(name, x)| {
+                let x: Vec<f32> = x.to_data().convert::<f32>().into_vec().unwrap();
+                let y: Vec<f32> = b.map[name].to_data().convert::<f32>().into_vec().unwrap();
+                let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = x
+                    .iter()
+                    .zip(&y)
+                    .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                d / scale.max(1e-12)
+            })
+            .fold(0f32, f32::max)
+    };
+    let (w1, c1, c2) = (whole(1), ckpt(1), ckpt(2));
+    assert_eq!(
+        c1.map.len(),
+        2 * 7 * 2,
+        "only the LoRA factors have gradients"
+    );
+    let same = diff(&w1, &c1);
+    let other = diff(&w1, &c2);
+    eprintln!("relative gradient difference: same seed {same:e}, other seed {other:e}");
+    assert!(
+        same < 1e-5,
+        "checkpointing changed the gradients by {same:e}"
+    );
+    assert!(other > 1e-2, "another seed kept the masks ({other:e})");
 }
 
 #[test]
@@ -481,7 +576,9 @@ mod cuda {
     fn full_steps_match_torch_on_cuda() {
         let Some(device) = common::gpu() else { return };
         for name in ["tiny-qwen2", "tiny-llama"] {
-            full_step::<Gpu>(name, &device, &CUDA_TOL);
+            for ckpt in [false, true] {
+                full_step::<Gpu>(name, &device, &CUDA_TOL, ckpt);
+            }
         }
     }
 
@@ -489,7 +586,9 @@ mod cuda {
     fn lora_steps_match_peft_on_cuda() {
         let Some(device) = common::gpu() else { return };
         for name in ["tiny-qwen2", "tiny-llama"] {
-            lora_step::<Gpu>(name, &device, &CUDA_TOL);
+            for ckpt in [false, true] {
+                lora_step::<Gpu>(name, &device, &CUDA_TOL, ckpt);
+            }
         }
     }
 

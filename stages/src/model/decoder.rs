@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use anyhow::bail;
 use burn::module::{Module, Param};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
@@ -52,13 +52,26 @@ pub struct LoraAdapter<B: Backend> {
 }
 
 impl<B: ModelBackend> Linear<B> {
-    /// Applies the projection to the last dimension.
+    /// Applies the projection to the last dimension; an adapter's dropout
+    /// is on while the backend tracks gradients.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let training = B::ad_enabled(&x.device());
+        self.forward_with(x, training)
+    }
+
+    /// [`Self::forward`] with an adapter's dropout on or off whatever the
+    /// backend: on in the untracked forward pass that gradient checkpointing
+    /// recomputes.
+    pub(crate) fn forward_with<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        dropout: bool,
+    ) -> Tensor<B, D> {
         match &self.lora {
             None => to_f32(self.base(x)),
             Some(l) => {
                 let device = x.device();
-                let xa = if l.dropout > 0.0 && B::ad_enabled(&device) {
+                let xa = if l.dropout > 0.0 && dropout {
                     let keep = Tensor::<B, D>::random(
                         x.shape(),
                         Distribution::Bernoulli(1.0 - l.dropout),
@@ -277,19 +290,41 @@ pub struct Positions<B: Backend> {
     mask: Tensor<B, 4, Bool>,
 }
 
+impl<B: AutodiffBackend> Positions<B> {
+    /// The same tables and mask on the backend autodiff wraps.
+    pub fn inner(&self) -> Positions<B::InnerBackend> {
+        let rope = |(cos, sin): &Rope<B>| (cos.clone().inner(), sin.clone().inner());
+        Positions {
+            q_rope: rope(&self.q_rope),
+            k_rope: rope(&self.k_rope),
+            mask: self.mask.clone().inner(),
+        }
+    }
+}
+
 impl<B: ModelBackend> Attention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
         pos: &Positions<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        dropout: bool,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let rep = h / kvh;
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, hd]);
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, hd]);
-        let v = self.v_proj.forward(x).reshape([b, t, kvh, hd]);
+        let q = self
+            .q_proj
+            .forward_with(x.clone(), dropout)
+            .reshape([b, t, h, hd]);
+        let k = self
+            .k_proj
+            .forward_with(x.clone(), dropout)
+            .reshape([b, t, kvh, hd]);
+        let v = self
+            .v_proj
+            .forward_with(x, dropout)
+            .reshape([b, t, kvh, hd]);
         let (q, k) = (
             rope(q, &pos.q_rope.0, &pos.q_rope.1),
             rope(k, &pos.k_rope.0, &pos.k_rope.1),
@@ -322,30 +357,36 @@ impl<B: ModelBackend> Attention<B> {
         };
         // [b, kvh, t, rep * hd] -> [b, t, kvh, rep * hd]: heads in HF's order.
         let out = swap_heads(out.reshape([b, kvh, t, rep * hd]));
-        self.o_proj.forward(out.reshape([b, t, h * hd]))
+        self.o_proj
+            .forward_with(out.reshape([b, t, h * hd]), dropout)
     }
 }
 
 impl<B: ModelBackend> Mlp<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone());
-        self.down_proj
-            .forward(swiglu(gate, self.up_proj.forward(x)))
+    fn forward(&self, x: Tensor<B, 3>, dropout: bool) -> Tensor<B, 3> {
+        let gate = self.gate_proj.forward_with(x.clone(), dropout);
+        let up = self.up_proj.forward_with(x, dropout);
+        self.down_proj.forward_with(swiglu(gate, up), dropout)
     }
 }
 
 impl<B: ModelBackend> DecoderLayer<B> {
-    fn forward(
+    /// The layer's output; `dropout` switches the adapters' dropout on.
+    pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
         pos: &Positions<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        dropout: bool,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), pos, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let attn =
+            self.self_attn
+                .forward(self.input_layernorm.forward(x.clone()), pos, cache, dropout);
+        let h = x + attn;
+        let mlp = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(h.clone()), dropout);
+        h + mlp
     }
 }
 
@@ -418,7 +459,9 @@ impl<B: ModelBackend> CausalLm<B> {
     /// Rotary tables and mask for packed rows: `segments[b][t]` names the
     /// sample each token belongs to; tokens attend only within their sample,
     /// causally, and positions restart at 0 for each sample. Padding gets a
-    /// segment of its own (any id not used by a sample).
+    /// segment of its own (any id not used by a sample). The labels of such
+    /// rows must be -100 at every sample's first token, so that no token
+    /// predicts across a sample boundary.
     pub fn positions_packed(&self, segments: &[Vec<u32>], device: &B::Device) -> Positions<B> {
         let b = segments.len();
         let t = segments.first().map_or(0, Vec::len);
@@ -543,21 +586,6 @@ impl<B: ModelBackend> CausalLm<B> {
         (q_rope, k_rope)
     }
 
-    /// [`CausalLm::loss`] over packed rows (see [`CausalLm::positions_packed`]).
-    /// The first label of every sample must be -100, so no token predicts
-    /// across a sample boundary.
-    pub fn loss_packed(
-        &self,
-        ids: &[Vec<u32>],
-        segments: &[Vec<u32>],
-        labels: &[Vec<i64>],
-    ) -> (Tensor<B, 1>, usize) {
-        let device = self.embed_tokens.device();
-        let pos = self.positions_packed(segments, &device);
-        let hidden = self.forward_hidden(Self::ids_tensor(ids, &device), &pos, None);
-        self.loss_from_hidden(hidden, labels)
-    }
-
     /// Switches bf16 mixed precision on or off: matmuls and attention compute
     /// in bf16 while weights, norms, softmax statistics and the loss stay f32,
     /// as under `torch.autocast(dtype=torch.bfloat16)` with f32 master weights.
@@ -584,18 +612,68 @@ impl<B: ModelBackend> CausalLm<B> {
     }
 
     /// Final hidden states `[batch, seq, hidden]` (after the last norm).
+    /// LoRA dropout is on while the backend tracks gradients, its masks drawn
+    /// from the backend's generator in layer order.
     pub fn forward_hidden(
         &self,
         ids: Tensor<B, 2, Int>,
         pos: &Positions<B>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
+        let dropout = B::ad_enabled(&ids.device());
         let mut x = embedding(self.embed_tokens.val(), ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, pos, slot);
+            x = layer.forward(x, pos, slot, dropout);
         }
         self.norm.forward(x)
+    }
+
+    /// The mean loss of a training micro-batch (as [`Self::loss`], on the
+    /// rows that `pos` describes) with LoRA dropout on, each layer's masks
+    /// drawn from a seed of its own derived from `seed`, so that gradient
+    /// checkpointing, which runs a layer twice, draws the same masks both
+    /// times and as this does.
+    pub fn train_loss(
+        &self,
+        ids: &[Vec<u32>],
+        pos: &Positions<B>,
+        labels: &[Vec<i64>],
+        seed: u64,
+    ) -> (Tensor<B, 1>, usize) {
+        let device = self.embed_tokens.device();
+        let mut x = embedding(self.embed_tokens.val(), Self::ids_tensor(ids, &device));
+        for (l, layer) in self.layers.iter().enumerate() {
+            self.seed_layer(&device, seed, l);
+            x = layer.forward(x, pos, None, true);
+        }
+        self.loss_from_hidden(self.norm.forward(x), labels)
+    }
+
+    /// Seeds the backend's generator for layer `l`'s dropout masks in a
+    /// micro-batch seeded `seed`; nothing when no adapter drops out.
+    pub(crate) fn seed_layer(&self, device: &B::Device, seed: u64, l: usize) {
+        if self.has_dropout() {
+            B::seed(device, layer_seed(seed, l));
+        }
+    }
+
+    /// Whether an adapter has dropout.
+    fn has_dropout(&self) -> bool {
+        self.layers.iter().any(|layer| {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]
+            .into_iter()
+            .any(|x| x.lora.as_ref().is_some_and(|l| l.dropout > 0.0))
+        })
     }
 
     /// Projects hidden states to vocabulary logits.
@@ -920,6 +998,16 @@ impl<B: Backend> CausalLm<B> {
 /// Hidden states at counted positions, their targets, and `(row, position)`
 /// of each.
 pub type Counted<B> = (Tensor<B, 2>, Vec<i64>, Vec<(usize, usize)>);
+
+/// The seed of layer `l`'s dropout masks in a micro-batch seeded `seed`
+/// (SplitMix64's finaliser, so neighbouring layers and seeds get unrelated
+/// streams).
+fn layer_seed(seed: u64, l: usize) -> u64 {
+    let mut z = seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
 
 /// `(flat row index b * t + i, target)` for every position whose next label counts.
 pub fn shifted_targets(labels: &[Vec<i64>], t: usize) -> (Vec<i64>, Vec<i64>) {

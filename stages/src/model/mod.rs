@@ -5,6 +5,7 @@ pub mod attention;
 pub mod backend;
 mod binary_op;
 pub mod chat;
+pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod device;

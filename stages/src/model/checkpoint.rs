@@ -1,0 +1,106 @@
+//! Gradient checkpointing (HF's `gradient_checkpointing`): a micro-batch's
+//! loss and gradients with only each decoder layer's input kept from the
+//! forward pass, and the layer's activations recomputed, one layer at a
+//! time, in the backward pass.
+//!
+//! The forward pass runs on the backend autodiff wraps, so it records no
+//! graph; it keeps the `[batch, seq, hidden]` input of every layer. The
+//! final norm, the LM head and the loss then run under autodiff on the last
+//! layer's output, and their backward pass gives that output's gradient.
+//! Going down the layers, each one runs again under autodiff from its kept
+//! input, and the backward pass of `sum(output * gradient)` gives its
+//! parameters' gradients and its input's gradient, the next layer's output
+//! gradient. Peak activation memory is one layer's instead of all of them,
+//! for one more forward pass of the layers.
+//!
+//! Each layer's LoRA dropout masks come from a seed of its own
+//! ([`CausalLm::seed_layer`]), drawn the same in both passes and as
+//! [`CausalLm::train_loss`] draws them, so checkpointing does not change
+//! what is trained.
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::module::embedding;
+
+use super::backend::TrainBackend;
+use super::decoder::{CausalLm, DecoderLayer, Positions};
+use super::optim::Grads;
+
+/// Adds to `grads` the gradients of `loss * k / total` for one micro-batch
+/// (`k` counted tokens out of the step's `total`), as
+/// [`CausalLm::train_loss`] followed by its backward pass would, and returns
+/// that scaled loss and `k`; `None` when no token of the micro-batch counts.
+pub fn loss_and_grads<B: TrainBackend>(
+    net: &CausalLm<B>,
+    ids: &[Vec<u32>],
+    pos: &Positions<B>,
+    labels: &[Vec<i64>],
+    seed: u64,
+    total: usize,
+    grads: &mut Grads<B::InnerBackend>,
+) -> Option<(Tensor<B::InnerBackend, 1>, usize)> {
+    let device = net.embed_tokens.device();
+    let ids = CausalLm::<B>::ids_tensor(ids, &device);
+    let inner = net.valid();
+    let inner_pos = pos.inner();
+    let mut inputs = Vec::with_capacity(net.layers.len());
+    let mut x = embedding(inner.embed_tokens.val(), ids.clone().inner());
+    for (l, layer) in inner.layers.iter().enumerate() {
+        inputs.push(x.clone());
+        inner.seed_layer(&device, seed, l);
+        x = layer.forward(x, &inner_pos, None, true);
+    }
+
+    let top = Tensor::<B, 3>::from_inner(x).require_grad();
+    let (loss, k) = net.loss_from_hidden(net.norm.forward(top.clone()), labels);
+    if k == 0 {
+        return None;
+    }
+    let scaled = loss.mul_scalar(k as f64 / total as f64);
+    let g = scaled.backward();
+    grads.accumulate(net, &g);
+    let mut dy = top.grad(&g);
+
+    let embed_trains = net.embed_tokens.val().is_require_grad();
+    for (l, layer) in net.layers.iter().enumerate().rev() {
+        let Some(d) = dy.take() else { break };
+        let x = Tensor::<B, 3>::from_inner(inputs.pop().expect("one input per layer"));
+        let x = if l > 0 || embed_trains {
+            x.require_grad()
+        } else if trains(layer) {
+            x
+        } else {
+            break;
+        };
+        net.seed_layer(&device, seed, l);
+        let y = layer.forward(x.clone(), pos, None, true);
+        let g = vjp(y, d);
+        grads.accumulate(net, &g);
+        dy = x.grad(&g);
+    }
+    if let (true, Some(d)) = (embed_trains, dy) {
+        let g = vjp(embedding(net.embed_tokens.val(), ids), d);
+        grads.accumulate(net, &g);
+    }
+    Some((scaled.inner(), k))
+}
+
+/// Whether a parameter of `layer` is trained.
+fn trains<B: AutodiffBackend>(layer: &DecoderLayer<B>) -> bool {
+    struct Any(bool);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Any {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 |= param.val().is_require_grad();
+        }
+    }
+    let mut any = Any(false);
+    layer.visit(&mut any);
+    any.0
+}
+
+/// The backward pass of `y` with `dy` as its gradient: that of
+/// `sum(y * dy)`, whose gradient with respect to `y` is `dy` exactly.
+fn vjp<B: AutodiffBackend>(y: Tensor<B, 3>, dy: Tensor<B::InnerBackend, 3>) -> B::Gradients {
+    (y * Tensor::from_inner(dy)).sum().backward()
+}
