@@ -85,7 +85,7 @@ fi)
       save_steps: 100000
       cutoff_len: $CUTOFF
       train_on_prompt: $([ "$TRAIN_ON_PROMPT" = 1 ] && echo true || echo false)
-      gradient_checkpointing: $([ "$GC" = 1 ] && echo true || echo false)
+$(if [ "$GC" = 1 ]; then printf '      gradient_checkpointing: true\n'; fi)
     outs: {model: out/, metrics: metrics.jsonl}
 YAML
     secs="$(timed "$d/log" "$d/time" "$BIN" run "$d/p.yaml")"

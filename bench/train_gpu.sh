@@ -154,7 +154,6 @@ else
 fi
 [ "$BF16" = 1 ] && bf16_yaml=true || bf16_yaml=false
 [ "$PACKING" = 1 ] && packing_yaml=true || packing_yaml=false
-[ "$GC" = 1 ] && gc_yaml=true || gc_yaml=false
 
 rm -rf "$work" && mkdir -p "$work"
 work_abs="$(cd "$work" && pwd)"
@@ -269,7 +268,7 @@ stages:
       save_steps: 1000000
       cutoff_len: $SEQ
       train_on_prompt: true
-      gradient_checkpointing: $gc_yaml
+$(if [ "$GC" = 1 ]; then printf '      gradient_checkpointing: true\n'; fi)
       packing: $packing_yaml
       bf16: $bf16_yaml
       device: $DEVICE
