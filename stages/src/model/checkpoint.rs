@@ -61,6 +61,8 @@ pub fn loss_and_grads<B: TrainBackend>(
     let g = scaled.backward();
     grads.accumulate(net, &g);
     let mut dy = top.grad(&g);
+    // What the head's pass holds beyond `grads` goes before the layers run.
+    drop(g);
 
     let embed_trains = net.embed_tokens.val().is_require_grad();
     for (l, layer) in net.layers.iter().enumerate().rev() {
