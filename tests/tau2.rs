@@ -144,6 +144,7 @@ fn tau2_matrix_cleans_exports_trains_evaluates_and_reruns_one_branch() {
         "dataset_dir: llamafactory",
         "template: qwen",
         "max_steps: 2",
+        "disable_gradient_checkpointing: true",
     ] {
         assert!(yaml.lines().any(|l| l == line), "{line} in\n{yaml}");
     }

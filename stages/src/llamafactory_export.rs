@@ -233,10 +233,13 @@ impl Stage for LlamaFactoryExport {
             put("dataset", json!(p.dataset_name));
             let rel = relative(&dir, yaml_path.parent().unwrap_or(Path::new(".")));
             put("dataset_dir", json!(rel));
-            for (k, v) in t {
-                if LF_KEYS.contains(&k.as_str()) && !v.is_null() {
+            for (k, v) in t.iter().filter(|(_, v)| !v.is_null()) {
+                if LF_KEYS.contains(&k.as_str()) {
                     put(k, v.clone());
-                } else if !v.is_null() {
+                } else if let ("gradient_checkpointing", Some(on)) = (k.as_str(), v.as_bool()) {
+                    // LLaMA-Factory checkpoints unless told not to.
+                    put("disable_gradient_checkpointing", json!(!on));
+                } else {
                     not_exported.push(k.clone());
                 }
             }
