@@ -22,6 +22,7 @@ use super::rms_norm::rms_norm;
 use super::rope::rope;
 use super::swiglu::swiglu;
 use super::weights::HostTensor;
+use crate::rng;
 
 /// A dense projection `y = x W + b` with `W` stored `[in, out]`.
 #[derive(Module, Debug)]
@@ -1003,10 +1004,7 @@ pub type Counted<B> = (Tensor<B, 2>, Vec<i64>, Vec<(usize, usize)>);
 /// (SplitMix64's finaliser, so neighbouring layers and seeds get unrelated
 /// streams).
 fn layer_seed(seed: u64, l: usize) -> u64 {
-    let mut z = seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    rng::mix(seed ^ (l as u64 + 1).wrapping_mul(rng::GAMMA))
 }
 
 /// `(flat row index b * t + i, target)` for every position whose next label counts.
