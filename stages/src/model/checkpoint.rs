@@ -48,7 +48,7 @@ pub fn loss_and_grads<B: TrainBackend>(
     let mut x = embedding(inner.embed_tokens.val(), ids.clone().inner());
     for (l, layer) in inner.layers.iter().enumerate() {
         inputs.push(x.clone());
-        inner.seed_layer(&device, seed, l);
+        CausalLm::<B::InnerBackend>::seed_layer(&device, seed, l);
         x = layer.forward(x, &inner_pos, None, true);
     }
 
@@ -75,7 +75,7 @@ pub fn loss_and_grads<B: TrainBackend>(
         } else {
             break;
         };
-        net.seed_layer(&device, seed, l);
+        CausalLm::<B>::seed_layer(&device, seed, l);
         let y = layer.forward(x.clone(), pos, None, true);
         let g = vjp(y, d);
         grads.accumulate(net, &g);

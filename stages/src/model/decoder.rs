@@ -619,15 +619,9 @@ impl<B: ModelBackend> CausalLm<B> {
         &self,
         ids: Tensor<B, 2, Int>,
         pos: &Positions<B>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let dropout = B::ad_enabled(&ids.device());
-        let mut x = embedding(self.embed_tokens.val(), ids);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, pos, slot, dropout);
-        }
-        self.norm.forward(x)
+        self.hidden(ids, pos, cache, None)
     }
 
     /// The mean loss of a training micro-batch (as [`Self::loss`], on the
@@ -642,39 +636,36 @@ impl<B: ModelBackend> CausalLm<B> {
         labels: &[Vec<i64>],
         seed: u64,
     ) -> (Tensor<B, 1>, usize) {
-        let device = self.embed_tokens.device();
-        let mut x = embedding(self.embed_tokens.val(), Self::ids_tensor(ids, &device));
+        let ids = Self::ids_tensor(ids, &self.embed_tokens.device());
+        self.loss_from_hidden(self.hidden(ids, pos, None, Some(seed)), labels)
+    }
+
+    /// [`Self::forward_hidden`]; with a `seed`, dropout is on and each
+    /// layer's masks come from [`Self::seed_layer`].
+    fn hidden(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pos: &Positions<B>,
+        mut cache: Option<&mut KvCache<B>>,
+        seed: Option<u64>,
+    ) -> Tensor<B, 3> {
+        let device = ids.device();
+        let dropout = seed.is_some() || B::ad_enabled(&device);
+        let mut x = embedding(self.embed_tokens.val(), ids);
         for (l, layer) in self.layers.iter().enumerate() {
-            self.seed_layer(&device, seed, l);
-            x = layer.forward(x, pos, None, true);
+            if let Some(seed) = seed {
+                Self::seed_layer(&device, seed, l);
+            }
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            x = layer.forward(x, pos, slot, dropout);
         }
-        self.loss_from_hidden(self.norm.forward(x), labels)
+        self.norm.forward(x)
     }
 
     /// Seeds the backend's generator for layer `l`'s dropout masks in a
-    /// micro-batch seeded `seed`; nothing when no adapter drops out.
-    pub(crate) fn seed_layer(&self, device: &B::Device, seed: u64, l: usize) {
-        if self.has_dropout() {
-            B::seed(device, layer_seed(seed, l));
-        }
-    }
-
-    /// Whether an adapter has dropout.
-    fn has_dropout(&self) -> bool {
-        self.layers.iter().any(|layer| {
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ]
-            .into_iter()
-            .any(|x| x.lora.as_ref().is_some_and(|l| l.dropout > 0.0))
-        })
+    /// micro-batch seeded `seed`.
+    pub(crate) fn seed_layer(device: &B::Device, seed: u64, l: usize) {
+        B::seed(device, layer_seed(seed, l));
     }
 
     /// Projects hidden states to vocabulary logits.
