@@ -309,6 +309,23 @@ fn steps_with_gradient_checkpointing_match_torch_and_peft() {
     }
 }
 
+/// `net`'s adapter factors re-attached to the fixture in `dir` with
+/// `dropout`, through a PEFT directory as a user's would be.
+fn with_dropout(
+    dir: &Path,
+    net: &CausalLm<AB>,
+    mut cfg: lora::LoraConfig,
+    dropout: f64,
+) -> CausalLm<AB> {
+    cfg.dropout = dropout;
+    let tmp = tempfile::tempdir().unwrap();
+    lora::save_adapter(net, &cfg, None, tmp.path()).unwrap();
+    let base = Model::<AB>::load(dir, &Default::default()).unwrap();
+    let (net, got) = lora::load_adapter(base.net, tmp.path()).unwrap();
+    assert_eq!(got.dropout, dropout);
+    net
+}
+
 /// With LoRA dropout, gradient checkpointing recomputes each layer with the
 /// masks of the forward pass: its gradients are those of the whole pass
 /// with the same seed ([`CausalLm::train_loss`]), and another seed gives
@@ -318,7 +335,7 @@ fn gradient_checkpointing_keeps_the_dropout_masks() {
     let dir = fixture("tiny-llama");
     let b = batch(&reference(&dir).tensors);
     let device = Default::default();
-    let (net, mut cfg) = lora::load_adapter(
+    let (net, cfg) = lora::load_adapter(
         Model::<AB>::load(&dir, &device).unwrap().net,
         &dir.join("lora-init"),
     )
@@ -326,11 +343,7 @@ fn gradient_checkpointing_keeps_the_dropout_masks() {
     // B = 0 in a fresh adapter would hide A's gradient: take one step first.
     let (_, g) = loss_and_grads(&net, &b, false);
     let net = AdamW::new(AdamWConfig::default()).step(net, &g, 0.01);
-    cfg.dropout = 0.3;
-    let tmp = tempfile::tempdir().unwrap();
-    lora::save_adapter(&net, &cfg, None, tmp.path()).unwrap();
-    let base = Model::<AB>::load(&dir, &device).unwrap();
-    let (net, _) = lora::load_adapter(base.net, tmp.path()).unwrap();
+    let net = with_dropout(&dir, &net, cfg, 0.3);
     let pos = net.positions(&arange_rows(&b.ids), &b.mask, &device);
     let k = shifted_targets(&b.labels, b.ids[0].len()).0.len();
     let whole = |seed| {
@@ -387,15 +400,8 @@ fn lora_dropout_is_seeded_and_off_in_eval() {
     let r = reference(&dir);
     let b = batch(&r.tensors);
     let model = Model::<AB>::load(&dir, &Default::default()).unwrap();
-    let mut cfg = lora::LoraConfig::from_peft_dir(&dir.join("lora-init")).unwrap();
-    cfg.dropout = 0.3;
-    let (net, _) = lora::load_adapter(model.net, &dir.join("lora-init")).unwrap();
-    // Re-attach the same factors with dropout.
-    let tmp = tempfile::tempdir().unwrap();
-    lora::save_adapter(&net, &cfg, None, tmp.path()).unwrap();
-    let base = Model::<AB>::load(&dir, &Default::default()).unwrap();
-    let (drop_net, got) = lora::load_adapter(base.net, tmp.path()).unwrap();
-    assert_eq!(got.dropout, 0.3);
+    let (net, cfg) = lora::load_adapter(model.net, &dir.join("lora-init")).unwrap();
+    let drop_net = with_dropout(&dir, &net, cfg, 0.3);
     let device = Default::default();
     let train_loss = |seed| {
         AB::seed(&device, seed);
