@@ -445,10 +445,36 @@ fn epochs_schedules_and_checkpoint_limits_follow_hf_trainer() {
     kept.sort();
     assert_eq!(kept, ["global_step_5", "global_step_6"]);
 
+    // A schedule with kwargs reaches the steps (each schedule's values are
+    // checked against transformers in stages/tests/schedules.rs).
+    let kwargs =
+        "lr_scheduler_type: cosine_with_min_lr\n      lr_scheduler_kwargs: {min_lr: 4.0e-4}";
+    p.write(
+        "sft.yaml",
+        &yaml.replace("lr_scheduler_type: constant", kwargs),
+    );
+    p.run_ok("sft.yaml", &["--stage", "phase1"]);
+    let m = metrics(&p, "work/phase1.jsonl");
+    let schedule = anneal_stages::train::Schedule::new(
+        anneal_stages::train::Scheduler::CosineWithMinLr,
+        json!({"min_lr": 4.0e-4}).as_object().unwrap(),
+        1e-3,
+    )
+    .and_then(|s| s.for_run(2, 6))
+    .unwrap();
+    let lrs: Vec<f64> = m.iter().map(|x| x["lr"].as_f64().unwrap()).collect();
+    let want: Vec<f64> = (0..6).map(|s| schedule.lr(s)).collect();
+    assert_eq!(lrs, want);
+    assert!(lrs[5] > 4.0e-4 && lrs[5] < 5.0e-4, "{lrs:?}");
+
     for (bad, key) in [
         ("eval_steps: 0", "params.eval_steps"),
         ("max_steps: 0", "params.max_steps"),
         ("adam_beta1: 1.0", "params.adam_beta1"),
+        (
+            "lr_scheduler_kwargs: {min_lr: 1.0e-5}",
+            "params.lr_scheduler_kwargs.min_lr",
+        ),
     ] {
         let y = if bad.starts_with("eval_steps") {
             yaml.replacen("eval_steps: 3", bad, 1)

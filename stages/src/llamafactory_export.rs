@@ -88,6 +88,7 @@ const LF_KEYS: &[&str] = &[
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "lr_scheduler_type",
+    "lr_scheduler_kwargs",
     "warmup_ratio",
     "warmup_steps",
     "weight_decay",

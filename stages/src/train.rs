@@ -4,6 +4,7 @@
 
 pub mod data;
 pub mod plot;
+pub mod schedule;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -16,7 +17,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::model::checkpoint;
 use crate::model::decoder::arange_rows;
@@ -30,6 +31,7 @@ use crate::rows::RowReader;
 use crate::train_val_split::permutation;
 use crate::{ConfigError, KeySpec, Stage, StageContext};
 use data::{DataSpec, Sample, Side, TrainOn};
+pub use schedule::{Schedule, Scheduler};
 
 /// The `train` kind.
 pub struct Train;
@@ -42,21 +44,6 @@ pub enum FinetuningType {
     Full,
     /// Low-rank adapters on the projections; the base is frozen.
     Lora,
-}
-
-/// Learning-rate schedule after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scheduler {
-    /// Cosine decay to 0.
-    Cosine,
-    /// Linear decay to 0.
-    Linear,
-    /// Constant; no warmup (HF's `constant` ignores warmup settings).
-    Constant,
-    /// Linear warmup, then constant.
-    #[serde(rename = "constant_with_warmup")]
-    ConstantWithWarmup,
 }
 
 /// Params of `train` (names as in LLaMA-Factory and HF TrainingArguments).
@@ -99,9 +86,16 @@ pub struct Params {
     /// trained tokens of the whole accumulated batch.
     #[serde(default = "one")]
     pub gradient_accumulation_steps: usize,
-    /// `cosine` (default), `linear` or `constant`.
+    /// Any step-driven HF schedule: `cosine` (default), `linear`,
+    /// `constant`, `constant_with_warmup`, `cosine_with_restarts`,
+    /// `polynomial`, `inverse_sqrt`, `cosine_with_min_lr`,
+    /// `cosine_warmup_with_min_lr` or `warmup_stable_decay`.
     #[serde(default = "default_sched")]
     pub lr_scheduler_type: Scheduler,
+    /// The schedule's own arguments, as HF's `lr_scheduler_kwargs` (e.g.
+    /// `{min_lr_rate: 0.1}` for `cosine_with_min_lr`).
+    #[serde(default)]
+    pub lr_scheduler_kwargs: Map<String, Value>,
     /// Share of steps for linear warmup.
     #[serde(default)]
     pub warmup_ratio: f64,
@@ -316,6 +310,7 @@ impl Validate for Params {
         {
             return Err(err("num_train_epochs", "num_train_epochs must be positive"));
         }
+        self.schedule().map_err(|e| kwarg_err(&e))?;
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return Err(err("warmup_ratio", "warmup_ratio must be in [0, 1)"));
         }
@@ -367,6 +362,15 @@ impl Params {
         }
     }
 
+    /// The schedule with its kwargs, not yet sized to a run.
+    fn schedule(&self) -> Result<Schedule, schedule::KwargError> {
+        Schedule::new(
+            self.lr_scheduler_type,
+            &self.lr_scheduler_kwargs,
+            self.learning_rate,
+        )
+    }
+
     fn lora_config(&self) -> anyhow::Result<LoraConfig> {
         Ok(LoraConfig {
             r: self.lora_rank,
@@ -378,24 +382,14 @@ impl Params {
     }
 }
 
-/// Learning rate at optimizer step `step` (0-based) of `total`, as
-/// transformers' schedules with warmup compute it.
-pub fn lr_at(kind: Scheduler, peak: f64, step: u64, warmup: u64, total: u64) -> f64 {
-    // HF's `constant` ignores warmup settings.
-    let warmup = if kind == Scheduler::Constant {
-        0
+/// The config error for a problem with `lr_scheduler_kwargs`.
+fn kwarg_err(e: &schedule::KwargError) -> ConfigError {
+    let key = if e.key.is_empty() {
+        "lr_scheduler_kwargs".to_owned()
     } else {
-        warmup
+        format!("lr_scheduler_kwargs.{}", e.key)
     };
-    if step < warmup {
-        return peak * step as f64 / warmup.max(1) as f64;
-    }
-    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
-    match kind {
-        Scheduler::Constant | Scheduler::ConstantWithWarmup => peak,
-        Scheduler::Linear => peak * (1.0 - progress).max(0.0),
-        Scheduler::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-    }
+    err(&key, e.message.clone())
 }
 
 const INPUTS: &[KeySpec] = &[
@@ -745,6 +739,13 @@ impl OnDevice for Job<'_> {
         let warmup = p
             .warmup_steps
             .unwrap_or_else(|| (p.warmup_ratio * total as f64).ceil() as u64);
+        let schedule = p
+            .schedule()
+            .and_then(|s| s.for_run(warmup, total))
+            .map_err(|e| {
+                let e = kwarg_err(&e);
+                anyhow::anyhow!("{}: {}", e.key, e.message)
+            })?;
 
         // Resume from the newest checkpoint in scratch, if any.
         let ckpt_dir = ctx.scratch.join("checkpoints");
@@ -886,7 +887,7 @@ impl OnDevice for Job<'_> {
             } else {
                 grads.norm_tensor()
             };
-            let lr = lr_at(p.lr_scheduler_type, p.learning_rate, step, warmup, total);
+            let lr = schedule.lr(step);
             net = opt.step(net, &grads, lr);
             let [loss_sum, grad_norm] =
                 [loss_dev, norm_dev].map(|t| t.map_or(0.0, |t| t.into_scalar().elem::<f64>()));
@@ -1130,23 +1131,6 @@ fn prune(dir: &Path, keep: Option<usize>) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn schedules_match_transformers() {
-        // get_cosine_schedule_with_warmup(warmup=2, total=10)
-        let c = |s| lr_at(Scheduler::Cosine, 1.0, s, 2, 10);
-        assert_eq!(c(0), 0.0);
-        assert_eq!(c(1), 0.5);
-        assert_eq!(c(2), 1.0);
-        assert!((c(6) - 0.5).abs() < 1e-12);
-        let l = |s| lr_at(Scheduler::Linear, 1.0, s, 0, 4);
-        assert_eq!((l(0), l(1), l(3)), (1.0, 0.75, 0.25));
-        assert_eq!(lr_at(Scheduler::Constant, 2.0, 7, 0, 8), 2.0);
-        // get_constant_schedule ignores warmup; constant_with_warmup does not.
-        assert_eq!(lr_at(Scheduler::Constant, 2.0, 0, 4, 8), 2.0);
-        let w = |s| lr_at(Scheduler::ConstantWithWarmup, 2.0, s, 4, 8);
-        assert_eq!((w(0), w(2), w(4), w(7)), (0.0, 1.0, 2.0, 2.0));
-    }
 
     #[test]
     fn params_errors_name_the_key() {
