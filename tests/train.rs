@@ -472,6 +472,10 @@ fn epochs_schedules_and_checkpoint_limits_follow_hf_trainer() {
         ("max_steps: 0", "params.max_steps"),
         ("adam_beta1: 1.0", "params.adam_beta1"),
         (
+            "mask_history: true\n      train_on_prompt: true",
+            "params.mask_history",
+        ),
+        (
             "lr_scheduler_kwargs: {min_lr: 1.0e-5}",
             "params.lr_scheduler_kwargs.min_lr",
         ),

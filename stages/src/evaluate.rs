@@ -101,6 +101,10 @@ pub struct Params {
     /// teacher_forced: which tokens count: `all`, `reasoning` or `tool_calls`.
     #[serde(default)]
     pub train_on: TrainOn,
+    /// teacher_forced: score the last assistant turn only (as `train`'s
+    /// `mask_history`).
+    #[serde(default)]
+    pub mask_history: bool,
     /// Failed generations tolerated before the stage fails.
     #[serde(default)]
     pub max_failures: u64,
@@ -131,6 +135,12 @@ fn parse_all(params: &Value) -> Result<AllParams, ConfigError> {
         return Err(ConfigError {
             key: "params.cutoff_len".into(),
             message: "cutoff_len must be at least 1".into(),
+        });
+    }
+    if own.mask_history && own.train_on_prompt {
+        return Err(ConfigError {
+            key: "params.mask_history".into(),
+            message: "mask_history (score the last turn only) contradicts train_on_prompt (score everything); set one of them".into(),
         });
     }
     Ok(AllParams { own, generation })
@@ -723,6 +733,7 @@ impl OnDevice for TeacherForced<'_> {
             cutoff_len: own.cutoff_len,
             truncation_side: own.truncation_side,
             train_on: own.train_on,
+            mask_history: own.mask_history,
         };
         let data = ctx.input("data")?;
         let mut counts = BTreeMap::new();

@@ -103,6 +103,7 @@ const LF_KEYS: &[&str] = &[
     "save_total_limit",
     "eval_steps",
     "train_on_prompt",
+    "mask_history",
     "packing",
     "output_dir",
 ];

@@ -146,6 +146,11 @@ pub struct Params {
     /// Train on prompt tokens too.
     #[serde(default)]
     pub train_on_prompt: bool,
+    /// Train on the last assistant turn only (LLaMA-Factory's
+    /// `mask_history`); earlier turns are context. With a conversation
+    /// longer than `cutoff_len`, `truncation_side: left` keeps that turn.
+    #[serde(default)]
+    pub mask_history: bool,
     /// Longest sample in tokens.
     #[serde(default = "data::default_cutoff")]
     pub cutoff_len: usize,
@@ -317,6 +322,12 @@ impl Validate for Params {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(err("lora_dropout", "lora_dropout must be in [0, 1)"));
         }
+        if self.mask_history && self.train_on_prompt {
+            return Err(err(
+                "mask_history",
+                "mask_history (train on the last turn only) contradicts train_on_prompt (train on everything); set one of them",
+            ));
+        }
         if self.save_steps == 0 {
             return Err(err("save_steps", "save_steps must be at least 1"));
         }
@@ -359,6 +370,7 @@ impl Params {
             cutoff_len: self.cutoff_len,
             truncation_side: self.truncation_side,
             train_on: self.train_on,
+            mask_history: self.mask_history,
         }
     }
 

@@ -95,3 +95,42 @@ fn tool_call_tokens_are_classed_and_filtered() {
     assert_eq!(tok.decode(&trained, false).unwrap(), tool);
     let _ = TrainOn::Reasoning;
 }
+
+#[test]
+fn mask_history_trains_the_last_assistant_turn_only() {
+    let dir = shared().join("fixtures/tiny-qwen2");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    // Two user/assistant exchanges; then a tool call, its result and the answer.
+    for case in [&r["chat"][1], &r["chat"][2]] {
+        let row = json!({"messages": case["messages"], "tools": case["tools"]});
+        let conv = data::conversation(&row, &spec(json!({}))).unwrap();
+        let all = data::tokenize(&tok, &conv, &spec(json!({}))).unwrap();
+        let last = data::tokenize(&tok, &conv, &spec(json!({"mask_history": true}))).unwrap();
+        let want_ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        assert_eq!(last.ids, want_ids);
+        let trained = |s: &data::Sample| -> Vec<u32> {
+            s.labels
+                .iter()
+                .filter(|&&l| l >= 0)
+                .map(|&l| l as u32)
+                .collect()
+        };
+        let messages = case["messages"].as_array().unwrap();
+        let answer = messages.last().unwrap()["content"].as_str().unwrap();
+        assert_eq!(
+            tok.decode(&trained(&last), false).unwrap(),
+            format!("{answer}<|im_end|>\n")
+        );
+        // Without it, the earlier assistant turn is trained as well.
+        assert!(trained(&all).len() > trained(&last).len());
+        assert!(trained(&all).ends_with(&trained(&last)));
+        // The earlier turns are context (class `Ignored`); the last keeps its classes.
+        let n = trained(&last).len();
+        let k = all.ids.len() - n;
+        assert_eq!(all.classes[k..], last.classes[k..]);
+        assert!(last.classes[..k].iter().all(|&c| c == TokenClass::Ignored));
+    }
+}

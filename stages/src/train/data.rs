@@ -36,6 +36,10 @@ pub struct DataSpec {
     /// Which trained tokens count: `all`, `reasoning` or `tool_calls`.
     #[serde(default)]
     pub train_on: TrainOn,
+    /// Train on the last assistant turn only (LLaMA-Factory's
+    /// `mask_history`); earlier turns are context.
+    #[serde(default)]
+    pub mask_history: bool,
 }
 
 impl Default for DataSpec {
@@ -49,6 +53,7 @@ impl Default for DataSpec {
             cutoff_len: default_cutoff(),
             truncation_side: Side::default(),
             train_on: TrainOn::default(),
+            mask_history: false,
         }
     }
 }
@@ -355,6 +360,9 @@ pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result
             ));
         }
         spans.push((p.len(), q.len()));
+    }
+    if spec.mask_history {
+        spans.drain(..spans.len().saturating_sub(1));
     }
     let enc = tok
         .inner()
