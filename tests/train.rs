@@ -344,17 +344,18 @@ fn packing_trains_the_same_function_with_less_padding() {
 }
 
 /// `gradient_checkpointing: true` recomputes each layer in the backward pass
-/// and trains the same model: full fine-tuning, then LoRA with dropout (each
-/// layer's masks drawn again from the same seed).
+/// and trains the same model: full fine-tuning with NEFTune's noise, then
+/// LoRA with dropout (each layer's masks, and the noise, drawn again from
+/// the same seed).
 #[test]
 fn gradient_checkpointing_trains_the_same_model() {
-    let run = |on: bool| {
+    let run = |on: bool, neftune: &str| {
         let p = Project::new();
         write_data(&p);
         let yaml = pipeline("tiny", 4, 100)
             .replace(
                 "      detailed_metrics: true\n",
-                &format!("      gradient_checkpointing: {on}\n"),
+                &format!("      gradient_checkpointing: {on}\n{neftune}"),
             )
             .replace(
                 "      merge_lora: true\n",
@@ -371,7 +372,19 @@ fn gradient_checkpointing_trains_the_same_model() {
             metrics(&p, "work/phase2.jsonl"),
         ]
     };
-    let (plain, ckpt) = (run(false), run(true));
+    let noise = "      neftune_noise_alpha: 5.0\n";
+    let (plain, ckpt, quiet) = (run(false, noise), run(true, noise), run(false, ""));
+    let loss = |m: &[Value]| m[0]["loss"].as_f64().unwrap();
+    assert_ne!(
+        loss(&plain[0]),
+        loss(&quiet[0]),
+        "the noise is on in phase 1"
+    );
+    assert_ne!(
+        loss(&plain[1]),
+        loss(&quiet[1]),
+        "phase 2 starts from phase 1's model"
+    );
     for (phase, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(b) {

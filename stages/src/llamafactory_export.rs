@@ -105,6 +105,7 @@ const LF_KEYS: &[&str] = &[
     "train_on_prompt",
     "mask_history",
     "packing",
+    "neftune_noise_alpha",
     "output_dir",
 ];
 

@@ -175,6 +175,10 @@ pub struct Params {
     /// all, for one more forward pass of the layers. Trains the same model.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// NEFTune (HF's `neftune_noise_alpha`): uniform noise of magnitude
+    /// `alpha / sqrt(seq * hidden)` added to the embeddings in training
+    /// (not in evaluation); typical values 5-15.
+    pub neftune_noise_alpha: Option<f64>,
     /// `fail` (default) or `skip` on a row that cannot be used.
     #[serde(default)]
     pub on_error: OnError,
@@ -322,6 +326,16 @@ impl Validate for Params {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(err("lora_dropout", "lora_dropout must be in [0, 1)"));
         }
+        if let Some(a) = self.neftune_noise_alpha
+            && !(a > 0.0 && a.is_finite())
+        {
+            return Err(err(
+                "neftune_noise_alpha",
+                format!(
+                    "neftune_noise_alpha must be positive (typically 5 to 15), not {a}; leave it out for no noise"
+                ),
+            ));
+        }
         if self.mask_history && self.train_on_prompt {
             return Err(err(
                 "mask_history",
@@ -453,8 +467,10 @@ impl Stage for Train {
     /// what is left, as in HF Trainer); `constant` has no warmup.
     /// 3: each layer's LoRA dropout masks come from a seed of their own, so
     /// that `gradient_checkpointing` trains the same model.
+    /// 4: the learning rate is `peak * factor` as in transformers' `LambdaLR`
+    /// (warmup and linear decay were rounded otherwise, an ulp apart).
     fn version(&self) -> u32 {
-        3
+        4
     }
 
     fn inputs(&self) -> &'static [KeySpec] {
@@ -810,6 +826,7 @@ impl OnDevice for Job<'_> {
             .open(&metrics_path)
             .with_context(|| format!("cannot open {}", metrics_path.display()))?;
         net.set_bf16(p.bf16);
+        net.neftune_noise_alpha = p.neftune_noise_alpha.unwrap_or(0.0);
         ctx.progress.set_total(total);
         ctx.progress.set_done(start);
 

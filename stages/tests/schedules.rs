@@ -10,9 +10,10 @@ use anneal_stages::train::{Schedule, Scheduler};
 use serde_json::json;
 
 /// Prints, for each case `[name, kwargs, warmup, total, peak]`, the learning
-/// rate of every step as `LambdaLR` sets it before each optimizer step.
+/// rate of every step as `LambdaLR` sets it before each optimizer step, as the
+/// bits of the f64 (a decimal would be rounded again when parsed).
 const HF: &str = r#"
-import json, sys, warnings
+import json, struct, sys, warnings
 import torch
 from transformers import get_scheduler
 warnings.simplefilter("ignore")
@@ -23,7 +24,7 @@ for name, kwargs, warmup, total, peak in json.loads(sys.argv[1]):
                       scheduler_specific_kwargs=kwargs)
     lrs = []
     for _ in range(total):
-        lrs.append(opt.param_groups[0]["lr"])
+        lrs.append(struct.unpack("<Q", struct.pack("<d", opt.param_groups[0]["lr"]))[0])
         opt.step()
         s.step()
     out.append(lrs)
@@ -65,7 +66,7 @@ fn every_schedule_matches_transformers() {
         "torch and transformers are required for this test: python3 -m pip install torch transformers\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let hf: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).expect("the script's JSON");
+    let hf: Vec<Vec<u64>> = serde_json::from_slice(&out.stdout).expect("the script's JSON");
     for (case, want) in cases.as_array().unwrap().iter().zip(&hf) {
         let kind: Scheduler = serde_json::from_value(case[0].clone()).unwrap();
         let (warmup, total, peak) = (
@@ -78,18 +79,15 @@ fn every_schedule_matches_transformers() {
             .unwrap_or_else(|e| panic!("{case}: {e:?}"));
         assert_eq!(want.len() as u64, total);
         for (step, &w) in want.iter().enumerate() {
-            let got = s.lr(step as u64);
-            // torch multiplies the same f64 factor by the same peak.
+            let (got, w) = (s.lr(step as u64), f64::from_bits(w));
+            // torch multiplies the same f64 factor by the same peak: bit for bit.
             assert!(
-                (got - w).abs() <= 1e-12 * peak,
+                got.to_bits() == w.to_bits(),
                 "{case} step {step}: anneal {got}, transformers {w}"
             );
         }
         // A schedule that is flat after warmup would not test much.
-        let distinct = want
-            .iter()
-            .map(|x| x.to_bits())
-            .collect::<std::collections::BTreeSet<_>>();
+        let distinct = want.iter().collect::<std::collections::BTreeSet<_>>();
         assert!(
             distinct.len() > 2 || case[0] == "constant",
             "{case}: {want:?}"

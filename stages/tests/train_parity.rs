@@ -30,6 +30,14 @@ fn reference(dir: &Path) -> Ref {
     }
 }
 
+/// Held by every test here that seeds or draws from the backend's generator,
+/// which is one per process: a test comparing two seeded passes must not have
+/// another test reseed it between them.
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     ((a - b) / b).abs()
 }
@@ -303,6 +311,7 @@ fn llama_lora_step_matches_peft() {
 /// The same steps with gradient checkpointing, against the same references.
 #[test]
 fn steps_with_gradient_checkpointing_match_torch_and_peft() {
+    let _rng = rng_lock();
     for name in ["tiny-qwen2", "tiny-llama"] {
         full_step::<AB>(name, &Default::default(), &CPU_TOL, true);
         lora_step::<AB>(name, &Default::default(), &CPU_TOL, true);
@@ -326,12 +335,35 @@ fn with_dropout(
     net
 }
 
+/// The largest difference between two sets of gradients of the same
+/// parameters, relative to the largest element of each parameter's.
+fn grads_diff(a: &Grads<Flex>, b: &Grads<Flex>) -> f32 {
+    assert_eq!(
+        a.map.keys().collect::<Vec<_>>(),
+        b.map.keys().collect::<Vec<_>>()
+    );
+    a.map
+        .iter()
+        .map(|(name, x)| {
+            let x: Vec<f32> = x.to_data().convert::<f32>().into_vec().unwrap();
+            let y: Vec<f32> = b.map[name].to_data().convert::<f32>().into_vec().unwrap();
+            let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            d / scale.max(1e-12)
+        })
+        .fold(0f32, f32::max)
+}
+
 /// With LoRA dropout, gradient checkpointing recomputes each layer with the
 /// masks of the forward pass: its gradients are those of the whole pass
 /// with the same seed ([`CausalLm::train_loss`]), and another seed gives
 /// others.
 #[test]
 fn gradient_checkpointing_keeps_the_dropout_masks() {
+    let _rng = rng_lock();
     let dir = fixture("tiny-llama");
     let b = batch(&reference(&dir).tensors);
     let device = Default::default();
@@ -357,33 +389,14 @@ fn gradient_checkpointing_keeps_the_dropout_masks() {
         checkpoint::loss_and_grads(&net, &b.ids, &pos, &b.labels, seed, k, &mut g).unwrap();
         g
     };
-    let diff = |a: &Grads<Flex>, b: &Grads<Flex>| {
-        assert_eq!(
-            a.map.keys().collect::<Vec<_>>(),
-            b.map.keys().collect::<Vec<_>>()
-        );
-        a.map
-            .iter()
-            .map(|(name, x)| {
-                let x: Vec<f32> = x.to_data().convert::<f32>().into_vec().unwrap();
-                let y: Vec<f32> = b.map[name].to_data().convert::<f32>().into_vec().unwrap();
-                let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = x
-                    .iter()
-                    .zip(&y)
-                    .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-                d / scale.max(1e-12)
-            })
-            .fold(0f32, f32::max)
-    };
     let (w1, c1, c2) = (whole(1), ckpt(1), ckpt(2));
     assert_eq!(
         c1.map.len(),
         2 * 7 * 2,
         "only the LoRA factors have gradients"
     );
-    let same = diff(&w1, &c1);
-    let other = diff(&w1, &c2);
+    let same = grads_diff(&w1, &c1);
+    let other = grads_diff(&w1, &c2);
     eprintln!("relative gradient difference: same seed {same:e}, other seed {other:e}");
     assert!(
         same < 1e-5,
@@ -392,8 +405,78 @@ fn gradient_checkpointing_keeps_the_dropout_masks() {
     assert!(other > 1e-2, "another seed kept the masks ({other:e})");
 }
 
+/// NEFTune's noise is uniform in `±alpha / sqrt(seq * hidden)` as in
+/// transformers' hook, seeded per micro-batch, added in training only, and
+/// gradient checkpointing keeps it: its gradients are the whole pass's.
+#[test]
+fn neftune_noise_is_uniform_seeded_and_kept_by_checkpointing() {
+    let _rng = rng_lock();
+    use burn::tensor::Tensor;
+    let dir = fixture("tiny-llama");
+    let b = batch(&reference(&dir).tensors);
+    let device = Default::default();
+    let mut net = Model::<AB>::load(&dir, &device).unwrap().net;
+    let pos = net.positions(&arange_rows(&b.ids), &b.mask, &device);
+    let k = shifted_targets(&b.labels, b.ids[0].len()).0.len();
+    let whole = |net: &CausalLm<AB>, seed| {
+        let (loss, _) = net.train_loss(&b.ids, &pos, &b.labels, seed);
+        let mut g = Grads::default();
+        g.accumulate(net, &loss.backward());
+        g
+    };
+    let plain = whole(&net, 1);
+    net.neftune_noise_alpha = 5.0;
+
+    let (t, h) = (b.ids[0].len(), net.embed_tokens.val().dims()[1]);
+    let zeros = || Tensor::<Flex, 3>::zeros([64, t, h], &device);
+    let noise: Vec<f32> = net.neftune(zeros(), 7).into_data().into_vec().unwrap();
+    let mag = 5.0 / ((t * h) as f64).sqrt();
+    let n = noise.len() as f64;
+    let mean = noise.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = noise
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let top = noise.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+    eprintln!(
+        "neftune: {n} draws, magnitude {mag}, max |noise| {top}, mean {mean:e}, variance {var:e} (uniform: {:e})",
+        mag * mag / 3.0
+    );
+    assert!(top <= mag && top > 0.99 * mag, "{top} against {mag}");
+    assert!(mean.abs() < 0.01 * mag, "{mean}");
+    assert!((var / (mag * mag / 3.0) - 1.0).abs() < 0.02, "{var}");
+    let again: Vec<f32> = net.neftune(zeros(), 7).into_data().into_vec().unwrap();
+    assert_eq!(noise, again, "same seed, same noise");
+    let other: Vec<f32> = net.neftune(zeros(), 8).into_data().into_vec().unwrap();
+    assert_ne!(noise, other);
+
+    let (w1, w2) = (whole(&net, 1), whole(&net, 2));
+    let mut c1 = Grads::default();
+    checkpoint::loss_and_grads(&net, &b.ids, &pos, &b.labels, 1, k, &mut c1).unwrap();
+    let (same, noisy, other) = (
+        grads_diff(&w1, &c1),
+        grads_diff(&plain, &w1),
+        grads_diff(&w1, &w2),
+    );
+    eprintln!(
+        "relative gradient difference: checkpointing {same:e}, noise on/off {noisy:e}, other seed {other:e}"
+    );
+    assert!(
+        same < 1e-5,
+        "checkpointing changed the gradients by {same:e}"
+    );
+    assert!(noisy > 1e-3 && other > 1e-3, "{noisy:e} {other:e}");
+    // Evaluation has no noise.
+    assert_eq!(loss_of(&net, &b), {
+        net.neftune_noise_alpha = 0.0;
+        loss_of(&net, &b)
+    });
+}
+
 #[test]
 fn lora_dropout_is_seeded_and_off_in_eval() {
+    let _rng = rng_lock();
     use burn::module::AutodiffModule;
     use burn::tensor::backend::Backend;
     let dir = fixture("tiny-llama");
@@ -552,11 +635,13 @@ fn attention_check<AB: TrainBackend>(
 /// 300 tokens: five causal chunks of 64 tokens, each against its own keys.
 #[test]
 fn attention_matches_burns_attention() {
+    let _rng = rng_lock();
     attention_check::<AB>(&Default::default(), (2, 300, 3, 4), false, 1e-5);
 }
 
 #[test]
 fn bf16_attention_stays_close_to_f32() {
+    let _rng = rng_lock();
     attention_check::<AB>(&Default::default(), (2, 300, 3, 4), true, 3e-2);
 }
 

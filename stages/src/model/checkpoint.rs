@@ -45,7 +45,10 @@ pub fn loss_and_grads<B: TrainBackend>(
     let inner = net.valid();
     let inner_pos = pos.inner();
     let mut inputs = Vec::with_capacity(net.layers.len());
-    let mut x = embedding(inner.embed_tokens.val(), ids.clone().inner());
+    let mut x = net.neftune(
+        embedding(inner.embed_tokens.val(), ids.clone().inner()),
+        seed,
+    );
     for (l, layer) in inner.layers.iter().enumerate() {
         inputs.push(x.clone());
         CausalLm::<B::InnerBackend>::seed_layer(&device, seed, l);

@@ -232,6 +232,9 @@ pub struct CausalLm<B: Backend> {
     pub rope_original_max: f64,
     /// Tied LM head in bf16 (see [`Linear::bf16`]).
     pub bf16: bool,
+    /// NEFTune: uniform noise of magnitude `alpha / sqrt(seq * hidden)` on
+    /// the embeddings of training micro-batches (0: off).
+    pub neftune_noise_alpha: f64,
 }
 
 /// Keys and values of every layer for the positions seen so far.
@@ -652,6 +655,9 @@ impl<B: ModelBackend> CausalLm<B> {
         let device = ids.device();
         let dropout = seed.is_some() || B::ad_enabled(&device);
         let mut x = embedding(self.embed_tokens.val(), ids);
+        if let Some(seed) = seed {
+            x = self.neftune(x, seed);
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             if let Some(seed) = seed {
                 Self::seed_layer(&device, seed, l);
@@ -660,6 +666,27 @@ impl<B: ModelBackend> CausalLm<B> {
             x = layer.forward(x, pos, slot, dropout);
         }
         self.norm.forward(x)
+    }
+
+    /// Training embeddings `x` `[batch, seq, hidden]` of a micro-batch seeded
+    /// `seed` with NEFTune's noise added (as transformers' hook: uniform in
+    /// `±alpha / sqrt(seq * hidden)`, `seq` the padded length), or `x` when
+    /// `neftune_noise_alpha` is 0. The noise has a seed of its own, so a
+    /// recomputation draws the same.
+    pub fn neftune<B2: Backend>(&self, x: Tensor<B2, 3>, seed: u64) -> Tensor<B2, 3> {
+        if self.neftune_noise_alpha <= 0.0 {
+            return x;
+        }
+        let [_, t, h] = x.dims();
+        let mag = self.neftune_noise_alpha / ((t * h) as f64).sqrt();
+        let device = x.device();
+        B2::seed(&device, layer_seed(seed, self.layers.len()));
+        let noise = Tensor::random(
+            x.shape(),
+            burn::tensor::Distribution::Uniform(-mag, mag),
+            &device,
+        );
+        x + noise
     }
 
     /// Seeds the backend's generator for layer `l`'s dropout masks in a
@@ -936,6 +963,7 @@ impl<B: Backend> CausalLm<B> {
             rope_high_freq_factor: scaling.map_or(0.0, |s| s.high_freq_factor),
             rope_original_max: scaling.map_or(0.0, |s| s.original_max_position_embeddings),
             bf16: false,
+            neftune_noise_alpha: 0.0,
         })
     }
 
