@@ -66,6 +66,7 @@ stages:
     params:
       finetuning_type: lora
       lora_rank: 4
+      use_rslora: true
       lora_dropout: 0.05
       lora_target: all
       merge_lora: true
@@ -154,6 +155,9 @@ fn phases_train_chain_and_cache() {
     );
     eprintln!("PEFT check: {peft}");
     assert_eq!(peft["peft_type"], "LORA", "{peft}");
+    let adapter: Value =
+        serde_json::from_str(&p.read("work/phase2/adapter/adapter_config.json")).unwrap();
+    assert_eq!(adapter["use_rslora"], true, "{adapter}");
     let scale = peft["logit_scale"].as_f64().unwrap();
     assert!(
         peft["peft_vs_merged_max_abs"].as_f64().unwrap() < 1e-4 * scale.max(1.0),

@@ -82,6 +82,7 @@ const LF_KEYS: &[&str] = &[
     "lora_alpha",
     "lora_dropout",
     "lora_target",
+    "use_rslora",
     "learning_rate",
     "num_train_epochs",
     "max_steps",

@@ -68,6 +68,10 @@ pub struct Params {
     /// Projections with adapters: `all`, a comma-separated string or a list.
     #[serde(default = "default_target")]
     pub lora_target: Value,
+    /// rsLoRA: scale the adapters by `lora_alpha / sqrt(lora_rank)` instead of
+    /// `lora_alpha / lora_rank` (PEFT's and LLaMA-Factory's `use_rslora`).
+    #[serde(default)]
+    pub use_rslora: bool,
     /// Also fold the adapters into a full HF model (the `model` output).
     #[serde(default)]
     pub merge_lora: bool,
@@ -403,7 +407,7 @@ impl Params {
             alpha: self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f64),
             dropout: self.lora_dropout,
             targets: lora_targets(&self.lora_target)?,
-            use_rslora: false,
+            use_rslora: self.use_rslora,
         })
     }
 }
