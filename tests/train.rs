@@ -512,3 +512,126 @@ fn epochs_schedules_and_checkpoint_limits_follow_hf_trainer() {
         assert!(r.stderr.contains(key), "{bad}: {r:?}");
     }
 }
+
+/// `load_best_model_at_end`: the `model` output is the saved checkpoint with
+/// the lowest validation loss, which `save_total_limit` never prunes, and the
+/// final weights are still the last checkpoint.
+#[test]
+fn load_best_model_at_end_outputs_the_best_checkpoint() {
+    let p = Project::new();
+    write_data(&p);
+    // A learning rate high enough that the validation loss goes up again.
+    let yaml = pipeline("tiny", 8, 2)
+        .replace("learning_rate: 1.0e-3", "learning_rate: 5.0e-2")
+        .replace(
+            "eval_steps: 3",
+            "eval_steps: 2\n      load_best_model_at_end: true\n      save_total_limit: 1",
+        )
+        .replace("      detailed_metrics: true\n", "")
+        .replace(
+            "      train: data/train.jsonl\n      init: ${stages.phase1",
+            "      train: data/train.jsonl\n      val: data/val.jsonl\n      init: ${stages.phase1",
+        )
+        .replace(
+            "learning_rate: 2.0e-3\n      max_steps: 3",
+            "learning_rate: LR2\n      max_steps: 6\n      save_steps: 1\n      eval_steps: 1\n      load_best_model_at_end: true",
+        )
+        .replace(
+            "outs: {model: work/phase2/}",
+            "outs: {model: work/phase2/, metrics: work/phase2.jsonl, checkpoints: work/phase2_ckpt/}",
+        )
+        .replace("LR2", "1.0e-1");
+    p.write("sft.yaml", &yaml);
+    p.run_ok("sft.yaml", &[]);
+    let m2 = metrics(&p, "work/phase2.jsonl");
+    let evals2: Vec<(u64, f64)> = m2
+        .iter()
+        .filter_map(|x| Some((x["step"].as_u64()?, x["eval_loss"].as_f64()?)))
+        .collect();
+    eprintln!("LoRA validation losses: {evals2:?}");
+    // LoRA with merge_lora: the adapter and the merged model are the best step's.
+    let best2 = evals2
+        .iter()
+        .fold(evals2[0], |b, &e| if e.1 < b.1 { e } else { b })
+        .0;
+    assert_ne!(best2, 6, "{evals2:?}");
+    let adapter =
+        |dir: &str| std::fs::read(p.path(&format!("{dir}/adapter_model.safetensors"))).unwrap();
+    assert!(
+        adapter("work/phase2/adapter") == adapter(&format!("work/phase2_ckpt/global_step_{best2}"))
+    );
+    assert!(adapter("work/phase2/adapter") != adapter("work/phase2_ckpt/global_step_6"));
+    let ids = |model: &str| {
+        let g = p.anneal(&[
+            "model",
+            "generate",
+            model,
+            "-p",
+            "2+3?",
+            "--max-new-tokens",
+            "4",
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert_eq!(g.code, 0, "{g:?}");
+        g.json()["completions"][0]["ids"].clone()
+    };
+    assert_eq!(
+        ids("work/phase2"),
+        ids("work/phase2/adapter"),
+        "the merged model is the best adapter's"
+    );
+    let m = metrics(&p, "work/phase1.jsonl");
+    let evals: Vec<(u64, f64)> = m
+        .iter()
+        .filter_map(|x| Some((x["step"].as_u64()?, x["eval_loss"].as_f64()?)))
+        .collect();
+    eprintln!("validation losses: {evals:?}");
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 6, 8]);
+    let best = evals
+        .iter()
+        .fold(evals[0], |b, &e| if e.1 < b.1 { e } else { b })
+        .0;
+    assert_ne!(best, 8, "the final step is not the best here: {evals:?}");
+    let weights = |rel: &str| std::fs::read(p.path(rel)).unwrap();
+    assert!(
+        weights("work/phase1/model.safetensors")
+            == weights(&format!(
+                "work/phase1_ckpt/global_step_{best}/model.safetensors"
+            )),
+        "the model output is the best checkpoint"
+    );
+    assert!(
+        weights("work/phase1/model.safetensors")
+            != weights("work/phase1_ckpt/global_step_8/model.safetensors"),
+        "the final checkpoint holds the final weights"
+    );
+    // save_total_limit 1 keeps the best (and the final one, which the output holds).
+    let mut kept: Vec<String> = std::fs::read_dir(p.path("work/phase1_ckpt"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [format!("global_step_{best}"), "global_step_8".into()]
+    );
+    let status = p.anneal(&["status", "sft.yaml", "--json"]).json();
+    let report = &status["stages"][1]["report"];
+    assert_eq!(status["stages"][1]["stage"], "phase1");
+    assert_eq!(report["best_step"], best, "{report}");
+
+    for (edit, key) in [
+        ("", "params.load_best_model_at_end"),
+        ("      eval_steps: 3\n", "params.save_steps"),
+        (
+            "      eval_steps: 2\n      metric_for_best_model: accuracy\n",
+            "params.metric_for_best_model",
+        ),
+    ] {
+        p.write("bad.yaml", &yaml.replacen("      eval_steps: 2\n", edit, 1));
+        let r = p.anneal(&["plan", "bad.yaml"]);
+        assert_eq!(r.code, 2, "{edit}: {r:?}");
+        assert!(r.stderr.contains(key), "{edit}: {r:?}");
+    }
+}

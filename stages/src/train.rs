@@ -138,6 +138,15 @@ pub struct Params {
     pub save_total_limit: Option<usize>,
     /// Evaluate on `val` every N steps (and at the end).
     pub eval_steps: Option<u64>,
+    /// The `model` output is the checkpoint with the lowest validation loss
+    /// among those saved (every `save_steps`, a multiple of `eval_steps`) and
+    /// the final one, as HF's `load_best_model_at_end`; `save_total_limit`
+    /// never prunes it.
+    #[serde(default)]
+    pub load_best_model_at_end: bool,
+    /// What `load_best_model_at_end` compares: `loss` (HF's default, the
+    /// validation loss; `eval_loss` is the same).
+    pub metric_for_best_model: Option<String>,
     /// Key of verl prompt messages.
     #[serde(default = "data::default_prompt_key")]
     pub prompt_key: String,
@@ -345,6 +354,35 @@ impl Validate for Params {
                 "mask_history",
                 "mask_history (train on the last turn only) contradicts train_on_prompt (train on everything); set one of them",
             ));
+        }
+        if let Some(m) = &self.metric_for_best_model
+            && m != "loss"
+            && m != "eval_loss"
+        {
+            return Err(err(
+                "metric_for_best_model",
+                format!("only the validation loss can choose the best model (`loss`), not '{m}'"),
+            ));
+        }
+        if self.load_best_model_at_end {
+            match self.eval_steps {
+                None => {
+                    return Err(err(
+                        "load_best_model_at_end",
+                        "load_best_model_at_end needs eval_steps (and a `val` input) to compare checkpoints",
+                    ));
+                }
+                Some(e) if self.save_steps % e != 0 => {
+                    return Err(err(
+                        "save_steps",
+                        format!(
+                            "with load_best_model_at_end, save_steps ({}) must be a multiple of eval_steps ({e}), so every checkpoint has a validation loss",
+                            self.save_steps
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         if self.save_steps == 0 {
             return Err(err("save_steps", "save_steps must be at least 1"));
@@ -727,6 +765,12 @@ impl OnDevice for Job<'_> {
                 ctx.input("train")?.display()
             );
         }
+        if p.load_best_model_at_end && !ctx.deps.contains_key("val") {
+            bail!(
+                "load_best_model_at_end chooses by validation loss: declare a `val` input \
+                 (e.g. val: ${{stages.split.outs.val}})"
+            );
+        }
         let val = match ctx.deps.get("val") {
             Some(_) => load_samples(
                 &ctx.input("val")?,
@@ -981,9 +1025,49 @@ impl OnDevice for Job<'_> {
                 eta((total - done) as f64 * per_step_s)
             ));
             if done % p.save_steps == 0 && done < total {
-                save_checkpoint(&ckpt_dir, done, &net, &config, self.base, &lora_cfg, &opt)?;
-                prune(&ckpt_dir, p.save_total_limit)?;
+                let saved = Saved {
+                    step: done,
+                    eval_loss: line["eval_loss"].as_f64(),
+                };
+                save_checkpoint(&ckpt_dir, saved, &net, &config, self.base, &lora_cfg, &opt)?;
+                let keep = p
+                    .load_best_model_at_end
+                    .then(|| best_saved(&ckpt_dir))
+                    .flatten();
+                prune(&ckpt_dir, p.save_total_limit, keep.map(|b| b.step))?;
             }
+        }
+
+        // The best checkpoint replaces the final model when it is strictly
+        // better (HF keeps the first of equal ones).
+        let mut best = None;
+        if p.load_best_model_at_end {
+            let last = last_eval.context("no validation loss at the last step")?;
+            let mut chosen = Saved {
+                step: total,
+                eval_loss: Some(last),
+            };
+            if let Some(b) = best_saved(&ckpt_dir)
+                && b.eval_loss.is_some_and(|l| l <= last)
+            {
+                // The final weights still go out as the last checkpoint.
+                if let Some(out) = ctx.output("checkpoints") {
+                    let to = out.join(format!("global_step_{total}"));
+                    save_weights(&net, &config, self.base, &lora_cfg, &to)?;
+                }
+                let dir = ckpt_dir
+                    .join(format!("global_step_{}", b.step))
+                    .join("model");
+                tracing::info!("loading the best checkpoint, {}", dir.display());
+                net = match &lora_cfg {
+                    Some(_) => {
+                        lora::load_adapter(Model::<B>::load(self.base, &device)?.net, &dir)?.0
+                    }
+                    None => Model::<B>::load(&dir, &device)?.net,
+                };
+                chosen = b;
+            }
+            best = Some(chosen);
         }
 
         // Outputs.
@@ -1031,16 +1115,21 @@ impl OnDevice for Job<'_> {
                 .save_total_limit
                 .filter(|k| *k > 0)
                 .map_or(usize::MAX, |k| k - 1);
-            for (n, path) in saved.into_iter().take(keep) {
-                copy_dir(&path.join("model"), &dir.join(format!("global_step_{n}")))?;
+            let best_step = best.as_ref().map(|b| b.step);
+            for (i, (n, path)) in saved.into_iter().enumerate() {
+                if i < keep || Some(n) == best_step {
+                    copy_dir(&path.join("model"), &dir.join(format!("global_step_{n}")))?;
+                }
             }
             // The final checkpoint in the same format as the others: the PEFT
             // adapter for LoRA, even when `out` holds the merged model.
-            let final_src = match &lora_cfg {
-                Some(_) if p.merge_lora => self.out.join("adapter"),
-                _ => self.out.to_path_buf(),
-            };
-            copy_dir(&final_src, &dir.join(format!("global_step_{total}")))?;
+            if best_step.is_none_or(|b| b == total) {
+                let final_src = match &lora_cfg {
+                    Some(_) if p.merge_lora => self.out.join("adapter"),
+                    _ => self.out.to_path_buf(),
+                };
+                copy_dir(&final_src, &dir.join(format!("global_step_{total}")))?;
+            }
         }
         if let Some(png) = ctx.output("plot") {
             let (mut tr, mut ev) = (Vec::new(), Vec::new());
@@ -1066,6 +1155,10 @@ impl OnDevice for Job<'_> {
         });
         if let Some(v) = last_eval {
             report["eval_loss"] = json!(v);
+        }
+        if let Some(b) = &best {
+            report["best_step"] = json!(b.step);
+            report["best_eval_loss"] = json!(b.eval_loss);
         }
         for (k, v) in counts {
             report[k] = json!(v);
@@ -1104,34 +1197,21 @@ fn eta(secs: f64) -> String {
 
 fn save_checkpoint<B: AutodiffBackend>(
     dir: &Path,
-    step: u64,
+    saved: Saved,
     net: &CausalLm<B>,
     config: &crate::model::ModelConfig,
     base: &Path,
     lora_cfg: &Option<LoraConfig>,
     opt: &AdamW<B::InnerBackend>,
 ) -> anyhow::Result<()> {
+    let step = saved.step;
     let final_dir = dir.join(format!("global_step_{step}"));
     let tmp = dir.join(format!(".global_step_{step}.partial"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let inner = net.valid();
-    match lora_cfg {
-        Some(c) => lora::save_adapter(
-            &inner,
-            c,
-            Some(&base.display().to_string()),
-            &tmp.join("model"),
-        )?,
-        None => Model {
-            config: config.clone(),
-            net: inner,
-            source: Some(base.to_path_buf()),
-        }
-        .save(&tmp.join("model"), SaveDtype::F32, DEFAULT_MAX_SHARD_BYTES)?,
-    }
+    save_weights(net, config, base, lora_cfg, &tmp.join("model"))?;
     weights::save_dir(&tmp, &opt.state_tensors(), SaveDtype::F32, u64::MAX)?;
     std::fs::rename(
         tmp.join("model.safetensors"),
@@ -1139,7 +1219,7 @@ fn save_checkpoint<B: AutodiffBackend>(
     )?;
     std::fs::write(
         tmp.join("state.json"),
-        serde_json::to_string_pretty(&json!({"global_step": step}))?,
+        serde_json::to_string_pretty(&json!({"global_step": step, "eval_loss": saved.eval_loss}))?,
     )?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
@@ -1148,17 +1228,76 @@ fn save_checkpoint<B: AutodiffBackend>(
     Ok(())
 }
 
-fn prune(dir: &Path, keep: Option<usize>) -> anyhow::Result<()> {
+/// A checkpoint's weights in `dir`: an HF model, or the PEFT adapter.
+fn save_weights<B: AutodiffBackend>(
+    net: &CausalLm<B>,
+    config: &crate::model::ModelConfig,
+    base: &Path,
+    lora_cfg: &Option<LoraConfig>,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let inner = net.valid();
+    match lora_cfg {
+        Some(c) => lora::save_adapter(&inner, c, Some(&base.display().to_string()), dir),
+        None => Model {
+            config: config.clone(),
+            net: inner,
+            source: Some(base.to_path_buf()),
+        }
+        .save(dir, SaveDtype::F32, DEFAULT_MAX_SHARD_BYTES),
+    }
+}
+
+/// Deletes the oldest checkpoints beyond `keep`, except step `spare` (the
+/// best so far, which HF Trainer keeps too).
+fn prune(dir: &Path, keep: Option<usize>, spare: Option<u64>) -> anyhow::Result<()> {
     // As HF Trainer: no limit, or 0, keeps every checkpoint.
     let Some(keep) = keep.filter(|k| *k > 0) else {
         return Ok(());
     };
-    let steps = checkpoints(dir)?;
+    let mut steps = checkpoints(dir)?;
+    let mut keep = keep;
+    // The spared one is kept with the newest, even at a limit of 1.
+    if let Some(i) = steps.iter().position(|(n, _)| Some(*n) == spare)
+        && i + 1 < steps.len()
+    {
+        let s = steps.remove(i);
+        steps.push(s);
+        keep = keep.max(2);
+    }
     let drop_n = steps.len().saturating_sub(keep);
     for (_, path) in steps.into_iter().take(drop_n) {
         std::fs::remove_dir_all(&path)?;
     }
     Ok(())
+}
+
+/// A saved checkpoint: its step and its validation loss, if it was evaluated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Saved {
+    step: u64,
+    eval_loss: Option<f64>,
+}
+
+/// The saved checkpoint with the lowest validation loss (the earliest of
+/// equal ones), from the `state.json` of each.
+fn best_saved(dir: &Path) -> Option<Saved> {
+    let mut best: Option<Saved> = None;
+    for (step, path) in checkpoints(dir).ok()? {
+        let state: Value = std::fs::read_to_string(path.join("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())?;
+        let Some(l) = state["eval_loss"].as_f64() else {
+            continue;
+        };
+        if best.is_none_or(|b| b.eval_loss.is_some_and(|x| l < x)) {
+            best = Some(Saved {
+                step,
+                eval_loss: Some(l),
+            });
+        }
+    }
+    best
 }
 
 #[cfg(test)]
