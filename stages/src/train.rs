@@ -372,7 +372,7 @@ impl Validate for Params {
                         "load_best_model_at_end needs eval_steps (and a `val` input) to compare checkpoints",
                     ));
                 }
-                Some(e) if self.save_steps % e != 0 => {
+                Some(e) if !self.save_steps.is_multiple_of(e) => {
                     return Err(err(
                         "save_steps",
                         format!(
