@@ -56,6 +56,7 @@ stages:
       save_steps: SAVE
       cutoff_len: 160
       eval_steps: 3
+      per_device_eval_batch_size: 5
       detailed_metrics: true
     outs: {model: work/phase1/, metrics: work/phase1.jsonl, plot: work/phase1_loss.png, checkpoints: work/phase1_ckpt/}
   phase2:

@@ -87,6 +87,7 @@ const LF_KEYS: &[&str] = &[
     "num_train_epochs",
     "max_steps",
     "per_device_train_batch_size",
+    "per_device_eval_batch_size",
     "gradient_accumulation_steps",
     "lr_scheduler_type",
     "lr_scheduler_kwargs",

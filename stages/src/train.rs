@@ -86,6 +86,8 @@ pub struct Params {
     /// Samples per micro-batch.
     #[serde(default = "one")]
     pub per_device_train_batch_size: usize,
+    /// Samples per validation batch (default: `per_device_train_batch_size`).
+    pub per_device_eval_batch_size: Option<usize>,
     /// Micro-batches per optimizer step; the loss is normalised by the
     /// trained tokens of the whole accumulated batch.
     #[serde(default = "one")]
@@ -265,6 +267,10 @@ impl Validate for Params {
             (
                 "gradient_accumulation_steps",
                 self.gradient_accumulation_steps,
+            ),
+            (
+                "per_device_eval_batch_size",
+                self.per_device_eval_batch_size.unwrap_or(1),
             ),
         ] {
             if v == 0 || v > MOST_ROWS {
@@ -884,6 +890,9 @@ impl OnDevice for Job<'_> {
         let mut last_loss = f64::NAN;
         let mut trained_tokens = 0usize;
         let eval_every = p.eval_steps.unwrap_or(u64::MAX);
+        let eval_bs = p
+            .per_device_eval_batch_size
+            .unwrap_or(p.per_device_train_batch_size);
         let mut last_eval = None;
         let loop_started = Instant::now();
         for step in start..total {
@@ -992,7 +1001,7 @@ impl OnDevice for Job<'_> {
                 "tokens_per_s": total_tokens as f64 / secs.max(1e-9),
             });
             if !val.is_empty() && (done % eval_every == 0 || done == total) {
-                let (vl, _) = evaluate(&net.valid(), &val, p.per_device_train_batch_size, pad_id);
+                let (vl, _) = evaluate(&net.valid(), &val, eval_bs, pad_id);
                 if !vl.is_finite() {
                     bail!(
                         "step {done}: the validation loss is {vl}: training diverged; \
@@ -1005,7 +1014,7 @@ impl OnDevice for Job<'_> {
                     let inner = net.valid();
                     let mut st = stats::Stats::default();
                     let refs: Vec<&Sample> = val.iter().collect();
-                    for chunk in refs.chunks(p.per_device_train_batch_size) {
+                    for chunk in refs.chunks(eval_bs) {
                         st.add_batch(&inner, chunk, &pad(chunk, pad_id));
                     }
                     line["eval_detail"] = st.to_json();
