@@ -145,6 +145,8 @@ fn tau2_matrix_cleans_exports_trains_evaluates_and_reruns_one_branch() {
         "template: qwen",
         "max_steps: 2",
         "disable_gradient_checkpointing: true",
+        "packing: false",
+        "neat_packing: false",
     ] {
         assert!(yaml.lines().any(|l| l == line), "{line} in\n{yaml}");
     }

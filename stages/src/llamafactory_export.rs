@@ -106,7 +106,6 @@ const LF_KEYS: &[&str] = &[
     "eval_steps",
     "train_on_prompt",
     "mask_history",
-    "packing",
     "neftune_noise_alpha",
     "output_dir",
 ];
@@ -244,6 +243,12 @@ impl Stage for LlamaFactoryExport {
                 } else if let ("gradient_checkpointing", Some(on)) = (k.as_str(), v.as_bool()) {
                     // LLaMA-Factory checkpoints unless told not to.
                     put("disable_gradient_checkpointing", json!(!on));
+                } else if let ("packing", Some(on)) = (k.as_str(), v.as_bool()) {
+                    // anneal's packing keeps attention within each sample:
+                    // LLaMA-Factory's `neat_packing` (its `packing` alone lets
+                    // packed samples attend to each other).
+                    put("packing", json!(on));
+                    put("neat_packing", json!(on));
                 } else {
                     not_exported.push(k.clone());
                 }
