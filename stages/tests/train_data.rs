@@ -134,3 +134,121 @@ fn mask_history_trains_the_last_assistant_turn_only() {
         assert!(last.classes[..k].iter().all(|&c| c == TokenClass::Ignored));
     }
 }
+
+/// A template in the manner of Qwen3's: an assistant turn after the last user
+/// query carries a `<think>` block when it is the last message or has
+/// reasoning; earlier turns lose theirs. The last assistant message therefore
+/// renders differently from how the whole conversation renders it.
+const THINKING_TEMPLATE: &str = r#"
+{%- set ns = namespace(last_query=messages|length - 1, searching=true) %}
+{%- for m in messages|reverse %}
+  {%- if ns.searching and m.role == "user" %}
+    {%- set ns.searching = false %}
+    {%- set ns.last_query = messages|length - loop.index %}
+  {%- endif %}
+{%- endfor %}
+{%- for m in messages %}
+  {%- if m.role == "user" or m.role == "system" %}
+    {{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}
+  {%- elif m.role == "assistant" %}
+    {%- set content = m.content %}
+    {%- set reasoning = '' %}
+    {%- if '</think>' in content %}
+      {%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}
+      {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+    {%- endif %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if loop.index0 > ns.last_query and (loop.last or reasoning) %}
+      {{- '<think>\n' + reasoning + '\n</think>\n\n' }}
+    {%- endif %}
+    {{- content }}
+    {%- for call in m.tool_calls or [] %}
+      {{- '\n<tool_call>\n{"name": "' + call.function.name + '", "arguments": ' + (call.function.arguments | tojson) + '}\n</tool_call>' }}
+    {%- endfor %}
+    {{- '<|im_end|>\n' }}
+  {%- elif m.role == "tool" %}
+    {{- '<|im_start|>user\n<tool_response>\n' + m.content + '\n</tool_response><|im_end|>\n' }}
+  {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+  {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
+
+/// tiny-qwen2's tokenizer with another chat template.
+fn with_template(template: &str) -> Tokenizer {
+    let base = Tokenizer::from_dir(&shared().join("fixtures/tiny-qwen2")).unwrap();
+    let mut config = base.config().clone();
+    config["chat_template"] = json!(template);
+    Tokenizer::new(base.inner().clone(), config).unwrap()
+}
+
+fn trained_text(tok: &Tokenizer, s: &data::Sample) -> String {
+    let ids: Vec<u32> = s
+        .labels
+        .iter()
+        .filter(|&&l| l >= 0)
+        .map(|&l| l as u32)
+        .collect();
+    tok.decode(&ids, false).unwrap()
+}
+
+#[test]
+fn turns_that_render_differently_when_last_are_found_in_the_whole_conversation() {
+    let tok = with_template(THINKING_TEMPLATE);
+    let two_queries = json!({"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+        {"role": "user", "content": "and 3+3?"},
+        {"role": "assistant", "content": "<think>\nadd again\n</think>\n\n6"}
+    ]});
+    let tools = json!({"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18 C"},
+        {"role": "assistant", "content": "It is 18 C."}
+    ]});
+    for (row, want, calls) in [
+        (
+            &two_queries,
+            // The first answer as the whole conversation shows it: no reasoning.
+            "4<|im_end|>\n<think>\nadd again\n</think>\n\n6<|im_end|>\n",
+            "",
+        ),
+        (
+            &tools,
+            "\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n\
+             <think>\n\n</think>\n\nIt is 18 C.<|im_end|>\n",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+        ),
+    ] {
+        let conv = data::conversation(row, &spec(json!({}))).unwrap();
+        let s = data::tokenize(&tok, &conv, &spec(json!({}))).unwrap();
+        let full = tok
+            .apply_chat_template(&Value::Array(conv.messages.clone()), None, false)
+            .unwrap();
+        assert_eq!(s.ids, tok.encode(&full, false).unwrap());
+        assert!(
+            !full.contains("add them"),
+            "the template drops earlier reasoning: {full}"
+        );
+        assert_eq!(trained_text(&tok, &s), want);
+        let call_ids: Vec<u32> = (0..s.ids.len())
+            .filter(|&k| s.classes[k] == TokenClass::ToolCall)
+            .map(|k| s.ids[k])
+            .collect();
+        assert_eq!(tok.decode(&call_ids, false).unwrap(), calls);
+        let last = data::tokenize(&tok, &conv, &spec(json!({"mask_history": true}))).unwrap();
+        assert!(want.ends_with(&trained_text(&tok, &last)));
+        assert!(trained_text(&tok, &last).starts_with("<think>"));
+    }
+
+    // A template whose every rendering depends on the whole conversation
+    // (here: the message count up front) cannot be labelled turn by turn.
+    let counting = with_template(&format!("{{{{ messages|length }}}}{THINKING_TEMPLATE}"));
+    let conv = data::conversation(&two_queries, &spec(json!({}))).unwrap();
+    let e = data::tokenize(&counting, &conv, &spec(json!({}))).unwrap_err();
+    assert!(e.contains("does not render message 1 as a prefix"), "{e}");
+    assert!(e.contains("train_on_prompt: true"), "{e}");
+}

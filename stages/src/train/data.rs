@@ -332,6 +332,44 @@ fn tool_spans(text: &str) -> Vec<(usize, usize)> {
     spans
 }
 
+/// The end, in `full`, of the assistant turn that starts at `start` after
+/// the messages `head`: the first end-of-turn text at or after `start`, plus
+/// that text. The end-of-turn text is what the template writes after an
+/// assistant reply's content, found by rendering two one-character replies
+/// and keeping their common ending; `None` when the template writes nothing
+/// there or `full` does not hold it.
+fn turn_end(
+    tok: &Tokenizer,
+    head: &[Value],
+    tools: Option<&Value>,
+    full: &str,
+    start: usize,
+) -> Option<usize> {
+    let render = |reply: &str| {
+        let mut m = head.to_vec();
+        m.push(json!({"role": "assistant", "content": reply}));
+        tok.apply_chat_template(&Value::Array(m), tools, false).ok()
+    };
+    let (x, y) = (render("\u{E000}")?, render("\u{E001}")?);
+    let common = x
+        .bytes()
+        .rev()
+        .zip(y.bytes().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut cut = x.len() - common;
+    while !x.is_char_boundary(cut) {
+        cut += 1;
+    }
+    let end_of_turn = &x[cut..];
+    if end_of_turn.trim().is_empty() {
+        return None;
+    }
+    full.get(start..)?
+        .find(end_of_turn)
+        .map(|k| start + k + end_of_turn.len())
+}
+
 /// Renders and tokenises a conversation with labels on assistant tokens.
 pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result<Sample, String> {
     let tools = conv.tools.as_ref();
@@ -352,14 +390,27 @@ pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result
         let q = tok
             .apply_chat_template(&through, tools, false)
             .map_err(|e| format!("{e:#}"))?;
-        if !q.starts_with(&p) || !full.starts_with(&q) {
+        let after = spans.last().map_or(0, |&(_, end)| end);
+        if q.starts_with(&p) && full.starts_with(&q) {
+            spans.push((p.len(), q.len()));
+        } else if let Some(end) = full
+            .starts_with(&p)
+            .then(|| turn_end(tok, &conv.messages[..i], tools, &full, p.len()))
+            .flatten()
+            .filter(|_| p.len() >= after)
+        {
+            // A template that renders a turn differently once later turns
+            // follow (Qwen3 drops the reasoning of earlier turns): the turn
+            // is what the whole conversation holds between its generation
+            // prompt and its end-of-turn text.
+            spans.push((p.len(), end));
+        } else {
             return Err(format!(
                 "the chat template does not render message {i} as a prefix of the whole \
                  conversation (it rewrites earlier turns), so assistant tokens cannot be located; \
                  set train_on_prompt: true or use a template that renders turns independently"
             ));
         }
-        spans.push((p.len(), q.len()));
     }
     if spec.mask_history {
         spans.drain(..spans.len().saturating_sub(1));
