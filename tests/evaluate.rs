@@ -242,6 +242,7 @@ fn gsm8k_through_openai_against_the_mock_scores_known_replies() {
             .contains("<SOLUTION>")
     );
     assert_eq!(body["messages"][1]["role"], "user");
+    assert!(body.get("chat_template_kwargs").is_none(), "{body}");
 
     // `anneal metrics`: two evaluations of the same data side by side.
     let yaml = p.read("p.yaml");
@@ -251,12 +252,26 @@ fn gsm8k_through_openai_against_the_mock_scores_known_replies() {
             "{yaml}  eval_boxed:\n    kind: evaluate\n    deps: {{data: gsm8k.jsonl}}\n    \
              params: {{task: gsm8k, answer_format: boxed, backend: openai, base_url: \"{}\", model: mock}}\n    \
              outs: {{metrics: boxed.json}}\n  eval_n2:\n    kind: evaluate\n    deps: {{data: gsm8k.jsonl}}\n    \
-             params: {{task: gsm8k, n: 2, temperature: 0.7, seed: 1, backend: openai, base_url: \"{}\", model: mock}}\n    \
+             params: {{task: gsm8k, n: 2, temperature: 0.7, seed: 1, chat_template_kwargs: {{enable_thinking: false}}, backend: openai, base_url: \"{}\", model: mock}}\n    \
              outs: {{metrics: n2.json, results: n2.jsonl}}\n",
             server.url, server.url
         ),
     );
     p.run_ok("p.yaml", &[]);
+    // Template variables reach a vLLM-style server with the request.
+    let sampled: Vec<Value> = server
+        .bodies()
+        .into_iter()
+        .filter(|b| b["temperature"] == 0.7)
+        .collect();
+    assert_eq!(sampled.len(), 40);
+    assert!(
+        sampled
+            .iter()
+            .all(|b| b["chat_template_kwargs"] == serde_json::json!({"enable_thinking": false})),
+        "{:?}",
+        sampled[0]
+    );
     let boxed = metrics(&p, "boxed.json");
     assert_eq!(
         boxed["metrics"]["accuracy"], 0.0,

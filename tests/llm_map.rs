@@ -283,6 +283,7 @@ fn replies_journaled_by_llm_map_v1_are_reused() {
         top_k: None,
         seed: None,
         stop: vec![],
+        chat_template_kwargs: Default::default(),
     };
     let template = p.read("template.txt");
     let lines: String = (0..4)

@@ -166,6 +166,7 @@ impl AllParams {
             top_k: g.top_k,
             seed: g.seed,
             stop: g.stop.clone(),
+            chat_template_kwargs: g.chat_template_kwargs.clone(),
         }
     }
 
@@ -734,6 +735,7 @@ impl OnDevice for TeacherForced<'_> {
             truncation_side: own.truncation_side,
             train_on: own.train_on,
             mask_history: own.mask_history,
+            chat_template_kwargs: self.p.generation.chat_template_kwargs.clone(),
         };
         let data = ctx.input("data")?;
         let mut counts = BTreeMap::new();

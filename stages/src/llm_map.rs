@@ -85,6 +85,7 @@ impl AllParams {
             top_k: g.top_k,
             seed: g.seed,
             stop: g.stop.clone(),
+            chat_template_kwargs: g.chat_template_kwargs.clone(),
         }
     }
 }

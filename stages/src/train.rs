@@ -166,6 +166,11 @@ pub struct Params {
     /// longer than `cutoff_len`, `truncation_side: left` keeps that turn.
     #[serde(default)]
     pub mask_history: bool,
+    /// More chat-template variables, as transformers' and vLLM's
+    /// `chat_template_kwargs` (e.g. `{enable_thinking: false}` for Qwen3:
+    /// the empty think block then belongs to the prompt and is not trained).
+    #[serde(default)]
+    pub chat_template_kwargs: Map<String, Value>,
     /// Longest sample in tokens.
     #[serde(default = "data::default_cutoff")]
     pub cutoff_len: usize,
@@ -433,6 +438,7 @@ impl Params {
             truncation_side: self.truncation_side,
             train_on: self.train_on,
             mask_history: self.mask_history,
+            chat_template_kwargs: self.chat_template_kwargs.clone(),
         }
     }
 

@@ -172,6 +172,9 @@ const THINKING_TEMPLATE: &str = r#"
 {%- endfor %}
 {%- if add_generation_prompt %}
   {{- '<|im_start|>assistant\n' }}
+  {%- if enable_thinking is defined and enable_thinking is false %}
+    {{- '<think>\n\n</think>\n\n' }}
+  {%- endif %}
 {%- endif %}
 "#;
 
@@ -243,6 +246,23 @@ fn turns_that_render_differently_when_last_are_found_in_the_whole_conversation()
         assert!(want.ends_with(&trained_text(&tok, &last)));
         assert!(trained_text(&tok, &last).starts_with("<think>"));
     }
+
+    // Without thinking (`chat_template_kwargs`), the empty think block of
+    // the last turn belongs to the prompt, as the model sees it when served.
+    let no_think = spec(json!({"chat_template_kwargs": {"enable_thinking": false}}));
+    let conv = data::conversation(&tools, &no_think).unwrap();
+    let s = data::tokenize(&tok, &conv, &no_think).unwrap();
+    assert_eq!(
+        trained_text(&tok, &s),
+        "\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n\
+         It is 18 C.<|im_end|>\n"
+    );
+    let bad = spec(json!({"chat_template_kwargs": {"add_generation_prompt": true}}));
+    let e = data::tokenize(&tok, &conv, &bad).unwrap_err();
+    assert!(
+        e.contains("`add_generation_prompt` is set by anneal"),
+        "{e}"
+    );
 
     // A template whose every rendering depends on the whole conversation
     // (here: the message count up front) cannot be labelled turn by turn.

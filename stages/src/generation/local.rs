@@ -62,9 +62,12 @@ impl<B: crate::model::ModelBackend> Generator for Local<'_, B> {
         let s = self.sampling;
         let mut prompts = Vec::with_capacity(requests.len());
         for r in requests {
-            let text =
-                self.tok
-                    .apply_chat_template(&Value::Array(r.messages.clone()), None, true)?;
+            let text = self.tok.apply_chat_template_with(
+                &Value::Array(r.messages.clone()),
+                None,
+                true,
+                &s.chat_template_kwargs,
+            )?;
             let ids = self.tok.encode(&text, false)?;
             // A stream per prompt and sample, whatever the batch it lands in.
             let h = blake3::hash(text.as_bytes());

@@ -15,7 +15,7 @@ mod openai;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::ConfigError;
 use crate::model::DeviceSpec;
@@ -96,6 +96,11 @@ pub struct GenParams {
     /// Replies per prompt.
     #[serde(default = "one")]
     pub n: usize,
+    /// More chat-template variables (e.g. `{enable_thinking: false}` for
+    /// Qwen3): the local backend renders prompts with them, and requests to
+    /// a server carry them as vLLM's `chat_template_kwargs`.
+    #[serde(default)]
+    pub chat_template_kwargs: Map<String, Value>,
 }
 
 fn default_base_url() -> String {
@@ -148,6 +153,7 @@ pub const GEN_FIELDS: &[&str] = &[
     "seed",
     "stop",
     "n",
+    "chat_template_kwargs",
 ];
 
 /// Splits a stage's `params` into the kind's own and the generation ones.
@@ -262,6 +268,10 @@ pub struct Sampling {
     pub seed: Option<u64>,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// Chat-template variables (left out of the key when empty, so earlier
+    /// journals stay valid).
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub chat_template_kwargs: Map<String, Value>,
 }
 
 /// One request: a chat (system and user messages, or a whole conversation).
@@ -481,7 +491,15 @@ mod tests {
             top_k: None,
             seed: None,
             stop: vec![],
+            chat_template_kwargs: Map::new(),
         };
+        // Without kwargs the key is what it was before they existed.
+        assert!(
+            serde_json::to_value(&s)
+                .unwrap()
+                .get("chat_template_kwargs")
+                .is_none()
+        );
         let r = Request {
             messages: chat(None, "hi"),
             sample: 0,
@@ -494,6 +512,10 @@ mod tests {
         let mut s2 = s.clone();
         s2.temperature = 0.7;
         assert_ne!(k, item_key(&id, &s2, &Value::Null, &r));
+        let mut s3 = s.clone();
+        s3.chat_template_kwargs
+            .insert("enable_thinking".into(), json!(false));
+        assert_ne!(k, item_key(&id, &s3, &Value::Null, &r));
         let r2 = Request { sample: 1, ..r };
         assert_ne!(k, item_key(&id, &s, &Value::Null, &r2));
     }

@@ -28,6 +28,8 @@ struct ChatRequest<'a> {
     seed: Option<u64>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    chat_template_kwargs: &'a serde_json::Map<String, Value>,
 }
 
 #[derive(Default)]
@@ -237,6 +239,7 @@ impl Client {
             top_k: s.top_k,
             seed: s.seed.map(|x| x.wrapping_add(r.sample as u64)),
             stop: &s.stop,
+            chat_template_kwargs: &s.chat_template_kwargs,
         };
         let mut req = self.http.post(&self.url).json(&body);
         if let Some(k) = &self.key {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use minijinja::value::{Kwargs, Object, ObjectExt, Rest, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, Output, State, Value};
-use serde_json::Value as Json;
+use serde_json::{Map, Value as Json};
 
 /// The special tokens a chat template may refer to as `bos_token`, `eos_token`,
 /// `unk_token` and `pad_token`. A token that is `None` is left undefined in the
@@ -275,6 +275,26 @@ impl ChatTemplate {
         tools: Option<&Json>,
         add_generation_prompt: bool,
     ) -> anyhow::Result<String> {
+        self.render_with(messages, tools, add_generation_prompt, &Map::new())
+    }
+
+    /// [`Self::render`] with more template variables, as transformers'
+    /// `apply_chat_template(..., **kwargs)` and vLLM's `chat_template_kwargs`
+    /// pass them (e.g. `enable_thinking: false` for Qwen3). A variable the
+    /// renderer sets itself (`messages`, `tools`, `add_generation_prompt`,
+    /// the special tokens) is an error.
+    pub fn render_with(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+        kwargs: &Map<String, Json>,
+    ) -> anyhow::Result<String> {
+        if let Some(k) = kwargs.keys().find(|k| RESERVED.contains(&k.as_str())) {
+            bail!(
+                "chat_template_kwargs: `{k}` is set by anneal itself; remove it (kwargs set other template variables, e.g. enable_thinking)"
+            );
+        }
         let compiled = match (&self.tool_use, tools) {
             (Some(t), Some(_)) => t,
             _ => &self.default,
@@ -290,6 +310,7 @@ impl ChatTemplate {
             ("add_generation_prompt", Value::from(add_generation_prompt)),
         ];
         ctx.extend(self.tokens.iter().map(|(k, v)| (k, Value::from(v))));
+        ctx.extend(kwargs.iter().map(|(k, v)| (k.as_str(), json_to_value(v))));
         let ctx: BTreeMap<&str, Value> = ctx.into_iter().collect();
         template
             .render(ctx)
@@ -935,6 +956,18 @@ fn python_printable(c: char) -> bool {
         || c.is_whitespace()
         || matches!(c, '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{2060}'..='\u{2064}' | '\u{feff}'))
 }
+
+/// Template variables the renderer sets itself.
+const RESERVED: &[&str] = &[
+    "messages",
+    "tools",
+    "documents",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+];
 
 #[cfg(test)]
 mod tests {

@@ -190,6 +190,18 @@ impl Tokenizer {
         tools: Option<&Json>,
         add_generation_prompt: bool,
     ) -> anyhow::Result<String> {
+        self.apply_chat_template_with(messages, tools, add_generation_prompt, &Default::default())
+    }
+
+    /// [`Self::apply_chat_template`] with more template variables
+    /// (`chat_template_kwargs`, see [`ChatTemplate::render_with`]).
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, Json>,
+    ) -> anyhow::Result<String> {
         let Some(chat) = &self.chat else {
             bail!(
                 "this tokenizer has no chat template: add a chat_template.jinja (or a \
@@ -197,7 +209,7 @@ impl Tokenizer {
                  the ChatML one"
             );
         };
-        chat.render(messages, tools, add_generation_prompt)
+        chat.render_with(messages, tools, add_generation_prompt, kwargs)
     }
 
     /// Writes `tokenizer.json`, `tokenizer_config.json` and, when there is a

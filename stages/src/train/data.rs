@@ -40,6 +40,9 @@ pub struct DataSpec {
     /// `mask_history`); earlier turns are context.
     #[serde(default)]
     pub mask_history: bool,
+    /// More chat-template variables (e.g. `enable_thinking: false`).
+    #[serde(default)]
+    pub chat_template_kwargs: Map<String, Value>,
 }
 
 impl Default for DataSpec {
@@ -54,6 +57,7 @@ impl Default for DataSpec {
             truncation_side: Side::default(),
             train_on: TrainOn::default(),
             mask_history: false,
+            chat_template_kwargs: Map::new(),
         }
     }
 }
@@ -332,6 +336,32 @@ fn tool_spans(text: &str) -> Vec<(usize, usize)> {
     spans
 }
 
+/// Where, in `full`, the assistant turn after the messages `head` starts:
+/// after its generation prompt `p` when `full` goes on with it, else after
+/// the prompt's first line, the role header (a template may add more to a
+/// generation prompt than to a past turn, as Qwen3's empty think block
+/// without thinking).
+fn turn_start(
+    tok: &Tokenizer,
+    head: &[Value],
+    tools: Option<&Value>,
+    kwargs: &Map<String, Value>,
+    full: &str,
+    p: &str,
+) -> Option<usize> {
+    if full.starts_with(p) {
+        return Some(p.len());
+    }
+    let before = tok
+        .apply_chat_template_with(&Value::Array(head.to_vec()), tools, false, kwargs)
+        .ok()?;
+    let prompt = p.strip_prefix(before.as_str())?;
+    let header = &prompt[..=prompt.find('\n')?];
+    full.strip_prefix(before.as_str())?
+        .starts_with(header)
+        .then_some(before.len() + header.len())
+}
+
 /// The end, in `full`, of the assistant turn that starts at `start` after
 /// the messages `head`: the first end-of-turn text at or after `start`, plus
 /// that text. The end-of-turn text is what the template writes after an
@@ -342,13 +372,15 @@ fn turn_end(
     tok: &Tokenizer,
     head: &[Value],
     tools: Option<&Value>,
+    kwargs: &Map<String, Value>,
     full: &str,
     start: usize,
 ) -> Option<usize> {
     let render = |reply: &str| {
         let mut m = head.to_vec();
         m.push(json!({"role": "assistant", "content": reply}));
-        tok.apply_chat_template(&Value::Array(m), tools, false).ok()
+        tok.apply_chat_template_with(&Value::Array(m), tools, false, kwargs)
+            .ok()
     };
     let (x, y) = (render("\u{E000}")?, render("\u{E001}")?);
     let common = x
@@ -373,8 +405,9 @@ fn turn_end(
 /// Renders and tokenises a conversation with labels on assistant tokens.
 pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result<Sample, String> {
     let tools = conv.tools.as_ref();
+    let kw = &spec.chat_template_kwargs;
     let full = tok
-        .apply_chat_template(&Value::Array(conv.messages.clone()), tools, false)
+        .apply_chat_template_with(&Value::Array(conv.messages.clone()), tools, false, kw)
         .map_err(|e| format!("{e:#}"))?;
     // Byte spans of the assistant turns, by rendering prefixes.
     let mut spans = Vec::new();
@@ -385,31 +418,32 @@ pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result
         let head = Value::Array(conv.messages[..i].to_vec());
         let through = Value::Array(conv.messages[..=i].to_vec());
         let p = tok
-            .apply_chat_template(&head, tools, true)
+            .apply_chat_template_with(&head, tools, true, kw)
             .map_err(|e| format!("{e:#}"))?;
         let q = tok
-            .apply_chat_template(&through, tools, false)
+            .apply_chat_template_with(&through, tools, false, kw)
             .map_err(|e| format!("{e:#}"))?;
         let after = spans.last().map_or(0, |&(_, end)| end);
-        if q.starts_with(&p) && full.starts_with(&q) {
-            spans.push((p.len(), q.len()));
-        } else if let Some(end) = full
-            .starts_with(&p)
-            .then(|| turn_end(tok, &conv.messages[..i], tools, &full, p.len()))
-            .flatten()
-            .filter(|_| p.len() >= after)
-        {
-            // A template that renders a turn differently once later turns
-            // follow (Qwen3 drops the reasoning of earlier turns): the turn
-            // is what the whole conversation holds between its generation
-            // prompt and its end-of-turn text.
-            spans.push((p.len(), end));
+        let span = if q.starts_with(&p) && full.starts_with(&q) {
+            Some((p.len(), q.len()))
         } else {
-            return Err(format!(
-                "the chat template does not render message {i} as a prefix of the whole \
-                 conversation (it rewrites earlier turns), so assistant tokens cannot be located; \
-                 set train_on_prompt: true or use a template that renders turns independently"
-            ));
+            // A template that renders a turn differently once later turns
+            // follow (Qwen3 drops earlier turns' reasoning, and their empty
+            // think blocks without thinking): the turn is what the whole
+            // conversation holds from its role header to its end-of-turn text.
+            let head = &conv.messages[..i];
+            turn_start(tok, head, tools, kw, &full, &p)
+                .and_then(|start| Some((start, turn_end(tok, head, tools, kw, &full, start)?)))
+        };
+        match span.filter(|&(start, _)| start >= after) {
+            Some(span) => spans.push(span),
+            None => {
+                return Err(format!(
+                    "the chat template does not render message {i} as a prefix of the whole \
+                     conversation (it rewrites earlier turns), so assistant tokens cannot be located; \
+                     set train_on_prompt: true or use a template that renders turns independently"
+                ));
+            }
         }
     }
     if spec.mask_history {
