@@ -147,6 +147,7 @@ fn tau2_matrix_cleans_exports_trains_evaluates_and_reruns_one_branch() {
         "disable_gradient_checkpointing: true",
         "packing: false",
         "neat_packing: false",
+        "enable_thinking: false",
     ] {
         assert!(yaml.lines().any(|l| l == line), "{line} in\n{yaml}");
     }

@@ -243,6 +243,13 @@ impl Stage for LlamaFactoryExport {
                 } else if let ("gradient_checkpointing", Some(on)) = (k.as_str(), v.as_bool()) {
                     // LLaMA-Factory checkpoints unless told not to.
                     put("disable_gradient_checkpointing", json!(!on));
+                } else if let ("chat_template_kwargs", Some(kw)) = (k.as_str(), v.as_object())
+                    && kw.keys().all(|x| x == "enable_thinking")
+                {
+                    // LLaMA-Factory takes Qwen3's switch as a key of its own.
+                    if let Some(on) = kw.get("enable_thinking") {
+                        put("enable_thinking", on.clone());
+                    }
                 } else if let ("packing", Some(on)) = (k.as_str(), v.as_bool()) {
                     // anneal's packing keeps attention within each sample:
                     // LLaMA-Factory's `neat_packing` (its `packing` alone lets
