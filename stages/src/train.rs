@@ -794,6 +794,12 @@ impl OnDevice for Job<'_> {
             )?,
             None => Vec::new(),
         };
+        if p.load_best_model_at_end && val.is_empty() {
+            bail!(
+                "load_best_model_at_end: no usable validation samples in {}",
+                ctx.input("val")?.display()
+            );
+        }
         let base = Model::<B>::load(self.base, &device)?;
         let config = base.config.clone();
         let ctx_len = config.max_position_embeddings;
@@ -1053,8 +1059,8 @@ impl OnDevice for Job<'_> {
             }
         }
 
-        // The best checkpoint replaces the final model when it is strictly
-        // better (HF keeps the first of equal ones).
+        // The best saved checkpoint replaces the final model unless the final
+        // one is strictly better (HF keeps the first of equal ones).
         let mut best = None;
         if p.load_best_model_at_end {
             let last = last_eval.context("no validation loss at the last step")?;
