@@ -493,6 +493,7 @@ fn epochs_schedules_and_checkpoint_limits_follow_hf_trainer() {
             "mask_history: true\n      train_on_prompt: true",
             "params.mask_history",
         ),
+        ("loraplus_lr_ratio: 16", "params.loraplus_lr_ratio"),
         (
             "lr_scheduler_kwargs: {min_lr: 1.0e-5}",
             "params.lr_scheduler_kwargs.min_lr",

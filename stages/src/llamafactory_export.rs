@@ -83,6 +83,7 @@ const LF_KEYS: &[&str] = &[
     "lora_dropout",
     "lora_target",
     "use_rslora",
+    "loraplus_lr_ratio",
     "learning_rate",
     "num_train_epochs",
     "max_steps",

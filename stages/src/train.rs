@@ -72,6 +72,10 @@ pub struct Params {
     /// `lora_alpha / lora_rank` (PEFT's and LLaMA-Factory's `use_rslora`).
     #[serde(default)]
     pub use_rslora: bool,
+    /// LoRA+ (LLaMA-Factory's `loraplus_lr_ratio`, PEFT's
+    /// `create_loraplus_optimizer`): the adapters' `B` factors learn at this
+    /// multiple of the learning rate (typically 16).
+    pub loraplus_lr_ratio: Option<f64>,
     /// Also fold the adapters into a full HF model (the `model` output).
     #[serde(default)]
     pub merge_lora: bool,
@@ -359,6 +363,20 @@ impl Validate for Params {
                     "neftune_noise_alpha must be positive (typically 5 to 15), not {a}; leave it out for no noise"
                 ),
             ));
+        }
+        if let Some(r) = self.loraplus_lr_ratio {
+            if !(r > 0.0 && r.is_finite()) {
+                return Err(err(
+                    "loraplus_lr_ratio",
+                    format!("loraplus_lr_ratio must be positive (typically 16), not {r}"),
+                ));
+            }
+            if self.finetuning_type != FinetuningType::Lora {
+                return Err(err(
+                    "loraplus_lr_ratio",
+                    "loraplus_lr_ratio scales the LoRA B factors' learning rate: it needs finetuning_type: lora",
+                ));
+            }
         }
         if self.mask_history && self.train_on_prompt {
             return Err(err(
@@ -850,6 +868,7 @@ impl OnDevice for Job<'_> {
             beta2: p.adam_beta2,
             eps: p.adam_epsilon,
             weight_decay: p.weight_decay,
+            lora_b_lr_ratio: p.loraplus_lr_ratio.unwrap_or(1.0),
         });
         let (mut net, start) = match newest_checkpoint(&ckpt_dir) {
             None => {

@@ -843,3 +843,99 @@ mod attention_timing {
         );
     }
 }
+
+/// Two LoRA+ steps (PEFT's `create_loraplus_optimizer`, ratio 16, with weight
+/// decay, which torch applies at each group's rate) in PEFT and here.
+const LORAPLUS_PEFT: &str = r#"
+import json, sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+from peft.optimizers import create_loraplus_optimizer
+fixture, ours = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+ref = load_file(f"{fixture}/reference.safetensors")
+batch = {k: ref[k].long() for k in ["input_ids", "attention_mask", "labels"]}
+base = AutoModelForCausalLM.from_pretrained(fixture, torch_dtype=torch.float32)
+model = PeftModel.from_pretrained(base, f"{fixture}/lora-init", is_trainable=True)
+opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=16.0,
+                                loraplus_weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+losses = []
+for _ in range(2):
+    opt.zero_grad()
+    loss = model(**batch).loss
+    losses.append(loss.item())
+    loss.backward()
+    opt.step()
+with torch.no_grad():
+    losses.append(model(**batch).loss.item())
+mine = load_file(f"{ours}/adapter_model.safetensors")
+theirs = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+diff = {"A": 0.0, "B": 0.0}
+scale = {"A": 0.0, "B": 0.0}
+for k, v in mine.items():
+    f = "A" if "lora_A" in k else "B"
+    diff[f] = max(diff[f], (v - theirs[k]).abs().max().item())
+    scale[f] = max(scale[f], theirs[k].abs().max().item())
+print(json.dumps({"losses": losses, "diff": diff, "scale": scale}))
+"#;
+
+#[test]
+fn loraplus_steps_match_peft() {
+    let dir = fixture("tiny-llama");
+    let b = batch(&reference(&dir).tensors);
+    let device = Default::default();
+    let (mut net, cfg) = lora::load_adapter(
+        Model::<AB>::load(&dir, &device).unwrap().net,
+        &dir.join("lora-init"),
+    )
+    .unwrap();
+    let mut opt = AdamW::new(AdamWConfig {
+        weight_decay: 0.1,
+        lora_b_lr_ratio: 16.0,
+        ..Default::default()
+    });
+    let mut losses = Vec::new();
+    for _ in 0..2 {
+        let (loss, g) = loss_and_grads(&net, &b, false);
+        losses.push(loss);
+        net = opt.step(net, &g, 1e-2);
+    }
+    losses.push(loss_of(&net, &b));
+    let out = tempfile::tempdir().unwrap();
+    lora::save_adapter(&net, &cfg, None, out.path()).unwrap();
+    let run = std::process::Command::new("python3")
+        .args(["-c", LORAPLUS_PEFT])
+        .arg(&dir)
+        .arg(out.path())
+        .output()
+        .expect("python3");
+    assert!(
+        run.status.success(),
+        "torch, transformers and peft are required for this test: python3 -m pip install torch transformers peft\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let peft: Value = serde_json::from_slice(&run.stdout).unwrap();
+    eprintln!("LoRA+ against PEFT: losses {losses:?}, PEFT {peft}");
+    for (i, (ours, theirs)) in losses
+        .iter()
+        .zip(peft["losses"].as_array().unwrap())
+        .enumerate()
+    {
+        let theirs = theirs.as_f64().unwrap();
+        assert!(
+            rel(*ours, theirs) < 1e-4,
+            "loss {i}: {ours} vs PEFT's {theirs}"
+        );
+    }
+    for f in ["A", "B"] {
+        let (d, s) = (
+            peft["diff"][f].as_f64().unwrap(),
+            peft["scale"][f].as_f64().unwrap(),
+        );
+        assert!(
+            d <= 1e-4 * s.max(1.0),
+            "lora_{f}: {d:e} apart (largest {s})"
+        );
+    }
+}

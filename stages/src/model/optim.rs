@@ -122,6 +122,9 @@ pub struct AdamWConfig {
     /// Decoupled weight decay, not applied to parameters whose name contains
     /// `bias` or `norm`.
     pub weight_decay: f64,
+    /// LoRA+: the LoRA `B` factors learn (and decay) at this multiple of the
+    /// learning rate (1: plain LoRA).
+    pub lora_b_lr_ratio: f64,
 }
 
 impl Default for AdamWConfig {
@@ -131,6 +134,7 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            lora_b_lr_ratio: 1.0,
         }
     }
 }
@@ -271,18 +275,23 @@ impl<AB: AutodiffBackend<InnerBackend: ModelBackend>> ModuleMapper<AB> for Updat
         let p = tensor.inner().reshape([n]);
         let c = self.opt.config;
         let t = self.opt.step as i32;
+        // Torch's per-group rate: LoRA+ puts the B factors in a group of their own.
+        let lr = if name.ends_with("lora_b") {
+            self.lr * c.lora_b_lr_ratio
+        } else {
+            self.lr
+        };
         let (m, v) = match self.opt.moments.remove(&name) {
             Some(mv) => mv,
             None => (p.zeros_like(), p.zeros_like()),
         };
         let s = AdamWStep {
-            decay: (c.weight_decay != 0.0 && decays(&name))
-                .then_some(1.0 - self.lr * c.weight_decay),
+            decay: (c.weight_decay != 0.0 && decays(&name)).then_some(1.0 - lr * c.weight_decay),
             beta1: c.beta1,
             beta2: c.beta2,
             bias_correction2_sqrt: (1.0 - c.beta2.powi(t)).sqrt(),
             eps: c.eps,
-            step_size: self.lr / (1.0 - c.beta1.powi(t)),
+            step_size: lr / (1.0 - c.beta1.powi(t)),
         };
         let [p, m, v] =
             AB::InnerBackend::adamw([p, g.clone(), m, v].map(|x| x.into_primitive().tensor()), s)
