@@ -258,17 +258,53 @@ fn walkdir(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn killed_training_resumes_to_the_same_weights() {
-    let steps = 12;
-    let yaml = pipeline("small", steps, 3);
+    resumes_to_the_same_weights(&pipeline("small", 12, 3));
+}
+
+/// `finetuning_type: freeze` trains only the chosen layers, also after a
+/// resume (which must freeze the reloaded weights again).
+#[test]
+fn freeze_trains_the_last_layers_and_resumes() {
+    let yaml = pipeline("small", 12, 3).replacen(
+        "finetuning_type: full",
+        "finetuning_type: freeze\n      freeze_trainable_layers: 1\n      freeze_extra_modules: embed_tokens",
+        1,
+    );
+    let p = resumes_to_the_same_weights(&yaml);
+    let load = |rel: &str| {
+        let mut m = std::collections::BTreeMap::new();
+        anneal_stages::model::weights::load_file_into(&p.path(rel), &mut m).unwrap();
+        m
+    };
+    let (base, tuned) = (
+        load("work/base/model.safetensors"),
+        load("work/phase1/model.safetensors"),
+    );
+    let layers = base
+        .keys()
+        .filter(|k| k.ends_with("input_layernorm.weight"))
+        .count();
+    assert!(layers >= 2, "{layers}");
+    let last = format!("model.layers.{}.", layers - 1);
+    for (k, t) in &base {
+        let trains = k.starts_with(&last) || k == "model.embed_tokens.weight";
+        assert_eq!(t.data != tuned[k].data, trains, "{k}: trained {}", !trains);
+    }
+}
+
+/// Trains `yaml`'s phase 1 uninterrupted, and again killed after its step 6
+/// checkpoint and resumed; both end with the same weights and metrics. Returns
+/// the resumed project.
+fn resumes_to_the_same_weights(yaml: &str) -> Project {
     // Uninterrupted.
     let a = Project::new();
     write_data(&a);
-    a.write("sft.yaml", &yaml);
+    a.write("sft.yaml", yaml);
     a.run_ok("sft.yaml", &["--stage", "phase1"]);
     // Killed after the checkpoint of step 6, then resumed.
     let b = Project::new();
     write_data(&b);
-    b.write("sft.yaml", &yaml);
+    b.write("sft.yaml", yaml);
     let mut child = b.spawn(&["run", "sft.yaml", "--stage", "phase1"]);
     let store = b.path(".anneal");
     wait_for("checkpoint global_step_6", || {
@@ -309,6 +345,7 @@ fn killed_training_resumes_to_the_same_weights() {
             .collect()
     };
     assert_eq!(losses(&a), losses(&b));
+    b
 }
 
 #[test]

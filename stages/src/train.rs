@@ -3,6 +3,7 @@
 //! directory, with LLaMA-Factory / HF TrainingArguments parameter names.
 
 pub mod data;
+pub mod freeze;
 pub mod plot;
 pub mod schedule;
 pub mod stats;
@@ -44,6 +45,9 @@ pub enum FinetuningType {
     Full,
     /// Low-rank adapters on the projections; the base is frozen.
     Lora,
+    /// Only some decoder layers (and chosen modules) train, as
+    /// LLaMA-Factory's `freeze`; the output is a full model.
+    Freeze,
 }
 
 /// Params of `train` (names as in LLaMA-Factory and HF TrainingArguments).
@@ -57,6 +61,18 @@ pub struct Params {
     /// `full` or `lora` (default).
     #[serde(default = "default_ft")]
     pub finetuning_type: FinetuningType,
+    /// `freeze`: how many decoder layers train, the last ones (or the first
+    /// ones when negative); LLaMA-Factory's default 2.
+    #[serde(default = "default_freeze_layers")]
+    pub freeze_trainable_layers: i64,
+    /// `freeze`: which modules of those layers train: `all` or some of
+    /// `self_attn`, `mlp`, `input_layernorm`, `post_attention_layernorm`.
+    #[serde(default = "default_freeze_modules")]
+    pub freeze_trainable_modules: Value,
+    /// `freeze`: modules outside the layers that train too (`embed_tokens`,
+    /// `norm`, `lm_head`).
+    #[serde(default)]
+    pub freeze_extra_modules: Value,
     /// LoRA rank.
     #[serde(default = "default_rank")]
     pub lora_rank: usize,
@@ -210,6 +226,12 @@ pub struct Params {
 
 fn default_ft() -> FinetuningType {
     FinetuningType::Lora
+}
+fn default_freeze_layers() -> i64 {
+    2
+}
+fn default_freeze_modules() -> Value {
+    json!("all")
 }
 fn default_rank() -> usize {
     8
@@ -419,6 +441,16 @@ impl Validate for Params {
         if self.cutoff_len < 2 {
             return Err(err("cutoff_len", "cutoff_len must be at least 2"));
         }
+        if self.finetuning_type == FinetuningType::Freeze {
+            let (modules, extra) = self.freeze_modules()?;
+            freeze::check(&modules, &extra).map_err(|(key, message)| err(key, message))?;
+            if self.freeze_trainable_layers == 0 {
+                return Err(err(
+                    "freeze_trainable_layers",
+                    "freeze_trainable_layers is 0, so nothing would train: use N for the last N layers or -N for the first N",
+                ));
+            }
+        }
         if self.finetuning_type == FinetuningType::Lora {
             if self.lora_rank == 0 {
                 return Err(err("lora_rank", "lora_rank must be at least 1"));
@@ -458,6 +490,46 @@ impl Params {
             mask_history: self.mask_history,
             chat_template_kwargs: self.chat_template_kwargs.clone(),
         }
+    }
+
+    /// `freeze_trainable_modules` and `freeze_extra_modules` as lists.
+    fn freeze_modules(&self) -> Result<(Vec<String>, Vec<String>), ConfigError> {
+        let modules = freeze::names(&self.freeze_trainable_modules).map_err(|e| {
+            err(
+                "freeze_trainable_modules",
+                format!("freeze_trainable_modules {e}"),
+            )
+        })?;
+        let extra = freeze::names(&self.freeze_extra_modules)
+            .map_err(|e| err("freeze_extra_modules", format!("freeze_extra_modules {e}")))?;
+        Ok((modules, extra))
+    }
+
+    /// Freezes what `finetuning_type: freeze` does not train (a no-op for
+    /// other types, whose freezing is their own).
+    fn apply_freeze<B: burn::tensor::backend::Backend>(
+        &self,
+        net: CausalLm<B>,
+    ) -> anyhow::Result<CausalLm<B>> {
+        if self.finetuning_type != FinetuningType::Freeze {
+            return Ok(net);
+        }
+        let (modules, extra) = self
+            .freeze_modules()
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        if extra.iter().any(|m| m == "lm_head") && net.lm_head.is_none() {
+            bail!(
+                "freeze_extra_modules: this model ties lm_head to embed_tokens; name embed_tokens instead"
+            );
+        }
+        let patterns = freeze::patterns(
+            self.freeze_trainable_layers,
+            net.layers.len(),
+            &modules,
+            &extra,
+        );
+        let trains = |name: &str| patterns.iter().any(|p| name.contains(p.as_str()));
+        Ok(lora::freeze_unless(net, &trains))
     }
 
     /// The schedule with its kwargs, not yet sized to a run.
@@ -840,7 +912,7 @@ impl OnDevice for Job<'_> {
         let pad_id = tok.pad_token_id().or(config.pad_token_id).unwrap_or(0);
         let lora_cfg = match p.finetuning_type {
             FinetuningType::Lora => Some(p.lora_config()?),
-            FinetuningType::Full => None,
+            FinetuningType::Full | FinetuningType::Freeze => None,
         };
         let per_step = p.per_device_train_batch_size * p.gradient_accumulation_steps;
         let steps_per_epoch = train.len().div_ceil(per_step) as u64;
@@ -874,7 +946,7 @@ impl OnDevice for Job<'_> {
             None => {
                 let net = match &lora_cfg {
                     Some(c) => lora::attach(base.net, c, p.seed),
-                    None => base.net,
+                    None => p.apply_freeze(base.net)?,
                 };
                 std::fs::write(&metrics_path, "")?;
                 (net, 0)
@@ -885,7 +957,7 @@ impl OnDevice for Job<'_> {
                     .message(format!("resuming from checkpoint global_step_{step}"));
                 let net = match &lora_cfg {
                     Some(_) => lora::load_adapter(base.net, &dir.join("model"))?.0,
-                    None => Model::<B>::load(&dir.join("model"), &device)?.net,
+                    None => p.apply_freeze(Model::<B>::load(&dir.join("model"), &device)?.net)?,
                 };
                 let mut state = BTreeMap::new();
                 weights::load_file_into(&dir.join("optimizer.safetensors"), &mut state)?;

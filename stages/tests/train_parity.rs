@@ -939,3 +939,124 @@ fn loraplus_steps_match_peft() {
         );
     }
 }
+
+/// `finetuning_type: freeze` by LLaMA-Factory's rule (the last layer's
+/// attention, and every weight whose name contains `norm`) against the same
+/// weights trained in torch: one AdamW step with decay groups and clipping
+/// over the trainable weights only.
+const FREEZE_TORCH: &str = r#"
+import json, sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+fixture, ours = sys.argv[1], sys.argv[2]
+layers, modules, extra = 1, ["self_attn"], ["norm"]
+ref = load_file(f"{fixture}/reference.safetensors")
+batch = {k: ref[k].long() for k in ["input_ids", "attention_mask", "labels"]}
+model = AutoModelForCausalLM.from_pretrained(fixture, torch_dtype=torch.float32)
+n = model.config.num_hidden_layers
+ids = range(max(0, n - layers), n) if layers > 0 else range(min(-layers, n))
+pats = [f".{i}.{m}" if m != "all" else f".{i}." for m in modules for i in ids] + extra
+for name, p in model.named_parameters():
+    p.requires_grad_(any(x in name for x in pats))
+trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+decay = [p for k, p in trainable if "bias" not in k and "norm" not in k]
+no_decay = [p for k, p in trainable if "bias" in k or "norm" in k]
+opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                         {"params": no_decay, "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+before = {k: p.detach().clone() for k, p in model.named_parameters()}
+loss = model(**batch).loss
+loss.backward()
+norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0).item()
+grads = {k: p.grad.clone() for k, p in trainable}
+opt.step()
+mine = load_file(f"{ours}/model.safetensors")
+params = dict(model.named_parameters())
+out = {"loss": loss.item(), "grad_norm": norm, "tensors": {}}
+for k, v in mine.items():
+    theirs = params[k].detach()
+    d = (v - theirs).abs()
+    g = grads.get(k)
+    ill = (g.abs() < 1e-6) if g is not None else torch.zeros_like(d, dtype=torch.bool)
+    out["tensors"][k] = {
+        "trained": k in grads,
+        "moved": (theirs != before[k]).any().item(),
+        "well": d[~ill].max().item() if (~ill).any() else 0.0,
+        "ill": d[ill].max().item() if ill.any() else 0.0,
+    }
+print(json.dumps(out))
+"#;
+
+#[test]
+fn freeze_step_matches_torch() {
+    use anneal_stages::train::freeze;
+    use burn::module::AutodiffModule;
+    let dir = fixture("tiny-llama");
+    let b = batch(&reference(&dir).tensors);
+    let device = Default::default();
+    let model = Model::<AB>::load(&dir, &device).unwrap();
+    let pats = freeze::patterns(
+        1,
+        model.net.layers.len(),
+        &["self_attn".into()],
+        &["norm".into()],
+    );
+    let net = lora::freeze_unless(model.net, &|n: &str| {
+        pats.iter().any(|p| n.contains(p.as_str()))
+    });
+    let (loss, mut g) = loss_and_grads(&net, &b, false);
+    let norm = g.clip(1.0);
+    let mut opt = AdamW::new(AdamWConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    });
+    let net = opt.step(net, &g, 1e-2);
+    let out = tempfile::tempdir().unwrap();
+    Model {
+        config: model.config.clone(),
+        net: net.valid(),
+        source: None,
+    }
+    .save(
+        out.path(),
+        anneal_stages::model::weights::SaveDtype::F32,
+        u64::MAX,
+    )
+    .unwrap();
+    let run = std::process::Command::new("python3")
+        .args(["-c", FREEZE_TORCH])
+        .arg(&dir)
+        .arg(out.path())
+        .output()
+        .expect("python3");
+    assert!(
+        run.status.success(),
+        "torch and transformers are required for this test: python3 -m pip install torch transformers\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let torch: Value = serde_json::from_slice(&run.stdout).unwrap();
+    eprintln!(
+        "freeze: loss {loss}, grad norm {norm}; torch {}, {}",
+        torch["loss"], torch["grad_norm"]
+    );
+    assert!(rel(loss, torch["loss"].as_f64().unwrap()) < 1e-5);
+    assert!(rel(norm, torch["grad_norm"].as_f64().unwrap()) < 1e-4);
+    let tensors = torch["tensors"].as_object().unwrap();
+    let trained: Vec<&String> = tensors
+        .keys()
+        .filter(|k| tensors[*k]["trained"] == true)
+        .collect();
+    assert_eq!(
+        trained.len(),
+        4 + 2 * 2 + 1,
+        "layer 1's attention, both layers' two norms and the final norm: {trained:?}"
+    );
+    assert_eq!(g.map.len(), trained.len(), "{:?}", g.map.keys());
+    for (k, t) in tensors {
+        assert_eq!(t["moved"], t["trained"], "{k}");
+        let (well, ill) = (t["well"].as_f64().unwrap(), t["ill"].as_f64().unwrap());
+        if t["trained"] == false {
+            assert_eq!((well, ill), (0.0, 0.0), "{k}: a frozen weight moved");
+        }
+        assert!(well <= 1e-5 && ill <= 0.5e-2, "{k}: {t}");
+    }
+}

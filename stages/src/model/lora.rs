@@ -178,6 +178,45 @@ pub fn freeze<B: Backend>(net: CausalLm<B>) -> CausalLm<B> {
     net.map(&mut Freeze)
 }
 
+/// The Hugging Face name of the parameter at module path `path` (e.g.
+/// `layers.0.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj.weight`).
+pub fn hf_param_name(path: &str) -> String {
+    match path {
+        "embed_tokens" => "model.embed_tokens.weight".into(),
+        p if p.starts_with("lm_head") => p.into(),
+        p => format!("model.{p}"),
+    }
+}
+
+struct FreezeUnless<'a> {
+    trains: &'a dyn Fn(&str) -> bool,
+    path: Vec<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for FreezeUnless<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_owned());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let trains = (self.trains)(&hf_param_name(&self.path.join(".")));
+        param.set_require_grad(trains)
+    }
+}
+
+/// Freezes every weight of `net` whose Hugging Face name `trains` rejects
+/// and lets the others train.
+pub fn freeze_unless<B: Backend>(net: CausalLm<B>, trains: &dyn Fn(&str) -> bool) -> CausalLm<B> {
+    net.map(&mut FreezeUnless {
+        trains,
+        path: Vec::new(),
+    })
+}
+
 fn param2<B: Backend>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, 2>> {
     Param::from_tensor(Tensor::from_data(
         TensorData::new(t.data, [t.shape[0], t.shape[1]]),
