@@ -988,6 +988,7 @@ print(json.dumps(out))
 
 #[test]
 fn freeze_step_matches_torch() {
+    let _rng = rng_lock();
     use anneal_stages::train::freeze;
     use burn::module::AutodiffModule;
     let dir = fixture("tiny-llama");
@@ -1004,6 +1005,28 @@ fn freeze_step_matches_torch() {
         pats.iter().any(|p| n.contains(p.as_str()))
     });
     let (loss, mut g) = loss_and_grads(&net, &b, false);
+    // Checkpointing stops under the lowest trained weight, with the same gradients.
+    let (_, gc) = loss_and_grads(&net, &b, true);
+    let same = grads_diff(&g, &gc);
+    assert!(
+        same < 1e-5,
+        "checkpointing changed the gradients by {same:e}"
+    );
+    // Only the last layer: nothing under it runs again.
+    let last = freeze::patterns(1, 2, &["all".into()], &[]);
+    let top = lora::freeze_unless(Model::<AB>::load(&dir, &device).unwrap().net, &|n: &str| {
+        last.iter().any(|p| n.contains(p.as_str()))
+    });
+    let (whole, ckpt) = (
+        loss_and_grads(&top, &b, false).1,
+        loss_and_grads(&top, &b, true).1,
+    );
+    assert!(
+        whole.map.keys().all(|k| k.starts_with("layers.1.")),
+        "{:?}",
+        whole.map.keys()
+    );
+    assert!(grads_diff(&whole, &ckpt) < 1e-5);
     let norm = g.clip(1.0);
     let mut opt = AdamW::new(AdamWConfig {
         weight_decay: 0.1,

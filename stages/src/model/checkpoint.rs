@@ -68,21 +68,25 @@ pub fn loss_and_grads<B: TrainBackend>(
     drop(g);
 
     let embed_trains = net.embed_tokens.val().is_require_grad();
+    // below[l]: whether anything under layer `l` trains, so that its input
+    // needs a gradient; under the lowest trained weight nothing runs again.
+    let trained: Vec<bool> = net.layers.iter().map(trains).collect();
+    let mut below = vec![embed_trains; trained.len()];
+    for l in 1..below.len() {
+        below[l] = below[l - 1] || trained[l - 1];
+    }
     for (l, layer) in net.layers.iter().enumerate().rev() {
         let Some(d) = dy.take() else { break };
-        let x = Tensor::<B, 3>::from_inner(inputs.pop().expect("one input per layer"));
-        let x = if l > 0 || embed_trains {
-            x.require_grad()
-        } else if trains(layer) {
-            x
-        } else {
+        if !trained[l] && !below[l] {
             break;
-        };
+        }
+        let x = Tensor::<B, 3>::from_inner(inputs.pop().expect("one input per layer"));
+        let x = if below[l] { x.require_grad() } else { x };
         CausalLm::<B>::seed_layer(&device, seed, l);
         let y = layer.forward(x.clone(), pos, None, true);
         let g = vjp(y, d);
         grads.accumulate(net, &g);
-        dy = x.grad(&g);
+        dy = if below[l] { x.grad(&g) } else { None };
     }
     if let (true, Some(d)) = (embed_trains, dy) {
         let g = vjp(embedding(net.embed_tokens.val(), ids), d);
