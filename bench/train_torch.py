@@ -41,6 +41,11 @@ default 2*RANK as anneal's, dropout 0, target_modules "all-linear": every
 linear layer but the LM head, as anneal's `lora_target: all`) on the f32 model;
 AdamW, clipping and the loss as above, over the adapters' parameters only.
 
+--freeze N: only the last N decoder layers train (every weight whose name
+contains `.{i}.` for those layers: LLaMA-Factory's freeze tuning with
+freeze_trainable_modules all and no extra modules, anneal's
+`finetuning_type: freeze`); the rest has requires_grad off.
+
 --train-on-prompt labels every token (anneal's `train_on_prompt: true`), so
 trained tokens are all tokens but the first of each sample. --attn picks the
 transformers attention implementation (default sdpa, PyTorch eager's fast path).
@@ -139,6 +144,7 @@ def main():
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, ...)")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (PEFT); 0: full fine-tuning")
     ap.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
+    ap.add_argument("--freeze", type=int, default=0, help="train the last N layers only")
     ap.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -182,6 +188,11 @@ def main():
             task_type="CAUSAL_LM",
         )
         model = peft.get_peft_model(model, config)
+    if a.freeze:
+        n_layers = model.config.num_hidden_layers
+        keep = [f".{i}." for i in range(max(0, n_layers - a.freeze), n_layers)]
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(k in name for k in keep))
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     pad_id = tok.pad_token_id
@@ -281,6 +292,7 @@ def main():
                 "order": a.order,
                 "train_on_prompt": a.train_on_prompt,
                 "lora_rank": a.lora,
+                "freeze_trainable_layers": a.freeze,
                 "trainable_params": sum(p.numel() for p in params),
                 "attn_implementation": model.config._attn_implementation,
                 "samples": n,
