@@ -844,6 +844,23 @@ mod attention_timing {
     }
 }
 
+/// The JSON that `python3 -c script fixture ours` prints; the test fails
+/// with a hint to install `packages` when the script does.
+fn python_json(script: &str, fixture: &Path, ours: &Path, packages: &str) -> Value {
+    let run = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(fixture)
+        .arg(ours)
+        .output()
+        .expect("python3");
+    assert!(
+        run.status.success(),
+        "{packages} are required for this test: python3 -m pip install {packages}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    serde_json::from_slice(&run.stdout).expect("the script's JSON")
+}
+
 /// Two LoRA+ steps (PEFT's `create_loraplus_optimizer`, ratio 16, with weight
 /// decay, which torch applies at each group's rate) in PEFT and here.
 const LORAPLUS_PEFT: &str = r#"
@@ -904,18 +921,7 @@ fn loraplus_steps_match_peft() {
     losses.push(loss_of(&net, &b));
     let out = tempfile::tempdir().unwrap();
     lora::save_adapter(&net, &cfg, None, out.path()).unwrap();
-    let run = std::process::Command::new("python3")
-        .args(["-c", LORAPLUS_PEFT])
-        .arg(&dir)
-        .arg(out.path())
-        .output()
-        .expect("python3");
-    assert!(
-        run.status.success(),
-        "torch, transformers and peft are required for this test: python3 -m pip install torch transformers peft\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let peft: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let peft = python_json(LORAPLUS_PEFT, &dir, out.path(), "torch transformers peft");
     eprintln!("LoRA+ against PEFT: losses {losses:?}, PEFT {peft}");
     for (i, (ours, theirs)) in losses
         .iter()
@@ -1045,18 +1051,7 @@ fn freeze_step_matches_torch() {
         u64::MAX,
     )
     .unwrap();
-    let run = std::process::Command::new("python3")
-        .args(["-c", FREEZE_TORCH])
-        .arg(&dir)
-        .arg(out.path())
-        .output()
-        .expect("python3");
-    assert!(
-        run.status.success(),
-        "torch and transformers are required for this test: python3 -m pip install torch transformers\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let torch: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let torch = python_json(FREEZE_TORCH, &dir, out.path(), "torch transformers");
     eprintln!(
         "freeze: loss {loss}, grad norm {norm}; torch {}, {}",
         torch["loss"], torch["grad_norm"]
