@@ -14,7 +14,7 @@
 //! for one more forward pass of the layers.
 //!
 //! Each layer's LoRA dropout masks come from a seed of its own
-//! ([`CausalLm::seed_layer`]), drawn the same in both passes and as
+//! (`CausalLm::seed_layer`), drawn the same in both passes and as
 //! [`CausalLm::train_loss`] draws them, so checkpointing does not change
 //! what is trained.
 
