@@ -32,6 +32,24 @@ pub trait Validate {
     }
 }
 
+/// The names in a param given as a comma-separated string (`q_proj, v_proj`)
+/// or a list of strings, as LLaMA-Factory takes `lora_target` and the
+/// `freeze_*` modules; the error completes "<key> ...".
+pub fn name_list(v: &Value) -> Result<Vec<String>, String> {
+    match v {
+        Value::String(s) => Ok(s.split(',').map(|x| x.trim().to_owned()).collect()),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| "entries must be strings".to_owned())
+            })
+            .collect(),
+        _ => Err("must be a string or a list of strings".into()),
+    }
+}
+
 /// For [`crate::Stage::check`]: every problem with `params`.
 pub fn check<T: DeserializeOwned + Validate>(params: &Value) -> Vec<ConfigError> {
     match parse::<T>(params) {

@@ -462,18 +462,7 @@ impl Validate for Params {
 }
 
 fn lora_targets(v: &Value) -> anyhow::Result<Vec<String>> {
-    let names: Vec<String> = match v {
-        Value::String(s) => s.split(',').map(|x| x.trim().to_owned()).collect(),
-        Value::Array(a) => a
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_owned)
-                    .context("lora_target entries must be strings")
-            })
-            .collect::<anyhow::Result<_>>()?,
-        _ => bail!("lora_target must be a string or a list of strings"),
-    };
+    let names = params::name_list(v).map_err(|e| anyhow::anyhow!("lora_target {e}"))?;
     LoraConfig::resolve_targets(&names)
 }
 
@@ -955,10 +944,8 @@ impl OnDevice for Job<'_> {
                 tracing::info!("resuming from {}", dir.display());
                 ctx.progress
                     .message(format!("resuming from checkpoint global_step_{step}"));
-                let net = match &lora_cfg {
-                    Some(_) => lora::load_adapter(base.net, &dir.join("model"))?.0,
-                    None => p.apply_freeze(Model::<B>::load(&dir.join("model"), &device)?.net)?,
-                };
+                let net = load_weights(&dir.join("model"), &lora_cfg, &device, || Ok(base.net))?;
+                let net = p.apply_freeze(net)?;
                 let mut state = BTreeMap::new();
                 weights::load_file_into(&dir.join("optimizer.safetensors"), &mut state)?;
                 opt.load_state(step, state, &device)?;
@@ -1171,12 +1158,9 @@ impl OnDevice for Job<'_> {
                     .join(format!("global_step_{}", b.step))
                     .join("model");
                 tracing::info!("loading the best checkpoint, {}", dir.display());
-                net = match &lora_cfg {
-                    Some(_) => {
-                        lora::load_adapter(Model::<B>::load(self.base, &device)?.net, &dir)?.0
-                    }
-                    None => Model::<B>::load(&dir, &device)?.net,
-                };
+                net = load_weights(&dir, &lora_cfg, &device, || {
+                    Ok(Model::<B>::load(self.base, &device)?.net)
+                })?;
                 chosen = b;
             }
             best = Some(chosen);
@@ -1358,6 +1342,20 @@ fn save_weights<B: AutodiffBackend>(
         }
         .save(dir, SaveDtype::F32, DEFAULT_MAX_SHARD_BYTES),
     }
+}
+
+/// The weights that [`save_weights`] wrote to `dir`: an HF model, or the
+/// PEFT adapter attached to the base model that `base` loads (only then).
+fn load_weights<B: crate::model::TrainBackend>(
+    dir: &Path,
+    lora_cfg: &Option<LoraConfig>,
+    device: &B::Device,
+    base: impl FnOnce() -> anyhow::Result<CausalLm<B>>,
+) -> anyhow::Result<CausalLm<B>> {
+    Ok(match lora_cfg {
+        Some(_) => lora::load_adapter(base()?, dir)?.0,
+        None => Model::<B>::load(dir, device)?.net,
+    })
 }
 
 /// Deletes the oldest checkpoints beyond `keep`, except step `spare` (the

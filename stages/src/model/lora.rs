@@ -165,17 +165,9 @@ fn projections<B: Backend>(net: &mut CausalLm<B>) -> Vec<(String, &'static str, 
     out
 }
 
-struct Freeze;
-
-impl<B: Backend> ModuleMapper<B> for Freeze {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        param.set_require_grad(false)
-    }
-}
-
 /// Freezes every weight of `net` (no gradients), e.g. before attaching adapters.
 pub fn freeze<B: Backend>(net: CausalLm<B>) -> CausalLm<B> {
-    net.map(&mut Freeze)
+    freeze_unless(net, &|_| false)
 }
 
 /// The Hugging Face name of the parameter at module path `path` (e.g.

@@ -22,25 +22,17 @@ pub const LAYER_MODULES: &[&str] = &[
 /// Modules outside the decoder layers.
 pub const EXTRA_MODULES: &[&str] = &["embed_tokens", "norm", "lm_head"];
 
-/// The module names in a comma-separated string or a list of strings.
+/// The module names in a comma-separated string (empty entries left out) or
+/// a list of strings; none when unset.
 pub fn names(v: &Value) -> Result<Vec<String>, String> {
-    match v {
-        Value::String(s) => Ok(s
-            .split(',')
-            .map(|x| x.trim().to_owned())
-            .filter(|x| !x.is_empty())
-            .collect()),
-        Value::Array(a) => a
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| "entries must be strings".to_owned())
-            })
-            .collect(),
-        Value::Null => Ok(Vec::new()),
-        _ => Err("must be a string or a list of strings".into()),
+    if v.is_null() {
+        return Ok(Vec::new());
     }
+    let mut names = crate::params::name_list(v)?;
+    if v.is_string() {
+        names.retain(|x| !x.is_empty());
+    }
+    Ok(names)
 }
 
 /// Checks `modules` (the trainable sub-modules of a layer, or `all`) and
