@@ -85,6 +85,48 @@ fn pipeline(size: &str, steps: u32, save: u32) -> String {
         .replace("SAVE", &save.to_string())
 }
 
+/// `(step, eval_loss)` of every evaluated step in `m`, and the step with the
+/// lowest loss (the first of equal ones).
+fn eval_losses(m: &[Value]) -> (Vec<(u64, f64)>, u64) {
+    let evals: Vec<(u64, f64)> = m
+        .iter()
+        .filter_map(|x| Some((x["step"].as_u64()?, x["eval_loss"].as_f64()?)))
+        .collect();
+    let best = evals
+        .iter()
+        .fold(evals[0], |b, &e| if e.1 < b.1 { e } else { b })
+        .0;
+    (evals, best)
+}
+
+/// The entries of the directory `rel`, sorted.
+fn names_in(p: &Project, rel: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(p.path(rel))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The token ids `anneal model generate` gives for "2+3?" (greedy, EOS
+/// ignored) with `args`.
+fn generated_ids(p: &Project, model: &str, args: &[&str]) -> Value {
+    let mut all = vec![
+        "model",
+        "generate",
+        model,
+        "-p",
+        "2+3?",
+        "--ignore-eos",
+        "--json",
+    ];
+    all.extend_from_slice(args);
+    let g = p.anneal(&all);
+    assert_eq!(g.code, 0, "{g:?}");
+    g.json()["completions"][0]["ids"].clone()
+}
+
 fn metrics(p: &Project, rel: &str) -> Vec<Value> {
     p.read(rel)
         .lines()
@@ -170,23 +212,7 @@ fn phases_train_chain_and_cache() {
     );
     // The merged model, and the adapter alone (loaded on its base model from
     // adapter_config.json), generate the same tokens.
-    let ids = |model: &str| {
-        let g = p.anneal(&[
-            "model",
-            "generate",
-            model,
-            "--chat",
-            "-p",
-            "2+3?",
-            "--max-new-tokens",
-            "3",
-            "--ignore-eos",
-            "--json",
-        ]);
-        assert_eq!(g.code, 0, "{g:?}");
-        let v: Value = serde_json::from_str(&g.stdout).unwrap();
-        v["completions"][0]["ids"].clone()
-    };
+    let ids = |model: &str| generated_ids(&p, model, &["--chat", "--max-new-tokens", "3"]);
     assert_eq!(ids("work/phase2"), ids("work/phase2/adapter"));
     // The run record carries the stage's report.
     let status = p.anneal(&["status", "sft.yaml", "--json"]);
@@ -493,12 +519,10 @@ fn epochs_schedules_and_checkpoint_limits_follow_hf_trainer() {
         "constant ignores warmup: {m:?}"
     );
     // save_steps 1 with save_total_limit 2: the final checkpoint and the one before it.
-    let mut kept: Vec<String> = std::fs::read_dir(p.path("work/phase1_ckpt"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    kept.sort();
-    assert_eq!(kept, ["global_step_5", "global_step_6"]);
+    assert_eq!(
+        names_in(&p, "work/phase1_ckpt"),
+        ["global_step_5", "global_step_6"]
+    );
 
     // A schedule with kwargs reaches the steps (each schedule's values are
     // checked against transformers in stages/tests/schedules.rs).
@@ -582,17 +606,9 @@ fn load_best_model_at_end_outputs_the_best_checkpoint() {
         .replace("LR2", "1.0e-1");
     p.write("sft.yaml", &yaml);
     p.run_ok("sft.yaml", &[]);
-    let m2 = metrics(&p, "work/phase2.jsonl");
-    let evals2: Vec<(u64, f64)> = m2
-        .iter()
-        .filter_map(|x| Some((x["step"].as_u64()?, x["eval_loss"].as_f64()?)))
-        .collect();
+    let (evals2, best2) = eval_losses(&metrics(&p, "work/phase2.jsonl"));
     eprintln!("LoRA validation losses: {evals2:?}");
     // LoRA with merge_lora: the adapter and the merged model are the best step's.
-    let best2 = evals2
-        .iter()
-        .fold(evals2[0], |b, &e| if e.1 < b.1 { e } else { b })
-        .0;
     assert_ne!(best2, 6, "{evals2:?}");
     let adapter =
         |dir: &str| std::fs::read(p.path(&format!("{dir}/adapter_model.safetensors"))).unwrap();
@@ -600,37 +616,15 @@ fn load_best_model_at_end_outputs_the_best_checkpoint() {
         adapter("work/phase2/adapter") == adapter(&format!("work/phase2_ckpt/global_step_{best2}"))
     );
     assert!(adapter("work/phase2/adapter") != adapter("work/phase2_ckpt/global_step_6"));
-    let ids = |model: &str| {
-        let g = p.anneal(&[
-            "model",
-            "generate",
-            model,
-            "-p",
-            "2+3?",
-            "--max-new-tokens",
-            "4",
-            "--ignore-eos",
-            "--json",
-        ]);
-        assert_eq!(g.code, 0, "{g:?}");
-        g.json()["completions"][0]["ids"].clone()
-    };
+    let ids = |model: &str| generated_ids(&p, model, &["--max-new-tokens", "4"]);
     assert_eq!(
         ids("work/phase2"),
         ids("work/phase2/adapter"),
         "the merged model is the best adapter's"
     );
-    let m = metrics(&p, "work/phase1.jsonl");
-    let evals: Vec<(u64, f64)> = m
-        .iter()
-        .filter_map(|x| Some((x["step"].as_u64()?, x["eval_loss"].as_f64()?)))
-        .collect();
+    let (evals, best) = eval_losses(&metrics(&p, "work/phase1.jsonl"));
     eprintln!("validation losses: {evals:?}");
     assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 6, 8]);
-    let best = evals
-        .iter()
-        .fold(evals[0], |b, &e| if e.1 < b.1 { e } else { b })
-        .0;
     assert_ne!(best, 8, "the final step is not the best here: {evals:?}");
     let weights = |rel: &str| std::fs::read(p.path(rel)).unwrap();
     assert!(
@@ -646,13 +640,8 @@ fn load_best_model_at_end_outputs_the_best_checkpoint() {
         "the final checkpoint holds the final weights"
     );
     // save_total_limit 1 keeps the best (and the final one, which the output holds).
-    let mut kept: Vec<String> = std::fs::read_dir(p.path("work/phase1_ckpt"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    kept.sort();
     assert_eq!(
-        kept,
+        names_in(&p, "work/phase1_ckpt"),
         [format!("global_step_{best}"), "global_step_8".into()]
     );
     let status = p.anneal(&["status", "sft.yaml", "--json"]).json();

@@ -4,7 +4,7 @@
 //! Needs `python3` with torch and transformers
 //! (`python3 -m pip install torch transformers`).
 
-use std::process::Command;
+mod common;
 
 use anneal_stages::train::{Schedule, Scheduler};
 use serde_json::json;
@@ -57,16 +57,9 @@ fn every_schedule_matches_transformers() {
         ["warmup_stable_decay", {"num_decay_steps": 7, "warmup_type": "1-sqrt",
             "decay_type": "linear", "num_cycles": 0.3}, 2, 16, 1e-4]
     ]);
-    let out = Command::new("python3")
-        .args(["-c", HF, &cases.to_string()])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "torch and transformers are required for this test: python3 -m pip install torch transformers\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let hf: Vec<Vec<u64>> = serde_json::from_slice(&out.stdout).expect("the script's JSON");
+    let cases_arg = cases.to_string();
+    let out = common::python_json(HF, &[cases_arg.as_ref()], "torch transformers");
+    let hf: Vec<Vec<u64>> = serde_json::from_value(out).expect("lists of f64 bits");
     for (case, want) in cases.as_array().unwrap().iter().zip(&hf) {
         let kind: Scheduler = serde_json::from_value(case[0].clone()).unwrap();
         let (warmup, total, peak) = (

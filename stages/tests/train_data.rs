@@ -58,13 +58,26 @@ fn labels_match_the_smollm2_reference() {
     assert_eq!(right.ids, want_ids[..10]);
 }
 
+/// tiny-qwen2's tokenizer and `reference.json`.
+fn tiny_qwen2() -> (Tokenizer, Value) {
+    let dir = shared().join("fixtures/tiny-qwen2");
+    let r = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+        .unwrap();
+    (Tokenizer::from_dir(&dir).unwrap(), r)
+}
+
+/// The ids that `s` trains on, in order.
+fn trained_ids(s: &data::Sample) -> Vec<u32> {
+    s.labels
+        .iter()
+        .filter(|&&l| l >= 0)
+        .map(|&l| l as u32)
+        .collect()
+}
+
 #[test]
 fn tool_call_tokens_are_classed_and_filtered() {
-    let dir = shared().join("fixtures/tiny-qwen2");
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let (tok, r) = tiny_qwen2();
     let case = &r["chat"][2];
     let row = json!({"messages": case["messages"], "tools": case["tools"]});
     let conv = data::conversation(&row, &spec(json!({}))).unwrap();
@@ -86,23 +99,13 @@ fn tool_call_tokens_are_classed_and_filtered() {
     let reasoning = text_of(&|k| s.classes[k] == TokenClass::Reasoning);
     assert_eq!(reasoning, "<|im_end|>\nIt is 18 C in Paris.<|im_end|>\n");
     let only_calls = data::tokenize(&tok, &conv, &spec(json!({"train_on": "tool_calls"}))).unwrap();
-    let trained: Vec<u32> = only_calls
-        .labels
-        .iter()
-        .filter(|&&l| l >= 0)
-        .map(|&l| l as u32)
-        .collect();
-    assert_eq!(tok.decode(&trained, false).unwrap(), tool);
+    assert_eq!(trained_text(&tok, &only_calls), tool);
     let _ = TrainOn::Reasoning;
 }
 
 #[test]
 fn mask_history_trains_the_last_assistant_turn_only() {
-    let dir = shared().join("fixtures/tiny-qwen2");
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let (tok, r) = tiny_qwen2();
     // Two user/assistant exchanges; then a tool call, its result and the answer.
     for case in [&r["chat"][1], &r["chat"][2]] {
         let row = json!({"messages": case["messages"], "tools": case["tools"]});
@@ -111,24 +114,14 @@ fn mask_history_trains_the_last_assistant_turn_only() {
         let last = data::tokenize(&tok, &conv, &spec(json!({"mask_history": true}))).unwrap();
         let want_ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         assert_eq!(last.ids, want_ids);
-        let trained = |s: &data::Sample| -> Vec<u32> {
-            s.labels
-                .iter()
-                .filter(|&&l| l >= 0)
-                .map(|&l| l as u32)
-                .collect()
-        };
         let messages = case["messages"].as_array().unwrap();
         let answer = messages.last().unwrap()["content"].as_str().unwrap();
-        assert_eq!(
-            tok.decode(&trained(&last), false).unwrap(),
-            format!("{answer}<|im_end|>\n")
-        );
+        assert_eq!(trained_text(&tok, &last), format!("{answer}<|im_end|>\n"));
         // Without it, the earlier assistant turn is trained as well.
-        assert!(trained(&all).len() > trained(&last).len());
-        assert!(trained(&all).ends_with(&trained(&last)));
+        assert!(trained_ids(&all).len() > trained_ids(&last).len());
+        assert!(trained_ids(&all).ends_with(&trained_ids(&last)));
         // The earlier turns are context (class `Ignored`); the last keeps its classes.
-        let n = trained(&last).len();
+        let n = trained_ids(&last).len();
         let k = all.ids.len() - n;
         assert_eq!(all.classes[k..], last.classes[k..]);
         assert!(last.classes[..k].iter().all(|&c| c == TokenClass::Ignored));
@@ -180,20 +173,14 @@ const THINKING_TEMPLATE: &str = r#"
 
 /// tiny-qwen2's tokenizer with another chat template.
 fn with_template(template: &str) -> Tokenizer {
-    let base = Tokenizer::from_dir(&shared().join("fixtures/tiny-qwen2")).unwrap();
+    let (base, _) = tiny_qwen2();
     let mut config = base.config().clone();
     config["chat_template"] = json!(template);
     Tokenizer::new(base.inner().clone(), config).unwrap()
 }
 
 fn trained_text(tok: &Tokenizer, s: &data::Sample) -> String {
-    let ids: Vec<u32> = s
-        .labels
-        .iter()
-        .filter(|&&l| l >= 0)
-        .map(|&l| l as u32)
-        .collect();
-    tok.decode(&ids, false).unwrap()
+    tok.decode(&trained_ids(s), false).unwrap()
 }
 
 #[test]

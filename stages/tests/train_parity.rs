@@ -13,7 +13,7 @@ use anneal_stages::model::optim::{AdamW, AdamWConfig, Grads};
 use anneal_stages::model::{CausalLm, Model, TrainBackend};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::ElementConversion;
-use common::{Batch, batch, fixture, json, max_diff_unpadded};
+use common::{Batch, batch, fixture, json, max_diff_unpadded, python_json};
 use serde_json::Value;
 
 type AB = Autodiff<Flex>;
@@ -844,23 +844,6 @@ mod attention_timing {
     }
 }
 
-/// The JSON that `python3 -c script fixture ours` prints; the test fails
-/// with a hint to install `packages` when the script does.
-fn python_json(script: &str, fixture: &Path, ours: &Path, packages: &str) -> Value {
-    let run = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(fixture)
-        .arg(ours)
-        .output()
-        .expect("python3");
-    assert!(
-        run.status.success(),
-        "{packages} are required for this test: python3 -m pip install {packages}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    serde_json::from_slice(&run.stdout).expect("the script's JSON")
-}
-
 /// Two LoRA+ steps (PEFT's `create_loraplus_optimizer`, ratio 16, with weight
 /// decay, which torch applies at each group's rate) in PEFT and here.
 const LORAPLUS_PEFT: &str = r#"
@@ -921,7 +904,11 @@ fn loraplus_steps_match_peft() {
     losses.push(loss_of(&net, &b));
     let out = tempfile::tempdir().unwrap();
     lora::save_adapter(&net, &cfg, None, out.path()).unwrap();
-    let peft = python_json(LORAPLUS_PEFT, &dir, out.path(), "torch transformers peft");
+    let peft = python_json(
+        LORAPLUS_PEFT,
+        &[dir.as_os_str(), out.path().as_os_str()],
+        "torch transformers peft",
+    );
     eprintln!("LoRA+ against PEFT: losses {losses:?}, PEFT {peft}");
     for (i, (ours, theirs)) in losses
         .iter()
@@ -994,9 +981,9 @@ print(json.dumps(out))
 
 #[test]
 fn freeze_step_matches_torch() {
-    let _rng = rng_lock();
     use anneal_stages::train::freeze;
     use burn::module::AutodiffModule;
+    let _rng = rng_lock();
     let dir = fixture("tiny-llama");
     let b = batch(&reference(&dir).tensors);
     let device = Default::default();
@@ -1051,7 +1038,11 @@ fn freeze_step_matches_torch() {
         u64::MAX,
     )
     .unwrap();
-    let torch = python_json(FREEZE_TORCH, &dir, out.path(), "torch transformers");
+    let torch = python_json(
+        FREEZE_TORCH,
+        &[dir.as_os_str(), out.path().as_os_str()],
+        "torch transformers",
+    );
     eprintln!(
         "freeze: loss {loss}, grad norm {norm}; torch {}, {}",
         torch["loss"], torch["grad_norm"]

@@ -7,6 +7,22 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
+/// The JSON that `python3 -c script args...` prints; the test fails with a
+/// hint to install `packages` (space-separated pip names) when the script does.
+pub fn python_json(script: &str, args: &[&std::ffi::OsStr], packages: &str) -> Value {
+    let run = std::process::Command::new("python3")
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        run.status.success(),
+        "{packages} are required for this test: python3 -m pip install {packages}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    serde_json::from_slice(&run.stdout).expect("the script's JSON")
+}
+
 /// `../shared`, beside the checkout, or `$ANNEAL_SHARED` (for a test binary
 /// carried to another machine).
 pub fn shared() -> PathBuf {
