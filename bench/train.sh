@@ -15,6 +15,8 @@
 # LORA=8 trains LoRA adapters of rank 8 instead (alpha 16, dropout 0, on every
 # linear layer but the LM head: anneal `lora_target: all`, PEFT "all-linear";
 # the PyTorch side needs peft), at LR (default 1e-5, with LORA 1e-4).
+# DORA=1 with LORA makes them DoRA adapters (anneal `use_dora: true`, PEFT
+# use_dora=True).
 # FREEZE=2 trains only the last 2 decoder layers instead (anneal
 # `finetuning_type: freeze`, `freeze_trainable_layers: 2`; train_torch.py
 # --freeze 2 turns requires_grad off for the rest), at LR (default 1e-5).
@@ -36,6 +38,8 @@ CUTOFF="${CUTOFF:-512}"
 TRAIN_ON_PROMPT="${TRAIN_ON_PROMPT:-0}"
 LORA="${LORA:-0}"
 FREEZE="${FREEZE:-0}"
+DORA="${DORA:-0}"
+[ "$DORA" = 0 ] || [ "$LORA" != 0 ] || die "DORA=1 needs LORA=<rank>"
 GC="${GC:-0}"
 if [ "$LORA" != 0 ]; then LR="${LR:-1.0e-4}"; else LR="${LR:-1.0e-5}"; fi
 BIN="$(pwd)/${ANNEAL_BIN:-target/release/anneal}"
@@ -80,6 +84,7 @@ stages:
       model_name_or_path: $MODEL
 $(if [ "$LORA" != 0 ]; then
     printf '      finetuning_type: lora\n      lora_rank: %s\n      lora_target: all\n' "$LORA"
+    [ "$DORA" = 0 ] || printf '      use_dora: true\n'
 elif [ "$FREEZE" != 0 ]; then
     printf '      finetuning_type: freeze\n      freeze_trainable_layers: %s\n' "$FREEZE"
 else
@@ -104,7 +109,7 @@ print(statistics.median(x["tokens_per_s"] for x in m))' "$d/metrics.jsonl")"
     log "run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB"
 done
 anneal_median="$(median "${rates[@]}")"
-echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA freeze=$FREEZE gc=$GC median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA dora=$DORA freeze=$FREEZE gc=$GC median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
 [ "$TORCH" = 0 ] && exit 0
 
 log "anneal trained tokens per step (run 1): $(python3 -c '
@@ -117,6 +122,7 @@ for run in $(seq "$RUNS"); do
     mkdir -p "$d"
     secs="$(timed "$d/log" "$d/time" "$PYTHON" bench/train_torch.py "$MODEL" --data "$work/train.jsonl" \
         --steps "$STEPS" --batch "$BATCH" --cutoff "$CUTOFF" --device cpu --lr "$LR" --lora "$LORA" --freeze "$FREEZE" \
+        $([ "$DORA" != 0 ] && echo --dora) \
         $([ "$TRAIN_ON_PROMPT" = 1 ] && echo --train-on-prompt) $([ "$GC" = 1 ] && echo --gradient-checkpointing))"
     grep -o '{"steps".*' "$d/log" | tail -n1 >"$d/result.json" ||
         die "no result line in $d/log"
@@ -129,4 +135,4 @@ print(r["median_trained_tokens_per_s"], " ".join(str(s["tokens"]) for s in r["pe
     log "PyTorch run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB, trained tokens per step: $toks"
 done
 torch_median="$(median "${trates[@]}")"
-echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA freeze=$FREEZE gc=$GC pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA dora=$DORA freeze=$FREEZE gc=$GC pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"

@@ -40,6 +40,7 @@ on CPU): tensors only, not the CUDA context or the allocator's cached blocks.
 default 2*RANK as anneal's, dropout 0, target_modules "all-linear": every
 linear layer but the LM head, as anneal's `lora_target: all`) on the f32 model;
 AdamW, clipping and the loss as above, over the adapters' parameters only.
+--dora makes them DoRA adapters (use_dora=True; anneal's `use_dora: true`).
 
 --freeze N: only the last N decoder layers train (every weight whose name
 contains `.{i}.` for those layers: LLaMA-Factory's freeze tuning with
@@ -145,6 +146,7 @@ def main():
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (PEFT); 0: full fine-tuning")
     ap.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
     ap.add_argument("--freeze", type=int, default=0, help="train the last N layers only")
+    ap.add_argument("--dora", action="store_true", help="with --lora: DoRA adapters (use_dora)")
     ap.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -186,6 +188,7 @@ def main():
             lora_dropout=0.0,
             target_modules="all-linear",
             task_type="CAUSAL_LM",
+            use_dora=a.dora,
         )
         model = peft.get_peft_model(model, config)
     if a.freeze:
@@ -292,6 +295,7 @@ def main():
                 "order": a.order,
                 "train_on_prompt": a.train_on_prompt,
                 "lora_rank": a.lora,
+                "use_dora": a.dora,
                 "freeze_trainable_layers": a.freeze,
                 "trainable_params": sum(p.numel() for p in params),
                 "attn_implementation": model.config._attn_implementation,

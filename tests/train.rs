@@ -68,6 +68,7 @@ stages:
       finetuning_type: lora
       lora_rank: 4
       use_rslora: true
+      use_dora: true
       lora_dropout: 0.05
       lora_target: all
       merge_lora: true
@@ -201,6 +202,7 @@ fn phases_train_chain_and_cache() {
     let adapter: Value =
         serde_json::from_str(&p.read("work/phase2/adapter/adapter_config.json")).unwrap();
     assert_eq!(adapter["use_rslora"], true, "{adapter}");
+    assert_eq!(adapter["use_dora"], true, "{adapter}");
     let scale = peft["logit_scale"].as_f64().unwrap();
     assert!(
         peft["peft_vs_merged_max_abs"].as_f64().unwrap() < 1e-4 * scale.max(1.0),

@@ -86,6 +86,7 @@ const LF_KEYS: &[&str] = &[
     "lora_dropout",
     "lora_target",
     "use_rslora",
+    "use_dora",
     "loraplus_lr_ratio",
     "learning_rate",
     "num_train_epochs",

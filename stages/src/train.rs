@@ -88,6 +88,11 @@ pub struct Params {
     /// `lora_alpha / lora_rank` (PEFT's and LLaMA-Factory's `use_rslora`).
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA (PEFT's and LLaMA-Factory's `use_dora`): the adapters also
+    /// train a magnitude per output column of each adapted weight, whose
+    /// direction is `W + scaling * A B`.
+    #[serde(default)]
+    pub use_dora: bool,
     /// LoRA+ (LLaMA-Factory's `loraplus_lr_ratio`, PEFT's
     /// `create_loraplus_optimizer`): the adapters' `B` factors learn at this
     /// multiple of the learning rate (typically 16).
@@ -400,6 +405,14 @@ impl Validate for Params {
                 ));
             }
         }
+        for (key, on) in [("use_rslora", self.use_rslora), ("use_dora", self.use_dora)] {
+            if on && self.finetuning_type != FinetuningType::Lora {
+                return Err(err(
+                    key,
+                    format!("{key} changes the LoRA adapters: it needs finetuning_type: lora"),
+                ));
+            }
+        }
         if self.mask_history && self.train_on_prompt {
             return Err(err(
                 "mask_history",
@@ -537,6 +550,7 @@ impl Params {
             dropout: self.lora_dropout,
             targets: lora_targets(&self.lora_target)?,
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
         })
     }
 }

@@ -360,49 +360,74 @@ fn grads_diff(a: &Grads<Flex>, b: &Grads<Flex>) -> f32 {
 /// With LoRA dropout, gradient checkpointing recomputes each layer with the
 /// masks of the forward pass: its gradients are those of the whole pass
 /// with the same seed ([`CausalLm::train_loss`]), and another seed gives
-/// others.
+/// others. The same with DoRA, whose dropout path also multiplies the
+/// dropped-out input by the base weight.
 #[test]
 fn gradient_checkpointing_keeps_the_dropout_masks() {
     let _rng = rng_lock();
     let dir = fixture("tiny-llama");
     let b = batch(&reference(&dir).tensors);
     let device = Default::default();
-    let (net, cfg) = lora::load_adapter(
-        Model::<AB>::load(&dir, &device).unwrap().net,
-        &dir.join("lora-init"),
-    )
-    .unwrap();
-    // B = 0 in a fresh adapter would hide A's gradient: take one step first.
-    let (_, g) = loss_and_grads(&net, &b, false);
-    let net = AdamW::new(AdamWConfig::default()).step(net, &g, 0.01);
-    let net = with_dropout(&dir, &net, cfg, 0.3);
-    let pos = net.positions(&arange_rows(&b.ids), &b.mask, &device);
-    let k = shifted_targets(&b.labels, b.ids[0].len()).0.len();
-    let whole = |seed| {
-        let (loss, _) = net.train_loss(&b.ids, &pos, &b.labels, seed);
-        let mut g = Grads::default();
-        g.accumulate(&net, &loss.backward());
-        g
-    };
-    let ckpt = |seed| {
-        let mut g = Grads::default();
-        checkpoint::loss_and_grads(&net, &b.ids, &pos, &b.labels, seed, k, &mut g).unwrap();
-        g
-    };
-    let (w1, c1, c2) = (whole(1), ckpt(1), ckpt(2));
-    assert_eq!(
-        c1.map.len(),
-        2 * 7 * 2,
-        "only the LoRA factors have gradients"
-    );
-    let same = grads_diff(&w1, &c1);
-    let other = grads_diff(&w1, &c2);
-    eprintln!("relative gradient difference: same seed {same:e}, other seed {other:e}");
-    assert!(
-        same < 1e-5,
-        "checkpointing changed the gradients by {same:e}"
-    );
-    assert!(other > 1e-2, "another seed kept the masks ({other:e})");
+    for dora in [false, true] {
+        let (net, cfg) = if dora {
+            let cfg = lora::LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                targets: lora::LoraConfig::resolve_targets(&["all".into()]).unwrap(),
+                use_rslora: false,
+                use_dora: true,
+            };
+            let base = Model::<AB>::load(&dir, &device).unwrap().net;
+            (lora::attach(base, &cfg, 3), cfg)
+        } else {
+            lora::load_adapter(
+                Model::<AB>::load(&dir, &device).unwrap().net,
+                &dir.join("lora-init"),
+            )
+            .unwrap()
+        };
+        // B = 0 in a fresh adapter would hide A's gradient: take one step first.
+        let (_, g) = loss_and_grads(&net, &b, false);
+        let net = AdamW::new(AdamWConfig::default()).step(net, &g, 0.01);
+        if dora {
+            // A dropout that keeps every element: the dropout path's algebra
+            // must give the dropout-free output.
+            let kept = with_dropout(&dir, &net, cfg.clone(), 1e-9);
+            let (a, b) = (loss_of(&kept, &b), loss_of(&net, &b));
+            assert!(rel(a, b) < 1e-6, "DoRA with dropout 1e-9: {a} against {b}");
+        }
+        let net = with_dropout(&dir, &net, cfg, 0.3);
+        let pos = net.positions(&arange_rows(&b.ids), &b.mask, &device);
+        let k = shifted_targets(&b.labels, b.ids[0].len()).0.len();
+        let whole = |seed| {
+            let (loss, _) = net.train_loss(&b.ids, &pos, &b.labels, seed);
+            let mut g = Grads::default();
+            g.accumulate(&net, &loss.backward());
+            g
+        };
+        let ckpt = |seed| {
+            let mut g = Grads::default();
+            checkpoint::loss_and_grads(&net, &b.ids, &pos, &b.labels, seed, k, &mut g).unwrap();
+            g
+        };
+        let (w1, c1, c2) = (whole(1), ckpt(1), ckpt(2));
+        assert_eq!(
+            c1.map.len(),
+            2 * 7 * if dora { 3 } else { 2 },
+            "only the adapters have gradients"
+        );
+        let same = grads_diff(&w1, &c1);
+        let other = grads_diff(&w1, &c2);
+        eprintln!(
+            "DoRA {dora}: relative gradient difference: same seed {same:e}, other seed {other:e}"
+        );
+        assert!(
+            same < 1e-5,
+            "checkpointing changed the gradients by {same:e}"
+        );
+        assert!(other > 1e-2, "another seed kept the masks ({other:e})");
+    }
 }
 
 /// NEFTune's noise is uniform in `±alpha / sqrt(seq * hidden)` as in
@@ -1067,5 +1092,153 @@ fn freeze_step_matches_torch() {
             assert_eq!((well, ill), (0.0, 0.0), "{k}: a frozen weight moved");
         }
         assert!(well <= 1e-5 && ill <= 0.5e-2, "{k}: {t}");
+    }
+}
+
+/// DoRA in PEFT from the adapter anneal attached: PEFT's own initial
+/// magnitudes, two AdamW steps (plain, or LoRA+ with `ratio` > 1, where the
+/// magnitudes join the B factors' group), and PEFT's merge of the trained
+/// adapter.
+const DORA_PEFT: &str = r#"
+import json, sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.optimizers import create_loraplus_optimizer
+fixture, init, ours, ratio = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+ref = load_file(f"{fixture}/reference.safetensors")
+batch = {k: ref[k].long() for k in ["input_ids", "attention_mask", "labels"]}
+base = lambda: AutoModelForCausalLM.from_pretrained(fixture, torch_dtype=torch.float32)
+def ours_name(k):
+    return k.replace(".default.weight", "") if "magnitude" in k else k.replace(".default", "")
+def group(k):
+    return "M" if "magnitude" in k else "A" if "lora_A" in k else "B"
+cfg = json.load(open(f"{init}/adapter_config.json"))
+fresh = get_peft_model(base(), LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                                          target_modules=cfg["target_modules"], use_dora=True))
+start = load_file(f"{init}/adapter_model.safetensors")
+init_diff = max((start[ours_name(k)] - v).abs().max().item()
+                for k, v in fresh.state_dict().items() if "magnitude" in k)
+model = PeftModel.from_pretrained(base(), init, is_trainable=True)
+params = [p for p in model.parameters() if p.requires_grad]
+if ratio > 1:
+    opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=ratio,
+                                    loraplus_weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+else:
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+losses = []
+for _ in range(2):
+    opt.zero_grad()
+    loss = model(**batch).loss
+    losses.append(loss.item())
+    loss.backward()
+    opt.step()
+with torch.no_grad():
+    losses.append(model(**batch).loss.item())
+mine = load_file(f"{ours}/adapter/adapter_model.safetensors")
+theirs = {ours_name(k): v for k, v in model.state_dict().items() if "lora_" in k}
+assert sorted(mine) == sorted(theirs), (sorted(mine), sorted(theirs))
+diff, scale = {"A": 0.0, "B": 0.0, "M": 0.0}, {"A": 0.0, "B": 0.0, "M": 0.0}
+moved = {"M": 0.0}
+for k, v in mine.items():
+    f = group(k)
+    diff[f] = max(diff[f], (v - theirs[k]).abs().max().item())
+    scale[f] = max(scale[f], theirs[k].abs().max().item())
+    if f == "M":
+        moved["M"] = max(moved["M"], (theirs[k] - start[k]).abs().max().item())
+merged = PeftModel.from_pretrained(base(), f"{ours}/adapter").merge_and_unload().state_dict()
+mine_merged = load_file(f"{ours}/merged/model.safetensors")
+merged_diff = max((v - merged[k]).abs().max().item() for k, v in mine_merged.items())
+print(json.dumps({"init_diff": init_diff, "losses": losses, "diff": diff, "scale": scale,
+                  "moved": moved["M"], "merged_diff": merged_diff}))
+"#;
+
+#[test]
+fn dora_steps_and_merge_match_peft() {
+    use anneal_stages::model::weights::{self, SaveDtype};
+    use burn::module::AutodiffModule;
+    let dir = fixture("tiny-llama");
+    let b = batch(&reference(&dir).tensors);
+    let device = Default::default();
+    let cfg = lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: lora::LoraConfig::resolve_targets(&["all".into()]).unwrap(),
+        use_rslora: false,
+        use_dora: true,
+    };
+    for ratio in [1.0, 16.0] {
+        let init = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let mut net = lora::attach(Model::<AB>::load(&dir, &device).unwrap().net, &cfg, 7);
+        lora::save_adapter(&net, &cfg, None, init.path()).unwrap();
+        let mut opt = AdamW::new(AdamWConfig {
+            weight_decay: 0.1,
+            lora_b_lr_ratio: ratio,
+            ..Default::default()
+        });
+        let mut losses = Vec::new();
+        for _ in 0..2 {
+            let (loss, g) = loss_and_grads(&net, &b, false);
+            losses.push(loss);
+            net = opt.step(net, &g, 1e-2);
+        }
+        losses.push(loss_of(&net, &b));
+        lora::save_adapter(&net, &cfg, None, &out.path().join("adapter")).unwrap();
+        let merged = lora::merge(net.valid()).to_tensors();
+        std::fs::create_dir(out.path().join("merged")).unwrap();
+        weights::save_dir(
+            &out.path().join("merged"),
+            &merged,
+            SaveDtype::F32,
+            u64::MAX,
+        )
+        .unwrap();
+        let peft = python_json(
+            DORA_PEFT,
+            &[
+                dir.as_os_str(),
+                init.path().as_os_str(),
+                out.path().as_os_str(),
+                ratio.to_string().as_ref(),
+            ],
+            "torch transformers peft",
+        );
+        eprintln!("DoRA (LoRA+ ratio {ratio}) against PEFT: losses {losses:?}, PEFT {peft}");
+        let num = |k: &str| peft[k].as_f64().unwrap();
+        assert!(
+            num("init_diff") <= 1e-6,
+            "initial magnitudes differ from PEFT's by {}",
+            num("init_diff")
+        );
+        for (i, (ours, theirs)) in losses
+            .iter()
+            .zip(peft["losses"].as_array().unwrap())
+            .enumerate()
+        {
+            let theirs = theirs.as_f64().unwrap();
+            assert!(
+                rel(*ours, theirs) < 1e-4,
+                "loss {i}: {ours} vs PEFT's {theirs}"
+            );
+        }
+        assert!(
+            num("moved") > 1e-3,
+            "the magnitudes did not train: {}",
+            num("moved")
+        );
+        for f in ["A", "B", "M"] {
+            let (d, s) = (
+                peft["diff"][f].as_f64().unwrap(),
+                peft["scale"][f].as_f64().unwrap(),
+            );
+            assert!(d <= 1e-4 * s.max(1.0), "{f}: {d:e} apart (largest {s})");
+        }
+        assert!(
+            num("merged_diff") <= 1e-6,
+            "merged weights differ from PEFT's merge_and_unload of the adapter by {}",
+            num("merged_diff")
+        );
     }
 }

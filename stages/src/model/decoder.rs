@@ -50,6 +50,32 @@ pub struct LoraAdapter<B: Backend> {
     pub scaling: f64,
     /// Dropout on the adapter's input while gradients are tracked (training).
     pub dropout: f64,
+    /// DoRA: the length of each output column of the adapted weight, `[out]`
+    /// (PEFT's `lora_magnitude_vector`); the direction is that of
+    /// `W + scaling * A B`.
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// `scaling * A B`, `[in, out]`: what the adapter adds to the weight.
+    pub fn delta(&self) -> Tensor<B, 2> {
+        self.lora_a
+            .val()
+            .matmul(self.lora_b.val())
+            .mul_scalar(self.scaling)
+    }
+
+    /// DoRA's `magnitude / |W + delta|`, one factor per output column, with
+    /// the norm a constant (no gradient), as in the paper and PEFT.
+    pub fn dora_scale(&self, magnitude: Tensor<B, 1>, weight: Tensor<B, 2>) -> Tensor<B, 1> {
+        magnitude / column_norms(weight.detach() + self.delta().detach())
+    }
+}
+
+/// The Euclidean length of each column of `w: [in, out]`, `[out]`.
+pub fn column_norms<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 1> {
+    let out = w.dims()[1];
+    w.powi_scalar(2).sum_dim(0).sqrt().reshape([out])
 }
 
 impl<B: ModelBackend> Linear<B> {
@@ -72,7 +98,8 @@ impl<B: ModelBackend> Linear<B> {
             None => to_f32(self.base(x)),
             Some(l) => {
                 let device = x.device();
-                let xa = if l.dropout > 0.0 && dropout {
+                let dropped = l.dropout > 0.0 && dropout;
+                let xa = if dropped {
                     let keep = Tensor::<B, D>::random(
                         x.shape(),
                         Distribution::Bernoulli(1.0 - l.dropout),
@@ -82,9 +109,26 @@ impl<B: ModelBackend> Linear<B> {
                 } else {
                     x.clone()
                 };
-                let down = project(xa, l.lora_a.val(), None, self.bf16);
+                let down = project(xa.clone(), l.lora_a.val(), None, self.bf16);
                 let up = project(down, l.lora_b.val(), None, self.bf16).mul_scalar(l.scaling);
-                to_f32(self.base(x)) + up
+                let Some(m) = &l.magnitude else {
+                    return to_f32(self.base(x)) + up;
+                };
+                // DoRA as PEFT computes it: the base output plus
+                // `(scale - 1) x' W + scale * up`, where `x'` is the adapter's
+                // (dropped-out) input; without dropout that is
+                // `scale * (x W + up) + b`.
+                let scale: Tensor<B, D> = l.dora_scale(m.val(), self.weight.val()).unsqueeze();
+                if dropped {
+                    let direction = project(xa, self.weight.val(), None, self.bf16);
+                    to_f32(self.base(x)) + (scale.clone() - 1.0) * direction + scale * up
+                } else {
+                    let y = scale * (project(x, self.weight.val(), None, self.bf16) + up);
+                    match &self.bias {
+                        Some(b) => y + b.val().unsqueeze(),
+                        None => y,
+                    }
+                }
             }
         }
     }

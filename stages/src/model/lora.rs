@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde_json::{Value, json};
 
-use super::decoder::{CausalLm, Linear, LoraAdapter, host};
+use super::decoder::{CausalLm, Linear, LoraAdapter, column_norms, host};
 use super::weights::{self, HostTensor, SaveDtype};
 use crate::rng::SplitMix64;
 
@@ -39,6 +39,9 @@ pub struct LoraConfig {
     pub targets: Vec<String>,
     /// rsLoRA scaling `alpha / sqrt(r)`.
     pub use_rslora: bool,
+    /// DoRA: each adapted weight is a trained magnitude per output column
+    /// times the direction of `W + scaling * A B`.
+    pub use_dora: bool,
 }
 
 impl LoraConfig {
@@ -87,7 +90,7 @@ impl LoraConfig {
             "inference_mode": true,
             "init_lora_weights": true,
             "use_rslora": self.use_rslora,
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "modules_to_save": null,
             "layers_to_transform": null,
             "layers_pattern": null,
@@ -109,10 +112,11 @@ impl LoraConfig {
                 file.display()
             );
         }
-        for flag in ["use_dora", "fan_in_fan_out"] {
-            if get(flag).and_then(Value::as_bool) == Some(true) {
-                bail!("{}: '{flag}: true' is not supported", file.display());
-            }
+        if get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+            bail!(
+                "{}: 'fan_in_fan_out: true' is not supported",
+                file.display()
+            );
         }
         for k in ["rank_pattern", "alpha_pattern"] {
             if get(k)
@@ -143,6 +147,7 @@ impl LoraConfig {
             targets: Self::resolve_targets(&targets)
                 .with_context(|| format!("{}: target_modules", file.display()))?,
             use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+            use_dora: get("use_dora").and_then(Value::as_bool).unwrap_or(false),
         })
     }
 }
@@ -209,6 +214,11 @@ pub fn freeze_unless<B: Backend>(net: CausalLm<B>, trains: &dyn Fn(&str) -> bool
     })
 }
 
+fn param1<B: Backend>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, 1>> {
+    let n = t.data.len();
+    Param::from_tensor(Tensor::from_data(TensorData::new(t.data, [n]), device))
+}
+
 fn param2<B: Backend>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, 2>> {
     Param::from_tensor(Tensor::from_data(
         TensorData::new(t.data, [t.shape[0], t.shape[1]]),
@@ -217,7 +227,8 @@ fn param2<B: Backend>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, 2>> 
 }
 
 /// Freezes the base and attaches fresh adapters as PEFT initialises them:
-/// `A` kaiming-uniform (bound `1/sqrt(in)`), `B` zero, so the model is unchanged.
+/// `A` kaiming-uniform (bound `1/sqrt(in)`), `B` zero, so the model is
+/// unchanged; with DoRA the magnitudes are the base weight's column norms.
 pub fn attach<B: Backend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) -> CausalLm<B> {
     let mut net = freeze(net);
     let device = net.embed_tokens.device();
@@ -238,12 +249,18 @@ pub fn attach<B: Backend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) -> Caus
             shape: vec![cfg.r, out],
             data: vec![0.0; cfg.r * out],
         };
-        lin.lora = Some(LoraAdapter {
+        let mut adapter = LoraAdapter {
             lora_a: param2(a, &device),
             lora_b: param2(b, &device),
             scaling: cfg.scaling(),
             dropout: cfg.dropout,
-        });
+            magnitude: None,
+        };
+        if cfg.use_dora {
+            let w = lin.weight.val().detach() + adapter.delta().detach();
+            adapter.magnitude = Some(Param::from_tensor(column_norms(w)));
+        }
+        lin.lora = Some(adapter);
     }
     net
 }
@@ -284,8 +301,8 @@ pub fn load_adapter<B: Backend>(
             continue;
         }
         let [inp, out] = lin.weight.val().dims();
-        let mut take = |suffix: &str, shape: [usize; 2]| -> anyhow::Result<HostTensor> {
-            let key = format!("base_model.model.{name}.{suffix}.weight");
+        let mut take = |suffix: &str, shape: &[usize]| -> anyhow::Result<HostTensor> {
+            let key = format!("base_model.model.{name}.{suffix}");
             let t = tensors
                 .remove(&key)
                 .with_context(|| format!("{}: no tensor '{key}'", file.display()))?;
@@ -296,15 +313,22 @@ pub fn load_adapter<B: Backend>(
                     t.shape
                 );
             }
-            Ok(t.transposed())
+            // PEFT's factors are `[out, in]`-like (torch's linear layout).
+            Ok(if shape.len() == 2 { t.transposed() } else { t })
         };
-        let a = take("lora_A", [cfg.r, inp])?;
-        let b = take("lora_B", [out, cfg.r])?;
+        let a = take("lora_A.weight", &[cfg.r, inp])?;
+        let b = take("lora_B.weight", &[out, cfg.r])?;
+        let magnitude = if cfg.use_dora {
+            Some(param1(take("lora_magnitude_vector", &[out])?, &device))
+        } else {
+            None
+        };
         lin.lora = Some(LoraAdapter {
             lora_a: param2(a, &device),
             lora_b: param2(b, &device),
             scaling: cfg.scaling(),
             dropout: cfg.dropout,
+            magnitude,
         });
     }
     if let Some(k) = tensors.keys().next() {
@@ -330,6 +354,12 @@ pub fn adapter_tensors<B: Backend>(net: &CausalLm<B>) -> BTreeMap<String, HostTe
                 format!("base_model.model.{name}.lora_B.weight"),
                 host(l.lora_b.val().into_data(), true),
             );
+            if let Some(m) = &l.magnitude {
+                out.insert(
+                    format!("base_model.model.{name}.lora_magnitude_vector"),
+                    host(m.val().into_data(), false),
+                );
+            }
         }
     }
     out
@@ -359,12 +389,16 @@ pub fn save_adapter<B: Backend>(
     Ok(())
 }
 
-/// Folds every adapter into its base weight (`W += scaling * A B`) and removes it.
+/// Folds every adapter into its base weight (`W += scaling * A B`; with
+/// DoRA, each column of that sum scaled to its magnitude) and removes it.
 pub fn merge<B: Backend>(mut net: CausalLm<B>) -> CausalLm<B> {
     for (_, _, lin) in projections(&mut net) {
         if let Some(l) = lin.lora.take() {
-            let delta = l.lora_a.val().matmul(l.lora_b.val()).mul_scalar(l.scaling);
-            let w = lin.weight.val().detach() + delta.detach();
+            let mut w = lin.weight.val().detach() + l.delta().detach();
+            if let Some(m) = &l.magnitude {
+                let scale = l.dora_scale(m.val().detach(), lin.weight.val());
+                w = w * scale.unsqueeze();
+            }
             lin.weight = Param::from_tensor(w);
         }
     }

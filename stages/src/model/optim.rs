@@ -122,8 +122,8 @@ pub struct AdamWConfig {
     /// Decoupled weight decay, not applied to parameters whose name contains
     /// `bias` or `norm`.
     pub weight_decay: f64,
-    /// LoRA+: the LoRA `B` factors learn (and decay) at this multiple of the
-    /// learning rate (1: plain LoRA).
+    /// LoRA+: the LoRA `B` factors (and DoRA's magnitudes) learn (and decay)
+    /// at this multiple of the learning rate (1: plain LoRA).
     pub lora_b_lr_ratio: f64,
 }
 
@@ -275,8 +275,9 @@ impl<AB: AutodiffBackend<InnerBackend: ModelBackend>> ModuleMapper<AB> for Updat
         let p = tensor.inner().reshape([n]);
         let c = self.opt.config;
         let t = self.opt.step as i32;
-        // Torch's per-group rate: LoRA+ puts the B factors in a group of their own.
-        let lr = if name.ends_with("lora_b") {
+        // Torch's per-group rate: LoRA+ puts the B factors (and DoRA's
+        // magnitudes, as every 1-d adapter weight) in a group of their own.
+        let lr = if name.ends_with("lora_b") || name.ends_with("lora.magnitude") {
             self.lr * c.lora_b_lr_ratio
         } else {
             self.lr
