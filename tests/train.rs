@@ -548,6 +548,46 @@ fn epochs_schedules_and_checkpoint_limits_follow_hf_trainer() {
     assert_eq!(lrs, want);
     assert!(lrs[5] > 4.0e-4 && lrs[5] < 5.0e-4, "{lrs:?}");
 
+    // HF's strategies: at the end of each epoch (steps 3 and 6), whatever
+    // save_steps and eval_steps say; `no` never during training.
+    let strategies = |save: &str, eval: &str| {
+        let y = yaml.replacen("eval_steps: 3", "eval_steps: 2", 1).replacen(
+            "      save_total_limit: 2\n",
+            &format!("      save_strategy: {save}\n      eval_strategy: {eval}\n"),
+            1,
+        );
+        p.write("sft.yaml", &y);
+        p.run_ok("sft.yaml", &["--stage", "phase1"]);
+        let evaluated: Vec<u64> = metrics(&p, "work/phase1.jsonl")
+            .iter()
+            .filter(|x| x.get("eval_loss").is_some())
+            .map(|x| x["step"].as_u64().unwrap())
+            .collect();
+        (names_in(&p, "work/phase1_ckpt"), evaluated)
+    };
+    let (saved, evaluated) = strategies("epoch", "epoch");
+    assert_eq!(saved, ["global_step_3", "global_step_6"]);
+    assert_eq!(evaluated, [3, 6]);
+    let (saved, evaluated) = strategies("no", "steps");
+    assert_eq!(saved, ["global_step_6"]);
+    assert_eq!(evaluated, [2, 4, 6]);
+    let (_, evaluated) = strategies("steps", "no");
+    assert_eq!(evaluated, Vec::<u64>::new());
+
+    // max_samples: the first 5 rows of each file, so 2 steps an epoch.
+    p.write(
+        "sft.yaml",
+        &yaml.replacen(
+            "      save_total_limit: 2\n",
+            "      max_samples: 5\n      optim: adamw_torch\n",
+            1,
+        ),
+    );
+    p.run_ok("sft.yaml", &["--stage", "phase1"]);
+    let m = metrics(&p, "work/phase1.jsonl");
+    let rows: Vec<u64> = m.iter().map(|x| x["rows"].as_u64().unwrap()).collect();
+    assert_eq!(rows, [4, 1, 4, 1], "{m:?}");
+
     for (bad, key) in [
         ("eval_steps: 0", "params.eval_steps"),
         ("max_steps: 0", "params.max_steps"),
@@ -557,12 +597,20 @@ fn epochs_schedules_and_checkpoint_limits_follow_hf_trainer() {
             "params.mask_history",
         ),
         ("loraplus_lr_ratio: 16", "params.loraplus_lr_ratio"),
+        ("use_dora: true", "params.use_dora"),
+        ("optim: adamw_8bit", "params.optim"),
+        ("max_samples: 0", "params.max_samples"),
+        (
+            "load_best_model_at_end: true\n      save_strategy: epoch",
+            "params.save_strategy",
+        ),
+        ("eval_strategy: steps", "params.eval_strategy"),
         (
             "lr_scheduler_kwargs: {min_lr: 1.0e-5}",
             "params.lr_scheduler_kwargs.min_lr",
         ),
     ] {
-        let y = if bad.starts_with("eval_steps") {
+        let y = if bad.starts_with("eval_steps") || bad.starts_with("eval_strategy") {
             yaml.replacen("eval_steps: 3", bad, 1)
         } else {
             yaml.replacen(

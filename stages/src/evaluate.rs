@@ -740,7 +740,7 @@ impl OnDevice for TeacherForced<'_> {
         let data = ctx.input("data")?;
         let mut counts = BTreeMap::new();
         let mut samples =
-            crate::train::load_samples(&data, &tok, &spec, own.on_error, &mut counts, "")?;
+            crate::train::load_samples(&data, &tok, &spec, own.on_error, &mut counts, "", None)?;
         if let Some(l) = own.limit {
             samples.truncate(l);
         }

@@ -50,6 +50,19 @@ pub enum FinetuningType {
     Freeze,
 }
 
+/// When checkpoints are saved or the validation set is evaluated (HF's
+/// `save_strategy` / `eval_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Every `save_steps` / `eval_steps` optimizer steps.
+    Steps,
+    /// At the end of each epoch.
+    Epoch,
+    /// Never during training.
+    No,
+}
+
 /// Params of `train` (names as in LLaMA-Factory and HF TrainingArguments).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,6 +174,22 @@ pub struct Params {
     /// Checkpoint every N steps (and at the end).
     #[serde(default = "default_save")]
     pub save_steps: u64,
+    /// When to checkpoint (HF's `save_strategy`): `steps` (default, every
+    /// `save_steps`), `epoch` (at the end of each epoch) or `no` (only the
+    /// final model; a killed run starts over).
+    #[serde(default = "default_save_strategy")]
+    pub save_strategy: Strategy,
+    /// When to evaluate on `val` (HF's `eval_strategy`, also read as
+    /// `evaluation_strategy`): `steps` (every `eval_steps`), `epoch` or `no`.
+    /// Unset: every `eval_steps` when given, and at the end.
+    #[serde(alias = "evaluation_strategy")]
+    pub eval_strategy: Option<Strategy>,
+    /// The optimizer by HF's name: `adamw_torch` (the default; torch's
+    /// AdamW) or `adamw_torch_fused` (the same update).
+    pub optim: Option<String>,
+    /// Read only the first N rows of `train` and of `val` (LLaMA-Factory's
+    /// `max_samples`, for quick runs).
+    pub max_samples: Option<usize>,
     /// Keep at most this many checkpoints.
     pub save_total_limit: Option<usize>,
     /// Evaluate on `val` every N steps (and at the end).
@@ -273,6 +302,9 @@ fn default_seed() -> u64 {
 }
 fn default_save() -> u64 {
     500
+}
+fn default_save_strategy() -> Strategy {
+    Strategy::Steps
 }
 fn err(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
@@ -428,15 +460,49 @@ impl Validate for Params {
                 format!("only the validation loss can choose the best model (`loss`), not '{m}'"),
             ));
         }
+        if self.eval_strategy == Some(Strategy::Steps) && self.eval_steps.is_none() {
+            return Err(err(
+                "eval_strategy",
+                "eval_strategy: steps needs eval_steps (how many steps between evaluations)",
+            ));
+        }
+        if let Some(o) = &self.optim
+            && o != "adamw_torch"
+            && o != "adamw_torch_fused"
+        {
+            return Err(err(
+                "optim",
+                format!(
+                    "optim '{o}' is not supported: anneal's optimizer is torch's AdamW \
+                     (`adamw_torch`, or `adamw_torch_fused`, the same update); leave optim out"
+                ),
+            ));
+        }
+        if self.max_samples == Some(0) {
+            return Err(err(
+                "max_samples",
+                "max_samples must be at least 1 (or left out to read every row)",
+            ));
+        }
         if self.load_best_model_at_end {
-            match self.eval_steps {
-                None => {
+            match (self.save_strategy, self.eval_strategy(), self.eval_steps) {
+                (_, Strategy::No, _) => {
                     return Err(err(
                         "load_best_model_at_end",
-                        "load_best_model_at_end needs eval_steps (and a `val` input) to compare checkpoints",
+                        "load_best_model_at_end needs eval_steps (or eval_strategy: epoch) and a `val` input to compare checkpoints",
                     ));
                 }
-                Some(e) if !self.save_steps.is_multiple_of(e) => {
+                (save, eval, _) if save != eval => {
+                    return Err(err(
+                        "save_strategy",
+                        format!(
+                            "with load_best_model_at_end, save_strategy ({}) must match eval_strategy ({}), so every checkpoint has a validation loss",
+                            save.name(),
+                            eval.name()
+                        ),
+                    ));
+                }
+                (Strategy::Steps, _, Some(e)) if !self.save_steps.is_multiple_of(e) => {
                     return Err(err(
                         "save_steps",
                         format!(
@@ -445,7 +511,7 @@ impl Validate for Params {
                         ),
                     ));
                 }
-                Some(_) => {}
+                _ => {}
             }
         }
         if self.save_steps == 0 {
@@ -479,7 +545,44 @@ fn lora_targets(v: &Value) -> anyhow::Result<Vec<String>> {
     LoraConfig::resolve_targets(&names)
 }
 
+impl Strategy {
+    /// The name users write.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Steps => "steps",
+            Strategy::Epoch => "epoch",
+            Strategy::No => "no",
+        }
+    }
+
+    /// Steps between two events: every `steps`, every epoch, or never.
+    fn every(self, steps: Option<u64>, steps_per_epoch: u64) -> u64 {
+        match self {
+            Strategy::Steps => steps.unwrap_or(u64::MAX),
+            Strategy::Epoch => steps_per_epoch,
+            Strategy::No => u64::MAX,
+        }
+    }
+}
+
 impl Params {
+    /// `eval_strategy` as set, or what the keys imply: `steps` with
+    /// `eval_steps`, otherwise `no` (with a final evaluation, see
+    /// [`Self::evaluates_at_end`]).
+    fn eval_strategy(&self) -> Strategy {
+        self.eval_strategy.unwrap_or(if self.eval_steps.is_some() {
+            Strategy::Steps
+        } else {
+            Strategy::No
+        })
+    }
+
+    /// Whether the last step is evaluated: unless `eval_strategy: no` says
+    /// never.
+    fn evaluates_at_end(&self) -> bool {
+        self.eval_strategy != Some(Strategy::No)
+    }
+
     fn data_spec(&self) -> DataSpec {
         DataSpec {
             prompt_key: self.prompt_key.clone(),
@@ -574,7 +677,7 @@ const INPUTS: &[KeySpec] = &[
     KeySpec {
         name: "val",
         required: false,
-        doc: "validation rows, evaluated every eval_steps and at the end",
+        doc: "validation rows, evaluated every eval_steps (or as eval_strategy says) and at the end",
     },
     KeySpec {
         name: "init",
@@ -676,7 +779,8 @@ struct Job<'a> {
     out: &'a Path,
 }
 
-/// Reads and tokenises every row of `path`; returns the samples and counts by outcome.
+/// Reads and tokenises every row of `path` (the first `max_rows`, if set);
+/// returns the samples and counts by outcome.
 pub(crate) fn load_samples(
     path: &Path,
     tok: &Tokenizer,
@@ -684,11 +788,16 @@ pub(crate) fn load_samples(
     on_error: OnError,
     counts: &mut BTreeMap<String, u64>,
     prefix: &str,
+    max_rows: Option<usize>,
 ) -> anyhow::Result<Vec<Sample>> {
     let mut reader = RowReader::open(path)?;
     let mut out = Vec::new();
     let mut bump = |k: &str| *counts.entry(format!("{prefix}{k}")).or_default() += 1;
-    while let Some(row) = reader.next_row() {
+    let mut rows = 0;
+    while max_rows.is_none_or(|m| rows < m)
+        && let Some(row) = reader.next_row()
+    {
+        rows += 1;
         let (line, row) = match row {
             Ok(r) => r,
             Err(e) if on_error == OnError::Skip => {
@@ -863,6 +972,7 @@ impl OnDevice for Job<'_> {
             p.on_error,
             &mut counts,
             "",
+            p.max_samples,
         )?;
         if train.is_empty() {
             bail!(
@@ -884,6 +994,7 @@ impl OnDevice for Job<'_> {
                 p.on_error,
                 &mut counts,
                 "val_",
+                p.max_samples,
             )?,
             None => Vec::new(),
         };
@@ -993,7 +1104,8 @@ impl OnDevice for Job<'_> {
         let mut order: Vec<u32> = Vec::new();
         let mut last_loss = f64::NAN;
         let mut trained_tokens = 0usize;
-        let eval_every = p.eval_steps.unwrap_or(u64::MAX);
+        let eval_every = p.eval_strategy().every(p.eval_steps, steps_per_epoch);
+        let save_every = p.save_strategy.every(Some(p.save_steps), steps_per_epoch);
         let eval_bs = p
             .per_device_eval_batch_size
             .unwrap_or(p.per_device_train_batch_size);
@@ -1104,7 +1216,9 @@ impl OnDevice for Job<'_> {
                 "rows": packed.as_ref().map_or(picked.len(), Vec::len),
                 "tokens_per_s": total_tokens as f64 / secs.max(1e-9),
             });
-            if !val.is_empty() && (done % eval_every == 0 || done == total) {
+            if !val.is_empty()
+                && (done % eval_every == 0 || (done == total && p.evaluates_at_end()))
+            {
                 let (vl, _) = evaluate(&net.valid(), &val, eval_bs, pad_id);
                 if !vl.is_finite() {
                     bail!(
@@ -1137,7 +1251,7 @@ impl OnDevice for Job<'_> {
                 total_tokens as f64 / secs.max(1e-9),
                 eta((total - done) as f64 * per_step_s)
             ));
-            if done % p.save_steps == 0 && done < total {
+            if done % save_every == 0 && done < total {
                 let saved = Saved {
                     step: done,
                     eval_loss: line["eval_loss"].as_f64(),

@@ -117,13 +117,14 @@ impl<B: ModelBackend> Linear<B> {
                 // DoRA as PEFT computes it: the base output plus
                 // `(scale - 1) x' W + scale * up`, where `x'` is the adapter's
                 // (dropped-out) input; without dropout that is
-                // `scale * (x W + up) + b`.
+                // `scale * (x W + up) + b`. The broadcast factor is the right
+                // operand: Flex's fast broadcast paths expect it there.
                 let scale: Tensor<B, D> = l.dora_scale(m.val(), self.weight.val()).unsqueeze();
                 if dropped {
                     let direction = project(xa, self.weight.val(), None, self.bf16);
-                    to_f32(self.base(x)) + (scale.clone() - 1.0) * direction + scale * up
+                    to_f32(self.base(x)) + direction * (scale.clone() - 1.0) + up * scale
                 } else {
-                    let y = scale * (project(x, self.weight.val(), None, self.bf16) + up);
+                    let y = (project(x, self.weight.val(), None, self.bf16) + up) * scale;
                     match &self.bias {
                         Some(b) => y + b.val().unsqueeze(),
                         None => y,
