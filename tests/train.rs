@@ -422,7 +422,9 @@ fn gradient_checkpointing_trains_the_same_model() {
     let run = |on: bool, neftune: &str| {
         let p = Project::new();
         write_data(&p);
+        // A Qwen3 model: checkpointing recomputes its per-head q/k norms too.
         let yaml = pipeline("tiny", 4, 100)
+            .replace("{size: tiny,", "{arch: qwen3, size: tiny,")
             .replace(
                 "      detailed_metrics: true\n",
                 &format!("      gradient_checkpointing: {on}\n{neftune}"),
@@ -437,6 +439,7 @@ fn gradient_checkpointing_trains_the_same_model() {
             );
         p.write("sft.yaml", &yaml);
         p.run_ok("sft.yaml", &[]);
+        assert!(p.read("work/phase2/config.json").contains("\"qwen3\""));
         [
             metrics(&p, "work/phase1.jsonl"),
             metrics(&p, "work/phase2.jsonl"),

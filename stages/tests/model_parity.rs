@@ -38,7 +38,11 @@ fn logits_of<B: ModelBackend>(model: &Model<B>, b: &Batch) -> Vec<f32> {
 }
 
 fn check_fixture<B: ModelBackend>(name: &str, device: &B::Device, tol: &Tol) {
-    let dir = fixture(name);
+    check_dir::<B>(name, &fixture(name), device, tol);
+}
+
+fn check_dir<B: ModelBackend>(name: &str, dir: &Path, device: &B::Device, tol: &Tol) {
+    let dir = dir.to_path_buf();
     let model = Model::<B>::load(&dir, device).unwrap();
     let r = reference(&dir);
     let refj = json(&dir.join("reference.json"));
@@ -116,6 +120,21 @@ fn ids_of(v: &Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// Qwen3 (per-head q/k norms, a head wider than hidden / heads) and Mistral,
+/// built by transformers at test time from tiny-qwen2's sizes.
+#[test]
+fn tiny_qwen3_and_mistral_match_transformers() {
+    for arch in ["qwen3", "mistral"] {
+        let dir = common::tiny_arch(arch);
+        check_dir::<B>(
+            &format!("tiny-{arch}"),
+            dir.path(),
+            &Default::default(),
+            &CPU_TOL,
+        );
+    }
 }
 
 #[test]

@@ -92,19 +92,44 @@ fn loss_and_grads<AB: TrainBackend>(
 }
 
 fn full_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt: bool) {
-    let dir = fixture(name);
-    let r = reference(&dir);
+    full_step_in::<AB>(name, &fixture(name), device, tol, ckpt);
+}
+
+/// Our module path of the HF weight `name` (where our gradients are kept).
+fn module_path(name: &str) -> String {
+    match name {
+        "model.embed_tokens.weight" => "embed_tokens".into(),
+        n => n.strip_prefix("model.").unwrap_or(n).to_owned(),
+    }
+}
+
+fn full_step_in<AB: TrainBackend>(
+    name: &str,
+    dir: &Path,
+    device: &AB::Device,
+    tol: &Tol,
+    ckpt: bool,
+) {
+    let r = reference(dir);
     let ts = &r.json["train_step"];
     let b = batch(&r.tensors);
-    let model = Model::<AB>::load(&dir, device).unwrap();
+    let model = Model::<AB>::load(dir, device).unwrap();
     let (before, mut g) = loss_and_grads(&model.net, &b, ckpt);
     assert!(
         rel(before, ts["loss_before"].as_f64().unwrap()) < tol.rel,
         "{name}: loss before {before}"
     );
-    let host = |k: &str| -> Vec<f32> { g.map[k].to_data().convert::<f32>().into_vec().unwrap() };
-    let qg = host("layers.0.self_attn.q_proj.weight");
-    let eg = host("embed_tokens");
+    // Every weight the reference holds after the step, with its gradient.
+    let watched: Vec<(String, Vec<f32>)> = r
+        .tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix("after_step."))
+        .map(|t| {
+            let grad = g.map[&module_path(t)].to_data().convert::<f32>();
+            (t.to_owned(), grad.into_vec().unwrap())
+        })
+        .collect();
+    assert!(watched.len() >= 2, "{name}: no after_step tensors");
     let norm = g.clip(1.0);
     let want_norm = ts["grad_norm_before_clip"].as_f64().unwrap();
     eprintln!("{name}: grad norm {norm} vs {want_norm}");
@@ -134,13 +159,12 @@ fn full_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt:
     // on wgpu); all others to `tol.weight`.
     let coef = (1.0 / (norm + 1e-6)).min(1.0);
     let tensors = net.to_tensors();
-    for (t, grad) in [
-        ("model.layers.0.self_attn.q_proj.weight", &qg),
-        ("model.embed_tokens.weight", &eg),
-    ] {
+    for (t, grad) in &watched {
+        let t = t.as_str();
         let got = &tensors[t].data;
         let want = &r.tensors[&format!("after_step.{t}")].1;
-        let (rows, cols) = (tensors[t].shape[0], tensors[t].shape[1]);
+        let cols = *tensors[t].shape.last().unwrap();
+        let rows = tensors[t].data.len() / cols;
         let (mut worst, mut worst_ill, mut ill) = (0f64, 0f64, 0);
         for (k, (a, b)) in got.iter().zip(want).enumerate() {
             // Our gradients are in the module's layout: [in, out] for projections.
@@ -286,6 +310,22 @@ fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt:
         (worst as f64) < tol.logits,
         "merged logits differ by {worst:e}"
     );
+}
+
+/// Qwen3 (the per-head q/k norms train too) and Mistral, from checkpoints
+/// transformers builds at test time.
+#[test]
+fn qwen3_and_mistral_full_steps_match_torch() {
+    for arch in ["qwen3", "mistral"] {
+        let dir = common::tiny_arch(arch);
+        full_step_in::<AB>(
+            &format!("tiny-{arch}"),
+            dir.path(),
+            &Default::default(),
+            &CPU_TOL,
+            false,
+        );
+    }
 }
 
 #[test]

@@ -1,25 +1,37 @@
-//! Model architecture read from a Hugging Face `config.json` (`qwen2` and `llama`).
+//! Model architecture read from a Hugging Face `config.json` (`llama`,
+//! `mistral`, `qwen2` and `qwen3`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 
-/// Decoder family; both share one implementation and differ only in config.
+/// Decoder family; all share one implementation and differ only in config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     /// `LlamaForCausalLM` (Llama 2/3, SmolLM2, ...).
     Llama,
+    /// `MistralForCausalLM`: Llama's layers (sliding-window attention is
+    /// not supported).
+    Mistral,
     /// `Qwen2ForCausalLM` (Qwen2, Qwen2.5): q/k/v projections carry biases.
     Qwen2,
+    /// `Qwen3ForCausalLM`: no biases; an RMS norm over each query and key
+    /// head before RoPE (`q_norm`, `k_norm`).
+    Qwen3,
 }
+
+/// The `model_type` values anneal reads, for error messages.
+const SUPPORTED: &str = "llama, mistral, qwen2, qwen3";
 
 impl Arch {
     /// The `model_type` value in `config.json`.
     pub fn model_type(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 
@@ -27,8 +39,22 @@ impl Arch {
     pub fn class_name(self) -> &'static str {
         match self {
             Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
         }
+    }
+
+    /// Whether queries and keys are RMS-normalised per head before RoPE.
+    pub fn qk_norm(self) -> bool {
+        self == Arch::Qwen3
+    }
+
+    /// The architecture of a `model_type` value.
+    pub fn from_model_type(name: &str) -> Option<Arch> {
+        [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3]
+            .into_iter()
+            .find(|a| a.model_type() == name)
     }
 }
 
@@ -183,15 +209,14 @@ impl ModelConfig {
             .with_context(|| format!("{}: expected a JSON object", file.display()))?;
         let k = Keys { file, map };
         let model_type = k.get("model_type").and_then(Value::as_str).unwrap_or("");
-        let arch = match model_type {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            "" => bail!(
-                "{}: missing key 'model_type'; supported: llama, qwen2",
+        let arch = match Arch::from_model_type(model_type) {
+            Some(a) => a,
+            None if model_type.is_empty() => bail!(
+                "{}: missing key 'model_type'; supported: {SUPPORTED}",
                 file.display()
             ),
-            other => bail!(
-                "{}: key 'model_type' is '{other}', which anneal does not support; supported: llama, qwen2",
+            None => bail!(
+                "{}: key 'model_type' is '{model_type}', which anneal does not support; supported: {SUPPORTED}",
                 file.display()
             ),
         };
@@ -206,6 +231,14 @@ impl ModelConfig {
         if k.bool_or("use_sliding_window", false)? {
             bail!(
                 "{}: key 'use_sliding_window' is true; sliding-window attention is not supported",
+                file.display()
+            );
+        }
+        if let Some(Value::Array(types)) = k.get("layer_types")
+            && let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention"))
+        {
+            bail!(
+                "{}: key 'layer_types' has {t}; only 'full_attention' layers are supported",
                 file.display()
             );
         }
@@ -238,9 +271,20 @@ impl ModelConfig {
             );
         }
         let (rope_theta, rope_scaling) = rope(&k)?;
+        if arch == Arch::Mistral
+            && let Some(w) = k.get("sliding_window").filter(|w| !w.is_null())
+            && w.as_u64()
+                .is_none_or(|w| w < k.usize_or("max_position_embeddings", 2048).unwrap_or(0) as u64)
+        {
+            bail!(
+                "{}: key 'sliding_window' is {w}; sliding-window attention is not supported \
+                 (set it to null to attend over the whole context, as Mistral 7B v0.2 and later do)",
+                file.display()
+            );
+        }
         let attention_bias = match arch {
             Arch::Qwen2 => true,
-            Arch::Llama => k.bool_or("attention_bias", false)?,
+            Arch::Llama | Arch::Mistral | Arch::Qwen3 => k.bool_or("attention_bias", false)?,
         };
         let rms_norm_eps = match k.get("rms_norm_eps") {
             None => 1e-6,
@@ -391,5 +435,37 @@ mod tests {
         let mut v = base();
         v["num_key_value_heads"] = json!(3);
         assert!(parse(v).unwrap_err().to_string().contains("multiple"));
+        let mut v = base();
+        v["model_type"] = json!("mistral");
+        v["sliding_window"] = json!(4096);
+        v["max_position_embeddings"] = json!(32768);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("key 'sliding_window' is 4096"), "{e}");
+        let mut v = base();
+        v["layer_types"] = json!(["sliding_attention"]);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(
+            e.contains("key 'layer_types' has \"sliding_attention\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reads_qwen3_and_mistral() {
+        let mut v = base();
+        v["model_type"] = json!("qwen3");
+        v["head_dim"] = json!(16);
+        let c = parse(v).unwrap();
+        assert_eq!(
+            (c.arch, c.head_dim, c.attention_bias),
+            (Arch::Qwen3, 16, false)
+        );
+        assert!(c.arch.qk_norm());
+        let mut v = base();
+        v["model_type"] = json!("mistral");
+        v["sliding_window"] = Value::Null;
+        let c = parse(v).unwrap();
+        assert_eq!(c.arch.class_name(), "MistralForCausalLM");
+        assert!(!c.arch.qk_norm());
     }
 }

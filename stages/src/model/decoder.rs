@@ -220,6 +220,10 @@ pub struct Attention<B: Backend> {
     pub v_proj: Linear<B>,
     /// Output projection.
     pub o_proj: Linear<B>,
+    /// Qwen3: RMS norm over each query head before RoPE (`[head_dim]`).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// Qwen3: RMS norm over each key head before RoPE (`[head_dim]`).
+    pub k_norm: Option<RmsNorm<B>>,
     /// Query heads.
     pub n_heads: usize,
     /// Key/value heads.
@@ -374,6 +378,10 @@ impl<B: ModelBackend> Attention<B> {
             .v_proj
             .forward_with(x, dropout)
             .reshape([b, t, kvh, hd]);
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(q), kn.forward(k)),
+            _ => (q, k),
+        };
         let (q, k) = (
             rope(q, &pos.q_rope.0, &pos.q_rope.1),
             rope(k, &pos.k_rope.0, &pos.k_rope.1),
@@ -954,8 +962,16 @@ impl<B: Backend> CausalLm<B> {
                     &format!("{p}.self_attn.o_proj"),
                     q_out,
                     hidden,
-                    ab && c.arch == Arch::Llama,
+                    ab && matches!(c.arch, Arch::Llama | Arch::Qwen3),
                 )?,
+                q_norm: match c.arch.qk_norm() {
+                    true => Some(norm(take(&format!("{p}.self_attn.q_norm.weight"), &[hd])?)),
+                    false => None,
+                },
+                k_norm: match c.arch.qk_norm() {
+                    true => Some(norm(take(&format!("{p}.self_attn.k_norm.weight"), &[hd])?)),
+                    false => None,
+                },
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: hd,
@@ -1044,6 +1060,15 @@ impl<B: Backend> CausalLm<B> {
                 l.post_attention_layernorm.weight.val(),
             );
             let a = &l.self_attn;
+            for (name, n) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+                if let Some(n) = n {
+                    put1(
+                        &mut out,
+                        format!("{p}.self_attn.{name}.weight"),
+                        n.weight.val(),
+                    );
+                }
+            }
             put_lin(&mut out, format!("{p}.self_attn.q_proj"), &a.q_proj);
             put_lin(&mut out, format!("{p}.self_attn.k_proj"), &a.k_proj);
             put_lin(&mut out, format!("{p}.self_attn.v_proj"), &a.v_proj);

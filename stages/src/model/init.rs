@@ -36,7 +36,7 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
-    /// `llama` (default) or `qwen2`.
+    /// `llama` (default), `mistral`, `qwen2` or `qwen3`.
     #[serde(default = "default_arch")]
     pub arch: String,
     /// A name from [`PRESETS`] (default `tiny`).
@@ -100,10 +100,13 @@ impl Default for InitSpec {
 impl InitSpec {
     /// The first invalid setting, as `(key, message)`.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        if !matches!(self.arch.as_str(), "llama" | "qwen2") {
+        if Arch::from_model_type(&self.arch).is_none() {
             return Err((
                 "arch".into(),
-                format!("arch '{}' is not one of: llama, qwen2", self.arch),
+                format!(
+                    "arch '{}' is not one of: llama, mistral, qwen2, qwen3",
+                    self.arch
+                ),
             ));
         }
         if !PRESETS.iter().any(|p| p.0 == self.size) {
@@ -170,11 +173,7 @@ impl InitSpec {
     /// The `config.json` for a vocabulary of `vocab` tokens.
     pub fn config_json(&self, vocab: usize) -> Value {
         let (_, hidden, layers, heads, kv, inter) = self.dims();
-        let arch = if self.arch == "qwen2" {
-            Arch::Qwen2
-        } else {
-            Arch::Llama
-        };
+        let arch = Arch::from_model_type(&self.arch).unwrap_or(Arch::Llama);
         let mut c = json!({
             "architectures": [arch.class_name()],
             "model_type": arch.model_type(),
@@ -197,11 +196,17 @@ impl InitSpec {
             "torch_dtype": "float32",
             "use_cache": true,
         });
-        if arch == Arch::Llama {
-            c["attention_bias"] = json!(false);
-            c["mlp_bias"] = json!(false);
-        } else {
-            c["use_sliding_window"] = json!(false);
+        match arch {
+            Arch::Llama => {
+                c["attention_bias"] = json!(false);
+                c["mlp_bias"] = json!(false);
+            }
+            Arch::Mistral => c["sliding_window"] = Value::Null,
+            Arch::Qwen2 => c["use_sliding_window"] = json!(false),
+            Arch::Qwen3 => {
+                c["attention_bias"] = json!(false);
+                c["use_sliding_window"] = json!(false);
+            }
         }
         c
     }
@@ -246,7 +251,12 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
             ("self_attn.q_proj", q, h, c.attention_bias),
             ("self_attn.k_proj", kv, h, c.attention_bias),
             ("self_attn.v_proj", kv, h, c.attention_bias),
-            ("self_attn.o_proj", h, q, false),
+            (
+                "self_attn.o_proj",
+                h,
+                q,
+                c.attention_bias && c.arch != Arch::Qwen2,
+            ),
             ("mlp.gate_proj", i, h, c.mlp_bias),
             ("mlp.up_proj", i, h, c.mlp_bias),
             ("mlp.down_proj", h, i, c.mlp_bias),
@@ -254,6 +264,11 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
             out.insert(format!("{p}.{name}.weight"), normal(vec![o, inp], &mut rng));
             if bias {
                 out.insert(format!("{p}.{name}.bias"), fill(vec![o], 0.0));
+            }
+        }
+        if c.arch.qk_norm() {
+            for n in ["q_norm", "k_norm"] {
+                out.insert(format!("{p}.self_attn.{n}.weight"), fill(vec![hd], 1.0));
             }
         }
         out.insert(format!("{p}.input_layernorm.weight"), fill(vec![h], 1.0));
@@ -345,7 +360,7 @@ pub fn init_checkpoint(
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let (vocab, ..) = spec.dims();
-    let tok = train_bpe(corpus, vocab, SPECIAL_TOKENS, spec.arch == "qwen2")?;
+    let tok = train_bpe(corpus, vocab, SPECIAL_TOKENS, spec.arch.starts_with("qwen"))?;
     let vocab = tok.get_vocab_size(true);
     let tok_file = out.join("tokenizer.json");
     tok.save(&tok_file, true)

@@ -23,6 +23,28 @@ pub fn python_json(script: &str, args: &[&std::ffi::OsStr], packages: &str) -> V
     serde_json::from_slice(&run.stdout).expect("the script's JSON")
 }
 
+/// A tiny random checkpoint of `arch` (`qwen3`, `mistral`) with references
+/// from transformers, in the fixtures' format, built by
+/// `stages/tests/support/tiny_arch.py` from tiny-qwen2's sizes and tokenizer.
+pub fn tiny_arch(arch: &str) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/tiny_arch.py");
+    let run = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(arch)
+        .arg(fixture("tiny-qwen2"))
+        .arg(out.path())
+        .output()
+        .expect("python3");
+    assert!(
+        run.status.success(),
+        "{} failed (it needs torch and transformers: python3 -m pip install torch transformers):\n{}",
+        script.display(),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    out
+}
+
 /// `../shared`, beside the checkout, or `$ANNEAL_SHARED` (for a test binary
 /// carried to another machine).
 pub fn shared() -> PathBuf {

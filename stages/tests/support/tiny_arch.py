@@ -1,0 +1,126 @@
+"""Builds a tiny random checkpoint of another architecture, with references
+from transformers, in the format of ../shared/fixtures (see its README).
+
+    python3 stages/tests/support/tiny_arch.py ARCH SRC_FIXTURE OUT_DIR
+
+ARCH is `qwen3` (q/k norms, and a head_dim of 32, wider than hidden / heads)
+or `mistral` (no sliding window). The sizes, tokenizer, chat template and
+batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
+std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
+`reference.json` (`loss`, `generate`, `train_step`) and
+`reference.safetensors` (the batch, `logits`, and `after_step.<name>` for
+layer 0's q_proj, the embedding and, for qwen3, layer 0's q/k norms) computed
+as the fixtures' are: one AdamW step at lr 1e-2, betas (0.9, 0.999), eps 1e-8,
+weight decay 0.1 except on names with `bias` or `norm`, clipping at 1.0.
+"""
+
+import json
+import shutil
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
+
+
+def main():
+    arch, src, out = sys.argv[1:4]
+    base = json.load(open(f"{src}/config.json"))
+    sizes = dict(
+        vocab_size=base["vocab_size"],
+        hidden_size=base["hidden_size"],
+        intermediate_size=base["intermediate_size"],
+        num_hidden_layers=base["num_hidden_layers"],
+        num_attention_heads=base["num_attention_heads"],
+        num_key_value_heads=base["num_key_value_heads"],
+        max_position_embeddings=base["max_position_embeddings"],
+        rms_norm_eps=base["rms_norm_eps"],
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=base["eos_token_id"],
+        pad_token_id=base["pad_token_id"],
+    )
+    if arch == "qwen3":
+        config = Qwen3Config(
+            head_dim=32,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            **sizes,
+        )
+    elif arch == "mistral":
+        config = MistralConfig(
+            sliding_window=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e5},
+            **sizes,
+        )
+    else:
+        sys.exit(f"unknown ARCH {arch}")
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.eval()
+    model.save_pretrained(out)
+    for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]:
+        shutil.copy(f"{src}/{f}", f"{out}/{f}")
+
+    ref = load_file(f"{src}/reference.safetensors")
+    batch = {k: ref[k].long() for k in ["input_ids", "attention_mask", "labels"]}
+    src_ref = json.load(open(f"{src}/reference.json"))
+    with torch.no_grad():
+        result = model(**batch)
+        prompt = src_ref["generate"]["prompt_ids"]
+        ids = torch.tensor([prompt])
+        new = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=config.pad_token_id,
+        )[0, len(prompt):].tolist()
+
+    model.train()
+    params = dict(model.named_parameters())
+    decay = [p for k, p in params.items() if "bias" not in k and "norm" not in k]
+    no_decay = [p for k, p in params.items() if "bias" in k or "norm" in k]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
+    loss = model(**batch).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+    opt.step()
+    with torch.no_grad():
+        after = model(**batch).loss.item()
+    watched = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
+    if arch == "qwen3":
+        watched += ["model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"]
+    tensors = {k: ref[k] for k in ["input_ids", "attention_mask", "labels"]}
+    tensors["logits"] = result.logits.detach().contiguous()
+    for k in watched:
+        tensors[f"after_step.{k}"] = params[k].detach().contiguous()
+    save_file(tensors, f"{out}/reference.safetensors")
+    json.dump(
+        {
+            "model": f"tiny-{arch}",
+            "loss": result.loss.item(),
+            "generate": {"prompt_ids": prompt, "new_ids": new},
+            "train_step": {
+                "lr": 1e-2,
+                "loss_before": loss.item(),
+                "grad_norm_before_clip": norm,
+                "loss_after": after,
+            },
+        },
+        open(f"{out}/reference.json", "w"),
+    )
+
+
+if __name__ == "__main__":
+    main()
