@@ -909,22 +909,41 @@ mod attention_timing {
     }
 }
 
-/// Two LoRA+ steps (PEFT's `create_loraplus_optimizer`, ratio 16, with weight
-/// decay, which torch applies at each group's rate) in PEFT and here.
-const LORAPLUS_PEFT: &str = r#"
+/// Two AdamW steps (lr 1e-2, weight decay 0.1; with `ratio` > 1 PEFT's LoRA+
+/// optimizer, `create_loraplus_optimizer`, which decays each group at its own
+/// rate) in PEFT from the adapter in `init`; then PEFT's merge of the adapter
+/// anneal trained. With DoRA, also PEFT's own initial magnitudes for the same
+/// base, to compare with ours.
+const ADAPTER_STEPS_PEFT: &str = r#"
 import json, sys, torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
-fixture, ours = sys.argv[1], sys.argv[2]
+fixture, init, ours, ratio = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 torch.manual_seed(0)
 ref = load_file(f"{fixture}/reference.safetensors")
 batch = {k: ref[k].long() for k in ["input_ids", "attention_mask", "labels"]}
-base = AutoModelForCausalLM.from_pretrained(fixture, torch_dtype=torch.float32)
-model = PeftModel.from_pretrained(base, f"{fixture}/lora-init", is_trainable=True)
-opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=16.0,
-                                loraplus_weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+base = lambda: AutoModelForCausalLM.from_pretrained(fixture, torch_dtype=torch.float32)
+def ours_name(k):
+    return k.replace(".default.weight", "") if "magnitude" in k else k.replace(".default", "")
+def group(k):
+    return "M" if "magnitude" in k else "A" if "lora_A" in k else "B"
+cfg = json.load(open(f"{init}/adapter_config.json"))
+start = load_file(f"{init}/adapter_model.safetensors")
+init_diff = 0.0
+if cfg.get("use_dora"):
+    fresh = get_peft_model(base(), LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                                              target_modules=cfg["target_modules"], use_dora=True))
+    init_diff = max((start[ours_name(k)] - v).abs().max().item()
+                    for k, v in fresh.state_dict().items() if "magnitude" in k)
+model = PeftModel.from_pretrained(base(), init, is_trainable=True)
+if ratio > 1:
+    opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=ratio,
+                                    loraplus_weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+else:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
 losses = []
 for _ in range(2):
     opt.zero_grad()
@@ -934,30 +953,42 @@ for _ in range(2):
     opt.step()
 with torch.no_grad():
     losses.append(model(**batch).loss.item())
-mine = load_file(f"{ours}/adapter_model.safetensors")
-theirs = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
-diff = {"A": 0.0, "B": 0.0}
-scale = {"A": 0.0, "B": 0.0}
+mine = load_file(f"{ours}/adapter/adapter_model.safetensors")
+theirs = {ours_name(k): v for k, v in model.state_dict().items() if "lora_" in k}
+assert sorted(mine) == sorted(theirs), (sorted(mine), sorted(theirs))
+diff, scale, moved = {}, {}, 0.0
 for k, v in mine.items():
-    f = "A" if "lora_A" in k else "B"
-    diff[f] = max(diff[f], (v - theirs[k]).abs().max().item())
-    scale[f] = max(scale[f], theirs[k].abs().max().item())
-print(json.dumps({"losses": losses, "diff": diff, "scale": scale}))
+    f = group(k)
+    diff[f] = max(diff.get(f, 0.0), (v - theirs[k]).abs().max().item())
+    scale[f] = max(scale.get(f, 0.0), theirs[k].abs().max().item())
+    if f == "M":
+        moved = max(moved, (theirs[k] - start[k]).abs().max().item())
+merged = PeftModel.from_pretrained(base(), f"{ours}/adapter").merge_and_unload().state_dict()
+mine_merged = load_file(f"{ours}/merged/model.safetensors")
+merged_diff = max((v - merged[k]).abs().max().item() for k, v in mine_merged.items())
+print(json.dumps({"init_diff": init_diff, "losses": losses, "diff": diff, "scale": scale,
+                  "moved": moved, "merged_diff": merged_diff}))
 "#;
 
-#[test]
-fn loraplus_steps_match_peft() {
-    let dir = fixture("tiny-llama");
-    let b = batch(&reference(&dir).tensors);
-    let device = Default::default();
-    let (mut net, cfg) = lora::load_adapter(
-        Model::<AB>::load(&dir, &device).unwrap().net,
-        &dir.join("lora-init"),
-    )
-    .unwrap();
+/// [`ADAPTER_STEPS_PEFT`] against the same two steps here from `net`, whose
+/// adapters are `cfg`: the losses to 1e-4 relative, every adapter tensor
+/// (`A`, `B` and DoRA's magnitudes `M`) within 1e-4 of its scale, and our
+/// merge within 1e-6 of PEFT's. Returns PEFT's JSON.
+fn adapter_steps_match_peft(
+    what: &str,
+    dir: &Path,
+    mut net: CausalLm<AB>,
+    cfg: &lora::LoraConfig,
+    ratio: f64,
+) -> Value {
+    use anneal_stages::model::weights::{self, SaveDtype};
+    use burn::module::AutodiffModule;
+    let b = batch(&reference(dir).tensors);
+    let (init, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    lora::save_adapter(&net, cfg, None, init.path()).unwrap();
     let mut opt = AdamW::new(AdamWConfig {
         weight_decay: 0.1,
-        lora_b_lr_ratio: 16.0,
+        lora_b_lr_ratio: ratio,
         ..Default::default()
     });
     let mut losses = Vec::new();
@@ -967,14 +998,22 @@ fn loraplus_steps_match_peft() {
         net = opt.step(net, &g, 1e-2);
     }
     losses.push(loss_of(&net, &b));
-    let out = tempfile::tempdir().unwrap();
-    lora::save_adapter(&net, &cfg, None, out.path()).unwrap();
+    lora::save_adapter(&net, cfg, None, &out.path().join("adapter")).unwrap();
+    let merged = out.path().join("merged");
+    std::fs::create_dir(&merged).unwrap();
+    let tensors = lora::merge(net.valid()).to_tensors();
+    weights::save_dir(&merged, &tensors, SaveDtype::F32, u64::MAX).unwrap();
     let peft = python_json(
-        LORAPLUS_PEFT,
-        &[dir.as_os_str(), out.path().as_os_str()],
+        ADAPTER_STEPS_PEFT,
+        &[
+            dir.as_os_str(),
+            init.path().as_os_str(),
+            out.path().as_os_str(),
+            ratio.to_string().as_ref(),
+        ],
         "torch transformers peft",
     );
-    eprintln!("LoRA+ against PEFT: losses {losses:?}, PEFT {peft}");
+    eprintln!("{what} against PEFT: losses {losses:?}, PEFT {peft}");
     for (i, (ours, theirs)) in losses
         .iter()
         .zip(peft["losses"].as_array().unwrap())
@@ -983,19 +1022,33 @@ fn loraplus_steps_match_peft() {
         let theirs = theirs.as_f64().unwrap();
         assert!(
             rel(*ours, theirs) < 1e-4,
-            "loss {i}: {ours} vs PEFT's {theirs}"
+            "{what}: loss {i}: {ours} vs PEFT's {theirs}"
         );
     }
-    for f in ["A", "B"] {
-        let (d, s) = (
-            peft["diff"][f].as_f64().unwrap(),
-            peft["scale"][f].as_f64().unwrap(),
-        );
+    for (f, d) in peft["diff"].as_object().unwrap() {
+        let (d, s) = (d.as_f64().unwrap(), peft["scale"][f].as_f64().unwrap());
         assert!(
             d <= 1e-4 * s.max(1.0),
-            "lora_{f}: {d:e} apart (largest {s})"
+            "{what}: {f}: {d:e} apart (largest {s})"
         );
     }
+    let merged_diff = peft["merged_diff"].as_f64().unwrap();
+    assert!(
+        merged_diff <= 1e-6,
+        "{what}: merged weights differ from PEFT's merge_and_unload of the adapter by {merged_diff}"
+    );
+    peft
+}
+
+#[test]
+fn loraplus_steps_match_peft() {
+    let dir = fixture("tiny-llama");
+    let (net, cfg) = lora::load_adapter(
+        Model::<AB>::load(&dir, &Default::default()).unwrap().net,
+        &dir.join("lora-init"),
+    )
+    .unwrap();
+    adapter_steps_match_peft("LoRA+ (ratio 16)", &dir, net, &cfg, 16.0);
 }
 
 /// `finetuning_type: freeze` by LLaMA-Factory's rule (the last layer's
@@ -1135,71 +1188,12 @@ fn freeze_step_matches_torch() {
     }
 }
 
-/// DoRA in PEFT from the adapter anneal attached: PEFT's own initial
-/// magnitudes, two AdamW steps (plain, or LoRA+ with `ratio` > 1, where the
-/// magnitudes join the B factors' group), and PEFT's merge of the trained
-/// adapter.
-const DORA_PEFT: &str = r#"
-import json, sys, torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.optimizers import create_loraplus_optimizer
-fixture, init, ours, ratio = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-ref = load_file(f"{fixture}/reference.safetensors")
-batch = {k: ref[k].long() for k in ["input_ids", "attention_mask", "labels"]}
-base = lambda: AutoModelForCausalLM.from_pretrained(fixture, torch_dtype=torch.float32)
-def ours_name(k):
-    return k.replace(".default.weight", "") if "magnitude" in k else k.replace(".default", "")
-def group(k):
-    return "M" if "magnitude" in k else "A" if "lora_A" in k else "B"
-cfg = json.load(open(f"{init}/adapter_config.json"))
-fresh = get_peft_model(base(), LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
-                                          target_modules=cfg["target_modules"], use_dora=True))
-start = load_file(f"{init}/adapter_model.safetensors")
-init_diff = max((start[ours_name(k)] - v).abs().max().item()
-                for k, v in fresh.state_dict().items() if "magnitude" in k)
-model = PeftModel.from_pretrained(base(), init, is_trainable=True)
-params = [p for p in model.parameters() if p.requires_grad]
-if ratio > 1:
-    opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=ratio,
-                                    loraplus_weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
-else:
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
-losses = []
-for _ in range(2):
-    opt.zero_grad()
-    loss = model(**batch).loss
-    losses.append(loss.item())
-    loss.backward()
-    opt.step()
-with torch.no_grad():
-    losses.append(model(**batch).loss.item())
-mine = load_file(f"{ours}/adapter/adapter_model.safetensors")
-theirs = {ours_name(k): v for k, v in model.state_dict().items() if "lora_" in k}
-assert sorted(mine) == sorted(theirs), (sorted(mine), sorted(theirs))
-diff, scale = {"A": 0.0, "B": 0.0, "M": 0.0}, {"A": 0.0, "B": 0.0, "M": 0.0}
-moved = {"M": 0.0}
-for k, v in mine.items():
-    f = group(k)
-    diff[f] = max(diff[f], (v - theirs[k]).abs().max().item())
-    scale[f] = max(scale[f], theirs[k].abs().max().item())
-    if f == "M":
-        moved["M"] = max(moved["M"], (theirs[k] - start[k]).abs().max().item())
-merged = PeftModel.from_pretrained(base(), f"{ours}/adapter").merge_and_unload().state_dict()
-mine_merged = load_file(f"{ours}/merged/model.safetensors")
-merged_diff = max((v - merged[k]).abs().max().item() for k, v in mine_merged.items())
-print(json.dumps({"init_diff": init_diff, "losses": losses, "diff": diff, "scale": scale,
-                  "moved": moved["M"], "merged_diff": merged_diff}))
-"#;
-
+/// DoRA from the adapter anneal attached (its magnitudes PEFT's own), two
+/// steps plain and under LoRA+ (where the magnitudes join the B factors'
+/// group), and the merge.
 #[test]
 fn dora_steps_and_merge_match_peft() {
-    use anneal_stages::model::weights::{self, SaveDtype};
-    use burn::module::AutodiffModule;
     let dir = fixture("tiny-llama");
-    let b = batch(&reference(&dir).tensors);
-    let device = Default::default();
     let cfg = lora::LoraConfig {
         r: 4,
         alpha: 8.0,
@@ -1209,76 +1203,19 @@ fn dora_steps_and_merge_match_peft() {
         use_dora: true,
     };
     for ratio in [1.0, 16.0] {
-        let init = tempfile::tempdir().unwrap();
-        let out = tempfile::tempdir().unwrap();
-        let mut net = lora::attach(Model::<AB>::load(&dir, &device).unwrap().net, &cfg, 7);
-        lora::save_adapter(&net, &cfg, None, init.path()).unwrap();
-        let mut opt = AdamW::new(AdamWConfig {
-            weight_decay: 0.1,
-            lora_b_lr_ratio: ratio,
-            ..Default::default()
-        });
-        let mut losses = Vec::new();
-        for _ in 0..2 {
-            let (loss, g) = loss_and_grads(&net, &b, false);
-            losses.push(loss);
-            net = opt.step(net, &g, 1e-2);
-        }
-        losses.push(loss_of(&net, &b));
-        lora::save_adapter(&net, &cfg, None, &out.path().join("adapter")).unwrap();
-        let merged = lora::merge(net.valid()).to_tensors();
-        std::fs::create_dir(out.path().join("merged")).unwrap();
-        weights::save_dir(
-            &out.path().join("merged"),
-            &merged,
-            SaveDtype::F32,
-            u64::MAX,
-        )
-        .unwrap();
-        let peft = python_json(
-            DORA_PEFT,
-            &[
-                dir.as_os_str(),
-                init.path().as_os_str(),
-                out.path().as_os_str(),
-                ratio.to_string().as_ref(),
-            ],
-            "torch transformers peft",
-        );
-        eprintln!("DoRA (LoRA+ ratio {ratio}) against PEFT: losses {losses:?}, PEFT {peft}");
+        let base = Model::<AB>::load(&dir, &Default::default()).unwrap().net;
+        let net = lora::attach(base, &cfg, 7);
+        let what = format!("DoRA (LoRA+ ratio {ratio})");
+        let peft = adapter_steps_match_peft(&what, &dir, net, &cfg, ratio);
         let num = |k: &str| peft[k].as_f64().unwrap();
         assert!(
             num("init_diff") <= 1e-6,
-            "initial magnitudes differ from PEFT's by {}",
+            "{what}: initial magnitudes differ from PEFT's by {}",
             num("init_diff")
         );
-        for (i, (ours, theirs)) in losses
-            .iter()
-            .zip(peft["losses"].as_array().unwrap())
-            .enumerate()
-        {
-            let theirs = theirs.as_f64().unwrap();
-            assert!(
-                rel(*ours, theirs) < 1e-4,
-                "loss {i}: {ours} vs PEFT's {theirs}"
-            );
-        }
         assert!(
-            num("moved") > 1e-3,
-            "the magnitudes did not train: {}",
-            num("moved")
-        );
-        for f in ["A", "B", "M"] {
-            let (d, s) = (
-                peft["diff"][f].as_f64().unwrap(),
-                peft["scale"][f].as_f64().unwrap(),
-            );
-            assert!(d <= 1e-4 * s.max(1.0), "{f}: {d:e} apart (largest {s})");
-        }
-        assert!(
-            num("merged_diff") <= 1e-6,
-            "merged weights differ from PEFT's merge_and_unload of the adapter by {}",
-            num("merged_diff")
+            peft["diff"].get("M").is_some() && num("moved") > 1e-3,
+            "{what}: the magnitudes did not train: {peft}"
         );
     }
 }
