@@ -9,8 +9,8 @@
 #      against transformers; a full and a LoRA training step against torch and
 #      PEFT (bf16 is skipped: wgpu has none);
 #   2. one pipeline run twice, with `device: cpu` and with `device: cuda`:
-#      full training (detailed metrics, checkpoints), LoRA on top (dropout 0,
-#      merged), sampled generation (llm_map, backend local), teacher-forced and
+#      full training of a Qwen3-shaped model (detailed metrics, checkpoints),
+#      DoRA on top (dropout 0, merged), sampled generation (llm_map, backend local), teacher-forced and
 #      GSM8K evaluation. Losses, gradient norms, weights and generated text
 #      are compared between the two;
 #   3. the full training stage on `device: cuda` again, killed (SIGKILL) after

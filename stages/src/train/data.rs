@@ -178,10 +178,60 @@ pub fn conversation(row: &Value, spec: &DataSpec) -> Result<Conversation, String
             tools: tools_of(obj.get("tools"))?,
         });
     }
+    if obj.contains_key("instruction") && obj.contains_key("output") {
+        return alpaca(obj);
+    }
     Err(format!(
-        "the row has none of 'conversations' (ShareGPT), '{}' (messages) or '{}' (verl prompt)",
+        "the row has none of 'conversations' (ShareGPT), '{}' (messages), '{}' (verl prompt) \
+         or 'instruction' and 'output' (Alpaca)",
         spec.messages_key, spec.prompt_key
     ))
+}
+
+/// An Alpaca row as LLaMA-Factory reads it: `history` (`[[query, response],
+/// ...]`) as earlier turns, then `instruction` and `input` joined by a line
+/// break as the last query (empty ones left out), `output` the response, and
+/// `system` a system message.
+fn alpaca(obj: &Map<String, Value>) -> Result<Conversation, String> {
+    let text = |k: &str| -> Result<&str, String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(""),
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(format!("'{k}' is not a string")),
+        }
+    };
+    let mut messages = Vec::new();
+    let system = text("system")?;
+    if !system.is_empty() {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    match obj.get("history") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(turns)) => {
+            for (i, t) in turns.iter().enumerate() {
+                let pair = t.as_array().filter(|p| p.len() == 2);
+                let (q, a) = pair
+                    .and_then(|p| Some((p[0].as_str()?, p[1].as_str()?)))
+                    .ok_or_else(|| {
+                        format!("history[{i}] is not a [query, response] pair of strings")
+                    })?;
+                messages.push(json!({"role": "user", "content": q}));
+                messages.push(json!({"role": "assistant", "content": a}));
+            }
+        }
+        Some(_) => return Err("'history' is not a list of [query, response] pairs".into()),
+    }
+    let query: Vec<&str> = [text("instruction")?, text("input")?]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
+    messages.push(json!({"role": "user", "content": query.join("\n")}));
+    messages.push(json!({"role": "assistant", "content": text("output")?}));
+    check_messages(&messages)?;
+    Ok(Conversation {
+        messages,
+        tools: tools_of(obj.get("tools"))?,
+    })
 }
 
 fn check_messages(messages: &[Value]) -> Result<(), String> {
@@ -564,6 +614,36 @@ mod tests {
         assert!(e.contains("none of 'conversations'"), "{e}");
         let e = conversation(&json!({"prompt": "Q"}), &spec()).unwrap_err();
         assert!(e.contains("no response"), "{e}");
+    }
+
+    #[test]
+    fn reads_alpaca_rows_as_llamafactory() {
+        let row = json!({"instruction": "Add.", "input": "2 + 3", "output": "5",
+            "system": "Be brief.", "history": [["Hi", "Hello"]]});
+        let c = conversation(&row, &spec()).unwrap();
+        assert_eq!(
+            c.messages,
+            vec![
+                json!({"role": "system", "content": "Be brief."}),
+                json!({"role": "user", "content": "Hi"}),
+                json!({"role": "assistant", "content": "Hello"}),
+                json!({"role": "user", "content": "Add.\n2 + 3"}),
+                json!({"role": "assistant", "content": "5"}),
+            ]
+        );
+        let plain = json!({"instruction": "Say hi.", "input": "", "output": "hi"});
+        let c = conversation(&plain, &spec()).unwrap();
+        assert_eq!(c.messages[0], json!({"role": "user", "content": "Say hi."}));
+        assert_eq!(c.messages.len(), 2);
+        let bad = json!({"instruction": "x", "output": "y", "history": [["only one"]]});
+        let e = conversation(&bad, &spec()).unwrap_err();
+        assert!(
+            e.contains("history[0] is not a [query, response] pair"),
+            "{e}"
+        );
+        let bad = json!({"instruction": "x", "output": 5});
+        let e = conversation(&bad, &spec()).unwrap_err();
+        assert!(e.contains("'output' is not a string"), "{e}");
     }
 
     #[test]
