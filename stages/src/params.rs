@@ -34,7 +34,7 @@ pub trait Validate {
 
 /// The names in a param given as a comma-separated string (`q_proj, v_proj`)
 /// or a list of strings, as LLaMA-Factory takes `lora_target` and the
-/// `freeze_*` modules; the error completes "<key> ...".
+/// `freeze_*` modules; the error completes "`<key>` ...".
 pub fn name_list(v: &Value) -> Result<Vec<String>, String> {
     match v {
         Value::String(s) => Ok(s.split(',').map(|x| x.trim().to_owned()).collect()),
