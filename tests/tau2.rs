@@ -131,11 +131,26 @@ fn tau2_matrix_cleans_exports_trains_evaluates_and_reruns_one_branch() {
         "repaired ids"
     );
 
-    // LLaMA-Factory's reading of the export, by an independent Python check.
+    // LLaMA-Factory's reading of the export (training and held-out
+    // dialogues), by an independent Python check.
+    let heldout = p.report(file, "clean_heldout")["conversations_out"]
+        .as_u64()
+        .unwrap();
+    assert!(heldout > 0);
     for (v, extra) in VARIANTS.iter().zip(extra) {
-        let got = check_llamafactory(&p.path(&format!("pipelines/work/tau2/{v}/llamafactory")));
-        assert_eq!(got["conversations"], 22 + extra);
+        let dir = p.path(&format!("pipelines/work/tau2/{v}/llamafactory"));
+        let got = check_llamafactory(&dir);
+        assert_eq!(got["conversations"], 22 + extra + heldout);
         assert_eq!(got["invalid"], json!([]));
+        let info: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("dataset_info.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            info[format!("tau2_{v}_val")]["file_name"],
+            format!("tau2_{v}_val.json")
+        );
+        let r = p.report(file, &format!("export@{v}"));
+        assert_eq!(r["val_conversations"], heldout, "{r}");
     }
     let yaml = p.read("pipelines/work/tau2/v5/llamafactory_train.yaml");
     for line in [
@@ -148,9 +163,30 @@ fn tau2_matrix_cleans_exports_trains_evaluates_and_reruns_one_branch() {
         "packing: false",
         "neat_packing: false",
         "enable_thinking: false",
+        "eval_dataset: tau2_v5_val",
+        "do_eval: true",
+        "eval_strategy: 'no'",
     ] {
         assert!(yaml.lines().any(|l| l == line), "{line} in\n{yaml}");
     }
+    // As LLaMA-Factory reads it: PyYAML, YAML 1.1 (an unquoted `no` would be False).
+    let read = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(p.path("pipelines/work/tau2/v5/llamafactory_train.yaml"))
+        .output()
+        .expect("python3");
+    assert!(
+        read.status.success(),
+        "PyYAML (pip install pyyaml): {}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let lf: Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(lf["eval_strategy"], "no", "{lf}");
+    assert_eq!(lf["do_eval"], true, "{lf}");
+    assert!(lf["learning_rate"].is_f64(), "{lf}");
 
     // The four evaluations on the same held-out dialogues, side by side.
     let m = p.anneal(&["metrics", file, "-s", "eval", "--json"]);

@@ -118,11 +118,22 @@ const LF_KEYS: &[&str] = &[
     "output_dir",
 ];
 
-const INPUTS: &[KeySpec] = &[KeySpec {
-    name: "data",
-    required: true,
-    doc: "ShareGPT conversations (.json array, .jsonl or .parquet)",
-}];
+/// Keys that only mean something with an evaluation set: exported with a
+/// `val` input (`eval_strategy` is set from anneal's rule then).
+const EVAL_KEYS: &[&str] = &["load_best_model_at_end", "metric_for_best_model"];
+
+const INPUTS: &[KeySpec] = &[
+    KeySpec {
+        name: "data",
+        required: true,
+        doc: "ShareGPT conversations (.json array, .jsonl or .parquet)",
+    },
+    KeySpec {
+        name: "val",
+        required: false,
+        doc: "validation conversations, exported as `<dataset_name>_val` and named as the training config's `eval_dataset`",
+    },
+];
 const OUTPUTS: &[KeySpec] = &[
     KeySpec {
         name: "dataset_dir",
@@ -163,70 +174,34 @@ impl Stage for LlamaFactoryExport {
         let dir = ctx
             .output("dataset_dir")
             .context("output 'dataset_dir' is not declared")?;
-        let mut out = Vec::new();
         let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
-        for (where_, rec) in read_records(&data)? {
-            let conv = rec
-                .map_err(|e| format!("{e:#}"))
-                .and_then(|v| conv_of(v).map_err(|e| format!("{where_}: {e}")))
-                .and_then(|c| match steps::alternation_error(&c.turns) {
-                    Some(why) => Err(format!(
-                        "{where_}: LLaMA-Factory would reject this conversation ({why})"
-                    )),
-                    None => Ok(c),
-                });
-            match conv {
-                Ok(c) => {
-                    let mut r = record_of(&c);
-                    // LLaMA-Factory reads `tools` as a JSON string.
-                    if let Some(t) = r.get_mut("tools")
-                        && !t.is_string()
-                    {
-                        *t = if t.is_null() {
-                            Value::String(String::new())
-                        } else {
-                            Value::String(t.to_string())
-                        };
-                    }
-                    out.push(r);
-                }
-                Err(e) if p.on_error == OnError::Skip => {
-                    tracing::warn!("{e}");
-                    let reason = e
-                        .rsplit('(')
-                        .next()
-                        .unwrap_or("invalid")
-                        .trim_end_matches(')');
-                    *skipped.entry(reason.to_owned()).or_default() += 1;
-                }
-                Err(e) => bail!(
-                    "{e}\n  help: run conversation_transform with merge_consecutive, trim_trailing_user and validate first, or set `on_error: skip`"
-                ),
-            }
-        }
+        let out = convert(&data, p.on_error, &mut skipped)?;
         if out.is_empty() {
             bail!("no conversation to export from {}", data.display());
         }
+        let val = match ctx.deps.get("val") {
+            Some(_) => {
+                let path = ctx.input("val")?;
+                let rows = convert(&path, p.on_error, &mut skipped)?;
+                if rows.is_empty() {
+                    bail!("no conversation to export from {}", path.display());
+                }
+                Some(rows)
+            }
+            None => None,
+        };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let file = format!("{}.json", p.dataset_name);
         crate::conversation_transform::write_records(&dir.join(&file), &ctx.scratch, &out)?;
-        let info = json!({
-            p.dataset_name.clone(): {
-                "file_name": file,
-                "formatting": "sharegpt",
-                "columns": {"messages": "conversations", "system": "system", "tools": "tools"},
-                "tags": {
-                    "role_tag": "from",
-                    "content_tag": "value",
-                    "user_tag": "human",
-                    "assistant_tag": "gpt",
-                    "observation_tag": "observation",
-                    "function_tag": "function_call",
-                    "system_tag": "system"
-                }
-            }
-        });
-        crate::sink::write_json(&dir.join("dataset_info.json"), &info)?;
+        let val_name = format!("{}_val", p.dataset_name);
+        let mut info = Map::new();
+        info.insert(p.dataset_name.clone(), dataset_entry(&file));
+        if let Some(rows) = &val {
+            let val_file = format!("{val_name}.json");
+            crate::conversation_transform::write_records(&dir.join(&val_file), &ctx.scratch, rows)?;
+            info.insert(val_name.clone(), dataset_entry(&val_file));
+        }
+        crate::sink::write_json(&dir.join("dataset_info.json"), &Value::Object(info))?;
         let mut not_exported = Vec::new();
         if let Some(yaml_path) = ctx.output("train_yaml") {
             let Some(t) = &p.training else {
@@ -245,8 +220,24 @@ impl Stage for LlamaFactoryExport {
             put("dataset", json!(p.dataset_name));
             let rel = relative(&dir, yaml_path.parent().unwrap_or(Path::new(".")));
             put("dataset_dir", json!(rel));
+            if val.is_some() {
+                // anneal evaluates at the end unless told `no`, and as
+                // `eval_steps` or `eval_strategy` say: LLaMA-Factory's
+                // `do_eval` and HF's `eval_strategy`.
+                put("eval_dataset", json!(val_name));
+                let strategy = t.get("eval_strategy").and_then(Value::as_str);
+                put("do_eval", json!(strategy != Some("no")));
+                let strategy = match strategy {
+                    Some(s) => s,
+                    None if t.get("eval_steps").is_some_and(|v| !v.is_null()) => "steps",
+                    None => "no",
+                };
+                put("eval_strategy", json!(strategy));
+            }
             for (k, v) in t.iter().filter(|(_, v)| !v.is_null()) {
-                if LF_KEYS.contains(&k.as_str()) {
+                if LF_KEYS.contains(&k.as_str())
+                    || (val.is_some() && EVAL_KEYS.contains(&k.as_str()))
+                {
                     put(k, v.clone());
                 } else if let ("gradient_checkpointing", Some(on)) = (k.as_str(), v.as_bool()) {
                     // LLaMA-Factory checkpoints unless told not to.
@@ -272,6 +263,7 @@ impl Stage for LlamaFactoryExport {
                 put("output_dir", json!(format!("saves/{}", p.dataset_name)));
             }
             let text = serde_yaml::to_string(&y).context("writing the training YAML")?;
+            let text = quote_yaml11_booleans(&text);
             if let Some(d) = yaml_path.parent() {
                 std::fs::create_dir_all(d)?;
             }
@@ -288,6 +280,9 @@ impl Stage for LlamaFactoryExport {
             "conversations": out.len(),
             "file": file,
         });
+        if let Some(rows) = &val {
+            report["val_conversations"] = json!(rows.len());
+        }
         if !skipped.is_empty() {
             report["skipped"] = json!(skipped);
         }
@@ -298,6 +293,105 @@ impl Stage for LlamaFactoryExport {
         ctx.report(&report);
         Ok(())
     }
+}
+
+/// The conversations of `path` as LLaMA-Factory ShareGPT records; a record
+/// LLaMA-Factory would reject fails the stage or, with `on_error: skip`, is
+/// counted in `skipped` by reason.
+fn convert(
+    path: &Path,
+    on_error: OnError,
+    skipped: &mut BTreeMap<String, u64>,
+) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for (where_, rec) in read_records(path)? {
+        let conv = rec
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|v| conv_of(v).map_err(|e| format!("{where_}: {e}")))
+            .and_then(|c| match steps::alternation_error(&c.turns) {
+                Some(why) => Err(format!(
+                    "{where_}: LLaMA-Factory would reject this conversation ({why})"
+                )),
+                None => Ok(c),
+            });
+        match conv {
+            Ok(c) => {
+                let mut r = record_of(&c);
+                // LLaMA-Factory reads `tools` as a JSON string.
+                if let Some(t) = r.get_mut("tools")
+                    && !t.is_string()
+                {
+                    *t = if t.is_null() {
+                        Value::String(String::new())
+                    } else {
+                        Value::String(t.to_string())
+                    };
+                }
+                out.push(r);
+            }
+            Err(e) if on_error == OnError::Skip => {
+                tracing::warn!("{e}");
+                let reason = e
+                    .rsplit('(')
+                    .next()
+                    .unwrap_or("invalid")
+                    .trim_end_matches(')');
+                *skipped.entry(reason.to_owned()).or_default() += 1;
+            }
+            Err(e) => bail!(
+                "{e}\n  help: run conversation_transform with merge_consecutive, trim_trailing_user and validate first, or set `on_error: skip`"
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// The `dataset_info.json` entry of a ShareGPT file.
+fn dataset_entry(file: &str) -> Value {
+    json!({
+        "file_name": file,
+        "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "system": "system", "tools": "tools"},
+        "tags": {
+            "role_tag": "from",
+            "content_tag": "value",
+            "user_tag": "human",
+            "assistant_tag": "gpt",
+            "observation_tag": "observation",
+            "function_tag": "function_call",
+            "system_tag": "system"
+        }
+    })
+}
+
+/// Quotes the plain scalars that YAML 1.1 reads as booleans (`no`, `on`,
+/// ...): serde_yaml writes YAML 1.2, where they are strings, but
+/// LLaMA-Factory reads its config with PyYAML (YAML 1.1), which would turn
+/// `eval_strategy: no` into `False`. serde_yaml writes real booleans as
+/// `true` / `false`, so every such scalar in its output is a string.
+fn quote_yaml11_booleans(text: &str) -> String {
+    const WORDS: &[&str] = &[
+        "yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF",
+    ];
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let split = line.rfind(": ").map(|i| i + 2).or_else(|| {
+            line.trim_start()
+                .starts_with("- ")
+                .then(|| line.find("- ").unwrap() + 2)
+        });
+        match split {
+            Some(i) if WORDS.contains(&&line[i..]) => {
+                out.push_str(&line[..i]);
+                out.push('\'');
+                out.push_str(&line[i..]);
+                out.push('\'');
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// `to` relative to the directory `from` (both as declared, or both absolute).
@@ -321,6 +415,28 @@ fn relative(to: &Path, from: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yaml11_booleans_are_quoted() {
+        let y = serde_yaml::to_string(&json!({"eval_strategy": "no", "save": "steps",
+            "flag": false, "kw": {"mode": "off"}, "list": ["on", "x"], "lr": 1e-5}))
+        .unwrap();
+        let q = quote_yaml11_booleans(&y);
+        for line in [
+            "eval_strategy: 'no'",
+            "save: steps",
+            "flag: false",
+            "  mode: 'off'",
+            "- 'on'",
+            "- x",
+            "lr: 0.00001",
+        ] {
+            assert!(q.lines().any(|l| l == line), "{line} in\n{q}");
+        }
+        let back: Value = serde_yaml::from_str(&q).unwrap();
+        assert_eq!(back["eval_strategy"], "no");
+        assert_eq!(back["list"][0], "on");
+    }
 
     #[test]
     fn relative_paths() {
