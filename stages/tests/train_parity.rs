@@ -410,14 +410,7 @@ fn gradient_checkpointing_keeps_the_dropout_masks() {
     let device = Default::default();
     for dora in [false, true] {
         let (net, cfg) = if dora {
-            let cfg = lora::LoraConfig {
-                r: 4,
-                alpha: 8.0,
-                dropout: 0.0,
-                targets: lora::LoraConfig::resolve_targets(&["all".into()]).unwrap(),
-                use_rslora: false,
-                use_dora: true,
-            };
+            let cfg = dora_config();
             let base = Model::<AB>::load(&dir, &device).unwrap().net;
             (lora::attach(base, &cfg, 3), cfg)
         } else {
@@ -1188,20 +1181,25 @@ fn freeze_step_matches_torch() {
     }
 }
 
-/// DoRA from the adapter anneal attached (its magnitudes PEFT's own), two
-/// steps plain and under LoRA+ (where the magnitudes join the B factors'
-/// group), and the merge.
-#[test]
-fn dora_steps_and_merge_match_peft() {
-    let dir = fixture("tiny-llama");
-    let cfg = lora::LoraConfig {
+/// Rank-4 DoRA adapters (alpha 8, no dropout) on every projection.
+fn dora_config() -> lora::LoraConfig {
+    lora::LoraConfig {
         r: 4,
         alpha: 8.0,
         dropout: 0.0,
         targets: lora::LoraConfig::resolve_targets(&["all".into()]).unwrap(),
         use_rslora: false,
         use_dora: true,
-    };
+    }
+}
+
+/// DoRA from the adapter anneal attached (its magnitudes PEFT's own), two
+/// steps plain and under LoRA+ (where the magnitudes join the B factors'
+/// group), and the merge.
+#[test]
+fn dora_steps_and_merge_match_peft() {
+    let dir = fixture("tiny-llama");
+    let cfg = dora_config();
     for ratio in [1.0, 16.0] {
         let base = Model::<AB>::load(&dir, &Default::default()).unwrap().net;
         let net = lora::attach(base, &cfg, 7);
