@@ -22,7 +22,7 @@ pub enum Arch {
 }
 
 /// The `model_type` values anneal reads, for error messages.
-const SUPPORTED: &str = "llama, mistral, qwen2, qwen3";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3";
 
 impl Arch {
     /// The `model_type` value in `config.json`.
@@ -271,10 +271,11 @@ impl ModelConfig {
             );
         }
         let (rope_theta, rope_scaling) = rope(&k)?;
+        let max_position_embeddings = k.usize_or("max_position_embeddings", 2048)?;
         if arch == Arch::Mistral
             && let Some(w) = k.get("sliding_window").filter(|w| !w.is_null())
             && w.as_u64()
-                .is_none_or(|w| w < k.usize_or("max_position_embeddings", 2048).unwrap_or(0) as u64)
+                .is_none_or(|w| w < max_position_embeddings as u64)
         {
             bail!(
                 "{}: key 'sliding_window' is {w}; sliding-window attention is not supported \
@@ -305,7 +306,7 @@ impl ModelConfig {
             attention_bias,
             mlp_bias: k.bool_or("mlp_bias", false)?,
             tie_word_embeddings: k.bool_or("tie_word_embeddings", false)?,
-            max_position_embeddings: k.usize_or("max_position_embeddings", 2048)?,
+            max_position_embeddings,
             eos_token_ids: k.token_ids("eos_token_id")?,
             bos_token_id: k.token_ids("bos_token_id")?.first().copied(),
             pad_token_id: k.token_ids("pad_token_id")?.first().copied(),

@@ -65,11 +65,18 @@ impl<B: Backend> LoraAdapter<B> {
             .mul_scalar(self.scaling)
     }
 
-    /// DoRA's `magnitude / |W + delta|`, one factor per output column, with
-    /// the norm a constant (no gradient), as in the paper and PEFT.
-    pub fn dora_scale(&self, magnitude: Tensor<B, 1>, weight: Tensor<B, 2>) -> Tensor<B, 1> {
-        magnitude / column_norms(weight.detach() + self.delta().detach())
+    /// `weight + delta` as a constant (no gradient): the weight whose
+    /// columns DoRA measures.
+    pub fn adapted(&self, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+        weight.detach() + self.delta().detach()
     }
+}
+
+/// DoRA's `magnitude / |adapted|`, one factor per output column of the
+/// adapted weight ([`LoraAdapter::adapted`], a constant, as in the paper and
+/// PEFT).
+pub fn dora_scale<B: Backend>(magnitude: Tensor<B, 1>, adapted: Tensor<B, 2>) -> Tensor<B, 1> {
+    magnitude / column_norms(adapted)
 }
 
 /// The Euclidean length of each column of `w: [in, out]`, `[out]`.
@@ -119,7 +126,8 @@ impl<B: ModelBackend> Linear<B> {
                 // (dropped-out) input; without dropout that is
                 // `scale * (x W + up) + b`. The broadcast factor is the right
                 // operand: Flex's fast broadcast paths expect it there.
-                let scale: Tensor<B, D> = l.dora_scale(m.val(), self.weight.val()).unsqueeze();
+                let scale: Tensor<B, D> =
+                    dora_scale(m.val(), l.adapted(self.weight.val())).unsqueeze();
                 if dropped {
                     let direction = project(xa, self.weight.val(), None, self.bf16);
                     to_f32(self.base(x)) + direction * (scale.clone() - 1.0) + up * scale

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::config::{Arch, ModelConfig};
+use super::config::{self, Arch, ModelConfig};
 use super::tokenizer::{CHATML_TEMPLATE, chatml_tokenizer_config, train_bpe};
 use super::weights::{self, HostTensor, SaveDtype};
 use crate::rng::SplitMix64;
@@ -103,10 +103,7 @@ impl InitSpec {
         if Arch::from_model_type(&self.arch).is_none() {
             return Err((
                 "arch".into(),
-                format!(
-                    "arch '{}' is not one of: llama, mistral, qwen2, qwen3",
-                    self.arch
-                ),
+                format!("arch '{}' is not one of: {}", self.arch, config::SUPPORTED),
             ));
         }
         if !PRESETS.iter().any(|p| p.0 == self.size) {

@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde_json::{Value, json};
 
-use super::decoder::{CausalLm, Linear, LoraAdapter, column_norms, host};
+use super::decoder::{CausalLm, Linear, LoraAdapter, column_norms, dora_scale, host};
 use super::weights::{self, HostTensor, SaveDtype};
 use crate::rng::SplitMix64;
 
@@ -257,7 +257,7 @@ pub fn attach<B: Backend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) -> Caus
             magnitude: None,
         };
         if cfg.use_dora {
-            let w = lin.weight.val().detach() + adapter.delta().detach();
+            let w = adapter.adapted(lin.weight.val());
             adapter.magnitude = Some(Param::from_tensor(column_norms(w)));
         }
         lin.lora = Some(adapter);
@@ -394,9 +394,9 @@ pub fn save_adapter<B: Backend>(
 pub fn merge<B: Backend>(mut net: CausalLm<B>) -> CausalLm<B> {
     for (_, _, lin) in projections(&mut net) {
         if let Some(l) = lin.lora.take() {
-            let mut w = lin.weight.val().detach() + l.delta().detach();
+            let mut w = l.adapted(lin.weight.val());
             if let Some(m) = &l.magnitude {
-                let scale = l.dora_scale(m.val().detach(), lin.weight.val());
+                let scale = dora_scale(m.val().detach(), w.clone());
                 w = w * scale.unsqueeze();
             }
             lin.weight = Param::from_tensor(w);
