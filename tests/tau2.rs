@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use serde_json::{Value, json};
@@ -15,20 +14,10 @@ const VARIANTS: [&str; 4] = ["v0", "v5", "v10", "v20"];
 
 fn check_llamafactory(dir: &Path) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/check_llamafactory.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(dir)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{} rejected {}:\n{}{}",
-        script.display(),
-        dir.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    python_json(
+        &[script.as_os_str(), dir.as_os_str()],
+        &format!("{} on {}", script.display(), dir.display()),
+    )
 }
 
 #[test]
@@ -170,20 +159,15 @@ fn tau2_matrix_cleans_exports_trains_evaluates_and_reruns_one_branch() {
         assert!(yaml.lines().any(|l| l == line), "{line} in\n{yaml}");
     }
     // As LLaMA-Factory reads it: PyYAML, YAML 1.1 (an unquoted `no` would be False).
-    let read = Command::new("python3")
-        .args([
-            "-c",
-            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
-        ])
-        .arg(p.path("pipelines/work/tau2/v5/llamafactory_train.yaml"))
-        .output()
-        .expect("python3");
-    assert!(
-        read.status.success(),
-        "PyYAML (pip install pyyaml): {}",
-        String::from_utf8_lossy(&read.stderr)
+    let config = p.path("pipelines/work/tau2/v5/llamafactory_train.yaml");
+    let lf = python_json(
+        &[
+            "-c".as_ref(),
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))".as_ref(),
+            config.as_os_str(),
+        ],
+        "PyYAML (pip install pyyaml)",
     );
-    let lf: Value = serde_json::from_slice(&read.stdout).unwrap();
     assert_eq!(lf["eval_strategy"], "no", "{lf}");
     assert_eq!(lf["do_eval"], true, "{lf}");
     assert!(lf["learning_rate"].is_f64(), "{lf}");

@@ -249,18 +249,10 @@ fn peft_check(base: &Path, adapter: &Path, merged: &Path) -> Value {
         String::from_utf8_lossy(&have.stderr)
     );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/check_peft.py");
-    let out = std::process::Command::new("python3")
-        .arg(&script)
-        .args([base, adapter, merged])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    python_json(
+        &[script.as_path(), base, adapter, merged],
+        &script.display().to_string(),
+    )
 }
 
 fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {

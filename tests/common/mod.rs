@@ -7,6 +7,22 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The JSON that `python3 args...` prints; the test fails naming `what` (a
+/// script, or the packages it needs) with what Python printed.
+pub fn python_json<S: AsRef<std::ffi::OsStr>>(args: &[S], what: &str) -> Value {
+    let out = Command::new("python3")
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the script's JSON")
+}
+
 /// A temporary pipeline directory.
 pub struct Project {
     pub dir: tempfile::TempDir,
