@@ -81,12 +81,18 @@ fn check_dir<B: ModelBackend>(name: &str, dir: &Path, device: &B::Device, tol: &
     };
     let out = generate(&model.net, std::slice::from_ref(&prompt), &opts, None);
     assert_eq!(out[0].ids, want_new, "{name}: greedy tokens");
-    // The same prompt batched with a shorter one (left padding) gives the same tokens.
+    // The same prompt batched with a shorter one (left padding) gives the
+    // same tokens, and so does the shorter one.
     let short = prompt[prompt.len() / 2..].to_vec();
+    let alone = generate(&model.net, std::slice::from_ref(&short), &opts, None);
     let out2 = generate(&model.net, &[short, prompt], &opts, None);
     assert_eq!(
         out2[1].ids, want_new,
         "{name}: greedy tokens in a padded batch"
+    );
+    assert_eq!(
+        out2[0].ids, alone[0].ids,
+        "{name}: greedy tokens of the padded prompt"
     );
 
     // Save -> load gives identical logits, single file and sharded.
@@ -122,11 +128,13 @@ fn ids_of(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// Qwen3 (per-head q/k norms, a head wider than hidden / heads) and Mistral,
-/// built by transformers at test time from tiny-qwen2's sizes.
+/// Qwen3 (per-head q/k norms, a head wider than hidden / heads), Mistral, and
+/// sliding-window attention (Mistral's on every layer, Qwen2's from
+/// `max_window_layers` on), built by transformers at test time from
+/// tiny-qwen2's sizes.
 #[test]
-fn tiny_qwen3_and_mistral_match_transformers() {
-    for arch in ["qwen3", "mistral"] {
+fn tiny_qwen3_mistral_and_sliding_windows_match_transformers() {
+    for arch in ["qwen3", "mistral", "mistral-window", "qwen2-window"] {
         let dir = common::tiny_arch(arch);
         check_dir::<B>(
             &format!("tiny-{arch}"),

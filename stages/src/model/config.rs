@@ -11,8 +11,8 @@ use serde_json::{Map, Value, json};
 pub enum Arch {
     /// `LlamaForCausalLM` (Llama 2/3, SmolLM2, ...).
     Llama,
-    /// `MistralForCausalLM`: Llama's layers (sliding-window attention is
-    /// not supported).
+    /// `MistralForCausalLM`: Llama's layers, every one attending over a
+    /// sliding window when `sliding_window` is set.
     Mistral,
     /// `Qwen2ForCausalLM` (Qwen2, Qwen2.5): q/k/v projections carry biases.
     Qwen2,
@@ -110,6 +110,12 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// `pad_token_id`, if set.
     pub pad_token_id: Option<u32>,
+    /// Sliding-window attention: a token on a sliding layer sees only the
+    /// last `sliding_window` keys, its own included.
+    pub sliding_window: Option<usize>,
+    /// Per layer, whether it attends over the sliding window (all false
+    /// without one).
+    pub sliding_layers: Vec<bool>,
     /// The file as read, so saving keeps keys this struct does not model.
     pub raw: Map<String, Value>,
 }
@@ -228,20 +234,6 @@ impl ModelConfig {
                 file.display()
             );
         }
-        if k.bool_or("use_sliding_window", false)? {
-            bail!(
-                "{}: key 'use_sliding_window' is true; sliding-window attention is not supported",
-                file.display()
-            );
-        }
-        if let Some(Value::Array(types)) = k.get("layer_types")
-            && let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention"))
-        {
-            bail!(
-                "{}: key 'layer_types' has {t}; only 'full_attention' layers are supported",
-                file.display()
-            );
-        }
         if k.usize_or("pretraining_tp", 1)? != 1 {
             bail!(
                 "{}: key 'pretraining_tp' must be 1 (tensor-parallel slicing is not supported)",
@@ -272,17 +264,8 @@ impl ModelConfig {
         }
         let (rope_theta, rope_scaling) = rope(&k)?;
         let max_position_embeddings = k.usize_or("max_position_embeddings", 2048)?;
-        if arch == Arch::Mistral
-            && let Some(w) = k.get("sliding_window").filter(|w| !w.is_null())
-            && w.as_u64()
-                .is_none_or(|w| w < max_position_embeddings as u64)
-        {
-            bail!(
-                "{}: key 'sliding_window' is {w}; sliding-window attention is not supported \
-                 (set it to null to attend over the whole context, as Mistral 7B v0.2 and later do)",
-                file.display()
-            );
-        }
+        let num_hidden_layers = k.usize("num_hidden_layers")?;
+        let (sliding_window, sliding_layers) = sliding(&k, arch, num_hidden_layers)?;
         let attention_bias = match arch {
             Arch::Qwen2 => true,
             Arch::Llama | Arch::Mistral | Arch::Qwen3 => k.bool_or("attention_bias", false)?,
@@ -296,7 +279,7 @@ impl ModelConfig {
             vocab_size: k.usize("vocab_size")?,
             hidden_size,
             intermediate_size: k.usize("intermediate_size")?,
-            num_hidden_layers: k.usize("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -310,6 +293,8 @@ impl ModelConfig {
             eos_token_ids: k.token_ids("eos_token_id")?,
             bos_token_id: k.token_ids("bos_token_id")?.first().copied(),
             pad_token_id: k.token_ids("pad_token_id")?.first().copied(),
+            sliding_window,
+            sliding_layers,
             raw: map.clone(),
         })
     }
@@ -339,6 +324,72 @@ impl ModelConfig {
         std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))?;
         Ok(file)
     }
+}
+
+/// The sliding window and the layers that use it, as transformers reads
+/// them. Mistral: every layer when `sliding_window` is set (4096 when the key
+/// is missing; `layer_types` is ignored). Qwen2 and Qwen3: only with
+/// `use_sliding_window` (its `sliding_window` again 4096 when missing), on
+/// the `sliding_attention` entries of `layer_types`, or without that key on
+/// the layers from `max_window_layers` (default 28) on. Llama has none.
+fn sliding(k: &Keys, arch: Arch, layers: usize) -> anyhow::Result<(Option<usize>, Vec<bool>)> {
+    let file = k.file.display();
+    let window = || -> anyhow::Result<Option<usize>> {
+        match k.map.get("sliding_window") {
+            Some(Value::Null) => Ok(None),
+            None => Ok(Some(4096)),
+            Some(_) => match k.usize("sliding_window")? {
+                0 => bail!("{file}: key 'sliding_window' must be positive (or null for none)"),
+                w => Ok(Some(w)),
+            },
+        }
+    };
+    let (window, layer_sliding) = match arch {
+        Arch::Llama => (None, vec![false; layers]),
+        Arch::Mistral => {
+            let w = window()?;
+            (w, vec![w.is_some(); layers])
+        }
+        Arch::Qwen2 | Arch::Qwen3 => {
+            let w = match k.bool_or("use_sliding_window", false)? {
+                true => window()?,
+                false => None,
+            };
+            let sliding = match k.get("layer_types") {
+                None => {
+                    let from = k.usize_or("max_window_layers", 28)?;
+                    (0..layers).map(|i| w.is_some() && i >= from).collect()
+                }
+                Some(Value::Array(types)) if types.len() == layers => types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("full_attention") => Ok(false),
+                        Some("sliding_attention") => Ok(true),
+                        _ => bail!(
+                            "{file}: key 'layer_types' has {t}; supported: \
+                             \"full_attention\", \"sliding_attention\""
+                        ),
+                    })
+                    .collect::<anyhow::Result<Vec<bool>>>()?,
+                Some(v) => bail!(
+                    "{file}: key 'layer_types' must list one type per layer \
+                     ({layers} for 'num_hidden_layers'), got {v}"
+                ),
+            };
+            if w.is_none() && sliding.contains(&true) {
+                bail!(
+                    "{file}: key 'layer_types' has \"sliding_attention\" layers, but no window is set; \
+                     set 'use_sliding_window' to true and 'sliding_window' to its size, \
+                     or make every layer \"full_attention\""
+                );
+            }
+            (w, sliding)
+        }
+    };
+    Ok(match layer_sliding.contains(&true) {
+        true => (window, layer_sliding),
+        false => (None, layer_sliding),
+    })
 }
 
 /// `rope_theta` and scaling, from transformers 4's top-level keys or 5's `rope_parameters`.
@@ -437,18 +488,72 @@ mod tests {
         v["num_key_value_heads"] = json!(3);
         assert!(parse(v).unwrap_err().to_string().contains("multiple"));
         let mut v = base();
-        v["model_type"] = json!("mistral");
-        v["sliding_window"] = json!(4096);
-        v["max_position_embeddings"] = json!(32768);
-        let e = parse(v).unwrap_err().to_string();
-        assert!(e.contains("key 'sliding_window' is 4096"), "{e}");
-        let mut v = base();
+        v["model_type"] = json!("qwen2");
         v["layer_types"] = json!(["sliding_attention"]);
-        let e = parse(v).unwrap_err().to_string();
+        let e = parse(v.clone()).unwrap_err().to_string();
         assert!(
-            e.contains("key 'layer_types' has \"sliding_attention\""),
+            e.contains("key 'layer_types' has \"sliding_attention\" layers, but no window"),
             "{e}"
         );
+        v["layer_types"] = json!(["chunked_attention"]);
+        let e = parse(v.clone()).unwrap_err().to_string();
+        assert!(
+            e.contains("key 'layer_types' has \"chunked_attention\"; supported"),
+            "{e}"
+        );
+        v["layer_types"] = json!(["full_attention", "full_attention"]);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("one type per layer (1 for"), "{e}");
+        let mut v = base();
+        v["model_type"] = json!("mistral");
+        v["sliding_window"] = json!(0);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("key 'sliding_window' must be positive"), "{e}");
+    }
+
+    /// Which layers slide, and over how many keys, as transformers 5 decides.
+    #[test]
+    fn reads_sliding_windows_as_transformers_does() {
+        let layers = |v: &mut Value, n: usize| v["num_hidden_layers"] = json!(n);
+        let window = |v: Value| {
+            let c = parse(v).unwrap();
+            (c.sliding_window, c.sliding_layers)
+        };
+        // Mistral: every layer; a missing key is MistralConfig's 4096.
+        let mut v = base();
+        v["model_type"] = json!("mistral");
+        layers(&mut v, 2);
+        assert_eq!(window(v.clone()), (Some(4096), vec![true, true]));
+        v["sliding_window"] = json!(8);
+        v["layer_types"] = json!(["full_attention", "full_attention"]);
+        assert_eq!(window(v.clone()), (Some(8), vec![true, true]));
+        v["sliding_window"] = Value::Null;
+        assert_eq!(window(v), (None, vec![false, false]));
+        // Qwen2/Qwen3: only with use_sliding_window, from max_window_layers on
+        // or where layer_types says so.
+        for arch in ["qwen2", "qwen3"] {
+            let mut v = base();
+            v["model_type"] = json!(arch);
+            layers(&mut v, 3);
+            v["sliding_window"] = json!(16);
+            v["max_window_layers"] = json!(1);
+            assert_eq!(window(v.clone()), (None, vec![false; 3]));
+            v["use_sliding_window"] = json!(true);
+            assert_eq!(window(v.clone()), (Some(16), vec![false, true, true]));
+            v["layer_types"] = json!(["sliding_attention", "full_attention", "sliding_attention"]);
+            assert_eq!(window(v.clone()), (Some(16), vec![true, false, true]));
+            v.as_object_mut().unwrap().remove("sliding_window");
+            v.as_object_mut().unwrap().remove("layer_types");
+            v["max_window_layers"] = json!(3);
+            assert_eq!(window(v.clone()), (None, vec![false; 3]));
+            v["max_window_layers"] = json!(2);
+            assert_eq!(window(v), (Some(4096), vec![false, false, true]));
+        }
+        // Llama has no sliding window, whatever the keys say.
+        let mut v = base();
+        v["sliding_window"] = json!(8);
+        v["use_sliding_window"] = json!(true);
+        assert_eq!(window(v), (None, vec![false]));
     }
 
     #[test]

@@ -238,6 +238,9 @@ pub struct Attention<B: Backend> {
     pub n_kv_heads: usize,
     /// Width of a head.
     pub head_dim: usize,
+    /// Keys a token sees on a sliding-window layer, its own included (0:
+    /// every earlier key).
+    pub sliding_window: usize,
     /// Attention scores and weighted sum in bf16 (see [`Linear::bf16`]).
     pub bf16: bool,
 }
@@ -349,6 +352,9 @@ pub struct Positions<B: Backend> {
     /// row `i * rep + r` for head `r` of token `i`).
     /// Built once per forward pass, so the layers do not each copy it.
     mask: Tensor<B, 4, Bool>,
+    /// The mask of sliding-window layers (window size, mask in `mask`'s
+    /// layout), when the window hides a key that `mask` shows.
+    window: Option<(usize, Tensor<B, 4, Bool>)>,
 }
 
 impl<B: AutodiffBackend> Positions<B> {
@@ -359,6 +365,7 @@ impl<B: AutodiffBackend> Positions<B> {
             q_rope: rope(&self.q_rope),
             k_rope: rope(&self.k_rope),
             mask: self.mask.clone().inner(),
+            window: self.window.as_ref().map(|(w, m)| (*w, m.clone().inner())),
         }
     }
 }
@@ -412,7 +419,14 @@ impl<B: ModelBackend> Attention<B> {
             }
         };
         let s = k.dims()[2];
-        let mask = pos.mask.clone().expand([b, kvh, t * rep, s]);
+        let mask = match &pos.window {
+            Some((w, m)) if self.sliding_window > 0 => {
+                debug_assert_eq!(*w, self.sliding_window);
+                m
+            }
+            _ => &pos.mask,
+        };
+        let mask = mask.clone().expand([b, kvh, t * rep, s]);
         let causal = Some(Causal { rep, past: s - t });
         let out = if self.bf16 {
             let [q, k, v] = [q, k, v].map(|x| x.cast(FloatDType::BF16));
@@ -489,13 +503,24 @@ impl<B: ModelBackend> CausalLm<B> {
         self.layers.first().map_or(2, |l| l.self_attn.head_dim)
     }
 
+    /// The sliding window of the model's sliding layers, if it has any.
+    pub fn sliding_window(&self) -> Option<usize> {
+        self.layers
+            .iter()
+            .map(|l| l.self_attn.sliding_window)
+            .find(|&w| w > 0)
+    }
+
     /// Builds rotary tables and the attention mask.
     ///
     /// `positions[b]` are the RoPE positions of the new tokens of row `b`;
     /// `key_valid[b]` says, for every key (cached ones first, then the new
     /// tokens), whether it may be attended to. New token `i` sits at key index
     /// `past + i` and sees keys up to it; it always sees itself, so padding
-    /// rows never produce NaNs.
+    /// rows never produce NaNs. On sliding-window layers it sees only the
+    /// last `window` of those keys: for rows without padding, keys after
+    /// `past + i - window`, as transformers' mask has it; padding does not
+    /// use up the window, so a padded row attends as it would alone.
     pub fn positions(
         &self,
         positions: &[Vec<usize>],
@@ -506,58 +531,100 @@ impl<B: ModelBackend> CausalLm<B> {
         let t = positions.first().map_or(0, Vec::len);
         let s = key_valid.first().map_or(0, Vec::len);
         let past = s - t;
-        // Row `i` masks the invalid keys before the token, none at it and
-        // every key after it: slice copies and fills, not a test per key.
-        let mut mask = Vec::with_capacity(b * t * s);
-        for valid in key_valid {
-            let invalid: Vec<bool> = valid.iter().map(|v| !v).collect();
-            for q in past..s {
-                mask.extend_from_slice(&invalid[..q]);
-                mask.push(false);
-                mask.resize(mask.len() + s - q - 1, true);
+        let window = self.sliding_window().filter(|&w| w < s);
+        // Row `i` masks the keys before its first visible one, the invalid
+        // keys from there to the token, none at it and every key after it:
+        // slice copies and fills, not a test per key.
+        let build = |first: &dyn Fn(&[usize], usize) -> usize| {
+            let mut mask = Vec::with_capacity(b * t * s);
+            for valid in key_valid {
+                let invalid: Vec<bool> = valid.iter().map(|v| !v).collect();
+                // seen[j]: valid keys before key j.
+                let seen: Vec<usize> = std::iter::once(0)
+                    .chain(valid.iter().scan(0, |n, &v| {
+                        *n += usize::from(v);
+                        Some(*n)
+                    }))
+                    .collect();
+                for q in past..s {
+                    let lo = first(&seen, q);
+                    mask.resize(mask.len() + lo, true);
+                    mask.extend_from_slice(&invalid[lo..q]);
+                    mask.push(false);
+                    mask.resize(mask.len() + s - q - 1, true);
+                }
             }
-        }
-        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, s]), device);
-        self.finish_positions(positions, mask, device)
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, s]), device)
+        };
+        let mask = build(&|_, _| 0);
+        // The first key `j` with at most `w - 1` valid keys in `j..q`.
+        let window = window.map(|w| {
+            let first = move |seen: &[usize], q: usize| {
+                let need = seen[q].saturating_sub(w - 1);
+                seen[..=q].partition_point(|&n| n < need)
+            };
+            (w, build(&first))
+        });
+        self.finish_positions(positions, mask, window, device)
     }
 
     /// Rotary tables and mask for packed rows: `segments[b][t]` names the
     /// sample each token belongs to; tokens attend only within their sample,
-    /// causally, and positions restart at 0 for each sample. Padding gets a
+    /// causally (on sliding-window layers, to the last `window` tokens of
+    /// it), and positions restart at 0 for each sample. Padding gets a
     /// segment of its own (any id not used by a sample). The labels of such
     /// rows must be -100 at every sample's first token, so that no token
     /// predicts across a sample boundary.
     pub fn positions_packed(&self, segments: &[Vec<u32>], device: &B::Device) -> Positions<B> {
         let b = segments.len();
         let t = segments.first().map_or(0, Vec::len);
-        // Row `i` allows only the keys from its sample's first token to
-        // itself, and its position is its offset from that token.
-        let mut mask = Vec::with_capacity(b * t * t);
-        let mut positions = Vec::with_capacity(b);
-        for row in segments {
-            let mut start = 0;
-            let mut pos = Vec::with_capacity(t);
-            for i in 0..t {
-                if i > 0 && row[i] != row[i - 1] {
-                    start = i;
+        let starts: Vec<Vec<usize>> = segments
+            .iter()
+            .map(|row| {
+                let mut start = 0;
+                (0..t)
+                    .map(|i| {
+                        if i > 0 && row[i] != row[i - 1] {
+                            start = i;
+                        }
+                        start
+                    })
+                    .collect()
+            })
+            .collect();
+        // Row `i` allows only the keys from `first(i)` to itself.
+        let build = |first: &dyn Fn(usize, usize) -> usize| {
+            let mut mask = Vec::with_capacity(b * t * t);
+            for row in &starts {
+                for (i, &start) in row.iter().enumerate() {
+                    let lo = first(start, i);
+                    mask.resize(mask.len() + lo, true);
+                    mask.resize(mask.len() + i + 1 - lo, false);
+                    mask.resize(mask.len() + t - i - 1, true);
                 }
-                pos.push(i - start);
-                mask.resize(mask.len() + start, true);
-                mask.resize(mask.len() + i + 1 - start, false);
-                mask.resize(mask.len() + t - i - 1, true);
             }
-            positions.push(pos);
-        }
-        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, t]), device);
-        self.finish_positions(&positions, mask, device)
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, t]), device)
+        };
+        let mask = build(&|start, _| start);
+        let window = self
+            .sliding_window()
+            .filter(|&w| w < t)
+            .map(|w| (w, build(&|start, i| start.max((i + 1).saturating_sub(w)))));
+        // Each token's position is its offset from its sample's first token.
+        let positions: Vec<Vec<usize>> = starts
+            .iter()
+            .map(|row| row.iter().enumerate().map(|(i, s)| i - s).collect())
+            .collect();
+        self.finish_positions(&positions, mask, window, device)
     }
 
-    /// Rotary tables for `positions` and `mask` (`[batch, 1, queries, keys]`)
-    /// in the layout [`Attention::forward`] takes.
+    /// Rotary tables for `positions`, and the masks (`[batch, 1, queries,
+    /// keys]`) in the layout [`Attention::forward`] takes.
     fn finish_positions(
         &self,
         positions: &[Vec<usize>],
         mask: Tensor<B, 4, Bool>,
+        window: Option<(usize, Tensor<B, 4, Bool>)>,
         device: &B::Device,
     ) -> Positions<B> {
         let [b, _, t, keys] = mask.dims();
@@ -567,7 +634,7 @@ impl<B: ModelBackend> CausalLm<B> {
             .map_or((1, 1), |l| (l.self_attn.n_kv_heads, l.self_attn.n_heads));
         let rep = h / kvh;
         let (q_rope, k_rope) = self.rope_tables(positions, kvh, rep, device);
-        let mask =
+        let grouped = |mask: Tensor<B, 4, Bool>| {
             if rep == 1 {
                 mask
             } else {
@@ -576,11 +643,13 @@ impl<B: ModelBackend> CausalLm<B> {
                 let grouped = mask.unsqueeze_dim::<5>(3).expand([b, kvh, t, rep, keys]);
                 Tensor::<B, 5, Bool>::from_primitive(B::dense_mask(grouped.into_primitive()))
                     .reshape([b, kvh, t * rep, keys])
-            };
+            }
+        };
         Positions {
             q_rope,
             k_rope,
-            mask,
+            mask: grouped(mask),
+            window: window.map(|(w, m)| (w, grouped(m))),
         }
     }
 
@@ -983,6 +1052,10 @@ impl<B: Backend> CausalLm<B> {
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: hd,
+                sliding_window: match c.sliding_layers.get(i) {
+                    Some(true) => c.sliding_window.unwrap_or(0),
+                    _ => 0,
+                },
                 bf16: false,
             };
             let mlp = Mlp {
@@ -1212,6 +1285,57 @@ mod tests {
                 j <= i && segments[b][j] == segments[b][i]
             });
             assert_eq!(mask_of(&p), want, "packed, {heads} heads over {kvh}");
+        }
+    }
+
+    /// Sliding-window layers see the last `w` valid keys (their own
+    /// included); the full mask is unchanged, and no window mask is built
+    /// when it would hide nothing.
+    #[test]
+    fn the_window_mask_keeps_the_last_valid_keys() {
+        for (heads, kvh) in [(4, 2), (2, 2)] {
+            let rep = heads / kvh;
+            let mut net = net(heads, kvh);
+            let w = 3;
+            net.layers[0].self_attn.sliding_window = w;
+            assert_eq!(net.sliding_window(), Some(w));
+            // Three new tokens after four cached keys; row 1 is left-padded by
+            // two and has a padded key in the middle.
+            let valid = vec![
+                vec![true; 7],
+                vec![false, false, true, false, true, true, true],
+            ];
+            let positions = vec![vec![4, 5, 6], vec![2, 3, 4]];
+            let p = net.positions(&positions, &valid, &Default::default());
+            let sees = |b: usize, i: usize, j: usize| j == 4 + i || (j < 4 + i && valid[b][j]);
+            let visible_after =
+                |b: usize, i: usize, j: usize| (j..=4 + i).filter(|&k| sees(b, i, k)).count();
+            let full = expected((2, kvh, rep, 3, 7), sees);
+            assert_eq!(mask_of(&p), full, "{heads} heads over {kvh}");
+            let want = expected((2, kvh, rep, 3, 7), |b, i, j| {
+                sees(b, i, j) && visible_after(b, i, j) <= w
+            });
+            let (ww, m) = p.window.clone().expect("a window mask");
+            assert_eq!(ww, w);
+            assert_eq!(m.into_data().into_vec::<bool>().unwrap(), want);
+            // Row 0 has no padding: transformers' rule, keys after `q - w`.
+            let row0 = expected((1, kvh, rep, 3, 7), |_, i, j| j <= 4 + i && j + w > 4 + i);
+            assert_eq!(want[..row0.len()], row0[..]);
+
+            let segments = vec![vec![0, 0, 0, 0, 0, 7], vec![2, 2, 5, 5, 5, 5]];
+            let p = net.positions_packed(&segments, &Default::default());
+            let want = expected((2, kvh, rep, 6, 6), |b, i, j| {
+                j <= i && j + w > i && segments[b][j] == segments[b][i]
+            });
+            let (_, m) = p.window.clone().expect("a window mask");
+            assert_eq!(m.into_data().into_vec::<bool>().unwrap(), want, "packed");
+
+            net.layers[0].self_attn.sliding_window = 7;
+            let p = net.positions(&positions, &valid, &Default::default());
+            assert!(
+                p.window.is_none(),
+                "a window as long as the keys hides none"
+            );
         }
     }
 

@@ -3,9 +3,12 @@ from transformers, in the format of ../shared/fixtures (see its README).
 
     python3 stages/tests/support/tiny_arch.py ARCH SRC_FIXTURE OUT_DIR
 
-ARCH is `qwen3` (q/k norms, and a head_dim of 32, wider than hidden / heads)
-or `mistral` (no sliding window). The sizes, tokenizer, chat template and
-batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
+ARCH is `qwen3` (q/k norms, and a head_dim of 32, wider than hidden / heads),
+`mistral` (no sliding window), `mistral-window` (every layer attends over the
+last 24 keys) or `qwen2-window` (`use_sliding_window` with a window of 16
+from layer `max_window_layers` = 1 on, so layer 0 attends over everything);
+the batch (91 tokens) and the prompt (about 500) are longer than the windows.
+The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
 `reference.json` (`loss`, `generate`, `train_step`) and
 `reference.safetensors` (the batch, `logits`, and `after_step.<name>` for
@@ -20,7 +23,7 @@ import sys
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
 
 
 def main():
@@ -47,12 +50,21 @@ def main():
             rope_parameters={"rope_type": "default", "rope_theta": 1e6},
             **sizes,
         )
-    elif arch == "mistral":
+    elif arch in ("mistral", "mistral-window"):
         config = MistralConfig(
-            sliding_window=None,
+            sliding_window=24 if arch == "mistral-window" else None,
             rope_parameters={"rope_type": "default", "rope_theta": 1e5},
             **sizes,
         )
+    elif arch == "qwen2-window":
+        config = Qwen2Config(
+            use_sliding_window=True,
+            sliding_window=16,
+            max_window_layers=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            **sizes,
+        )
+        assert config.layer_types == ["full_attention", "sliding_attention"], config.layer_types
     else:
         sys.exit(f"unknown ARCH {arch}")
     torch.manual_seed(1234)
