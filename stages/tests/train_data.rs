@@ -125,6 +125,23 @@ fn mask_history_trains_the_last_assistant_turn_only() {
         let k = all.ids.len() - n;
         assert_eq!(all.classes[k..], last.classes[k..]);
         assert!(last.classes[..k].iter().all(|&c| c == TokenClass::Ignored));
+
+        // A cut on the right keeps the trained turn: the earliest tokens go.
+        let cut = |cutoff: usize| {
+            let s = spec(json!({"mask_history": true, "cutoff_len": cutoff}));
+            data::tokenize(&tok, &conv, &s).unwrap()
+        };
+        let short = cut(n + 5);
+        assert!(short.truncated);
+        assert_eq!(short.ids, want_ids[want_ids.len() - n - 5..]);
+        assert_eq!(trained_ids(&short), trained_ids(&last));
+        // A turn longer than cutoff_len keeps its beginning.
+        let shorter = cut(n - 3);
+        assert_eq!(shorter.ids, want_ids[k..k + n - 3]);
+        assert!(shorter.labels.iter().all(|&l| l != -100));
+        // Without mask_history the right cut keeps the start, as before.
+        let plain = data::tokenize(&tok, &conv, &spec(json!({"cutoff_len": n + 5}))).unwrap();
+        assert_eq!(plain.ids, want_ids[..n + 5]);
     }
 }
 

@@ -37,7 +37,8 @@ pub struct DataSpec {
     #[serde(default)]
     pub train_on: TrainOn,
     /// Train on the last assistant turn only (LLaMA-Factory's
-    /// `mask_history`); earlier turns are context.
+    /// `mask_history`); earlier turns are context, and a cut on the right
+    /// drops earlier tokens instead of that turn's.
     #[serde(default)]
     pub mask_history: bool,
     /// More chat-template variables (e.g. `enable_thinking: false`).
@@ -545,9 +546,28 @@ pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result
     if sample.ids.len() > spec.cutoff_len {
         let n = spec.cutoff_len;
         let len = sample.ids.len();
-        let range = match spec.truncation_side {
-            Side::Right => 0..n,
-            Side::Left => len - n..len,
+        // Under mask_history the cut keeps the one trained turn whole (as
+        // LLaMA-Factory gives the last turn the budget first): a right cut
+        // ends with that turn's last token instead, a prefix of earlier turns
+        // dropped, unless the turn alone is longer than cutoff_len.
+        let trained_end = match spec.mask_history {
+            true => sample
+                .classes
+                .iter()
+                .rposition(|&c| c != TokenClass::Ignored),
+            false => None,
+        };
+        let range = match (spec.truncation_side, trained_end) {
+            (Side::Right, Some(end)) if end >= n => {
+                let first = sample
+                    .classes
+                    .iter()
+                    .position(|&c| c != TokenClass::Ignored);
+                let start = (end + 1 - n).min(first.unwrap_or(end));
+                start..start + n
+            }
+            (Side::Right, _) => 0..n,
+            (Side::Left, _) => len - n..len,
         };
         sample.ids = sample.ids[range.clone()].to_vec();
         sample.labels = sample.labels[range.clone()].to_vec();
