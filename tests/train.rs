@@ -437,9 +437,13 @@ fn gradient_checkpointing_trains_the_same_model() {
     let run = |on: bool, neftune: &str| {
         let p = Project::new();
         write_data(&p);
-        // A Qwen3 model: checkpointing recomputes its per-head q/k norms too.
+        // A Qwen3 model: checkpointing recomputes its per-head q/k norms
+        // too, and its second layer's sliding window.
         let yaml = pipeline("tiny", 4, 100)
-            .replace("{size: tiny,", "{arch: qwen3, size: tiny,")
+            .replace(
+                "{size: tiny,",
+                "{arch: qwen3, sliding_window: 48, max_window_layers: 1, size: tiny,",
+            )
             .replace(
                 "      detailed_metrics: true\n",
                 &format!("      gradient_checkpointing: {on}\n{neftune}"),
@@ -454,7 +458,9 @@ fn gradient_checkpointing_trains_the_same_model() {
             );
         p.write("sft.yaml", &yaml);
         p.run_ok("sft.yaml", &[]);
-        assert!(p.read("work/phase2/config.json").contains("\"qwen3\""));
+        let config = p.read("work/phase2/config.json");
+        assert!(config.contains("\"qwen3\""), "{config}");
+        assert!(config.contains("\"sliding_window\": 48"), "{config}");
         [
             metrics(&p, "work/phase1.jsonl"),
             metrics(&p, "work/phase2.jsonl"),

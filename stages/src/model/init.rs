@@ -58,6 +58,12 @@ pub struct InitSpec {
     /// Longest sequence (default 2048).
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// Sliding-window attention over this many keys (`mistral`, `qwen2`,
+    /// `qwen3`; default none).
+    pub sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: the first layer with the sliding window; earlier ones
+    /// attend over everything (default 0: every layer slides).
+    pub max_window_layers: Option<usize>,
     /// Standard deviation of the normal initialisation (default 0.02, as transformers).
     #[serde(default = "default_std")]
     pub initializer_range: f64,
@@ -141,6 +147,30 @@ impl InitSpec {
                 ),
             ));
         }
+        if self.sliding_window == Some(0) {
+            return Err((
+                "sliding_window".into(),
+                "sliding_window must be at least 1 (leave it out for full attention)".into(),
+            ));
+        }
+        if self.sliding_window.is_some() && self.arch == "llama" {
+            return Err((
+                "sliding_window".into(),
+                "llama has no sliding-window attention; use arch mistral, qwen2 or qwen3".into(),
+            ));
+        }
+        if self.max_window_layers.is_some() && !matches!(self.arch.as_str(), "qwen2" | "qwen3") {
+            return Err((
+                "max_window_layers".into(),
+                "max_window_layers is a qwen2/qwen3 key (mistral slides on every layer)".into(),
+            ));
+        }
+        if self.max_window_layers.is_some() && self.sliding_window.is_none() {
+            return Err((
+                "max_window_layers".into(),
+                "max_window_layers needs sliding_window".into(),
+            ));
+        }
         if self.vocab_size.is_some_and(|v| v < 300) {
             return Err((
                 "vocab_size".into(),
@@ -198,11 +228,16 @@ impl InitSpec {
                 c["attention_bias"] = json!(false);
                 c["mlp_bias"] = json!(false);
             }
-            Arch::Mistral => c["sliding_window"] = Value::Null,
-            Arch::Qwen2 => c["use_sliding_window"] = json!(false),
-            Arch::Qwen3 => {
-                c["attention_bias"] = json!(false);
-                c["use_sliding_window"] = json!(false);
+            Arch::Mistral => c["sliding_window"] = json!(self.sliding_window),
+            Arch::Qwen2 | Arch::Qwen3 => {
+                if arch == Arch::Qwen3 {
+                    c["attention_bias"] = json!(false);
+                }
+                c["use_sliding_window"] = json!(self.sliding_window.is_some());
+                if let Some(w) = self.sliding_window {
+                    c["sliding_window"] = json!(w);
+                    c["max_window_layers"] = json!(self.max_window_layers.unwrap_or(0));
+                }
             }
         }
         c
@@ -387,4 +422,58 @@ pub fn init_checkpoint(
         parameters,
         corpus_texts: corpus.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(v: Value) -> InitSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// The windows init_model writes read back as transformers reads them.
+    #[test]
+    fn sliding_windows_round_trip_through_config_json() {
+        let read = |v: Value| {
+            let s = spec(v);
+            s.validate().unwrap();
+            let c = ModelConfig::from_json(&s.config_json(512), Path::new("config.json")).unwrap();
+            (c.sliding_window, c.sliding_layers)
+        };
+        assert_eq!(read(json!({"arch": "qwen3"})), (None, vec![false; 2]));
+        assert_eq!(read(json!({"arch": "mistral"})), (None, vec![false; 2]));
+        assert_eq!(
+            read(json!({"arch": "mistral", "sliding_window": 8})),
+            (Some(8), vec![true; 2])
+        );
+        assert_eq!(
+            read(json!({"arch": "qwen2", "sliding_window": 8})),
+            (Some(8), vec![true; 2])
+        );
+        assert_eq!(
+            read(json!({"arch": "qwen3", "sliding_window": 8, "max_window_layers": 1})),
+            (Some(8), vec![false, true])
+        );
+        for (v, key) in [
+            (
+                json!({"arch": "llama", "sliding_window": 8}),
+                "sliding_window",
+            ),
+            (
+                json!({"arch": "qwen2", "sliding_window": 0}),
+                "sliding_window",
+            ),
+            (
+                json!({"arch": "qwen2", "max_window_layers": 1}),
+                "max_window_layers",
+            ),
+            (
+                json!({"arch": "mistral", "sliding_window": 8, "max_window_layers": 1}),
+                "max_window_layers",
+            ),
+        ] {
+            assert_eq!(spec(v.clone()).validate().unwrap_err().0, key, "{v}");
+        }
+    }
 }
