@@ -134,7 +134,13 @@ fn ids_of(v: &Value) -> Vec<u32> {
 /// tiny-qwen2's sizes.
 #[test]
 fn tiny_qwen3_mistral_and_sliding_windows_match_transformers() {
-    for arch in ["qwen3", "mistral", "mistral-window", "qwen2-window"] {
+    for arch in [
+        "qwen3",
+        "mistral",
+        "mistral-window",
+        "qwen2-window",
+        "gemma3",
+    ] {
         let dir = common::tiny_arch(arch);
         check_dir::<B>(
             &format!("tiny-{arch}"),

@@ -317,7 +317,7 @@ fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt:
 /// mask), from checkpoints transformers builds at test time.
 #[test]
 fn qwen3_mistral_and_sliding_window_full_steps_match_torch() {
-    for arch in ["qwen3", "mistral", "qwen2-window"] {
+    for arch in ["qwen3", "mistral", "qwen2-window", "gemma3"] {
         let dir = common::tiny_arch(arch);
         full_step_in::<AB>(
             &format!("tiny-{arch}"),

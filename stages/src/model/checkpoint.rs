@@ -21,7 +21,6 @@
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::module::embedding;
 
 use super::backend::TrainBackend;
 use super::decoder::{CausalLm, DecoderLayer, Positions};
@@ -45,10 +44,7 @@ pub fn loss_and_grads<B: TrainBackend>(
     let inner = net.valid();
     let inner_pos = pos.inner();
     let mut inputs = Vec::with_capacity(net.layers.len());
-    let mut x = net.neftune(
-        embedding(inner.embed_tokens.val(), ids.clone().inner()),
-        seed,
-    );
+    let mut x = net.neftune(inner.embed(ids.clone().inner()), seed);
     for (l, layer) in inner.layers.iter().enumerate() {
         inputs.push(x.clone());
         CausalLm::<B::InnerBackend>::seed_layer(&device, seed, l);
@@ -89,7 +85,7 @@ pub fn loss_and_grads<B: TrainBackend>(
         dy = if below[l] { x.grad(&g) } else { None };
     }
     if let (true, Some(d)) = (embed_trains, dy) {
-        let g = vjp(embedding(net.embed_tokens.val(), ids), d);
+        let g = vjp(net.embed(ids), d);
         grads.accumulate(net, &g);
     }
     Some((scaled.inner(), k))

@@ -1,5 +1,5 @@
 //! Model architecture read from a Hugging Face `config.json` (`llama`,
-//! `mistral`, `qwen2` and `qwen3`).
+//! `mistral`, `qwen2`, `qwen3` and `gemma3_text`).
 
 use std::path::{Path, PathBuf};
 
@@ -19,10 +19,25 @@ pub enum Arch {
     /// `Qwen3ForCausalLM`: no biases; an RMS norm over each query and key
     /// head before RoPE (`q_norm`, `k_norm`).
     Qwen3,
+    /// `Gemma3ForCausalLM` (Gemma 3 1B and 270M, `gemma3_text`): Qwen3's q/k
+    /// norms; norms scale by `1 + weight`; the attention and the MLP each
+    /// have a norm on their output too; GeLU (tanh) gating; embeddings
+    /// scaled by `sqrt(hidden_size)`; sliding-window layers with their own
+    /// RoPE base.
+    Gemma3,
 }
 
 /// The `model_type` values anneal reads, for error messages.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, gemma3_text";
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (SwiGLU).
+    Silu,
+    /// `gelu_pytorch_tanh`: GeLU's tanh approximation (GeGLU).
+    GeluTanh,
+}
 
 impl Arch {
     /// The `model_type` value in `config.json`.
@@ -32,6 +47,7 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3_text",
         }
     }
 
@@ -42,19 +58,35 @@ impl Arch {
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
     /// Whether queries and keys are RMS-normalised per head before RoPE.
     pub fn qk_norm(self) -> bool {
-        self == Arch::Qwen3
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    /// Gemma's layout: norms scale by `1 + weight`, each layer also
+    /// normalises the attention's and the MLP's outputs
+    /// (`post_attention_layernorm`, `pre_feedforward_layernorm` before the
+    /// MLP, `post_feedforward_layernorm`), and embeddings are scaled by
+    /// `sqrt(hidden_size)`.
+    pub fn gemma(self) -> bool {
+        self == Arch::Gemma3
     }
 
     /// The architecture of a `model_type` value.
     pub fn from_model_type(name: &str) -> Option<Arch> {
-        [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3]
-            .into_iter()
-            .find(|a| a.model_type() == name)
+        [
+            Arch::Llama,
+            Arch::Mistral,
+            Arch::Qwen2,
+            Arch::Qwen3,
+            Arch::Gemma3,
+        ]
+        .into_iter()
+        .find(|a| a.model_type() == name)
     }
 }
 
@@ -96,6 +128,15 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// Llama 3 RoPE scaling, if any.
     pub rope_scaling: Option<Llama3Scaling>,
+    /// Linear RoPE scaling (`rope_type: linear`): positions divided by this.
+    pub rope_linear_factor: Option<f64>,
+    /// Gemma 3: the RoPE base of sliding-window layers (unscaled).
+    pub rope_local_theta: Option<f64>,
+    /// The MLP's gate activation.
+    pub activation: Activation,
+    /// Attention scores scale by `query_pre_attn_scalar^-1/2` (Gemma)
+    /// instead of `head_dim^-1/2`.
+    pub query_pre_attn_scalar: Option<f64>,
     /// Biases on the q/k/v projections.
     pub attention_bias: bool,
     /// Biases on the MLP projections.
@@ -226,13 +267,22 @@ impl ModelConfig {
                 file.display()
             ),
         };
-        if let Some(act) = k.get("hidden_act").and_then(Value::as_str)
-            && act != "silu"
-        {
-            bail!(
-                "{}: key 'hidden_act' is '{act}'; only 'silu' is supported",
-                file.display()
-            );
+        let activation = activation(&k, arch)?;
+        if arch.gemma() {
+            for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+                if let Some(v) = k.get(key) {
+                    bail!(
+                        "{}: key '{key}' is {v}; logit soft-capping (Gemma 2) is not supported",
+                        file.display()
+                    );
+                }
+            }
+            if k.bool_or("use_bidirectional_attention", false)? {
+                bail!(
+                    "{}: key 'use_bidirectional_attention' is true; only causal models are supported",
+                    file.display()
+                );
+            }
         }
         if k.usize_or("pretraining_tp", 1)? != 1 {
             bail!(
@@ -249,7 +299,10 @@ impl ModelConfig {
                 file.display()
             );
         }
-        let head_dim = k.usize_or("head_dim", hidden_size / num_attention_heads)?;
+        let head_dim = match arch {
+            Arch::Gemma3 => k.usize_or("head_dim", 256)?,
+            _ => k.usize_or("head_dim", hidden_size / num_attention_heads)?,
+        };
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             bail!(
                 "{}: 'num_attention_heads' ({num_attention_heads}) must be a multiple of 'num_key_value_heads' ({num_key_value_heads})",
@@ -262,13 +315,21 @@ impl ModelConfig {
                 file.display()
             );
         }
-        let (rope_theta, rope_scaling) = rope(&k)?;
-        let max_position_embeddings = k.usize_or("max_position_embeddings", 2048)?;
+        let rope = match arch {
+            Arch::Gemma3 => gemma3_rope(&k)?,
+            _ => rope(&k)?,
+        };
+        let max_position_embeddings = match arch {
+            Arch::Gemma3 => k.usize_or("max_position_embeddings", 131_072)?,
+            _ => k.usize_or("max_position_embeddings", 2048)?,
+        };
         let num_hidden_layers = k.usize("num_hidden_layers")?;
         let (sliding_window, sliding_layers) = sliding(&k, arch, num_hidden_layers)?;
         let attention_bias = match arch {
             Arch::Qwen2 => true,
-            Arch::Llama | Arch::Mistral | Arch::Qwen3 => k.bool_or("attention_bias", false)?,
+            Arch::Llama | Arch::Mistral | Arch::Qwen3 | Arch::Gemma3 => {
+                k.bool_or("attention_bias", false)?
+            }
         };
         let rms_norm_eps = match k.get("rms_norm_eps") {
             None => 1e-6,
@@ -284,11 +345,22 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps,
-            rope_theta,
-            rope_scaling,
+            rope_theta: rope.theta,
+            rope_scaling: rope.llama3,
+            rope_linear_factor: rope.linear,
+            rope_local_theta: rope.local_theta,
+            activation,
+            query_pre_attn_scalar: match arch {
+                Arch::Gemma3 => Some(match k.get("query_pre_attn_scalar") {
+                    None => 256.0,
+                    Some(_) => k.f64_in(map, "query_pre_attn_scalar", "")?,
+                }),
+                _ => None,
+            },
             attention_bias,
             mlp_bias: k.bool_or("mlp_bias", false)?,
-            tie_word_embeddings: k.bool_or("tie_word_embeddings", false)?,
+            // Gemma3TextConfig ties by default; the others do not.
+            tie_word_embeddings: k.bool_or("tie_word_embeddings", arch.gemma())?,
             max_position_embeddings,
             eos_token_ids: k.token_ids("eos_token_id")?,
             bos_token_id: k.token_ids("bos_token_id")?.first().copied(),
@@ -331,7 +403,10 @@ impl ModelConfig {
 /// is missing; `layer_types` is ignored). Qwen2 and Qwen3: only with
 /// `use_sliding_window` (its `sliding_window` again 4096 when missing), on
 /// the `sliding_attention` entries of `layer_types`, or without that key on
-/// the layers from `max_window_layers` (default 28) on. Llama has none.
+/// the layers from `max_window_layers` (default 28) on. Gemma 3: its
+/// `sliding_window` (default 4096) on the `sliding_attention` entries of
+/// `layer_types`, or without that key on all but every
+/// `sliding_window_pattern`-th layer (default 6). Llama has none.
 fn sliding(k: &Keys, arch: Arch, layers: usize) -> anyhow::Result<(Option<usize>, Vec<bool>)> {
     let file = k.file.display();
     let window = || -> anyhow::Result<Option<usize>> {
@@ -350,12 +425,16 @@ fn sliding(k: &Keys, arch: Arch, layers: usize) -> anyhow::Result<(Option<usize>
             let w = window()?;
             (w, vec![w.is_some(); layers])
         }
-        Arch::Qwen2 | Arch::Qwen3 => {
-            let w = match k.bool_or("use_sliding_window", false)? {
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => {
+            let w = match arch == Arch::Gemma3 || k.bool_or("use_sliding_window", false)? {
                 true => window()?,
                 false => None,
             };
             let sliding = match k.get("layer_types") {
+                None if arch == Arch::Gemma3 => {
+                    let every = k.usize_or("sliding_window_pattern", 6)?.max(1);
+                    (0..layers).map(|i| (i + 1) % every != 0).collect()
+                }
                 None => {
                     let from = k.usize_or("max_window_layers", 28)?;
                     (0..layers).map(|i| w.is_some() && i >= from).collect()
@@ -392,8 +471,16 @@ fn sliding(k: &Keys, arch: Arch, layers: usize) -> anyhow::Result<(Option<usize>
     })
 }
 
+/// RoPE as `config.json` sets it.
+struct RopeKeys {
+    theta: f64,
+    llama3: Option<Llama3Scaling>,
+    linear: Option<f64>,
+    local_theta: Option<f64>,
+}
+
 /// `rope_theta` and scaling, from transformers 4's top-level keys or 5's `rope_parameters`.
-fn rope(k: &Keys) -> anyhow::Result<(f64, Option<Llama3Scaling>)> {
+fn rope(k: &Keys) -> anyhow::Result<RopeKeys> {
     let params = k.get("rope_parameters").and_then(Value::as_object);
     let theta = match (k.get("rope_theta"), params) {
         (Some(_), _) => k.f64_in(k.map, "rope_theta", "")?,
@@ -402,23 +489,92 @@ fn rope(k: &Keys) -> anyhow::Result<(f64, Option<Llama3Scaling>)> {
         }
         _ => 10_000.0,
     };
-    let (scaling, prefix) = match (k.get("rope_scaling").and_then(Value::as_object), params) {
-        (Some(s), _) => (Some(s), "rope_scaling."),
-        (None, Some(p)) => (Some(p), "rope_parameters."),
-        (None, None) => (None, ""),
+    let (llama3, linear) = match (k.get("rope_scaling").and_then(Value::as_object), params) {
+        (Some(s), _) => scaling(k, s, "rope_scaling.")?,
+        (None, Some(p)) => scaling(k, p, "rope_parameters.")?,
+        (None, None) => (None, None),
     };
-    let Some(s) = scaling else {
-        return Ok((theta, None));
+    Ok(RopeKeys {
+        theta,
+        llama3,
+        linear,
+        local_theta: None,
+    })
+}
+
+/// Gemma 3's RoPE: per layer type in transformers 5's `rope_parameters`
+/// (`full_attention`, `sliding_attention`), or transformers 4's `rope_theta`
+/// (default 1e6), `rope_local_base_freq` (1e4) and `rope_scaling` (full
+/// attention layers only).
+fn gemma3_rope(k: &Keys) -> anyhow::Result<RopeKeys> {
+    let of =
+        |layer: &str, default: f64| -> anyhow::Result<(f64, Option<Llama3Scaling>, Option<f64>)> {
+            let prefix = format!("rope_parameters.{layer}.");
+            match k
+                .get("rope_parameters")
+                .and_then(|p| p.get(layer))
+                .and_then(Value::as_object)
+            {
+                Some(p) => {
+                    let theta = match p.get("rope_theta") {
+                        None | Some(Value::Null) => default,
+                        Some(_) => k.f64_in(p, "rope_theta", &prefix)?,
+                    };
+                    let (llama3, linear) = scaling(k, p, &prefix)?;
+                    Ok((theta, llama3, linear))
+                }
+                None => Ok((default, None, None)),
+            }
+        };
+    if k.get("rope_parameters").is_some() {
+        let (theta, llama3, linear) = of("full_attention", 1e6)?;
+        let (local, local_llama3, local_linear) = of("sliding_attention", 1e4)?;
+        if local_llama3.is_some() || local_linear.is_some() {
+            bail!(
+                "{}: key 'rope_parameters.sliding_attention.rope_type' must be 'default' \
+                 (scaled RoPE on sliding-window layers is not supported)",
+                k.file.display()
+            );
+        }
+        return Ok(RopeKeys {
+            theta,
+            llama3,
+            linear,
+            local_theta: Some(local),
+        });
+    }
+    let num = |key: &str, default: f64| match k.get(key) {
+        None => Ok(default),
+        Some(_) => k.f64_in(k.map, key, ""),
     };
+    let (llama3, linear) = match k.get("rope_scaling").and_then(Value::as_object) {
+        Some(s) => scaling(k, s, "rope_scaling.")?,
+        None => (None, None),
+    };
+    Ok(RopeKeys {
+        theta: num("rope_theta", 1e6)?,
+        llama3,
+        linear,
+        local_theta: Some(num("rope_local_base_freq", 1e4)?),
+    })
+}
+
+/// The scaling a RoPE dict (`rope_type` and its keys) asks for: Llama 3's,
+/// or linear (`factor`).
+fn scaling(
+    k: &Keys,
+    s: &Map<String, Value>,
+    prefix: &str,
+) -> anyhow::Result<(Option<Llama3Scaling>, Option<f64>)> {
     let kind = s
         .get("rope_type")
         .or_else(|| s.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
     match kind {
-        "default" => Ok((theta, None)),
+        "default" => Ok((None, None)),
+        "linear" => Ok((None, Some(k.f64_in(s, "factor", prefix)?))),
         "llama3" => Ok((
-            theta,
             Some(Llama3Scaling {
                 factor: k.f64_in(s, "factor", prefix)?,
                 low_freq_factor: k.f64_in(s, "low_freq_factor", prefix)?,
@@ -429,10 +585,39 @@ fn rope(k: &Keys) -> anyhow::Result<(f64, Option<Llama3Scaling>)> {
                     prefix,
                 )?,
             }),
+            None,
         )),
         other => bail!(
-            "{}: key '{prefix}rope_type' is '{other}'; supported: default, llama3",
+            "{}: key '{prefix}rope_type' is '{other}'; supported: default, linear, llama3",
             k.file.display()
+        ),
+    }
+}
+
+/// The MLP activation: `hidden_act` (`hidden_activation` for Gemma, whose
+/// default is `gelu_pytorch_tanh`); the others take `silu` only.
+fn activation(k: &Keys, arch: Arch) -> anyhow::Result<Activation> {
+    let key = if arch.gemma() {
+        "hidden_activation"
+    } else {
+        "hidden_act"
+    };
+    let act = match k.get(key) {
+        None => None,
+        Some(v) => Some(v.as_str().with_context(|| {
+            format!(
+                "{}: key '{key}' must be a string, got {v}",
+                k.file.display()
+            )
+        })?),
+    };
+    match (arch.gemma(), act) {
+        (false, None | Some("silu")) => Ok(Activation::Silu),
+        (true, None | Some("gelu_pytorch_tanh")) => Ok(Activation::GeluTanh),
+        (gemma, Some(other)) => bail!(
+            "{}: key '{key}' is '{other}'; only '{}' is supported",
+            k.file.display(),
+            if gemma { "gelu_pytorch_tanh" } else { "silu" }
         ),
     }
 }

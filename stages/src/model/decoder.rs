@@ -15,7 +15,7 @@ use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 
 use super::attention::{Causal, masked_attention, swap_heads};
 use super::backend::ModelBackend;
-use super::config::{Arch, ModelConfig};
+use super::config::{Activation, Arch, ModelConfig};
 use super::loss::{cross_entropy, linear_cross_entropy, to_f32};
 use super::matmul::matmul_2d;
 use super::rms_norm::rms_norm;
@@ -201,19 +201,26 @@ fn project_native<B: ModelBackend, const D: usize>(
     y.reshape(dims)
 }
 
-/// RMS normalisation as in HF: `w * x / sqrt(mean(x^2) + eps)`.
+/// RMS normalisation as in HF: `(offset + w) * x / sqrt(mean(x^2) + eps)`.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     /// `[hidden]`.
     pub weight: Param<Tensor<B, 1>>,
     /// Added to the mean square.
     pub eps: f64,
+    /// Added to the weight: 1 for Gemma, whose weights are stored as
+    /// `scale - 1`; 0 otherwise.
+    pub offset: f64,
 }
 
 impl<B: ModelBackend> RmsNorm<B> {
     /// Normalises the last dimension ([`rms_norm`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        rms_norm(x, self.weight.val(), self.eps)
+        let w = match self.offset {
+            0.0 => self.weight.val(),
+            o => self.weight.val().add_scalar(o),
+        };
+        rms_norm(x, w, self.eps)
     }
 }
 
@@ -241,11 +248,14 @@ pub struct Attention<B: Backend> {
     /// Keys a token sees on a sliding-window layer, its own included (0:
     /// every earlier key).
     pub sliding_window: usize,
+    /// Queries are multiplied by this before the scores' `head_dim^-1/2`
+    /// (Gemma's `query_pre_attn_scalar`; 1 otherwise).
+    pub q_scale: f64,
     /// Attention scores and weighted sum in bf16 (see [`Linear::bf16`]).
     pub bf16: bool,
 }
 
-/// SwiGLU feed-forward block.
+/// Gated feed-forward block: SwiGLU, or GeGLU for Gemma.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// Gate projection.
@@ -254,6 +264,8 @@ pub struct Mlp<B: Backend> {
     pub up_proj: Linear<B>,
     /// Down projection.
     pub down_proj: Linear<B>,
+    /// The gate goes through GeLU's tanh approximation instead of SiLU.
+    pub gelu: bool,
 }
 
 /// One pre-norm decoder layer.
@@ -263,8 +275,12 @@ pub struct DecoderLayer<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     /// Self-attention.
     pub self_attn: Attention<B>,
-    /// Norm before the MLP.
+    /// Norm before the MLP; Gemma: norm of the attention's output.
     pub post_attention_layernorm: RmsNorm<B>,
+    /// Gemma: norm before the MLP.
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
+    /// Gemma: norm of the MLP's output.
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
     /// Feed-forward block.
     pub mlp: Mlp<B>,
 }
@@ -290,6 +306,14 @@ pub struct CausalLm<B: Backend> {
     pub rope_high_freq_factor: f64,
     /// Llama 3 `original_max_position_embeddings`.
     pub rope_original_max: f64,
+    /// Linear RoPE scaling: frequencies divided by this (1 when unscaled).
+    pub rope_linear_factor: f64,
+    /// Gemma 3: the RoPE base of sliding-window layers (0: they use the
+    /// global tables).
+    pub rope_local_theta: f64,
+    /// Gemma: embeddings are multiplied by this (`sqrt(hidden_size)`; 1
+    /// otherwise).
+    pub embed_scale: f64,
     /// Tied LM head in bf16 (see [`Linear::bf16`]).
     pub bf16: bool,
     /// NEFTune: uniform noise of magnitude `alpha / sqrt(seq * hidden)` on
@@ -346,6 +370,9 @@ pub struct Positions<B: Backend> {
     q_rope: Rope<B>,
     /// The same for the kv heads.
     k_rope: Rope<B>,
+    /// Gemma 3: the query and kv tables of sliding-window layers, with
+    /// their own RoPE base.
+    local_rope: Option<(Rope<B>, Rope<B>)>,
     /// `true` where attention is not allowed: `[batch, 1, queries, keys]`,
     /// or `[batch, kv_heads, queries * rep, keys]` in the grouped-query layout
     /// of [`Attention::forward`] (`rep` query heads per kv head, when > 1,
@@ -364,6 +391,7 @@ impl<B: AutodiffBackend> Positions<B> {
         Positions {
             q_rope: rope(&self.q_rope),
             k_rope: rope(&self.k_rope),
+            local_rope: self.local_rope.as_ref().map(|(q, k)| (rope(q), rope(k))),
             mask: self.mask.clone().inner(),
             window: self.window.as_ref().map(|(w, m)| (*w, m.clone().inner())),
         }
@@ -397,10 +425,15 @@ impl<B: ModelBackend> Attention<B> {
             (Some(qn), Some(kn)) => (qn.forward(q), kn.forward(k)),
             _ => (q, k),
         };
-        let (q, k) = (
-            rope(q, &pos.q_rope.0, &pos.q_rope.1),
-            rope(k, &pos.k_rope.0, &pos.k_rope.1),
-        );
+        let (q_rope, k_rope) = match &pos.local_rope {
+            Some((q, k)) if self.sliding_window > 0 => (q, k),
+            _ => (&pos.q_rope, &pos.k_rope),
+        };
+        let (q, k) = (rope(q, &q_rope.0, &q_rope.1), rope(k, &k_rope.0, &k_rope.1));
+        let q = match self.q_scale {
+            1.0 => q,
+            f => q.mul_scalar(f),
+        };
         // Grouped-query attention without copying keys and values per query
         // head: the `rep` query heads sharing a kv head are stacked token by
         // token along the query axis (row `i * rep + r`), so the mask stays
@@ -445,8 +478,21 @@ impl<B: ModelBackend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>, dropout: bool) -> Tensor<B, 3> {
         let gate = self.gate_proj.forward_with(x.clone(), dropout);
         let up = self.up_proj.forward_with(x, dropout);
-        self.down_proj.forward_with(swiglu(gate, up), dropout)
+        let h = match self.gelu {
+            true => gelu_tanh(gate) * up,
+            false => swiglu(gate, up),
+        };
+        self.down_proj.forward_with(h, dropout)
     }
+}
+
+/// GeLU's tanh approximation, as torch's `gelu(approximate="tanh")`:
+/// `x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))`.
+fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let cube = x.clone() * x.clone() * x.clone();
+    let inner = (x.clone() + cube.mul_scalar(0.044715)).mul_scalar(c);
+    x.mul(inner.tanh().add_scalar(1.0)).mul_scalar(0.5)
 }
 
 impl<B: ModelBackend> DecoderLayer<B> {
@@ -461,23 +507,36 @@ impl<B: ModelBackend> DecoderLayer<B> {
         let attn =
             self.self_attn
                 .forward(self.input_layernorm.forward(x.clone()), pos, cache, dropout);
-        let h = x + attn;
-        let mlp = self
-            .mlp
-            .forward(self.post_attention_layernorm.forward(h.clone()), dropout);
-        h + mlp
+        match (
+            &self.pre_feedforward_layernorm,
+            &self.post_feedforward_layernorm,
+        ) {
+            (Some(pre), Some(post)) => {
+                let h = x + self.post_attention_layernorm.forward(attn);
+                let mlp = self.mlp.forward(pre.forward(h.clone()), dropout);
+                h + post.forward(mlp)
+            }
+            _ => {
+                let h = x + attn;
+                let mlp = self
+                    .mlp
+                    .forward(self.post_attention_layernorm.forward(h.clone()), dropout);
+                h + mlp
+            }
+        }
     }
 }
 
 impl<B: ModelBackend> CausalLm<B> {
-    /// Inverse RoPE frequencies (`head_dim / 2` of them), Llama 3 scaling applied.
+    /// Inverse RoPE frequencies (`head_dim / 2` of them), Llama 3 or linear
+    /// scaling applied.
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
         let half = head_dim / 2;
         (0..half)
             .map(|i| {
                 let f = 1.0 / self.rope_theta.powf((2 * i) as f64 / head_dim as f64);
                 if self.rope_factor == 0.0 {
-                    return f;
+                    return f / self.rope_linear_factor;
                 }
                 let (factor, lo, hi, orig) = (
                     self.rope_factor,
@@ -497,6 +556,17 @@ impl<B: ModelBackend> CausalLm<B> {
                 }
             })
             .collect()
+    }
+
+    /// Gemma 3: the inverse frequencies of sliding-window layers (their own
+    /// base, unscaled), when they differ from [`Self::inv_freq`].
+    fn local_inv_freq(&self, head_dim: usize) -> Option<Vec<f64>> {
+        let sliding = self.layers.iter().any(|l| l.self_attn.sliding_window > 0);
+        (self.rope_local_theta > 0.0 && sliding).then(|| {
+            (0..head_dim / 2)
+                .map(|i| 1.0 / self.rope_local_theta.powf((2 * i) as f64 / head_dim as f64))
+                .collect()
+        })
     }
 
     fn head_dim(&self) -> usize {
@@ -633,7 +703,11 @@ impl<B: ModelBackend> CausalLm<B> {
             .first()
             .map_or((1, 1), |l| (l.self_attn.n_kv_heads, l.self_attn.n_heads));
         let rep = h / kvh;
-        let (q_rope, k_rope) = self.rope_tables(positions, kvh, rep, device);
+        let hd = self.head_dim();
+        let (q_rope, k_rope) = self.rope_tables(&self.inv_freq(hd), positions, kvh, rep, device);
+        let local_rope = self
+            .local_inv_freq(hd)
+            .map(|inv| self.rope_tables(&inv, positions, kvh, rep, device));
         let grouped = |mask: Tensor<B, 4, Bool>| {
             if rep == 1 {
                 mask
@@ -648,17 +722,19 @@ impl<B: ModelBackend> CausalLm<B> {
         Positions {
             q_rope,
             k_rope,
+            local_rope,
             mask: grouped(mask),
             window: window.map(|(w, m)| (w, grouped(m))),
         }
     }
 
     /// cos and sin `[batch, seq, heads, head_dim]` of `positions` (the same
-    /// for every head), for the `kv_heads * rep` query heads and for the
-    /// `kv_heads` kv heads: computed on the host once per distinct position,
-    /// then gathered on the device.
+    /// for every head) at inverse frequencies `inv`, for the `kv_heads * rep`
+    /// query heads and for the `kv_heads` kv heads: computed on the host once
+    /// per distinct position, then gathered on the device.
     fn rope_tables(
         &self,
+        inv: &[f64],
         positions: &[Vec<usize>],
         kv_heads: usize,
         rep: usize,
@@ -674,7 +750,6 @@ impl<B: ModelBackend> CausalLm<B> {
             };
             return (empty(kv_heads * rep), empty(kv_heads));
         }
-        let inv = self.inv_freq(hd);
         let mut distinct: Vec<usize> = positions.iter().flatten().copied().collect();
         distinct.sort_unstable();
         distinct.dedup();
@@ -784,7 +859,7 @@ impl<B: ModelBackend> CausalLm<B> {
     ) -> Tensor<B, 3> {
         let device = ids.device();
         let dropout = seed.is_some() || B::ad_enabled(&device);
-        let mut x = embedding(self.embed_tokens.val(), ids);
+        let mut x = self.embed(ids);
         if let Some(seed) = seed {
             x = self.neftune(x, seed);
         }
@@ -817,6 +892,15 @@ impl<B: ModelBackend> CausalLm<B> {
             &device,
         );
         x + noise
+    }
+
+    /// The input embeddings of `ids` (scaled for Gemma).
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let x = embedding(self.embed_tokens.val(), ids);
+        match self.embed_scale {
+            1.0 => x,
+            f => x.mul_scalar(f),
+        }
     }
 
     /// Seeds the backend's generator for layer `l`'s dropout masks in a
@@ -1003,13 +1087,15 @@ impl<B: Backend> CausalLm<B> {
             })
         };
         let embed = take("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
+        let gemma = c.arch.gemma();
+        let norm = |t: HostTensor| RmsNorm {
+            weight: p1(t),
+            eps: c.rms_norm_eps,
+            offset: if gemma { 1.0 } else { 0.0 },
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let norm = |t: HostTensor| RmsNorm {
-                weight: p1(t),
-                eps: c.rms_norm_eps,
-            };
             let ab = c.attention_bias;
             let mb = c.mlp_bias;
             let attn = Attention {
@@ -1039,7 +1125,7 @@ impl<B: Backend> CausalLm<B> {
                     &format!("{p}.self_attn.o_proj"),
                     q_out,
                     hidden,
-                    ab && matches!(c.arch, Arch::Llama | Arch::Qwen3),
+                    ab && matches!(c.arch, Arch::Llama | Arch::Qwen3 | Arch::Gemma3),
                 )?,
                 q_norm: match c.arch.qk_norm() {
                     true => Some(norm(take(&format!("{p}.self_attn.q_norm.weight"), &[hd])?)),
@@ -1056,13 +1142,25 @@ impl<B: Backend> CausalLm<B> {
                     Some(true) => c.sliding_window.unwrap_or(0),
                     _ => 0,
                 },
+                q_scale: c
+                    .query_pre_attn_scalar
+                    .map_or(1.0, |s| (hd as f64 / s).sqrt()),
                 bf16: false,
             };
             let mlp = Mlp {
                 gate_proj: lin(&mut take, &format!("{p}.mlp.gate_proj"), hidden, inter, mb)?,
                 up_proj: lin(&mut take, &format!("{p}.mlp.up_proj"), hidden, inter, mb)?,
                 down_proj: lin(&mut take, &format!("{p}.mlp.down_proj"), inter, hidden, mb)?,
+                gelu: c.activation == Activation::GeluTanh,
             };
+            let mut gemma_norm = |name: &str| -> anyhow::Result<Option<RmsNorm<B>>> {
+                match gemma {
+                    true => Ok(Some(norm(take(&format!("{p}.{name}.weight"), &[hidden])?))),
+                    false => Ok(None),
+                }
+            };
+            let pre_feedforward_layernorm = gemma_norm("pre_feedforward_layernorm")?;
+            let post_feedforward_layernorm = gemma_norm("post_feedforward_layernorm")?;
             layers.push(DecoderLayer {
                 input_layernorm: norm(take(&format!("{p}.input_layernorm.weight"), &[hidden])?),
                 self_attn: attn,
@@ -1070,13 +1168,12 @@ impl<B: Backend> CausalLm<B> {
                     &format!("{p}.post_attention_layernorm.weight"),
                     &[hidden],
                 )?),
+                pre_feedforward_layernorm,
+                post_feedforward_layernorm,
                 mlp,
             });
         }
-        let norm = RmsNorm {
-            weight: p1(take("model.norm.weight", &[hidden])?),
-            eps: c.rms_norm_eps,
-        };
+        let norm = norm(take("model.norm.weight", &[hidden])?);
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints still carry a copy of the head; transformers ignores it.
             tensors.remove("lm_head.weight");
@@ -1104,6 +1201,13 @@ impl<B: Backend> CausalLm<B> {
             rope_low_freq_factor: scaling.map_or(0.0, |s| s.low_freq_factor),
             rope_high_freq_factor: scaling.map_or(0.0, |s| s.high_freq_factor),
             rope_original_max: scaling.map_or(0.0, |s| s.original_max_position_embeddings),
+            rope_linear_factor: c.rope_linear_factor.unwrap_or(1.0),
+            rope_local_theta: c.rope_local_theta.unwrap_or(0.0),
+            // transformers keeps the scale in the weights' dtype (f32 here).
+            embed_scale: match gemma {
+                true => (hidden as f32).sqrt() as f64,
+                false => 1.0,
+            },
             bf16: false,
             neftune_noise_alpha: 0.0,
         })
@@ -1140,6 +1244,14 @@ impl<B: Backend> CausalLm<B> {
                 format!("{p}.post_attention_layernorm.weight"),
                 l.post_attention_layernorm.weight.val(),
             );
+            for (name, n) in [
+                ("pre_feedforward_layernorm", &l.pre_feedforward_layernorm),
+                ("post_feedforward_layernorm", &l.post_feedforward_layernorm),
+            ] {
+                if let Some(n) = n {
+                    put1(&mut out, format!("{p}.{name}.weight"), n.weight.val());
+                }
+            }
             let a = &l.self_attn;
             for (name, n) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
                 if let Some(n) = n {

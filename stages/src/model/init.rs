@@ -36,7 +36,7 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
-    /// `llama` (default), `mistral`, `qwen2` or `qwen3`.
+    /// `llama` (default), `mistral`, `qwen2`, `qwen3` or `gemma3_text`.
     #[serde(default = "default_arch")]
     pub arch: String,
     /// A name from [`PRESETS`] (default `tiny`).
@@ -59,7 +59,7 @@ pub struct InitSpec {
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     /// Sliding-window attention over this many keys (`mistral`, `qwen2`,
-    /// `qwen3`; default none).
+    /// `qwen3`, `gemma3_text` (every sixth layer global); default none).
     pub sliding_window: Option<usize>,
     /// Qwen2/Qwen3: the first layer with the sliding window; earlier ones
     /// attend over everything (default 0: every layer slides).
@@ -239,6 +239,29 @@ impl InitSpec {
                     c["max_window_layers"] = json!(self.max_window_layers.unwrap_or(0));
                 }
             }
+            Arch::Gemma3 => {
+                let map = c.as_object_mut().expect("an object");
+                map.remove("hidden_act");
+                map.remove("rope_theta");
+                c["hidden_activation"] = json!("gelu_pytorch_tanh");
+                c["attention_bias"] = json!(false);
+                c["query_pre_attn_scalar"] = json!(hidden / heads);
+                c["final_logit_softcapping"] = Value::Null;
+                c["attn_logit_softcapping"] = Value::Null;
+                let default = json!({"rope_type": "default", "rope_theta": 10000.0});
+                c["rope_parameters"] =
+                    json!({"full_attention": default, "sliding_attention": default});
+                // Gemma 3's pattern with a window: every sixth layer global.
+                c["sliding_window"] = json!(self.sliding_window);
+                c["layer_types"] = (0..layers)
+                    .map(
+                        |i| match self.sliding_window.is_some() && (i + 1) % 6 != 0 {
+                            true => "sliding_attention",
+                            false => "full_attention",
+                        },
+                    )
+                    .collect();
+            }
         }
         c
     }
@@ -298,18 +321,23 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
                 out.insert(format!("{p}.{name}.bias"), fill(vec![o], 0.0));
             }
         }
+        // Gemma's norms scale by `1 + weight`.
+        let one = if c.arch.gemma() { 0.0 } else { 1.0 };
         if c.arch.qk_norm() {
             for n in ["q_norm", "k_norm"] {
-                out.insert(format!("{p}.self_attn.{n}.weight"), fill(vec![hd], 1.0));
+                out.insert(format!("{p}.self_attn.{n}.weight"), fill(vec![hd], one));
             }
         }
-        out.insert(format!("{p}.input_layernorm.weight"), fill(vec![h], 1.0));
-        out.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            fill(vec![h], 1.0),
-        );
+        let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
+        if c.arch.gemma() {
+            norms.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
+        }
+        for n in norms {
+            out.insert(format!("{p}.{n}.weight"), fill(vec![h], one));
+        }
     }
-    out.insert("model.norm.weight".into(), fill(vec![h], 1.0));
+    let one = if c.arch.gemma() { 0.0 } else { 1.0 };
+    out.insert("model.norm.weight".into(), fill(vec![h], one));
     if !c.tie_word_embeddings {
         out.insert(
             "lm_head.weight".into(),

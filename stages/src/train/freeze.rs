@@ -2,7 +2,8 @@
 //!
 //! The last `freeze_trainable_layers` decoder layers (the first ones when it
 //! is negative) train, all of each (`all`) or only the named sub-modules
-//! (`self_attn`, `mlp`, `input_layernorm`, `post_attention_layernorm`), plus
+//! (`self_attn`, `mlp`, `input_layernorm`, `post_attention_layernorm`, and
+//! Gemma's `pre_feedforward_layernorm`, `post_feedforward_layernorm`), plus
 //! the `freeze_extra_modules` outside the layers (`embed_tokens`, `norm`,
 //! `lm_head`). As in LLaMA-Factory, a weight trains when its Hugging Face
 //! name contains `.{layer}.{module}` or an extra module's name, so `norm`
@@ -11,12 +12,14 @@
 use serde_json::Value;
 
 /// Sub-modules of a decoder layer, as LLaMA-Factory lists them for Llama and
-/// Qwen2.
+/// Qwen2, and Gemma's two more norms.
 pub const LAYER_MODULES: &[&str] = &[
     "self_attn",
     "mlp",
     "input_layernorm",
     "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
 ];
 
 /// Modules outside the decoder layers.

@@ -6,8 +6,12 @@ from transformers, in the format of ../shared/fixtures (see its README).
 ARCH is `qwen3` (q/k norms, and a head_dim of 32, wider than hidden / heads),
 `mistral` (no sliding window), `mistral-window` (every layer attends over the
 last 24 keys) or `qwen2-window` (`use_sliding_window` with a window of 16
-from layer `max_window_layers` = 1 on, so layer 0 attends over everything);
-the batch (91 tokens) and the prompt (about 500) are longer than the windows.
+from layer `max_window_layers` = 1 on, so layer 0 attends over everything),
+or `gemma3` (`gemma3_text`: (1 + w) norms around attention and MLP, GeGLU,
+scaled and tied embeddings, head_dim 32 with query_pre_attn_scalar 24, layer 0
+sliding over 16 keys with RoPE base 1e4, layer 1 global with linear RoPE
+scaling 4); the batch (91 tokens) and the prompt (about 500) are longer than
+the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
 `reference.json` (`loss`, `generate`, `train_step`) and
@@ -23,7 +27,13 @@ import sys
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 
 def main():
@@ -65,6 +75,19 @@ def main():
             **sizes,
         )
         assert config.layer_types == ["full_attention", "sliding_attention"], config.layer_types
+    elif arch == "gemma3":
+        sizes["tie_word_embeddings"] = True
+        config = Gemma3TextConfig(
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            },
+            **sizes,
+        )
     else:
         sys.exit(f"unknown ARCH {arch}")
     torch.manual_seed(1234)
@@ -72,7 +95,8 @@ def main():
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.uniform_(0.5, 1.5)
+                # Gemma's norms scale by 1 + w.
+                p.uniform_(-0.5, 0.5) if arch == "gemma3" else p.uniform_(0.5, 1.5)
     model.eval()
     model.save_pretrained(out)
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]:
@@ -111,8 +135,14 @@ def main():
     with torch.no_grad():
         after = model(**batch).loss.item()
     watched = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
-    if arch == "qwen3":
+    if arch in ("qwen3", "gemma3"):
         watched += ["model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"]
+    if arch == "gemma3":
+        watched += [
+            "model.layers.0.pre_feedforward_layernorm.weight",
+            "model.layers.0.post_feedforward_layernorm.weight",
+            "model.layers.1.post_attention_layernorm.weight",
+        ]
     tensors = {k: ref[k] for k in ["input_ids", "attention_mask", "labels"]}
     tensors["logits"] = result.logits.detach().contiguous()
     for k in watched:
