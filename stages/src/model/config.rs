@@ -741,6 +741,102 @@ mod tests {
         assert_eq!(window(v), (None, vec![false]));
     }
 
+    /// Gemma 3 in transformers 4's keys (as on the Hub) and 5's.
+    #[test]
+    fn reads_gemma3() {
+        let gemma = || {
+            let mut v = base();
+            v["model_type"] = json!("gemma3_text");
+            v["num_hidden_layers"] = json!(7);
+            v
+        };
+        let mut v = gemma();
+        v["rope_theta"] = json!(1e6);
+        v["rope_local_base_freq"] = json!(1e4);
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        v["sliding_window"] = json!(512);
+        v["sliding_window_pattern"] = json!(6);
+        let c = parse(v).unwrap();
+        assert_eq!(c.arch.class_name(), "Gemma3ForCausalLM");
+        assert_eq!(
+            (c.rope_theta, c.rope_linear_factor, c.rope_local_theta),
+            (1e6, Some(8.0), Some(1e4))
+        );
+        assert_eq!(c.sliding_window, Some(512));
+        assert_eq!(
+            c.sliding_layers,
+            [true, true, true, true, true, false, true]
+        );
+        assert_eq!(
+            (c.head_dim, c.query_pre_attn_scalar, c.activation),
+            (256, Some(256.0), Activation::GeluTanh)
+        );
+        assert!(c.tie_word_embeddings && c.arch.qk_norm() && c.arch.gemma());
+        // Defaults: bases 1e6 and 1e4, window 4096.
+        let c = parse(gemma()).unwrap();
+        assert_eq!((c.rope_theta, c.rope_local_theta), (1e6, Some(1e4)));
+        assert_eq!(c.sliding_window, Some(4096));
+        let mut v = gemma();
+        v["rope_parameters"] = json!({
+            "full_attention": {"rope_type": "default", "rope_theta": 5e5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 2e4},
+        });
+        v["layer_types"] = json!(vec!["full_attention"; 7]);
+        let c = parse(v).unwrap();
+        assert_eq!(
+            (c.rope_theta, c.rope_linear_factor, c.rope_local_theta),
+            (5e5, None, Some(2e4))
+        );
+        assert_eq!((c.sliding_window, c.sliding_layers), (None, vec![false; 7]));
+        for (key, value, want) in [
+            (
+                "final_logit_softcapping",
+                json!(30.0),
+                "key 'final_logit_softcapping' is 30.0",
+            ),
+            (
+                "attn_logit_softcapping",
+                json!(50.0),
+                "key 'attn_logit_softcapping' is 50.0",
+            ),
+            (
+                "use_bidirectional_attention",
+                json!(true),
+                "key 'use_bidirectional_attention'",
+            ),
+            (
+                "hidden_activation",
+                json!("gelu"),
+                "key 'hidden_activation' is 'gelu'",
+            ),
+        ] {
+            let mut v = gemma();
+            v[key] = value;
+            let e = parse(v).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut v = gemma();
+        v["rope_parameters"] = json!({
+            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+        });
+        let e = parse(v).unwrap_err().to_string();
+        assert!(
+            e.contains("rope_parameters.sliding_attention.rope_type"),
+            "{e}"
+        );
+        // Llama's activation key, and linear scaling for other models.
+        let mut v = base();
+        v["hidden_act"] = json!("gelu_pytorch_tanh");
+        let e = parse(v).unwrap_err().to_string();
+        assert!(
+            e.contains("key 'hidden_act' is 'gelu_pytorch_tanh'; only 'silu'"),
+            "{e}"
+        );
+        let mut v = base();
+        v["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+        assert_eq!(parse(v).unwrap().rope_linear_factor, Some(2.0));
+    }
+
     #[test]
     fn reads_qwen3_and_mistral() {
         let mut v = base();

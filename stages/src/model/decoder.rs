@@ -1456,7 +1456,7 @@ mod tests {
         let net = net(2, 1);
         let positions = vec![vec![0, 5, 6], vec![9, 5, 0]];
         let inv = net.inv_freq(8);
-        let (q_rope, k_rope) = net.rope_tables(&positions, 3, 2, &Default::default());
+        let (q_rope, k_rope) = net.rope_tables(&inv, &positions, 3, 2, &Default::default());
         for (heads, (cos, sin)) in [(6, q_rope), (3, k_rope)] {
             assert_eq!(cos.dims(), [2, 3, heads, 8]);
             let (cos, sin): (Vec<f32>, Vec<f32>) = (

@@ -483,6 +483,12 @@ mod tests {
             read(json!({"arch": "qwen3", "sliding_window": 8, "max_window_layers": 1})),
             (Some(8), vec![false, true])
         );
+        // Gemma 3's pattern: every sixth layer global.
+        assert_eq!(
+            read(json!({"arch": "gemma3_text", "sliding_window": 8, "num_hidden_layers": 7})),
+            (Some(8), vec![true, true, true, true, true, false, true])
+        );
+        assert_eq!(read(json!({"arch": "gemma3_text"})), (None, vec![false; 2]));
         for (v, key) in [
             (
                 json!({"arch": "llama", "sliding_window": 8}),
