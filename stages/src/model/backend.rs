@@ -77,6 +77,21 @@ pub trait ModelBackend: Backend {
         super::swiglu::swiglu_grad_of::<Self>(gate, up, dout)
     }
 
+    /// `gelu_tanh(gate) * up`, elementwise (see [`super::swiglu::geglu`]).
+    fn geglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::swiglu::geglu_of::<Self>(gate, up)
+    }
+
+    /// The gradients `(d gate, d up)` of [`Self::geglu`] given the output's
+    /// gradient `dout`.
+    fn geglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        super::swiglu::geglu_grad_of::<Self>(gate, up, dout)
+    }
+
     /// `w * x / sqrt(mean(x²) + eps)` over the last axis (see
     /// [`super::rms_norm`]).
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
@@ -425,6 +440,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         super::swiglu::autodiff_swiglu::<B, C>(gate, up)
+    }
+
+    fn geglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::swiglu::autodiff_geglu::<B, C>(gate, up)
     }
 
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {

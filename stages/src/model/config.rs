@@ -262,6 +262,12 @@ impl ModelConfig {
                 "{}: missing key 'model_type'; supported: {SUPPORTED}",
                 file.display()
             ),
+            None if model_type == "gemma3" => bail!(
+                "{}: key 'model_type' is 'gemma3', a multimodal Gemma 3 checkpoint \
+                 (Gemma3ForConditionalGeneration), which anneal does not support; \
+                 use a text-only 'gemma3_text' checkpoint (Gemma 3 1B, 270M)",
+                file.display()
+            ),
             None => bail!(
                 "{}: key 'model_type' is '{model_type}', which anneal does not support; supported: {SUPPORTED}",
                 file.display()
@@ -815,6 +821,13 @@ mod tests {
             let e = parse(v).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+        let mut v = gemma();
+        v["model_type"] = json!("gemma3");
+        let e = parse(v).unwrap_err().to_string();
+        assert!(
+            e.contains("use a text-only 'gemma3_text' checkpoint"),
+            "{e}"
+        );
         let mut v = gemma();
         v["rope_parameters"] = json!({
             "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},

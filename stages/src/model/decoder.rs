@@ -20,7 +20,7 @@ use super::loss::{cross_entropy, linear_cross_entropy, to_f32};
 use super::matmul::matmul_2d;
 use super::rms_norm::rms_norm;
 use super::rope::rope;
-use super::swiglu::swiglu;
+use super::swiglu::{geglu, swiglu};
 use super::weights::HostTensor;
 use crate::rng;
 
@@ -479,20 +479,11 @@ impl<B: ModelBackend> Mlp<B> {
         let gate = self.gate_proj.forward_with(x.clone(), dropout);
         let up = self.up_proj.forward_with(x, dropout);
         let h = match self.gelu {
-            true => gelu_tanh(gate) * up,
+            true => geglu(gate, up),
             false => swiglu(gate, up),
         };
         self.down_proj.forward_with(h, dropout)
     }
-}
-
-/// GeLU's tanh approximation, as torch's `gelu(approximate="tanh")`:
-/// `x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))`.
-fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let c = (2.0 / std::f64::consts::PI).sqrt();
-    let cube = x.clone() * x.clone() * x.clone();
-    let inner = (x.clone() + cube.mul_scalar(0.044715)).mul_scalar(c);
-    x.mul(inner.tanh().add_scalar(1.0)).mul_scalar(0.5)
 }
 
 impl<B: ModelBackend> DecoderLayer<B> {

@@ -1,4 +1,5 @@
-//! The MLP's gated activation `silu(gate) * up` as one op.
+//! The MLP's gated activation `silu(gate) * up` as one op, and Gemma's
+//! `gelu_tanh(gate) * up` likewise (its backward pass as tensor ops).
 //!
 //! Composed from tensor ops, autodiff keeps `gate`, `sigmoid(gate)`,
 //! `silu(gate)` and `up` per layer, and its backward pass runs one pass per
@@ -36,6 +37,83 @@ fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 1> {
 fn shaped<B: Backend>(t: Tensor<B, 1>, like: &FloatTensor<B>) -> FloatTensor<B> {
     let shape = burn::tensor::TensorMetadata::shape(like);
     B::float_reshape(t.into_primitive().tensor(), shape)
+}
+
+/// `gelu_tanh(gate) * up`, elementwise, GeLU's tanh approximation as
+/// torch's `gelu(approximate="tanh")`; under autodiff the backward pass
+/// keeps only `gate` and `up`.
+pub fn geglu<B: ModelBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::geglu(
+        gate.into_primitive().tensor(),
+        up.into_primitive().tensor(),
+    )))
+}
+
+/// `sqrt(2 / pi)`.
+const GELU_C: f64 = 0.797_884_560_802_865_4;
+/// The cubic term's coefficient.
+const GELU_A: f64 = 0.044_715;
+
+/// `tanh(sqrt(2 / pi) * (g + 0.044715 g^3))`.
+fn gelu_tanh_t<B: Backend>(g: Tensor<B, 1>) -> Tensor<B, 1> {
+    let cube = g.clone() * g.clone() * g.clone();
+    (g + cube.mul_scalar(GELU_A)).mul_scalar(GELU_C).tanh()
+}
+
+/// [`ModelBackend::geglu`] as tensor ops.
+pub(crate) fn geglu_of<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let g = float::<B>(gate.clone());
+    let t = gelu_tanh_t(g.clone());
+    let out = g.mul(t.add_scalar(1.0)).mul_scalar(0.5) * float::<B>(up);
+    shaped(out, &gate)
+}
+
+/// [`ModelBackend::geglu_grad`] as tensor ops: `d up = dout * gelu(g)`,
+/// `d gate = dout * up * (0.5 (1 + t) + 0.5 g (1 - t^2) c (1 + 3a g^2))`.
+pub(crate) fn geglu_grad_of<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    dout: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (g, u, d) = (float::<B>(gate.clone()), float::<B>(up), float::<B>(dout));
+    let t = gelu_tanh_t(g.clone());
+    let du = d.clone() * g.clone().mul(t.clone().add_scalar(1.0)).mul_scalar(0.5);
+    let slope = (g.clone() * g.clone())
+        .mul_scalar(3.0 * GELU_A)
+        .add_scalar(1.0)
+        .mul_scalar(GELU_C);
+    let sech2 = (t.clone() * t.clone()).neg().add_scalar(1.0);
+    let dgelu = t.add_scalar(1.0).mul_scalar(0.5) + g.mul(sech2).mul(slope).mul_scalar(0.5);
+    (shaped(d * u * dgelu, &gate), shaped(du, &gate))
+}
+
+/// [`ModelBackend::geglu`] under autodiff: the forward pass on the inner
+/// backend; the backward pass keeps `gate` and `up` only.
+pub(crate) fn autodiff_geglu<B: ModelBackend, C: CheckpointStrategy>(
+    gate: FloatTensor<Autodiff<B, C>>,
+    up: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let out = B::geglu(gate.primitive.clone(), up.primitive.clone());
+    binary_op::record::<B, C, _>(GegluGrad, &gate, &up, out)
+}
+
+#[derive(Debug)]
+struct GegluGrad;
+
+impl<B: ModelBackend> BinaryGrad<B> for GegluGrad {
+    fn grads(
+        self,
+        gate: FloatTensor<B>,
+        up: FloatTensor<B>,
+        dout: FloatTensor<B>,
+        _want: [bool; 2],
+    ) -> [Option<FloatTensor<B>>; 2] {
+        let (dg, du) = B::geglu_grad(gate, up, dout);
+        [Some(dg), Some(du)]
+    }
 }
 
 /// [`ModelBackend::swiglu`] as tensor ops.
@@ -190,5 +268,39 @@ mod tests {
         let (dg, du) = swiglu_grad_of::<Flex>(p(&g), p(&u), p(&dout));
         assert!(max_diff(t(dg), wdg) < 1e-5, "tensor-op d gate");
         assert!(max_diff(t(du), wdu) < 1e-5, "tensor-op d up");
+    }
+
+    /// GeGLU's output and gradients against autodiff of burn's own
+    /// `gelu_approximate(gate) * up` (torch's tanh GeLU).
+    #[test]
+    fn geglu_matches_autodiff_of_gelu_times_up() {
+        use burn::tensor::activation::gelu_approximate;
+        let device = Default::default();
+        let shape = [3, 7, 130];
+        let rand =
+            |sd: f64| Tensor::<Flex, 3>::random(shape, Distribution::Normal(0.0, sd), &device);
+        let (g, u, dout) = (rand(3.0), rand(1.0), rand(1.0));
+        let run = |ours: bool| {
+            let ga = Tensor::<AD, 3>::from_inner(g.clone()).require_grad();
+            let ua = Tensor::<AD, 3>::from_inner(u.clone()).require_grad();
+            let y = if ours {
+                geglu(ga.clone(), ua.clone())
+            } else {
+                gelu_approximate(ga.clone()) * ua.clone()
+            };
+            let grads = (y.clone() * Tensor::from_inner(dout.clone()))
+                .sum()
+                .backward();
+            (
+                y.inner(),
+                ga.grad(&grads).unwrap(),
+                ua.grad(&grads).unwrap(),
+            )
+        };
+        let ((y, dg, du), (wy, wdg, wdu)) = (run(true), run(false));
+        let scale = wdg.clone().abs().max().into_scalar();
+        assert!(max_diff(y, wy) < 1e-5, "output");
+        assert!(max_diff(dg, wdg) < 1e-5 * scale.max(1.0), "d gate");
+        assert!(max_diff(du, wdu) < 1e-5, "d up");
     }
 }
