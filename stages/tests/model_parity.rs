@@ -305,6 +305,22 @@ mod cuda {
         }
     }
 
+    /// Qwen3, the sliding windows and Gemma 3, from checkpoints transformers
+    /// builds here (`common::tiny_arch`).
+    #[test]
+    fn tiny_archs_match_transformers_on_cuda() {
+        let Some(device) = common::gpu() else { return };
+        for arch in ["qwen3", "mistral-window", "qwen2-window", "gemma3"] {
+            let dir = common::tiny_arch(arch);
+            check_dir::<anneal_stages::model::device::Gpu>(
+                &format!("tiny-{arch}"),
+                dir.path(),
+                &device,
+                &CUDA_TOL,
+            );
+        }
+    }
+
     #[test]
     fn smollm2_matches_transformers_on_cuda() {
         let Some(device) = common::gpu() else { return };

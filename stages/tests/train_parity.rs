@@ -732,6 +732,22 @@ mod cuda {
         }
     }
 
+    /// A sliding window and Gemma 3 (`common::tiny_arch`).
+    #[test]
+    fn tiny_arch_full_steps_match_torch_on_cuda() {
+        let Some(device) = common::gpu() else { return };
+        for arch in ["qwen2-window", "gemma3"] {
+            let dir = common::tiny_arch(arch);
+            full_step_in::<Gpu>(
+                &format!("tiny-{arch}"),
+                dir.path(),
+                &device,
+                &CUDA_TOL,
+                false,
+            );
+        }
+    }
+
     #[test]
     fn lora_steps_match_peft_on_cuda() {
         let Some(device) = common::gpu() else { return };

@@ -23,12 +23,20 @@ pub fn python_json(script: &str, args: &[&std::ffi::OsStr], packages: &str) -> V
     serde_json::from_slice(&run.stdout).expect("the script's JSON")
 }
 
-/// A tiny random checkpoint of `arch` (`qwen3`, `mistral`) with references
-/// from transformers, in the fixtures' format, built by
+/// A tiny random checkpoint of `arch` (see the script for the choices) with
+/// references from transformers, in the fixtures' format, built by
 /// `stages/tests/support/tiny_arch.py` from tiny-qwen2's sizes and tokenizer.
+/// The script is found beside the sources this test was built from or, for
+/// a test binary carried to another machine, under the working directory.
 pub fn tiny_arch(arch: &str) -> tempfile::TempDir {
     let out = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/tiny_arch.py");
+    let rel = "tests/support/tiny_arch.py";
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let script = if built.is_file() {
+        built
+    } else {
+        Path::new("stages").join(rel)
+    };
     let run = std::process::Command::new("python3")
         .arg(&script)
         .arg(arch)
