@@ -642,7 +642,11 @@ fn attention_check<AB: TrainBackend>(
         );
         let out = if ours {
             let cast = |x: Tensor<AB, 4>| if bf16 { x.cast(FloatDType::BF16) } else { x };
-            let causal = Some(Causal { rep, past });
+            let causal = Some(Causal {
+                rep,
+                past,
+                window: 0,
+            });
             masked_attention(
                 cast(q.clone()),
                 cast(k.clone()),
@@ -848,7 +852,11 @@ mod attention_timing {
         let mask = Tensor::<G, 4, Bool>::from_data(TensorData::new(host, [1, 1, rows, t]), &device)
             .repeat_dim(0, b)
             .repeat_dim(1, kvh);
-        let causal = Some(Causal { rep, past: 0 });
+        let causal = Some(Causal {
+            rep,
+            past: 0,
+            window: 0,
+        });
 
         // Per-head layout: [b, h, t, d] queries, keys and values repeated per query head.
         let per_head = |x: Tensor<G, 4>| {

@@ -7,7 +7,8 @@
 //! as FlashAttention's backward does, and recomputes the probabilities chunk
 //! by chunk of query rows, so a step holds one chunk's scores at a time. Told
 //! that the mask is causal, forward and backward skip the keys after each
-//! chunk's last token.
+//! chunk's last token, and under a sliding window the keys before its
+//! first token's window.
 
 use burn::backend::Autodiff;
 use burn::backend::Flex;
@@ -29,6 +30,7 @@ const CHUNK_ELEMS: usize = 1 << 25;
 /// Under a causal mask, the query rows are split into at most this many
 /// chunks (of at least [`MIN_CAUSAL_TOKENS`] tokens), each computed against
 /// the keys up to its last token only: about 56% of the full scores for 8.
+/// Under a sliding window, into chunks of at most a window's tokens.
 const CAUSAL_CHUNKS: usize = 8;
 
 /// The fewest tokens per causal chunk, so the matmuls stay large.
@@ -43,6 +45,11 @@ pub struct Causal {
     pub rep: usize,
     /// Keys before the first query token (a KV cache).
     pub past: usize,
+    /// A sliding window (0: none): token `p` sees no key before
+    /// `p + 1 - window`. The decoder's window mask promises this for every
+    /// token whose earlier keys are not padding; a padding token's output,
+    /// which nothing reads, may lose keys further back.
+    pub window: usize,
 }
 
 /// [`ModelBackend::masked_attention`] on tensors.
@@ -230,25 +237,39 @@ pub(crate) fn to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> T
     t.cast(FloatDType::from(dtype))
 }
 
-/// Query rows `start .. start + rows`, which see no key at or after `keys`.
+/// Query rows `start .. start + rows`, which see no key before `first` nor
+/// at or after `keys`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Chunk {
     start: usize,
     rows: usize,
+    first: usize,
     keys: usize,
+}
+
+impl Chunk {
+    /// `t`'s keys (axis 2) that the chunk sees.
+    fn seen<B: Backend>(&self, t: &Tensor<B, 4>) -> Tensor<B, 4> {
+        t.clone().narrow(2, self.first, self.keys - self.first)
+    }
 }
 
 /// Splits the query rows of `q` into chunks whose scores stay under
 /// [`CHUNK_ELEMS`]. Under `causal`, at most [`CAUSAL_CHUNKS`] chunks of whole
-/// tokens, each attending only to the keys up to its last token, so the
-/// masked upper triangle is mostly never computed.
+/// tokens, each attending only to the keys up to its last token (and, under
+/// a window, from its first token's window on), so the masked upper triangle
+/// (and the band before the window) is mostly never computed.
 fn plan<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, causal: Option<Causal>) -> Vec<Chunk> {
     let [b, h, queries, _] = q.dims();
     let keys = k.dims()[2];
     let mut rows = (CHUNK_ELEMS / (b * h * keys).max(1)).clamp(1, queries.max(1));
     if let Some(c) = causal {
         let tokens = queries.div_ceil(c.rep);
-        let per_chunk = tokens.div_ceil(CAUSAL_CHUNKS).max(MIN_CAUSAL_TOKENS);
+        let mut per_chunk = tokens.div_ceil(CAUSAL_CHUNKS).max(MIN_CAUSAL_TOKENS);
+        if c.window > 0 {
+            // Chunks of about a window's tokens each see about two windows.
+            per_chunk = per_chunk.min(c.window.max(MIN_CAUSAL_TOKENS));
+        }
         rows = rows.min(per_chunk * c.rep);
         if rows > c.rep {
             rows -= rows % c.rep;
@@ -258,13 +279,20 @@ fn plan<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, causal: Option<Causal>) 
         .step_by(rows)
         .map(|start| {
             let n = rows.min(queries - start);
-            let seen = match causal {
-                Some(c) => (c.past + (start + n - 1) / c.rep + 1).min(keys),
-                None => keys,
+            let (first, seen) = match causal {
+                Some(c) => {
+                    let first = match c.window {
+                        0 => 0,
+                        w => (c.past + start / c.rep + 1).saturating_sub(w),
+                    };
+                    (first, (c.past + (start + n - 1) / c.rep + 1).min(keys))
+                }
+                None => (0, keys),
             };
             Chunk {
                 start,
                 rows: n,
+                first: first.min(seen),
                 keys: seen,
             }
         })
@@ -281,8 +309,11 @@ fn probs<B: ModelBackend>(
     scale: f32,
 ) -> Tensor<B, 4> {
     let qc = q.clone().narrow(2, c.start, c.rows);
-    let kt = k.clone().narrow(2, 0, c.keys).swap_dims(2, 3);
-    let mask = mask.clone().narrow(2, c.start, c.rows).narrow(3, 0, c.keys);
+    let kt = c.seen(k).swap_dims(2, 3);
+    let mask = mask
+        .clone()
+        .narrow(2, c.start, c.rows)
+        .narrow(3, c.first, c.keys - c.first);
     let s = to(bmm(qc, kt), DType::F32);
     float(B::attention_probs(
         s.into_primitive().tensor(),
@@ -418,23 +449,31 @@ fn chunked_forward<B: ModelBackend>(
         .iter()
         .map(|&c| {
             let p = probs(&q, &k, &mask, c, scale);
-            bmm(to(p, dtype), v.clone().narrow(2, 0, c.keys))
+            bmm(to(p, dtype), c.seen(&v))
         })
         .collect();
     Tensor::cat(outs, 2)
 }
 
-/// `t` (`[b, h, n, d]`, `n <= keys`) padded with zero rows to `keys` rows.
-fn pad_keys<B: Backend>(t: Tensor<B, 4>, keys: usize) -> Tensor<B, 4> {
+/// `t` (`[b, h, n, d]`, the keys from `first` on) between zero rows, to
+/// `keys` rows.
+fn pad_keys<B: Backend>(t: Tensor<B, 4>, first: usize, keys: usize) -> Tensor<B, 4> {
     let [b, h, n, d] = t.dims();
     if n == keys {
         return t;
     }
-    let zeros = to(
-        Tensor::<B, 4>::zeros([b, h, keys - n, d], &t.device()),
-        t.dtype(),
-    );
-    Tensor::cat(vec![t, zeros], 2)
+    let (device, dtype) = (t.device(), t.dtype());
+    let zeros = |rows| to(Tensor::<B, 4>::zeros([b, h, rows, d], &device), dtype);
+    let mut parts = Vec::with_capacity(3);
+    if first > 0 {
+        parts.push(zeros(first));
+    }
+    let after = keys - first - n;
+    parts.push(t);
+    if after > 0 {
+        parts.push(zeros(after));
+    }
+    Tensor::cat(parts, 2)
 }
 
 /// Gradients of `q`, `k` and `v` given the output's gradient `dout`:
@@ -455,10 +494,7 @@ fn chunked_backward<B: ModelBackend>(
     let (mut dk, mut dv): (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>) = (None, None);
     let mut dqs = Vec::with_capacity(chunks.len());
     for &c in chunks {
-        let (kc, vc) = (
-            k.clone().narrow(2, 0, c.keys),
-            v.clone().narrow(2, 0, c.keys),
-        );
+        let (kc, vc) = (c.seen(&k), c.seen(&v));
         let qc = q.clone().narrow(2, c.start, c.rows);
         let doc = dout.clone().narrow(2, c.start, c.rows);
         let p = probs(&q, &k, &mask, c, scale);
@@ -474,8 +510,8 @@ fn chunked_backward<B: ModelBackend>(
         ));
         let ds = to(ds, dtype);
         dqs.push(bmm(ds.clone(), kc));
-        let dk_c = pad_keys(to(bmm(ds.swap_dims(2, 3), qc), DType::F32), keys);
-        let dv_c = pad_keys(dv_c, keys);
+        let dk_c = pad_keys(to(bmm(ds.swap_dims(2, 3), qc), DType::F32), c.first, keys);
+        let dv_c = pad_keys(dv_c, c.first, keys);
         dk = Some(dk.map_or(dk_c.clone(), |a| a + dk_c));
         dv = Some(dv.map_or(dv_c.clone(), |a| a + dv_c));
     }
@@ -526,7 +562,11 @@ mod tests {
             v: rand(keys).require_grad(),
             mask: Tensor::from_data(TensorData::new(mask, [b, h, rows, keys]), &device),
             dout: rand(rows),
-            causal: Causal { rep, past },
+            causal: Causal {
+                rep,
+                past,
+                window: 0,
+            },
         }
     }
 
@@ -618,6 +658,7 @@ mod tests {
                 .map(|start| Chunk {
                     start,
                     rows: rows.min(10 - start),
+                    first: 0,
                     keys: 12,
                 })
                 .collect();
@@ -635,6 +676,7 @@ mod tests {
             .map(|n| Chunk {
                 start: n * 128,
                 rows: if n < 4 { 128 } else { 88 },
+                first: 0,
                 keys: 5 + (64 * (n + 1)).min(300),
             })
             .collect();
@@ -647,8 +689,50 @@ mod tests {
             [Chunk {
                 start: 0,
                 rows: 600,
+                first: 0,
                 keys: 305
             }]
+        );
+    }
+
+    /// Under a sliding window of 50 keys, chunks also skip the keys before
+    /// their first token's window, and give the same output and gradients.
+    #[test]
+    fn windowed_chunks_skip_the_keys_before_the_window() {
+        let window = 50;
+        let mut c = case(2, 1, 300, 2, 5, 4);
+        let [b, h, rows, keys] = c.mask.dims();
+        let mask: Vec<bool> = c.mask.clone().into_data().into_vec().unwrap();
+        let mask: Vec<bool> = mask
+            .iter()
+            .enumerate()
+            .map(|(n, &m)| {
+                let (j, i) = (n % keys, (n / keys) % rows / 2);
+                m || j + window <= 5 + i
+            })
+            .collect();
+        c.mask = Tensor::from_data(
+            TensorData::new(mask, [b, h, rows, keys]),
+            &Default::default(),
+        );
+        c.causal.window = window;
+        let chunks = plan(&c.q.clone().inner(), &c.k.clone().inner(), Some(c.causal));
+        let firsts: Vec<usize> = chunks.iter().map(|c| c.first).collect();
+        // Chunk n starts at token 64 n, key 5 + 64 n: its window from 64 n - 44.
+        assert_eq!(firsts, [0, 20, 84, 148, 212]);
+        assert_close("windowed chunks", chunked(&c, &chunks), reference(&c));
+        // A window of 100 keys over 1,000 tokens: chunks of 100 tokens.
+        let mut long = case(1, 1, 1000, 1, 0, 4);
+        long.causal.window = 100;
+        let chunks = plan(
+            &long.q.clone().inner(),
+            &long.k.clone().inner(),
+            Some(long.causal),
+        );
+        assert_eq!(chunks.len(), 10);
+        assert_eq!(
+            (chunks[3].start, chunks[3].first, chunks[3].keys),
+            (300, 201, 400)
         );
     }
 

@@ -452,15 +452,19 @@ impl<B: ModelBackend> Attention<B> {
             }
         };
         let s = k.dims()[2];
-        let mask = match &pos.window {
+        let (mask, window) = match &pos.window {
             Some((w, m)) if self.sliding_window > 0 => {
                 debug_assert_eq!(*w, self.sliding_window);
-                m
+                (m, *w)
             }
-            _ => &pos.mask,
+            _ => (&pos.mask, 0),
         };
         let mask = mask.clone().expand([b, kvh, t * rep, s]);
-        let causal = Some(Causal { rep, past: s - t });
+        let causal = Some(Causal {
+            rep,
+            past: s - t,
+            window,
+        });
         let out = if self.bf16 {
             let [q, k, v] = [q, k, v].map(|x| x.cast(FloatDType::BF16));
             masked_attention(q, k, v, mask, causal).cast(FloatDType::F32)
