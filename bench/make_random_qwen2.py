@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""Writes a randomly initialised Qwen2ForCausalLM checkpoint for bench/train_gpu.sh.
+"""Writes a randomly initialised Qwen2ForCausalLM checkpoint for bench/train_gpu.sh
+(or, with --shape gemma3-270m, a Gemma3ForCausalLM one for bench/train.sh).
 
-  python3 bench/make_random_qwen2.py OUT_DIR --shape qwen2.5-0.5b|tiny [--vocab N]
-      --tokenizer-dir DIR [--dtype bf16|f32] [--seed 0]
+  python3 bench/make_random_qwen2.py OUT_DIR --shape qwen2.5-0.5b|tiny|gemma3-270m
+      [--vocab N] --tokenizer-dir DIR [--dtype bf16|f32] [--seed 0]
 
 Shapes (vocab 151936 unless --vocab; tie_word_embeddings true, rope_theta 1e6,
 rms_norm_eps 1e-6, max_position_embeddings 32768, q/k/v biases as Qwen2):
   qwen2.5-0.5b  hidden 896, 24 layers, 14 heads, 2 kv heads, intermediate 4864
   tiny          hidden 128,  2 layers,  4 heads, 2 kv heads, intermediate 256
+  gemma3-270m   Gemma 3 270M's layers: hidden 640, 18 layers, 4 heads of 256
+                over 1 kv head, intermediate 2048, every sixth layer global and
+                the others sliding over 512 keys (RoPE bases 1e6 and 1e4),
+                query_pre_attn_scalar 256 (Gemma3TextConfig's defaults
+                otherwise); its real vocabulary is 262144
 
 Weights: transformers' own initialisation (normal, std 0.02) under a fixed seed,
 written with save_pretrained(safe_serialization=True) in bf16 by default (half
@@ -30,13 +36,15 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config
 
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, intermediate_size=4864),
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=256),
+    "gemma3-270m": dict(hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=256, intermediate_size=2048),
 }
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja"]
@@ -58,21 +66,27 @@ def main():
         sys.exit(f"make_random_qwen2.py: {tok_dir}/tokenizer.json missing")
     if a.vocab < 49152:
         sys.exit("make_random_qwen2.py: --vocab must be >= 49152 (SmolLM2's tokenizer)")
-    cfg = Qwen2Config(
+    common = dict(
         vocab_size=a.vocab,
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
-        rope_theta=1e6,  # transformers 5 stores it as rope_parameters.rope_theta
         tie_word_embeddings=True,
-        use_sliding_window=False,
-        hidden_act="silu",
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
         **SHAPES[a.shape],
     )
+    if a.shape == "gemma3-270m":
+        cfg = Gemma3TextConfig(sliding_window=512, query_pre_attn_scalar=256, **common)
+    else:
+        cfg = Qwen2Config(
+            rope_theta=1e6,  # transformers 5 stores it as rope_parameters.rope_theta
+            use_sliding_window=False,
+            hidden_act="silu",
+            **common,
+        )
     torch.manual_seed(a.seed)
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = AutoModelForCausalLM.from_config(cfg).eval()
     model.generation_config.pad_token_id = 2
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     model.to(dtype)

@@ -295,6 +295,8 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
         shape,
     };
     let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+    // Gemma's norms scale by `1 + weight`.
+    let one = if c.arch.gemma() { 0.0 } else { 1.0 };
     let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
     out.insert(
         "model.embed_tokens.weight".into(),
@@ -321,8 +323,6 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
                 out.insert(format!("{p}.{name}.bias"), fill(vec![o], 0.0));
             }
         }
-        // Gemma's norms scale by `1 + weight`.
-        let one = if c.arch.gemma() { 0.0 } else { 1.0 };
         if c.arch.qk_norm() {
             for n in ["q_norm", "k_norm"] {
                 out.insert(format!("{p}.self_attn.{n}.weight"), fill(vec![hd], one));
@@ -336,7 +336,6 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
             out.insert(format!("{p}.{n}.weight"), fill(vec![h], one));
         }
     }
-    let one = if c.arch.gemma() { 0.0 } else { 1.0 };
     out.insert("model.norm.weight".into(), fill(vec![h], one));
     if !c.tie_word_embeddings {
         out.insert(
