@@ -708,6 +708,56 @@ fn bf16_attention_stays_close_to_f32() {
     attention_check::<AB>(&Default::default(), (2, 300, 3, 4), true, 3e-2);
 }
 
+/// The attention op's forward and backward under a sliding window of 256 at
+/// 2,048 tokens (2 kv heads with 4 query heads each, head dim 64), told of
+/// the window and not told (the same mask): median wall times, printed. A
+/// benchmark, so ignored; run it in a release build:
+/// `cargo test --release -p anneal-stages --test train_parity sliding_window_attention_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn sliding_window_attention_timing() {
+    use anneal_stages::model::attention::{Causal, masked_attention};
+    use burn::tensor::{Bool, Distribution, Tensor, TensorData};
+    let (kvh, rep, t, d, w) = (2, 4, 2048, 64, 256);
+    let device = Default::default();
+    let rows = t * rep;
+    let mask: Vec<bool> = (0..kvh * rows * t)
+        .map(|n| {
+            let (j, i) = (n % t, (n / t) % rows / rep);
+            j > i || j + w <= i
+        })
+        .collect();
+    let mask = Tensor::<AB, 4, Bool>::from_data(TensorData::new(mask, [1, kvh, rows, t]), &device);
+    let r = |n| Tensor::<AB, 4>::random([1, kvh, n, d], Distribution::Normal(0.0, 1.0), &device);
+    let (q, k, v) = (
+        r(rows).require_grad(),
+        r(t).require_grad(),
+        r(t).require_grad(),
+    );
+    for window in [0, w] {
+        let mut ms: Vec<f64> = (0..5)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                let causal = Causal {
+                    rep,
+                    past: 0,
+                    window,
+                };
+                let out =
+                    masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), Some(causal));
+                let g = out.sum().backward();
+                let _ = q.grad(&g).unwrap().into_data();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        eprintln!(
+            "sliding window attention, Causal::window {window}: median {:.1} ms of 5",
+            ms[2]
+        );
+    }
+}
+
 /// The same steps on burn's CUDA backend, where a GPU is present (built with
 /// `--features cuda`; see `bench/device.sh`), or on burn's wgpu backend
 /// standing in for it (`--features gpu-on-wgpu`; see `bench/gpu_on_wgpu.sh`).
