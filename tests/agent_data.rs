@@ -11,27 +11,6 @@ use std::process::Command;
 
 use common::*;
 
-fn python(script: &str) -> String {
-    let check = Command::new("python3")
-        .args(["-c", "import pyarrow, pandas"])
-        .output()
-        .expect("python3");
-    assert!(
-        check.status.success(),
-        "pyarrow and pandas are required for this test: python3 -m pip install pyarrow pandas"
-    );
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn sample_pipeline_runs_end_to_end_and_parquet_reads_back_in_pyarrow() {
     let p = Project::new();
@@ -109,8 +88,12 @@ fn sample_pipeline_runs_end_to_end_and_parquet_reads_back_in_pyarrow() {
     assert!(text.contains("rows_in=200"), "{text}");
 
     let dir = p.path("pipelines/work/agent");
-    let got = python(&format!(
-        r#"
+    require_python(&["pyarrow", "pandas"]);
+    let got = python_json(
+        &[
+            "-c",
+            &format!(
+                r#"
 import json, pyarrow.parquet as pq, pandas as pd
 d = {dir:?}
 t = pq.read_table(d + "/prefix/train.parquet")
@@ -131,10 +114,13 @@ first = mt.iloc[0]
 assert first["prompt"][0]["role"] == "user" and first["data_source"] == "search_r1"
 so = pq.read_table(d + "/summary_only/val.parquet").to_pylist()[0]
 assert so["prompt"] == [{{"role": "user", "content": so["summary"]}}] and so["extra_info"]["original_question_discarded"] is True
-print(len(rows), len(mt))
+print(json.dumps([len(rows), len(mt)]))
 "#
-    ));
-    let counts: Vec<u64> = got.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            ),
+        ],
+        "the pyarrow and pandas read-back",
+    );
+    let counts: Vec<u64> = serde_json::from_value(got).unwrap();
     assert_eq!(counts[0], per_step);
     assert_eq!(
         counts[1],
@@ -142,14 +128,7 @@ print(len(rows), len(mt))
     );
 
     // An independent Python implementation of the spec writes the same bytes.
-    let check = Command::new("python3")
-        .args(["-c", "import blake3"])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "blake3 is required for this test: python3 -m pip install blake3"
-    );
+    require_python(&["blake3"]);
     let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/reference_agent_samples.py");
     for mode in ["per_step", "multiturn"] {
         let out = p.path(&format!("{mode}.reference.jsonl"));

@@ -114,16 +114,16 @@ fn gsm8k_with_smollm2_on_cpu_writes_metrics_results_and_csv() {
     assert!(total > 0 && total <= 20 * 48, "{total}");
 
     // The CSV, read by Python's csv module: a header and one row per question.
-    let check = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import csv,sys,json; r=list(csv.DictReader(open(sys.argv[1], newline=''))); print(json.dumps(r))",
-        ])
-        .arg(p.path("out/results.csv"))
-        .output()
-        .expect("python3");
-    assert!(check.status.success(), "{check:?}");
-    let csv: Vec<Value> = serde_json::from_slice(&check.stdout).unwrap();
+    let csv = python_json(
+        &[
+            "-c".as_ref(),
+            "import csv,sys,json; r=list(csv.DictReader(open(sys.argv[1], newline=''))); print(json.dumps(r))"
+                .as_ref(),
+            p.path("out/results.csv").as_os_str(),
+        ],
+        "Python's csv reader",
+    );
+    let csv = csv.as_array().expect("a list of rows");
     assert_eq!(csv.len(), 20);
     for key in [
         "question",

@@ -276,15 +276,7 @@ fn gemma3_trains_and_its_adapter_loads_in_peft() {
 
 /// `tests/support/check_peft.py`: PEFT's view of an adapter against the merged model.
 fn peft_check(base: &Path, adapter: &Path, merged: &Path) -> Value {
-    let have = std::process::Command::new("python3")
-        .args(["-c", "import torch, peft, transformers"])
-        .output()
-        .expect("python3");
-    assert!(
-        have.status.success(),
-        "torch, peft and transformers are required for this test: python3 -m pip install torch peft transformers\n{}",
-        String::from_utf8_lossy(&have.stderr)
-    );
+    require_python(&["torch", "peft", "transformers"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/check_peft.py");
     python_json(
         &[script.as_path(), base, adapter, merged],

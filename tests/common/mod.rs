@@ -7,6 +7,22 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Fails the test, naming the pip command, unless `python3` imports every
+/// module in `modules` (e.g. `["pyarrow", "pandas"]`).
+pub fn require_python(modules: &[&str]) {
+    let out = Command::new("python3")
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{} required for this test: python3 -m pip install {}\n{}",
+        modules.join(", "),
+        modules.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The JSON that `python3 args...` prints; the test fails naming `what` (a
 /// script, or the packages it needs) with what Python printed.
 pub fn python_json<S: AsRef<std::ffi::OsStr>>(args: &[S], what: &str) -> Value {
