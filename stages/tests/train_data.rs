@@ -3,6 +3,8 @@
 //! to and including the generation prompt, the assistant turn and its end of
 //! turn trained), and the Qwen2.5 tool-calling conversation of tiny-qwen2.
 
+mod common;
+
 use std::path::Path;
 
 use anneal_stages::model::tokenizer::Tokenizer;
@@ -275,4 +277,96 @@ fn turns_that_render_differently_when_last_are_found_in_the_whole_conversation()
     let e = data::tokenize(&counting, &conv, &spec(json!({}))).unwrap_err();
     assert!(e.contains("does not render message 1 as a prefix"), "{e}");
     assert!(e.contains("train_on_prompt: true"), "{e}");
+}
+
+/// A chat template in the form of Gemma 3's instruction-tuned checkpoints'
+/// (written out here from that form, not copied from a checkpoint): roles
+/// `user` and `model`, the system message folded into the first user turn,
+/// contents trimmed, a BOS token first, `raise_exception` on roles that do
+/// not alternate.
+const GEMMA3_TEMPLATE: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"#;
+
+/// Gemma 3's template renders as transformers renders it (jinja2), and the
+/// `model` turns are trained: their trimmed content and `<end_of_turn>`.
+#[test]
+fn gemma3_template_renders_as_transformers_does_and_trains_the_model_turns() {
+    let (base, _) = tiny_qwen2();
+    let mut config = base.config().clone();
+    config["chat_template"] = json!(GEMMA3_TEMPLATE);
+    config["bos_token"] = json!("<bos>");
+    let tok = Tokenizer::new(base.inner().clone(), config).unwrap();
+    let messages = json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": " 2+2? "},
+        {"role": "assistant", "content": "4\n"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": " 6"}
+    ]);
+    let conv = data::conversation(&json!({ "messages": messages }), &spec(json!({}))).unwrap();
+    let ours = tok
+        .apply_chat_template(&Value::Array(conv.messages.clone()), None, false)
+        .unwrap();
+    let theirs = common::python_json(
+        "import json, sys\n\
+         from transformers.utils.chat_template_utils import render_jinja_template\n\
+         out, _ = render_jinja_template(conversations=[json.loads(sys.argv[2])], \
+         chat_template=sys.argv[1], bos_token='<bos>')\n\
+         print(json.dumps(out[0]))",
+        &[GEMMA3_TEMPLATE.as_ref(), messages.to_string().as_ref()],
+        "transformers",
+    );
+    assert_eq!(ours, theirs.as_str().unwrap());
+    let s = data::tokenize(&tok, &conv, &spec(json!({}))).unwrap();
+    assert_eq!(trained_text(&tok, &s), "4<end_of_turn>\n6<end_of_turn>\n");
+    let last = data::tokenize(&tok, &conv, &spec(json!({"mask_history": true}))).unwrap();
+    assert_eq!(trained_text(&tok, &last), "6<end_of_turn>\n");
+    // Roles that do not alternate fail with the template's own message.
+    let bad = json!({"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "c"}
+    ]});
+    let conv = data::conversation(&bad, &spec(json!({}))).unwrap();
+    let e = data::tokenize(&tok, &conv, &spec(json!({}))).unwrap_err();
+    assert!(e.contains("Conversation roles must alternate"), "{e}");
 }
