@@ -128,10 +128,10 @@ fn ids_of(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// Qwen3 (per-head q/k norms, a head wider than hidden / heads), Mistral, and
+/// Qwen3 (per-head q/k norms, a head wider than hidden / heads), Mistral,
 /// sliding-window attention (Mistral's on every layer, Qwen2's from
-/// `max_window_layers` on), built by transformers at test time from
-/// tiny-qwen2's sizes.
+/// `max_window_layers` on), Gemma 3 and SmolLM3 (a NoPE layer), built by
+/// transformers at test time from tiny-qwen2's sizes.
 #[test]
 fn tiny_qwen3_mistral_and_sliding_windows_match_transformers() {
     for arch in [
@@ -140,6 +140,7 @@ fn tiny_qwen3_mistral_and_sliding_windows_match_transformers() {
         "mistral-window",
         "qwen2-window",
         "gemma3",
+        "smollm3",
     ] {
         let dir = common::tiny_arch(arch);
         check_dir::<B>(
@@ -305,12 +306,18 @@ mod cuda {
         }
     }
 
-    /// Qwen3, the sliding windows and Gemma 3, from checkpoints transformers
-    /// builds here (`common::tiny_arch`).
+    /// Qwen3, the sliding windows, Gemma 3 and SmolLM3, from checkpoints
+    /// transformers builds here (`common::tiny_arch`).
     #[test]
     fn tiny_archs_match_transformers_on_cuda() {
         let Some(device) = common::gpu() else { return };
-        for arch in ["qwen3", "mistral-window", "qwen2-window", "gemma3"] {
+        for arch in [
+            "qwen3",
+            "mistral-window",
+            "qwen2-window",
+            "gemma3",
+            "smollm3",
+        ] {
             let dir = common::tiny_arch(arch);
             check_dir::<anneal_stages::model::device::Gpu>(
                 &format!("tiny-{arch}"),

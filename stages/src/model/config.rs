@@ -1,5 +1,5 @@
 //! Model architecture read from a Hugging Face `config.json` (`llama`,
-//! `mistral`, `qwen2`, `qwen3` and `gemma3_text`).
+//! `mistral`, `qwen2`, `qwen3`, `smollm3` and `gemma3_text`).
 
 use std::path::{Path, PathBuf};
 
@@ -25,10 +25,13 @@ pub enum Arch {
     /// scaled by `sqrt(hidden_size)`; sliding-window layers with their own
     /// RoPE base.
     Gemma3,
+    /// `SmolLM3ForCausalLM`: Llama's layers, some without RoPE
+    /// (`no_rope_layers`, by default every fourth).
+    SmolLm3,
 }
 
 /// The `model_type` values anneal reads, for error messages.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, gemma3_text";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, smollm3, gemma3_text";
 
 /// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +51,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3_text",
+            Arch::SmolLm3 => "smollm3",
         }
     }
 
@@ -59,6 +63,7 @@ impl Arch {
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::SmolLm3 => "SmolLM3ForCausalLM",
         }
     }
 
@@ -84,6 +89,7 @@ impl Arch {
             Arch::Qwen2,
             Arch::Qwen3,
             Arch::Gemma3,
+            Arch::SmolLm3,
         ]
         .into_iter()
         .find(|a| a.model_type() == name)
@@ -157,6 +163,9 @@ pub struct ModelConfig {
     /// Per layer, whether it attends over the sliding window (all false
     /// without one).
     pub sliding_layers: Vec<bool>,
+    /// Per layer, whether queries and keys are rotated (SmolLM3's NoPE
+    /// layers are not; all true for the others).
+    pub rope_layers: Vec<bool>,
     /// The file as read, so saving keeps keys this struct does not model.
     pub raw: Map<String, Value>,
 }
@@ -323,17 +332,20 @@ impl ModelConfig {
         }
         let rope = match arch {
             Arch::Gemma3 => gemma3_rope(&k)?,
-            _ => rope(&k)?,
+            Arch::SmolLm3 => rope(&k, 2e6)?,
+            _ => rope(&k, 10_000.0)?,
         };
         let max_position_embeddings = match arch {
             Arch::Gemma3 => k.usize_or("max_position_embeddings", 131_072)?,
+            Arch::SmolLm3 => k.usize_or("max_position_embeddings", 32_768)?,
             _ => k.usize_or("max_position_embeddings", 2048)?,
         };
         let num_hidden_layers = k.usize("num_hidden_layers")?;
-        let (sliding_window, sliding_layers) = sliding(&k, arch, num_hidden_layers)?;
+        let rope_layers = rope_layers(&k, arch, num_hidden_layers)?;
+        let (sliding_window, sliding_layers) = sliding(&k, arch, num_hidden_layers, &rope_layers)?;
         let attention_bias = match arch {
             Arch::Qwen2 => true,
-            Arch::Llama | Arch::Mistral | Arch::Qwen3 | Arch::Gemma3 => {
+            Arch::Llama | Arch::Mistral | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3 => {
                 k.bool_or("attention_bias", false)?
             }
         };
@@ -365,14 +377,18 @@ impl ModelConfig {
             },
             attention_bias,
             mlp_bias: k.bool_or("mlp_bias", false)?,
-            // Gemma3TextConfig ties by default; the others do not.
-            tie_word_embeddings: k.bool_or("tie_word_embeddings", arch.gemma())?,
+            // Gemma 3's and SmolLM3's configs tie by default; the others do not.
+            tie_word_embeddings: k.bool_or(
+                "tie_word_embeddings",
+                matches!(arch, Arch::Gemma3 | Arch::SmolLm3),
+            )?,
             max_position_embeddings,
             eos_token_ids: k.token_ids("eos_token_id")?,
             bos_token_id: k.token_ids("bos_token_id")?.first().copied(),
             pad_token_id: k.token_ids("pad_token_id")?.first().copied(),
             sliding_window,
             sliding_layers,
+            rope_layers,
             raw: map.clone(),
         })
     }
@@ -412,8 +428,15 @@ impl ModelConfig {
 /// the layers from `max_window_layers` (default 28) on. Gemma 3: its
 /// `sliding_window` (default 4096) on the `sliding_attention` entries of
 /// `layer_types`, or without that key on all but every
-/// `sliding_window_pattern`-th layer (default 6). Llama has none.
-fn sliding(k: &Keys, arch: Arch, layers: usize) -> anyhow::Result<(Option<usize>, Vec<bool>)> {
+/// `sliding_window_pattern`-th layer (default 6). SmolLM3: only with
+/// `use_sliding_window` and a `sliding_window`, on `layer_types`' sliding
+/// entries or else its NoPE layers. Llama has none.
+fn sliding(
+    k: &Keys,
+    arch: Arch,
+    layers: usize,
+    rope_layers: &[bool],
+) -> anyhow::Result<(Option<usize>, Vec<bool>)> {
     let file = k.file.display();
     let window = || -> anyhow::Result<Option<usize>> {
         match k.map.get("sliding_window") {
@@ -431,12 +454,20 @@ fn sliding(k: &Keys, arch: Arch, layers: usize) -> anyhow::Result<(Option<usize>
             let w = window()?;
             (w, vec![w.is_some(); layers])
         }
-        Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => {
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3 => {
             let w = match arch == Arch::Gemma3 || k.bool_or("use_sliding_window", false)? {
+                // SmolLM3Config has no default window.
+                true if arch == Arch::SmolLm3 => match k.get("sliding_window") {
+                    None => None,
+                    Some(_) => window()?,
+                },
                 true => window()?,
                 false => None,
             };
             let sliding = match k.get("layer_types") {
+                None if arch == Arch::SmolLm3 => {
+                    rope_layers.iter().map(|&r| w.is_some() && !r).collect()
+                }
                 None if arch == Arch::Gemma3 => {
                     let every = k.usize_or("sliding_window_pattern", 6)?.max(1);
                     (0..layers).map(|i| (i + 1) % every != 0).collect()
@@ -477,6 +508,38 @@ fn sliding(k: &Keys, arch: Arch, layers: usize) -> anyhow::Result<(Option<usize>
     })
 }
 
+/// Per layer, whether RoPE applies: SmolLM3's `no_rope_layers` (1 where it
+/// does, 0 for a NoPE layer), or without that key every
+/// `no_rope_layer_interval`-th layer (default 4) without; every layer for
+/// the others.
+fn rope_layers(k: &Keys, arch: Arch, layers: usize) -> anyhow::Result<Vec<bool>> {
+    if arch != Arch::SmolLm3 {
+        return Ok(vec![true; layers]);
+    }
+    match k.get("no_rope_layers") {
+        None => {
+            let every = k.usize_or("no_rope_layer_interval", 4)?.max(1);
+            Ok((0..layers).map(|i| (i + 1) % every != 0).collect())
+        }
+        Some(Value::Array(v)) if v.len() == layers => v
+            .iter()
+            .map(|x| match x.as_u64() {
+                Some(0) => Ok(false),
+                Some(1) => Ok(true),
+                _ => bail!(
+                    "{}: key 'no_rope_layers' has {x}; each entry must be 1 (RoPE) or 0 (none)",
+                    k.file.display()
+                ),
+            })
+            .collect(),
+        Some(v) => bail!(
+            "{}: key 'no_rope_layers' must list 1 or 0 per layer ({layers} for \
+             'num_hidden_layers'), got {v}",
+            k.file.display()
+        ),
+    }
+}
+
 /// RoPE as `config.json` sets it.
 struct RopeKeys {
     theta: f64,
@@ -485,15 +548,16 @@ struct RopeKeys {
     local_theta: Option<f64>,
 }
 
-/// `rope_theta` and scaling, from transformers 4's top-level keys or 5's `rope_parameters`.
-fn rope(k: &Keys) -> anyhow::Result<RopeKeys> {
+/// `rope_theta` (`default_theta` when missing) and scaling, from
+/// transformers 4's top-level keys or 5's `rope_parameters`.
+fn rope(k: &Keys, default_theta: f64) -> anyhow::Result<RopeKeys> {
     let params = k.get("rope_parameters").and_then(Value::as_object);
     let theta = match (k.get("rope_theta"), params) {
         (Some(_), _) => k.f64_in(k.map, "rope_theta", "")?,
         (None, Some(p)) if p.contains_key("rope_theta") => {
             k.f64_in(p, "rope_theta", "rope_parameters.")?
         }
-        _ => 10_000.0,
+        _ => default_theta,
     };
     let (llama3, linear) = match (k.get("rope_scaling").and_then(Value::as_object), params) {
         (Some(s), _) => scaling(k, s, "rope_scaling.")?,

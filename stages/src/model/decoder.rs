@@ -251,6 +251,8 @@ pub struct Attention<B: Backend> {
     /// Queries are multiplied by this before the scores' `head_dim^-1/2`
     /// (Gemma's `query_pre_attn_scalar`; 1 otherwise).
     pub q_scale: f64,
+    /// Queries and keys are rotated (false on SmolLM3's NoPE layers).
+    pub rope: bool,
     /// Attention scores and weighted sum in bf16 (see [`Linear::bf16`]).
     pub bf16: bool,
 }
@@ -429,7 +431,10 @@ impl<B: ModelBackend> Attention<B> {
             Some((q, k)) if self.sliding_window > 0 => (q, k),
             _ => (&pos.q_rope, &pos.k_rope),
         };
-        let (q, k) = (rope(q, &q_rope.0, &q_rope.1), rope(k, &k_rope.0, &k_rope.1));
+        let (q, k) = match self.rope {
+            true => (rope(q, &q_rope.0, &q_rope.1), rope(k, &k_rope.0, &k_rope.1)),
+            false => (q, k),
+        };
         let q = match self.q_scale {
             1.0 => q,
             f => q.mul_scalar(f),
@@ -1120,7 +1125,10 @@ impl<B: Backend> CausalLm<B> {
                     &format!("{p}.self_attn.o_proj"),
                     q_out,
                     hidden,
-                    ab && matches!(c.arch, Arch::Llama | Arch::Qwen3 | Arch::Gemma3),
+                    ab && matches!(
+                        c.arch,
+                        Arch::Llama | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3
+                    ),
                 )?,
                 q_norm: match c.arch.qk_norm() {
                     true => Some(norm(take(&format!("{p}.self_attn.q_norm.weight"), &[hd])?)),
@@ -1140,6 +1148,7 @@ impl<B: Backend> CausalLm<B> {
                 q_scale: c
                     .query_pre_attn_scalar
                     .map_or(1.0, |s| (hd as f64 / s).sqrt()),
+                rope: c.rope_layers.get(i).copied().unwrap_or(true),
                 bf16: false,
             };
             let mlp = Mlp {

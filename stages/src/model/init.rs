@@ -36,7 +36,8 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
-    /// `llama` (default), `mistral`, `qwen2`, `qwen3` or `gemma3_text`.
+    /// `llama` (default), `mistral`, `qwen2`, `qwen3`, `smollm3` or
+    /// `gemma3_text`.
     #[serde(default = "default_arch")]
     pub arch: String,
     /// A name from [`PRESETS`] (default `tiny`).
@@ -59,7 +60,8 @@ pub struct InitSpec {
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     /// Sliding-window attention over this many keys (`mistral`, `qwen2`,
-    /// `qwen3`, `gemma3_text` (every sixth layer global); default none).
+    /// `qwen3`, `smollm3` (on its NoPE layers), `gemma3_text` (every sixth
+    /// layer global); default none).
     pub sliding_window: Option<usize>,
     /// Qwen2/Qwen3: the first layer with the sliding window; earlier ones
     /// attend over everything (default 0: every layer slides).
@@ -238,6 +240,15 @@ impl InitSpec {
                     c["sliding_window"] = json!(w);
                     c["max_window_layers"] = json!(self.max_window_layers.unwrap_or(0));
                 }
+            }
+            Arch::SmolLm3 => {
+                c["attention_bias"] = json!(false);
+                c["mlp_bias"] = json!(false);
+                // SmolLM3's NoPE layers: every fourth; a window slides on those.
+                c["no_rope_layer_interval"] = json!(4);
+                c["no_rope_layers"] = (0..layers).map(|i| u8::from((i + 1) % 4 != 0)).collect();
+                c["use_sliding_window"] = json!(self.sliding_window.is_some());
+                c["sliding_window"] = json!(self.sliding_window);
             }
             Arch::Gemma3 => {
                 let map = c.as_object_mut().expect("an object");

@@ -10,8 +10,8 @@ from layer `max_window_layers` = 1 on, so layer 0 attends over everything),
 or `gemma3` (`gemma3_text`: (1 + w) norms around attention and MLP, GeGLU,
 scaled and tied embeddings, head_dim 32 with query_pre_attn_scalar 24, layer 0
 sliding over 16 keys with RoPE base 1e4, layer 1 global with linear RoPE
-scaling 4); the batch (91 tokens) and the prompt (about 500) are longer than
-the windows.
+scaling 4), or `smollm3` (layer 1 a NoPE layer: no rotary embedding); the
+batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
 `reference.json` (`loss`, `generate`, `train_step`) and
@@ -33,6 +33,7 @@ from transformers import (
     MistralConfig,
     Qwen2Config,
     Qwen3Config,
+    SmolLM3Config,
 )
 
 
@@ -75,6 +76,12 @@ def main():
             **sizes,
         )
         assert config.layer_types == ["full_attention", "sliding_attention"], config.layer_types
+    elif arch == "smollm3":
+        config = SmolLM3Config(
+            no_rope_layers=[1, 0],
+            rope_parameters={"rope_type": "default", "rope_theta": 2e6},
+            **sizes,
+        )
     elif arch == "gemma3":
         sizes["tie_word_embeddings"] = True
         config = Gemma3TextConfig(
