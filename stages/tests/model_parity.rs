@@ -133,7 +133,7 @@ fn ids_of(v: &Value) -> Vec<u32> {
 /// `max_window_layers` on), Gemma 3 and SmolLM3 (a NoPE layer), built by
 /// transformers at test time from tiny-qwen2's sizes.
 #[test]
-fn tiny_qwen3_mistral_and_sliding_windows_match_transformers() {
+fn tiny_archs_match_transformers() {
     for arch in [
         "qwen3",
         "mistral",

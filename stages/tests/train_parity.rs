@@ -316,7 +316,7 @@ fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt:
 /// window on its second layer (the backward pass under the window's mask),
 /// Gemma 3 and SmolLM3, from checkpoints transformers builds at test time.
 #[test]
-fn qwen3_mistral_and_sliding_window_full_steps_match_torch() {
+fn tiny_arch_full_steps_match_torch() {
     for arch in ["qwen3", "mistral", "qwen2-window", "gemma3", "smollm3"] {
         let dir = common::tiny_arch(arch);
         full_step_in::<AB>(

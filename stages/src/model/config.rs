@@ -914,6 +914,40 @@ mod tests {
         assert_eq!(parse(v).unwrap().rope_linear_factor, Some(2.0));
     }
 
+    /// SmolLM3's NoPE layers, and its window on them.
+    #[test]
+    fn reads_smollm3() {
+        let smol = || {
+            let mut v = base();
+            v["model_type"] = json!("smollm3");
+            v["num_hidden_layers"] = json!(8);
+            v
+        };
+        let c = parse(smol()).unwrap();
+        let every_fourth = [true, true, true, false, true, true, true, false];
+        assert_eq!(c.rope_layers, every_fourth);
+        assert_eq!((c.rope_theta, c.tie_word_embeddings), (2e6, true));
+        assert_eq!(c.sliding_window, None);
+        let mut v = smol();
+        v["no_rope_layers"] = json!([1, 0, 1, 1, 1, 1, 1, 0]);
+        v["use_sliding_window"] = json!(true);
+        v["sliding_window"] = json!(64);
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.rope_layers[..3], [true, false, true]);
+        assert_eq!(c.sliding_window, Some(64));
+        let nope: Vec<bool> = c.rope_layers.iter().map(|r| !r).collect();
+        assert_eq!(
+            c.sliding_layers, nope,
+            "the window slides on the NoPE layers"
+        );
+        v["no_rope_layers"] = json!([1, 2, 1, 1, 1, 1, 1, 0]);
+        let e = parse(v.clone()).unwrap_err().to_string();
+        assert!(e.contains("key 'no_rope_layers' has 2"), "{e}");
+        v["no_rope_layers"] = json!([1, 0]);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("1 or 0 per layer (8 for"), "{e}");
+    }
+
     #[test]
     fn reads_qwen3_and_mistral() {
         let mut v = base();

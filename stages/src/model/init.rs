@@ -499,6 +499,10 @@ mod tests {
             (Some(8), vec![true, true, true, true, true, false, true])
         );
         assert_eq!(read(json!({"arch": "gemma3_text"})), (None, vec![false; 2]));
+        assert_eq!(
+            read(json!({"arch": "smollm3", "sliding_window": 8, "num_hidden_layers": 4})),
+            (Some(8), vec![false, false, false, true])
+        );
         for (v, key) in [
             (
                 json!({"arch": "llama", "sliding_window": 8}),
