@@ -237,41 +237,46 @@ fn phases_train_chain_and_cache() {
     );
 }
 
-/// Gemma 3 end to end: init_model writes a `gemma3_text` checkpoint (layers
-/// sliding over 24 keys), the full phase trains it, the LoRA phase (DoRA)
-/// merges; transformers loads both as Gemma3ForCausalLM and PEFT's view of
-/// the adapter computes what the merged model computes.
+/// Gemma 3 and SmolLM3 end to end: init_model writes the checkpoint (Gemma's
+/// layers sliding over 24 keys, SmolLM3's every fourth without RoPE), the
+/// full phase trains it, the LoRA phase (DoRA) merges; transformers loads
+/// both as their own classes and PEFT's view of the adapter computes what
+/// the merged model computes.
 #[test]
-fn gemma3_trains_and_its_adapter_loads_in_peft() {
-    let p = Project::new();
-    write_data(&p);
-    let yaml = pipeline("tiny", 4, 100).replace(
-        "{size: tiny,",
-        "{arch: gemma3_text, sliding_window: 24, size: tiny,",
-    );
-    p.write("sft.yaml", &yaml);
-    p.run_ok("sft.yaml", &[]);
-    let config: Value = serde_json::from_str(&p.read("work/phase2/config.json")).unwrap();
-    assert_eq!(config["model_type"], "gemma3_text", "{config}");
-    assert_eq!(config["sliding_window"], 24, "{config}");
-    let m = metrics(&p, "work/phase1.jsonl");
-    let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
-    assert!(loss(3) < loss(0), "loss {} -> {}", loss(0), loss(3));
-    let peft = peft_check(
-        &p.path("work/phase1"),
-        &p.path("work/phase2/adapter"),
-        &p.path("work/phase2"),
-    );
-    eprintln!("PEFT check (Gemma 3): {peft}");
-    let scale = peft["logit_scale"].as_f64().unwrap();
-    assert!(
-        peft["peft_vs_merged_max_abs"].as_f64().unwrap() < 1e-4 * scale.max(1.0),
-        "{peft}"
-    );
-    assert!(
-        peft["peft_vs_base_max_abs"].as_f64().unwrap() > 1e-5,
-        "the adapter changes nothing: {peft}"
-    );
+fn gemma3_and_smollm3_train_and_their_adapters_load_in_peft() {
+    for (arch, extra) in [
+        ("gemma3_text", "sliding_window: 24, "),
+        ("smollm3", "num_hidden_layers: 4, "),
+    ] {
+        let p = Project::new();
+        write_data(&p);
+        let yaml = pipeline("tiny", 4, 100).replace(
+            "{size: tiny,",
+            &format!("{{arch: {arch}, {extra}size: tiny,"),
+        );
+        p.write("sft.yaml", &yaml);
+        p.run_ok("sft.yaml", &[]);
+        let config: Value = serde_json::from_str(&p.read("work/phase2/config.json")).unwrap();
+        assert_eq!(config["model_type"], arch, "{config}");
+        let m = metrics(&p, "work/phase1.jsonl");
+        let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
+        assert!(loss(3) < loss(0), "{arch}: loss {} -> {}", loss(0), loss(3));
+        let peft = peft_check(
+            &p.path("work/phase1"),
+            &p.path("work/phase2/adapter"),
+            &p.path("work/phase2"),
+        );
+        eprintln!("PEFT check ({arch}): {peft}");
+        let scale = peft["logit_scale"].as_f64().unwrap();
+        assert!(
+            peft["peft_vs_merged_max_abs"].as_f64().unwrap() < 1e-4 * scale.max(1.0),
+            "{arch}: {peft}"
+        );
+        assert!(
+            peft["peft_vs_base_max_abs"].as_f64().unwrap() > 1e-5,
+            "{arch}: the adapter changes nothing: {peft}"
+        );
+    }
 }
 
 /// `tests/support/check_peft.py`: PEFT's view of an adapter against the merged model.
