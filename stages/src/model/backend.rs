@@ -289,6 +289,20 @@ impl ModelBackend for burn::backend::Flex {
             .unwrap_or_else(|| super::swiglu::swiglu_of::<Self>(gate, up))
     }
 
+    fn geglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::swiglu::flex::geglu(&gate, &up)
+            .unwrap_or_else(|| super::swiglu::geglu_of::<Self>(gate, up))
+    }
+
+    fn geglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        super::swiglu::flex::geglu_grad(&gate, &up, &dout)
+            .unwrap_or_else(|| super::swiglu::geglu_grad_of::<Self>(gate, up, dout))
+    }
+
     fn swiglu_grad(
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,

@@ -1,5 +1,5 @@
 //! The MLP's gated activation `silu(gate) * up` as one op, and Gemma's
-//! `gelu_tanh(gate) * up` likewise (its backward pass as tensor ops).
+//! `gelu_tanh(gate) * up` likewise.
 //!
 //! Composed from tensor ops, autodiff keeps `gate`, `sigmoid(gate)`,
 //! `silu(gate)` and `up` per layer, and its backward pass runs one pass per
@@ -195,6 +195,37 @@ pub(crate) mod flex {
         Some(flex_f32(out, gate.layout().shape().clone()))
     }
 
+    /// `gelu_tanh(gate) * up`, or `None` where this path does not apply.
+    pub(crate) fn geglu(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
+        let [g, u] = slices(&[gate, up])?[..] else {
+            return None;
+        };
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(o, (g, u))| vmath::geglu(o, g, u));
+        Some(flex_f32(out, gate.layout().shape().clone()))
+    }
+
+    /// GeGLU's `(d gate, d up)`, or `None` where this path does not apply.
+    pub(crate) fn geglu_grad(
+        gate: &FlexTensor,
+        up: &FlexTensor,
+        dout: &FlexTensor,
+    ) -> Option<(FlexTensor, FlexTensor)> {
+        let [g, u, d] = slices(&[gate, up, dout])?[..] else {
+            return None;
+        };
+        let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .zip(d.par_chunks(CHUNK))
+            .for_each(|(((dg, du), (g, u)), d)| vmath::geglu_grad(dg, du, g, u, d));
+        let shape = gate.layout().shape();
+        Some((flex_f32(dg, shape.clone()), flex_f32(du, shape.clone())))
+    }
+
     /// `(d gate, d up)`, or `None` where this path does not apply.
     pub(crate) fn swiglu_grad(
         gate: &FlexTensor,
@@ -298,9 +329,19 @@ mod tests {
             )
         };
         let ((y, dg, du), (wy, wdg, wdu)) = (run(true), run(false));
-        let scale = wdg.clone().abs().max().into_scalar();
-        assert!(max_diff(y, wy) < 1e-5, "output");
-        assert!(max_diff(dg, wdg) < 1e-5 * scale.max(1.0), "d gate");
-        assert!(max_diff(du, wdu) < 1e-5, "d up");
+        let scale = wdg.clone().abs().max().into_scalar().max(1.0);
+        assert!(max_diff(y, wy.clone()) < 1e-5, "output");
+        assert!(max_diff(dg, wdg.clone()) < 1e-5 * scale, "d gate");
+        assert!(max_diff(du, wdu.clone()) < 1e-5, "d up");
+        // The tensor-op versions, which a GPU runs.
+        let p = |t: &Tensor<Flex, 3>| t.clone().into_primitive().tensor();
+        let t = |x: FloatTensor<Flex>| Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(x));
+        assert!(
+            max_diff(t(geglu_of::<Flex>(p(&g), p(&u))), wy) < 1e-5,
+            "tensor-op output"
+        );
+        let (dg, du) = geglu_grad_of::<Flex>(p(&g), p(&u), p(&dout));
+        assert!(max_diff(t(dg), wdg) < 1e-5 * scale, "tensor-op d gate");
+        assert!(max_diff(t(du), wdu) < 1e-5, "tensor-op d up");
     }
 }

@@ -1,5 +1,5 @@
-//! The Flex loops' elementwise math (softmax, cross-entropy, SwiGLU, RMS
-//! norm, AdamW), one row or chunk at a time, compiled for the widest SIMD
+//! The Flex loops' elementwise math (softmax, cross-entropy, SwiGLU, GeGLU,
+//! RMS norm, AdamW), one row or chunk at a time, compiled for the widest SIMD
 //! instructions the CPU has (AVX-512, AVX2 + FMA, or the baseline), picked at
 //! run time.
 //!
@@ -114,6 +114,38 @@ pub fn exp_scaled(out: &mut [f32], xs: &[f32], shift: f32, scale: f32) {
 pub fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = g * sigmoid(g) * u;
+    }
+}
+
+/// `sqrt(2 / pi)`, GeLU's tanh approximation's factor.
+const GELU_C: f32 = 0.797_884_6;
+/// Its cubic term's coefficient.
+const GELU_A: f32 = 0.044_715;
+
+/// `tanh(sqrt(2 / pi) * (g + 0.044715 g^3))` as `1 - 2 / (e^2z + 1)`.
+#[inline(always)]
+fn gelu_t(g: f32) -> f32 {
+    let z = GELU_C * (g + GELU_A * g * g * g);
+    1.0 - 2.0 / (exp(2.0 * z) + 1.0)
+}
+
+/// `gelu_tanh(gate) * up`, elementwise (GeGLU).
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn geglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = 0.5 * g * (1.0 + gelu_t(g)) * u;
+    }
+}
+
+/// The gradients of [`geglu`] for the output gradient `d`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn geglu_grad(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], d: &[f32]) {
+    let inputs = gate.iter().zip(up).zip(d);
+    for ((dg, du), ((&g, &u), &d)) in dgate.iter_mut().zip(dup).zip(inputs) {
+        let t = gelu_t(g);
+        *du = d * 0.5 * g * (1.0 + t);
+        let slope = GELU_C * (1.0 + 3.0 * GELU_A * g * g);
+        *dg = d * u * (0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * slope);
     }
 }
 
