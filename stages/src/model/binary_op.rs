@@ -1,7 +1,7 @@
 //! Recording a two-input op of our own on burn's autodiff graph: the forward
 //! pass runs on the inner backend, both inputs are checkpointed as the
 //! backward pass's state, and a [`BinaryGrad`] turns the output's gradient
-//! into the inputs'. The projections' matmul, SwiGLU and the RMS norm are
+//! into the inputs'. The projections' matmul, SwiGLU, GeGLU and the RMS norm are
 //! such ops.
 
 use burn::backend::Autodiff;

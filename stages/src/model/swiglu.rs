@@ -97,23 +97,7 @@ pub(crate) fn autodiff_geglu<B: ModelBackend, C: CheckpointStrategy>(
     up: FloatTensor<Autodiff<B, C>>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let out = B::geglu(gate.primitive.clone(), up.primitive.clone());
-    binary_op::record::<B, C, _>(GegluGrad, &gate, &up, out)
-}
-
-#[derive(Debug)]
-struct GegluGrad;
-
-impl<B: ModelBackend> BinaryGrad<B> for GegluGrad {
-    fn grads(
-        self,
-        gate: FloatTensor<B>,
-        up: FloatTensor<B>,
-        dout: FloatTensor<B>,
-        _want: [bool; 2],
-    ) -> [Option<FloatTensor<B>>; 2] {
-        let (dg, du) = B::geglu_grad(gate, up, dout);
-        [Some(dg), Some(du)]
-    }
+    binary_op::record::<B, C, _>(Gate::GeluTanh, &gate, &up, out)
 }
 
 /// [`ModelBackend::swiglu`] as tensor ops.
@@ -142,13 +126,17 @@ pub(crate) fn autodiff_swiglu<B: ModelBackend, C: CheckpointStrategy>(
     up: FloatTensor<Autodiff<B, C>>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let out = B::swiglu(gate.primitive.clone(), up.primitive.clone());
-    binary_op::record::<B, C, _>(SwigluGrad, &gate, &up, out)
+    binary_op::record::<B, C, _>(Gate::Silu, &gate, &up, out)
 }
 
-#[derive(Debug)]
-struct SwigluGrad;
+/// The backward pass of a gated activation, by its gate function.
+#[derive(Debug, Clone, Copy)]
+enum Gate {
+    Silu,
+    GeluTanh,
+}
 
-impl<B: ModelBackend> BinaryGrad<B> for SwigluGrad {
+impl<B: ModelBackend> BinaryGrad<B> for Gate {
     fn grads(
         self,
         gate: FloatTensor<B>,
@@ -156,7 +144,10 @@ impl<B: ModelBackend> BinaryGrad<B> for SwigluGrad {
         dout: FloatTensor<B>,
         _want: [bool; 2],
     ) -> [Option<FloatTensor<B>>; 2] {
-        let (dg, du) = B::swiglu_grad(gate, up, dout);
+        let (dg, du) = match self {
+            Gate::Silu => B::swiglu_grad(gate, up, dout),
+            Gate::GeluTanh => B::geglu_grad(gate, up, dout),
+        };
         [Some(dg), Some(du)]
     }
 }
@@ -182,36 +173,33 @@ pub(crate) mod flex {
             .collect()
     }
 
-    /// `silu(gate) * up`, or `None` where this path does not apply (not f32,
-    /// not contiguous, shapes that differ).
-    pub(crate) fn swiglu(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
+    /// A gated activation's gradient loop: `(d gate, d up, gate, up, dout)`.
+    type GradLoop = fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]);
+
+    /// `f(out, gate, up)` over chunks in parallel, or `None` where this path
+    /// does not apply (not f32, not contiguous, shapes that differ).
+    fn map2(
+        gate: &FlexTensor,
+        up: &FlexTensor,
+        f: fn(&mut [f32], &[f32], &[f32]),
+    ) -> Option<FlexTensor> {
         let [g, u] = slices(&[gate, up])?[..] else {
             return None;
         };
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| vmath::swiglu(o, g, u));
+            .for_each(|(o, (g, u))| f(o, g, u));
         Some(flex_f32(out, gate.layout().shape().clone()))
     }
 
-    /// `gelu_tanh(gate) * up`, or `None` where this path does not apply.
-    pub(crate) fn geglu(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
-        let [g, u] = slices(&[gate, up])?[..] else {
-            return None;
-        };
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| vmath::geglu(o, g, u));
-        Some(flex_f32(out, gate.layout().shape().clone()))
-    }
-
-    /// GeGLU's `(d gate, d up)`, or `None` where this path does not apply.
-    pub(crate) fn geglu_grad(
+    /// `f(d gate, d up, gate, up, dout)` over chunks in parallel, or `None`
+    /// where this path does not apply.
+    fn grad2(
         gate: &FlexTensor,
         up: &FlexTensor,
         dout: &FlexTensor,
+        f: GradLoop,
     ) -> Option<(FlexTensor, FlexTensor)> {
         let [g, u, d] = slices(&[gate, up, dout])?[..] else {
             return None;
@@ -221,28 +209,37 @@ pub(crate) mod flex {
             .zip(du.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .zip(d.par_chunks(CHUNK))
-            .for_each(|(((dg, du), (g, u)), d)| vmath::geglu_grad(dg, du, g, u, d));
+            .for_each(|(((dg, du), (g, u)), d)| f(dg, du, g, u, d));
         let shape = gate.layout().shape();
         Some((flex_f32(dg, shape.clone()), flex_f32(du, shape.clone())))
     }
 
-    /// `(d gate, d up)`, or `None` where this path does not apply.
+    /// `silu(gate) * up` ([`map2`]).
+    pub(crate) fn swiglu(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
+        map2(gate, up, vmath::swiglu)
+    }
+
+    /// SwiGLU's `(d gate, d up)` ([`grad2`]).
     pub(crate) fn swiglu_grad(
         gate: &FlexTensor,
         up: &FlexTensor,
         dout: &FlexTensor,
     ) -> Option<(FlexTensor, FlexTensor)> {
-        let [g, u, d] = slices(&[gate, up, dout])?[..] else {
-            return None;
-        };
-        let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .zip(d.par_chunks(CHUNK))
-            .for_each(|(((dg, du), (g, u)), d)| vmath::swiglu_grad(dg, du, g, u, d));
-        let shape = gate.layout().shape();
-        Some((flex_f32(dg, shape.clone()), flex_f32(du, shape.clone())))
+        grad2(gate, up, dout, vmath::swiglu_grad)
+    }
+
+    /// `gelu_tanh(gate) * up` ([`map2`]).
+    pub(crate) fn geglu(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
+        map2(gate, up, vmath::geglu)
+    }
+
+    /// GeGLU's `(d gate, d up)` ([`grad2`]).
+    pub(crate) fn geglu_grad(
+        gate: &FlexTensor,
+        up: &FlexTensor,
+        dout: &FlexTensor,
+    ) -> Option<(FlexTensor, FlexTensor)> {
+        grad2(gate, up, dout, vmath::geglu_grad)
     }
 }
 
@@ -258,67 +255,28 @@ mod tests {
         (a - b).abs().max().into_scalar()
     }
 
-    /// Output and both gradients against autodiff of `silu(gate) * up`, on
-    /// Flex's loop and on the tensor ops other backends run, with gates far
-    /// into both tails of the sigmoid.
-    #[test]
-    fn matches_autodiff_of_silu_times_up() {
-        let device = Default::default();
-        let shape = [3, 7, 130];
-        let rand =
-            |sd: f64| Tensor::<Flex, 3>::random(shape, Distribution::Normal(0.0, sd), &device);
-        let (g, u, dout) = (rand(6.0), rand(1.0), rand(1.0));
-        let run = |ours: bool| {
-            let ga = Tensor::<AD, 3>::from_inner(g.clone()).require_grad();
-            let ua = Tensor::<AD, 3>::from_inner(u.clone()).require_grad();
-            let y = if ours {
-                swiglu(ga.clone(), ua.clone())
-            } else {
-                silu(ga.clone()) * ua.clone()
-            };
-            let grads = (y.clone() * Tensor::from_inner(dout.clone()))
-                .sum()
-                .backward();
-            (
-                y.inner(),
-                ga.grad(&grads).unwrap(),
-                ua.grad(&grads).unwrap(),
-            )
-        };
-        let ((y, dg, du), (wy, wdg, wdu)) = (run(true), run(false));
-        assert!(max_diff(y, wy.clone()) < 1e-5, "output");
-        assert!(max_diff(dg, wdg.clone()) < 1e-5, "d gate");
-        assert!(max_diff(du, wdu.clone()) < 1e-5, "d up");
-        // The tensor-op versions, which a GPU runs.
-        let p = |t: &Tensor<Flex, 3>| t.clone().into_primitive().tensor();
-        let t = |x: FloatTensor<Flex>| Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(x));
-        assert!(
-            max_diff(t(swiglu_of::<Flex>(p(&g), p(&u))), wy) < 1e-5,
-            "tensor-op output"
-        );
-        let (dg, du) = swiglu_grad_of::<Flex>(p(&g), p(&u), p(&dout));
-        assert!(max_diff(t(dg), wdg) < 1e-5, "tensor-op d gate");
-        assert!(max_diff(t(du), wdu) < 1e-5, "tensor-op d up");
-    }
+    type Gated = fn(Tensor<AD, 3>, Tensor<AD, 3>) -> Tensor<AD, 3>;
+    type Of = fn(FloatTensor<Flex>, FloatTensor<Flex>) -> FloatTensor<Flex>;
+    type GradOf = fn(
+        FloatTensor<Flex>,
+        FloatTensor<Flex>,
+        FloatTensor<Flex>,
+    ) -> (FloatTensor<Flex>, FloatTensor<Flex>);
 
-    /// GeGLU's output and gradients against autodiff of burn's own
-    /// `gelu_approximate(gate) * up` (torch's tanh GeLU).
-    #[test]
-    fn geglu_matches_autodiff_of_gelu_times_up() {
-        use burn::tensor::activation::gelu_approximate;
+    /// Output and both gradients of `ours` (Flex's loops, under autodiff)
+    /// and of the tensor-op versions `of` and `grad_of` (which a GPU runs)
+    /// against autodiff of `reference`, with gates of standard deviation
+    /// `gate_sd`; gate gradients to 1e-5 of their largest magnitude.
+    fn check_gated(ours: Gated, reference: Gated, of: Of, grad_of: GradOf, gate_sd: f64) {
         let device = Default::default();
         let shape = [3, 7, 130];
         let rand =
             |sd: f64| Tensor::<Flex, 3>::random(shape, Distribution::Normal(0.0, sd), &device);
-        let (g, u, dout) = (rand(3.0), rand(1.0), rand(1.0));
-        let run = |ours: bool| {
+        let (g, u, dout) = (rand(gate_sd), rand(1.0), rand(1.0));
+        let run = |f: Gated| {
             let ga = Tensor::<AD, 3>::from_inner(g.clone()).require_grad();
             let ua = Tensor::<AD, 3>::from_inner(u.clone()).require_grad();
-            let y = if ours {
-                geglu(ga.clone(), ua.clone())
-            } else {
-                gelu_approximate(ga.clone()) * ua.clone()
-            };
+            let y = f(ga.clone(), ua.clone());
             let grads = (y.clone() * Tensor::from_inner(dout.clone()))
                 .sum()
                 .backward();
@@ -328,20 +286,42 @@ mod tests {
                 ua.grad(&grads).unwrap(),
             )
         };
-        let ((y, dg, du), (wy, wdg, wdu)) = (run(true), run(false));
+        let ((y, dg, du), (wy, wdg, wdu)) = (run(ours), run(reference));
         let scale = wdg.clone().abs().max().into_scalar().max(1.0);
         assert!(max_diff(y, wy.clone()) < 1e-5, "output");
         assert!(max_diff(dg, wdg.clone()) < 1e-5 * scale, "d gate");
         assert!(max_diff(du, wdu.clone()) < 1e-5, "d up");
-        // The tensor-op versions, which a GPU runs.
         let p = |t: &Tensor<Flex, 3>| t.clone().into_primitive().tensor();
         let t = |x: FloatTensor<Flex>| Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(x));
-        assert!(
-            max_diff(t(geglu_of::<Flex>(p(&g), p(&u))), wy) < 1e-5,
-            "tensor-op output"
-        );
-        let (dg, du) = geglu_grad_of::<Flex>(p(&g), p(&u), p(&dout));
+        assert!(max_diff(t(of(p(&g), p(&u))), wy) < 1e-5, "tensor-op output");
+        let (dg, du) = grad_of(p(&g), p(&u), p(&dout));
         assert!(max_diff(t(dg), wdg) < 1e-5 * scale, "tensor-op d gate");
         assert!(max_diff(t(du), wdu) < 1e-5, "tensor-op d up");
+    }
+
+    /// SwiGLU against autodiff of `silu(gate) * up`, with gates far into
+    /// both tails of the sigmoid.
+    #[test]
+    fn matches_autodiff_of_silu_times_up() {
+        check_gated(
+            swiglu,
+            |g, u| silu(g) * u,
+            swiglu_of::<Flex>,
+            swiglu_grad_of::<Flex>,
+            6.0,
+        );
+    }
+
+    /// GeGLU against autodiff of burn's own `gelu_approximate(gate) * up`
+    /// (torch's tanh GeLU).
+    #[test]
+    fn geglu_matches_autodiff_of_gelu_times_up() {
+        check_gated(
+            geglu,
+            |g, u| burn::tensor::activation::gelu_approximate(g) * u,
+            geglu_of::<Flex>,
+            geglu_grad_of::<Flex>,
+            3.0,
+        );
     }
 }
