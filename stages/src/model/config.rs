@@ -493,10 +493,17 @@ fn sliding(
                 ),
             };
             if w.is_none() && sliding.contains(&true) {
+                let which = match k.get("layer_types") {
+                    Some(_) => "key 'layer_types' has \"sliding_attention\" layers",
+                    None => "key 'sliding_window_pattern' (default 6) makes layers slide",
+                };
+                let set = match arch {
+                    Arch::Gemma3 => "set 'sliding_window' to its size",
+                    _ => "set 'use_sliding_window' to true and 'sliding_window' to its size",
+                };
                 bail!(
-                    "{file}: key 'layer_types' has \"sliding_attention\" layers, but no window is set; \
-                     set 'use_sliding_window' to true and 'sliding_window' to its size, \
-                     or make every layer \"full_attention\""
+                    "{file}: {which}, but no window is set; {set}, \
+                     or make every layer \"full_attention\" in 'layer_types'"
                 );
             }
             (w, sliding)
@@ -858,6 +865,13 @@ mod tests {
             (5e5, None, Some(2e4))
         );
         assert_eq!((c.sliding_window, c.sliding_layers), (None, vec![false; 7]));
+        let mut v = gemma();
+        v["sliding_window"] = Value::Null;
+        let e = parse(v).unwrap_err().to_string();
+        assert!(
+            e.contains("'sliding_window_pattern' (default 6) makes layers slide, but no window"),
+            "{e}"
+        );
         for (key, value, want) in [
             (
                 "final_logit_softcapping",
