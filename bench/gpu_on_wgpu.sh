@@ -35,9 +35,14 @@ if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
 fi
 
 echo "== 1. parity tests on wgpu"
+# A failure here is reported (with its assertion) and parts 2 and 3 still run;
+# the script then exits 1.
+parity_failed=0
 for t in model_parity train_parity; do
     cargo test --locked -p anneal-stages --features gpu-on-wgpu --test "$t" cuda \
-        -- --test-threads 1 --nocapture 2>&1 | grep -E '^(tiny|test |test result)|panicked'
+        -- --test-threads 1 --nocapture 2>&1 |
+        grep -E '^(tiny|test |test result)|panicked|assertion|  left|  right' ||
+        parity_failed=1
 done
 
 echo "== 2. one pipeline, device cpu and device cuda (= wgpu)"
@@ -144,3 +149,7 @@ print(f"resumed from step {resumed}; worst absolute weight difference to the "
 print("PASS: killed and resumed on device cuda (on wgpu)" if ok else "FAIL: resume")
 sys.exit(0 if ok else 1)
 EOF
+if [ "$parity_failed" != 0 ]; then
+    echo "FAIL: part 1 (parity tests on wgpu), above"
+    exit 1
+fi
