@@ -41,7 +41,7 @@ parity_failed=0
 for t in model_parity train_parity; do
     cargo test --locked -p anneal-stages --features gpu-on-wgpu --test "$t" cuda \
         -- --test-threads 1 --nocapture 2>&1 |
-        grep -E '^(tiny|test |test result)|panicked|assertion|  left|  right' ||
+        grep -E '^(tiny|test |test result)|panicked|assertion| *(left|right):' ||
         parity_failed=1
 done
 
