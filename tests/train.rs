@@ -192,26 +192,12 @@ fn phases_train_chain_and_cache() {
         assert!(p.exists(&format!("work/phase2/adapter/{f}")), "{f}");
     }
     // PEFT loads the adapter onto phase 1 and computes what anneal's merged model computes.
-    let peft = peft_check(
-        &p.path("work/phase1"),
-        &p.path("work/phase2/adapter"),
-        &p.path("work/phase2"),
-    );
-    eprintln!("PEFT check: {peft}");
+    let peft = phase2_adapter_matches_peft(&p, "llama");
     assert_eq!(peft["peft_type"], "LORA", "{peft}");
     let adapter: Value =
         serde_json::from_str(&p.read("work/phase2/adapter/adapter_config.json")).unwrap();
     assert_eq!(adapter["use_rslora"], true, "{adapter}");
     assert_eq!(adapter["use_dora"], true, "{adapter}");
-    let scale = peft["logit_scale"].as_f64().unwrap();
-    assert!(
-        peft["peft_vs_merged_max_abs"].as_f64().unwrap() < 1e-4 * scale.max(1.0),
-        "{peft}"
-    );
-    assert!(
-        peft["peft_vs_base_max_abs"].as_f64().unwrap() > 1e-5,
-        "the adapter changes nothing: {peft}"
-    );
     // The merged model, and the adapter alone (loaded on its base model from
     // adapter_config.json), generate the same tokens.
     let ids = |model: &str| generated_ids(&p, model, &["--chat", "--max-new-tokens", "3"]);
@@ -261,32 +247,37 @@ fn gemma3_and_smollm3_train_and_their_adapters_load_in_peft() {
         let m = metrics(&p, "work/phase1.jsonl");
         let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
         assert!(loss(3) < loss(0), "{arch}: loss {} -> {}", loss(0), loss(3));
-        let peft = peft_check(
-            &p.path("work/phase1"),
-            &p.path("work/phase2/adapter"),
-            &p.path("work/phase2"),
-        );
-        eprintln!("PEFT check ({arch}): {peft}");
-        let scale = peft["logit_scale"].as_f64().unwrap();
-        assert!(
-            peft["peft_vs_merged_max_abs"].as_f64().unwrap() < 1e-4 * scale.max(1.0),
-            "{arch}: {peft}"
-        );
-        assert!(
-            peft["peft_vs_base_max_abs"].as_f64().unwrap() > 1e-5,
-            "{arch}: the adapter changes nothing: {peft}"
-        );
+        phase2_adapter_matches_peft(&p, arch);
     }
 }
 
-/// `tests/support/check_peft.py`: PEFT's view of an adapter against the merged model.
-fn peft_check(base: &Path, adapter: &Path, merged: &Path) -> Value {
+/// `tests/support/check_peft.py` on `p`'s phase 2: PEFT's view of its
+/// adapter on phase 1's model computes what the merged phase 2 model
+/// computes (to 1e-4 of the largest logit), and differs from phase 1's
+/// model. Returns the script's report; `what` names the case in failures.
+fn phase2_adapter_matches_peft(p: &Project, what: &str) -> Value {
     require_python(&["torch", "peft", "transformers"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/check_peft.py");
-    python_json(
-        &[script.as_path(), base, adapter, merged],
+    let peft = python_json(
+        &[
+            script.as_path(),
+            &p.path("work/phase1"),
+            &p.path("work/phase2/adapter"),
+            &p.path("work/phase2"),
+        ],
         &script.display().to_string(),
-    )
+    );
+    eprintln!("PEFT check ({what}): {peft}");
+    let scale = peft["logit_scale"].as_f64().unwrap();
+    assert!(
+        peft["peft_vs_merged_max_abs"].as_f64().unwrap() < 1e-4 * scale.max(1.0),
+        "{what}: {peft}"
+    );
+    assert!(
+        peft["peft_vs_base_max_abs"].as_f64().unwrap() > 1e-5,
+        "{what}: the adapter changes nothing: {peft}"
+    );
+    peft
 }
 
 fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {

@@ -214,6 +214,14 @@ impl Keys<'_> {
         }
     }
 
+    /// The top-level number `key`, or `default` when it is missing or null.
+    fn f64_or(&self, key: &str, default: f64) -> anyhow::Result<f64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(_) => self.f64_in(self.map, key, ""),
+        }
+    }
+
     fn bool_or(&self, key: &str, default: bool) -> anyhow::Result<bool> {
         match self.get(key) {
             None => Ok(default),
@@ -349,10 +357,7 @@ impl ModelConfig {
                 k.bool_or("attention_bias", false)?
             }
         };
-        let rms_norm_eps = match k.get("rms_norm_eps") {
-            None => 1e-6,
-            Some(_) => k.f64_in(map, "rms_norm_eps", "")?,
-        };
+        let rms_norm_eps = k.f64_or("rms_norm_eps", 1e-6)?;
         Ok(ModelConfig {
             arch,
             vocab_size: k.usize("vocab_size")?,
@@ -369,10 +374,7 @@ impl ModelConfig {
             rope_local_theta: rope.local_theta,
             activation,
             query_pre_attn_scalar: match arch {
-                Arch::Gemma3 => Some(match k.get("query_pre_attn_scalar") {
-                    None => 256.0,
-                    Some(_) => k.f64_in(map, "query_pre_attn_scalar", "")?,
-                }),
+                Arch::Gemma3 => Some(k.f64_or("query_pre_attn_scalar", 256.0)?),
                 _ => None,
             },
             attention_bias,
@@ -438,10 +440,16 @@ fn sliding(
     rope_layers: &[bool],
 ) -> anyhow::Result<(Option<usize>, Vec<bool>)> {
     let file = k.file.display();
+    // SmolLM3Config has no default window; the others' is 4096.
+    let missing = if arch == Arch::SmolLm3 {
+        None
+    } else {
+        Some(4096)
+    };
     let window = || -> anyhow::Result<Option<usize>> {
         match k.map.get("sliding_window") {
             Some(Value::Null) => Ok(None),
-            None => Ok(Some(4096)),
+            None => Ok(missing),
             Some(_) => match k.usize("sliding_window")? {
                 0 => bail!("{file}: key 'sliding_window' must be positive (or null for none)"),
                 w => Ok(Some(w)),
@@ -456,11 +464,6 @@ fn sliding(
         }
         Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3 => {
             let w = match arch == Arch::Gemma3 || k.bool_or("use_sliding_window", false)? {
-                // SmolLM3Config has no default window.
-                true if arch == Arch::SmolLm3 => match k.get("sliding_window") {
-                    None => None,
-                    Some(_) => window()?,
-                },
                 true => window()?,
                 false => None,
             };
@@ -469,8 +472,7 @@ fn sliding(
                     rope_layers.iter().map(|&r| w.is_some() && !r).collect()
                 }
                 None if arch == Arch::Gemma3 => {
-                    let every = k.usize_or("sliding_window_pattern", 6)?.max(1);
-                    (0..layers).map(|i| (i + 1) % every != 0).collect()
+                    all_but_every(k.usize_or("sliding_window_pattern", 6)?, layers)
                 }
                 None => {
                     let from = k.usize_or("max_window_layers", 28)?;
@@ -515,6 +517,14 @@ fn sliding(
     })
 }
 
+/// For each of `layers` layers, true but on every `n`-th (layers `n - 1`,
+/// `2n - 1`, ...), as Gemma 3 places its global layers and SmolLM3 its NoPE
+/// layers (an `n` of 0 counts as 1: all false).
+pub fn all_but_every(n: usize, layers: usize) -> Vec<bool> {
+    let n = n.max(1);
+    (0..layers).map(|i| (i + 1) % n != 0).collect()
+}
+
 /// Per layer, whether RoPE applies: SmolLM3's `no_rope_layers` (1 where it
 /// does, 0 for a NoPE layer), or without that key every
 /// `no_rope_layer_interval`-th layer (default 4) without; every layer for
@@ -524,10 +534,10 @@ fn rope_layers(k: &Keys, arch: Arch, layers: usize) -> anyhow::Result<Vec<bool>>
         return Ok(vec![true; layers]);
     }
     match k.get("no_rope_layers") {
-        None => {
-            let every = k.usize_or("no_rope_layer_interval", 4)?.max(1);
-            Ok((0..layers).map(|i| (i + 1) % every != 0).collect())
-        }
+        None => Ok(all_but_every(
+            k.usize_or("no_rope_layer_interval", 4)?,
+            layers,
+        )),
         Some(Value::Array(v)) if v.len() == layers => v
             .iter()
             .map(|x| match x.as_u64() {
@@ -620,19 +630,15 @@ fn gemma3_rope(k: &Keys) -> anyhow::Result<RopeKeys> {
             local_theta: Some(local),
         });
     }
-    let num = |key: &str, default: f64| match k.get(key) {
-        None => Ok(default),
-        Some(_) => k.f64_in(k.map, key, ""),
-    };
     let (llama3, linear) = match k.get("rope_scaling").and_then(Value::as_object) {
         Some(s) => scaling(k, s, "rope_scaling.")?,
         None => (None, None),
     };
     Ok(RopeKeys {
-        theta: num("rope_theta", 1e6)?,
+        theta: k.f64_or("rope_theta", 1e6)?,
         llama3,
         linear,
-        local_theta: Some(num("rope_local_base_freq", 1e4)?),
+        local_theta: Some(k.f64_or("rope_local_base_freq", 1e4)?),
     })
 }
 

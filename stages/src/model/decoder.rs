@@ -531,10 +531,8 @@ impl<B: ModelBackend> CausalLm<B> {
     /// Inverse RoPE frequencies (`head_dim / 2` of them), Llama 3 or linear
     /// scaling applied.
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
-        let half = head_dim / 2;
-        (0..half)
-            .map(|i| {
-                let f = 1.0 / self.rope_theta.powf((2 * i) as f64 / head_dim as f64);
+        unscaled_inv_freq(self.rope_theta, head_dim)
+            .map(|f| {
                 if self.rope_factor == 0.0 {
                     return f / self.rope_linear_factor;
                 }
@@ -562,11 +560,8 @@ impl<B: ModelBackend> CausalLm<B> {
     /// base, unscaled), when they differ from [`Self::inv_freq`].
     fn local_inv_freq(&self, head_dim: usize) -> Option<Vec<f64>> {
         let sliding = self.layers.iter().any(|l| l.self_attn.sliding_window > 0);
-        (self.rope_local_theta > 0.0 && sliding).then(|| {
-            (0..head_dim / 2)
-                .map(|i| 1.0 / self.rope_local_theta.powf((2 * i) as f64 / head_dim as f64))
-                .collect()
-        })
+        (self.rope_local_theta > 0.0 && sliding)
+            .then(|| unscaled_inv_freq(self.rope_local_theta, head_dim).collect())
     }
 
     fn head_dim(&self) -> usize {
@@ -1285,6 +1280,12 @@ impl<B: Backend> CausalLm<B> {
 /// Hidden states at counted positions, their targets, and `(row, position)`
 /// of each.
 pub type Counted<B> = (Tensor<B, 2>, Vec<i64>, Vec<(usize, usize)>);
+
+/// RoPE's inverse frequencies `theta^(-2i / head_dim)`, `head_dim / 2` of
+/// them, before any scaling.
+fn unscaled_inv_freq(theta: f64, head_dim: usize) -> impl Iterator<Item = f64> {
+    (0..head_dim / 2).map(move |i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+}
 
 /// The seed of layer `l`'s dropout masks in a micro-batch seeded `seed`
 /// (SplitMix64's finaliser, so neighbouring layers and seeds get unrelated

@@ -158,7 +158,9 @@ impl InitSpec {
         if self.sliding_window.is_some() && self.arch == "llama" {
             return Err((
                 "sliding_window".into(),
-                "llama has no sliding-window attention; use arch mistral, qwen2 or qwen3".into(),
+                "llama has no sliding-window attention; use arch mistral, qwen2, qwen3, smollm3 \
+                 or gemma3_text"
+                    .into(),
             ));
         }
         if self.max_window_layers.is_some() && !matches!(self.arch.as_str(), "qwen2" | "qwen3") {
@@ -246,7 +248,10 @@ impl InitSpec {
                 c["mlp_bias"] = json!(false);
                 // SmolLM3's NoPE layers: every fourth; a window slides on those.
                 c["no_rope_layer_interval"] = json!(4);
-                c["no_rope_layers"] = (0..layers).map(|i| u8::from((i + 1) % 4 != 0)).collect();
+                c["no_rope_layers"] = config::all_but_every(4, layers)
+                    .into_iter()
+                    .map(u8::from)
+                    .collect();
                 c["use_sliding_window"] = json!(self.sliding_window.is_some());
                 c["sliding_window"] = json!(self.sliding_window);
             }
@@ -264,13 +269,12 @@ impl InitSpec {
                     json!({"full_attention": default, "sliding_attention": default});
                 // Gemma 3's pattern with a window: every sixth layer global.
                 c["sliding_window"] = json!(self.sliding_window);
-                c["layer_types"] = (0..layers)
-                    .map(
-                        |i| match self.sliding_window.is_some() && (i + 1) % 6 != 0 {
-                            true => "sliding_attention",
-                            false => "full_attention",
-                        },
-                    )
+                c["layer_types"] = config::all_but_every(6, layers)
+                    .into_iter()
+                    .map(|slides| match self.sliding_window.is_some() && slides {
+                        true => "sliding_attention",
+                        false => "full_attention",
+                    })
                     .collect();
             }
         }
