@@ -65,7 +65,8 @@ struct Client {
     key: Option<String>,
     p: GenParams,
     sampling: Sampling,
-    sem: Semaphore,
+    /// `max_concurrent` slots; each is held until its reply is journaled.
+    sem: Arc<Semaphore>,
     pacer: Option<Pacer>,
     stats: Stats,
     jitter: Mutex<SplitMix64>,
@@ -109,7 +110,7 @@ impl OpenAi {
             http,
             url: format!("{}/chat/completions", p.base_url.trim_end_matches('/')),
             key,
-            sem: Semaphore::new(p.max_concurrent),
+            sem: Arc::new(Semaphore::new(p.max_concurrent)),
             pacer: p.requests_per_minute.map(|rpm| Pacer {
                 gap: Duration::from_secs_f64(60.0 / rpm),
                 next: tokio::sync::Mutex::new(Instant::now()),
@@ -144,14 +145,22 @@ impl Generator for OpenAi {
             for (i, r) in requests.iter().enumerate() {
                 let c = self.client.clone();
                 let r = r.clone();
-                set.spawn(async move { (i, c.call(r).await) });
+                set.spawn(async move {
+                    match c.sem.clone().acquire_owned().await {
+                        Ok(slot) => (i, c.call(r).await, Some(slot)),
+                        Err(e) => (i, Err(e.to_string()), None),
+                    }
+                });
             }
             while let Some(j) = set.join_next().await {
-                let (i, r) = j.context("a request task failed")?;
+                let (i, r, slot) = j.context("a request task failed")?;
                 if r.is_err() {
                     self.client.stats.failed.fetch_add(1, Ordering::Relaxed);
                 }
                 done(i, r)?;
+                // Freed only now: a kill loses at most `max_concurrent` replies,
+                // whether in flight or answered and not yet journaled.
+                drop(slot);
             }
             Ok(())
         })
@@ -183,7 +192,6 @@ impl Generator for OpenAi {
 
 impl Client {
     async fn call(&self, req: Request) -> Result<Reply, String> {
-        let _permit = self.sem.acquire().await.map_err(|e| e.to_string())?;
         let mut last = String::new();
         for attempt in 0..=self.p.max_retries {
             if let Some(p) = &self.pacer {
