@@ -820,6 +820,88 @@ mod cuda {
         attention_check::<Gpu>(&device, (2, 1024, 7, 0), false, 1e-4);
     }
 
+    /// The model's matmuls against Flex at contraction lengths that burn's
+    /// double-buffered GPU kernels get wrong when autotune picks one (an odd
+    /// multiple of a stage's `k`: on wgpu `[2, 520] · [520, 16]` was 2.2 off
+    /// before `matmul::safe_contraction`), and at safe ones around them.
+    /// Shapes: a decoding step's `p · v`, a projection, and a weight
+    /// gradient `xᵀ g`.
+    #[test]
+    fn matmuls_match_flex_at_every_contraction_on_cuda() {
+        use anneal_stages::model::ModelBackend;
+        use anneal_stages::model::device::Gpu as G;
+        use burn::tensor::ops::FloatTensorOps;
+        use burn::tensor::{Distribution, Tensor, TensorPrimitive};
+        let Some(device) = common::gpu() else { return };
+        let rand = |s: [usize; 4]| {
+            Tensor::<Flex, 4>::random(s, Distribution::Normal(0.0, 1.0), &Default::default())
+        };
+        let gpu = |t: &Tensor<Flex, 4>| Tensor::<G, 4>::from_data(t.to_data(), &device);
+        let prim = |t: Tensor<G, 4>| t.into_primitive().tensor();
+        let host = |t| Tensor::<G, 4>::from_primitive(TensorPrimitive::Float(t)).into_data();
+        let mut worst = 0f32;
+        for k in [
+            8, 16, 48, 96, 513, 514, 516, 520, 528, 536, 544, 576, 1032, 1040,
+        ] {
+            for (what, a, b, transposed) in [
+                ("p·v", rand([1, 2, 2, k]), rand([1, 2, k, 16]), false),
+                (
+                    "projection",
+                    rand([1, 1, 64, k]),
+                    rand([1, 1, k, 96]),
+                    false,
+                ),
+                ("xᵀ g", rand([1, 1, k, 64]), rand([1, 1, k, 96]), true),
+            ] {
+                let lhs = |t: Tensor<G, 4>| if transposed { t.swap_dims(2, 3) } else { t };
+                let want = match transposed {
+                    true => a.clone().swap_dims(2, 3),
+                    false => a.clone(),
+                }
+                .matmul(b.clone());
+                let [h, m, n] = [want.dims()[1], want.dims()[2], want.dims()[3]];
+                let mut got = vec![(
+                    "batched",
+                    host(G::batched_matmul(prim(lhs(gpu(&a))), prim(gpu(&b)))),
+                )];
+                if h == 1 {
+                    let two = |t: Tensor<G, 4>| {
+                        let [_, _, r, c] = t.dims();
+                        t.reshape([r, c]).into_primitive().tensor()
+                    };
+                    let a2 = match transposed {
+                        true => G::float_transpose(two(gpu(&a))),
+                        false => two(gpu(&a)),
+                    };
+                    let y = G::matmul_2d(a2, two(gpu(&b)));
+                    got.push((
+                        "2-d",
+                        Tensor::<G, 2>::from_primitive(TensorPrimitive::Float(y))
+                            .reshape([1, 1, m, n])
+                            .into_data(),
+                    ));
+                }
+                let want = want.into_data().to_vec::<f32>().unwrap();
+                for (op, got) in got {
+                    let got = got.to_vec::<f32>().unwrap();
+                    let diff = want
+                        .iter()
+                        .zip(&got)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
+                    // Sums of k products of unit normals: rounding grows like sqrt(k).
+                    let tol = 1e-4 * (k as f32).sqrt() * 8.0;
+                    assert!(
+                        diff <= tol,
+                        "{what} ({op}), k = {k}: {diff:e} off (tolerance {tol:e})"
+                    );
+                    worst = worst.max(diff / tol);
+                }
+            }
+        }
+        eprintln!("matmuls: worst difference {worst:.3} of the tolerance");
+    }
+
     /// The same in bf16 (inputs, matmuls; softmax in f32) against f32.
     #[cfg(feature = "cuda")]
     #[test]

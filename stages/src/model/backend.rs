@@ -403,7 +403,8 @@ pub(crate) fn dense(t: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
 }
 
 /// A GPU: burn's ops, with attention as chunked batched matmuls (see
-/// [`attention::composed`]).
+/// [`attention::composed`]) and matmuls whose contraction is padded where
+/// burn's kernels would get it wrong ([`super::matmul::safe_contraction`]).
 #[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
 impl ModelBackend for super::device::Gpu {
     /// Fewer, larger chunks: the LM head's matmuls stay large, and the f32
@@ -419,6 +420,14 @@ impl ModelBackend for super::device::Gpu {
         causal: Option<Causal>,
     ) -> FloatTensor<Self> {
         attention::composed::<Self>(q, k, v, mask, causal)
+    }
+
+    fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::matmul::gpu::<Self, 2>(x, w)
+    }
+
+    fn batched_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        super::matmul::gpu::<Self, 4>(a, b)
     }
 }
 

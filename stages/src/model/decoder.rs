@@ -56,13 +56,10 @@ pub struct LoraAdapter<B: Backend> {
     pub magnitude: Option<Param<Tensor<B, 1>>>,
 }
 
-impl<B: Backend> LoraAdapter<B> {
+impl<B: ModelBackend> LoraAdapter<B> {
     /// `scaling * A B`, `[in, out]`: what the adapter adds to the weight.
     pub fn delta(&self) -> Tensor<B, 2> {
-        self.lora_a
-            .val()
-            .matmul(self.lora_b.val())
-            .mul_scalar(self.scaling)
+        matmul_2d(self.lora_a.val(), self.lora_b.val()).mul_scalar(self.scaling)
     }
 
     /// `weight + delta` as a constant (no gradient): the weight whose

@@ -11,6 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde_json::{Value, json};
 
+use super::backend::ModelBackend;
 use super::decoder::{CausalLm, Linear, LoraAdapter, column_norms, dora_scale, host};
 use super::weights::{self, HostTensor, SaveDtype};
 use crate::rng::SplitMix64;
@@ -229,7 +230,7 @@ fn param2<B: Backend>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, 2>> 
 /// Freezes the base and attaches fresh adapters as PEFT initialises them:
 /// `A` kaiming-uniform (bound `1/sqrt(in)`), `B` zero, so the model is
 /// unchanged; with DoRA the magnitudes are the base weight's column norms.
-pub fn attach<B: Backend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) -> CausalLm<B> {
+pub fn attach<B: ModelBackend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) -> CausalLm<B> {
     let mut net = freeze(net);
     let device = net.embed_tokens.device();
     let mut rng = SplitMix64(seed);
@@ -391,7 +392,7 @@ pub fn save_adapter<B: Backend>(
 
 /// Folds every adapter into its base weight (`W += scaling * A B`; with
 /// DoRA, each column of that sum scaled to its magnitude) and removes it.
-pub fn merge<B: Backend>(mut net: CausalLm<B>) -> CausalLm<B> {
+pub fn merge<B: ModelBackend>(mut net: CausalLm<B>) -> CausalLm<B> {
     for (_, _, lin) in projections(&mut net) {
         if let Some(l) = lin.lora.take() {
             let mut w = l.adapted(lin.weight.val());

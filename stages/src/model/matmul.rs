@@ -11,9 +11,11 @@
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
+use super::attention::to;
 use super::backend::ModelBackend;
 use super::binary_op::{self, BinaryGrad};
 
@@ -50,6 +52,61 @@ impl<B: ModelBackend> BinaryGrad<B> for Matmul2dGrad {
         let dx = want[0].then(|| B::matmul_2d(g, B::float_transpose(w)));
         [dx, dw]
     }
+}
+
+/// A contraction length that is a multiple of this (or odd) is safe from the
+/// double-buffered GPU kernels' overread (see [`safe_contraction`]).
+const SAFE_K: usize = 64;
+
+/// The contraction length `k` padded (with zeros) so that burn 0.21's GPU
+/// matmuls compute it right. Its double-buffered kernels (cubek-matmul 0.2:
+/// double-buffered unit and plane, ordered and specialized) consume the
+/// contraction two stages at a time, round an odd stage count up and keep
+/// the bounds check off whenever `k` is a multiple of one stage's `k`
+/// extent: for `k` an odd multiple of it they add one stage of whatever lies
+/// past the operands (the specialized kernels' case is tracel-ai/cubek#434).
+/// The extents of the kernels burn tunes are 2 to 32 elements, so an odd `k`
+/// (the check stays on) and a multiple of 64 (an even stage count) are safe.
+/// Seen on wgpu: a `[2, 520] · [520, 16]` product 2.2 off, and a SmolLM3
+/// greedy decode that diverged at its 520th key.
+pub fn safe_contraction(k: usize) -> usize {
+    if k % 2 == 1 || k.is_multiple_of(SAFE_K) {
+        k
+    } else {
+        k.next_multiple_of(SAFE_K)
+    }
+}
+
+/// `a: [.., m, k]` and `b: [.., k, n]` with `k` zero-padded to
+/// [`safe_contraction`]: the same product, computed right on the GPU.
+pub fn pad_contraction<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> (Tensor<B, D>, Tensor<B, D>) {
+    let k = a.dims()[D - 1];
+    let padded = safe_contraction(k);
+    if padded == k {
+        return (a, b);
+    }
+    let pad = |t: Tensor<B, D>, axis: usize| {
+        let mut shape = t.dims();
+        shape[axis] = padded - k;
+        let zeros = to(Tensor::<B, D>::zeros(shape, &t.device()), t.dtype());
+        Tensor::cat(vec![t, zeros], axis)
+    };
+    (pad(a, D - 1), pad(b, D - 2))
+}
+
+/// [`ModelBackend::matmul_2d`] and [`ModelBackend::batched_matmul`] on a GPU:
+/// burn's matmul with the contraction padded by [`pad_contraction`].
+#[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
+pub(crate) fn gpu<B: Backend, const D: usize>(
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let float = |t| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t));
+    let (a, b) = pad_contraction(float(a), float(b));
+    a.matmul(b).into_primitive().tensor()
 }
 
 /// Flex, f32: gemm into the output's own buffer.
@@ -206,7 +263,7 @@ pub(crate) mod flex {
 mod tests {
     use super::*;
     use burn::backend::Flex;
-    use burn::tensor::{Distribution, TensorData};
+    use burn::tensor::{DType, Distribution, ElementConversion, TensorData};
 
     type AD = Autodiff<Flex>;
 
@@ -309,5 +366,49 @@ mod tests {
         }
         assert!(ours(&rand([1, 2, 3, 4]), &rand([1, 1, 4, 5])).is_none());
         assert!(ours(&rand([1, 2, 3, 4]), &rand([1, 2, 5, 5])).is_none());
+    }
+
+    /// Only even contractions that are not a multiple of 64 are padded, to
+    /// the next multiple of 64, and the product stays the same (bf16 too).
+    #[test]
+    fn padded_contractions_keep_the_product() {
+        let device = Default::default();
+        for (k, want) in [
+            (1, 1),
+            (513, 513),
+            (2, 64),
+            (16, 64),
+            (520, 576),
+            (576, 576),
+            (1032, 1088),
+        ] {
+            assert_eq!(safe_contraction(k), want, "k = {k}");
+        }
+        let rand =
+            |s: [usize; 4]| Tensor::<Flex, 4>::random(s, Distribution::Normal(0.0, 1.0), &device);
+        for dtype in [DType::F32, DType::BF16] {
+            for k in [7, 520, 64] {
+                let (a, b) = (to(rand([2, 3, 5, k]), dtype), to(rand([2, 3, k, 9]), dtype));
+                let (pa, pb) = pad_contraction(a.clone(), b.clone());
+                let padded = safe_contraction(k);
+                assert_eq!(
+                    (pa.dims(), pb.dims()),
+                    ([2, 3, 5, padded], [2, 3, padded, 9])
+                );
+                assert_eq!(pa.dtype(), dtype);
+                if padded > k {
+                    let tail = pa
+                        .clone()
+                        .narrow(3, k, padded - k)
+                        .abs()
+                        .max()
+                        .into_scalar();
+                    assert_eq!(tail.elem::<f32>(), 0.0, "k = {k}: the padding is zeros");
+                }
+                let (want, got) = (a.matmul(b), pa.matmul(pb));
+                let diff = (to(want, DType::F32) - to(got, DType::F32)).abs().max();
+                assert!(diff.into_scalar() <= 1e-2, "k = {k}, {dtype:?}");
+            }
+        }
     }
 }

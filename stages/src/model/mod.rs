@@ -62,7 +62,7 @@ pub struct Model<B: Backend> {
     pub source: Option<PathBuf>,
 }
 
-impl<B: Backend> Model<B> {
+impl<B: ModelBackend> Model<B> {
     /// Loads `dir/config.json` and its safetensors weights onto `device`.
     /// A PEFT LoRA adapter directory (`adapter_config.json`, no `config.json`)
     /// loads as its local base model with the adapter merged in.
@@ -108,7 +108,9 @@ impl<B: Backend> Model<B> {
             source: Some(dir.to_path_buf()),
         })
     }
+}
 
+impl<B: Backend> Model<B> {
     /// Writes a Hugging Face checkpoint to `dir`: `config.json`, the weights
     /// (sharded above `max_shard_bytes`), and the tokenizer and generation
     /// files of the source directory.
