@@ -17,6 +17,7 @@ use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::backend::ModelBackend;
 use super::binary_op::{self, BinaryGrad};
+use super::vmath::{GELU_A, GELU_C};
 
 /// `silu(gate) * up`, elementwise; `gate` and `up` of one shape.
 pub fn swiglu<B: ModelBackend, const D: usize>(
@@ -51,11 +52,6 @@ pub fn geglu<B: ModelBackend, const D: usize>(
         up.into_primitive().tensor(),
     )))
 }
-
-/// `sqrt(2 / pi)`.
-const GELU_C: f64 = 0.797_884_560_802_865_4;
-/// The cubic term's coefficient.
-const GELU_A: f64 = 0.044_715;
 
 /// `tanh(sqrt(2 / pi) * (g + 0.044715 g^3))`.
 fn gelu_tanh_t<B: Backend>(g: Tensor<B, 1>) -> Tensor<B, 1> {

@@ -118,9 +118,9 @@ pub fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
 }
 
 /// `sqrt(2 / pi)`, GeLU's tanh approximation's factor.
-const GELU_C: f32 = 0.797_884_6;
+pub(crate) const GELU_C: f32 = 0.797_884_6;
 /// Its cubic term's coefficient.
-const GELU_A: f32 = 0.044_715;
+pub(crate) const GELU_A: f32 = 0.044_715;
 
 /// `tanh(sqrt(2 / pi) * (g + 0.044715 g^3))` as `1 - 2 / (e^2z + 1)`.
 #[inline(always)]
