@@ -824,8 +824,9 @@ mod cuda {
     /// double-buffered GPU kernels get wrong when autotune picks one (an odd
     /// multiple of a stage's `k`: on wgpu `[2, 520] · [520, 16]` was 2.2 off
     /// before `matmul::safe_contraction`), and at safe ones around them.
-    /// Shapes: a decoding step's `p · v`, a projection, and a weight
-    /// gradient `xᵀ g`.
+    /// Shapes: a decoding step's `p · v`, a projection, a weight gradient
+    /// `xᵀ g`, and a one-row and a one-column product (a batch-1 decoding
+    /// step's projections).
     #[test]
     fn matmuls_match_flex_at_every_contraction_on_cuda() {
         use anneal_stages::model::ModelBackend;
@@ -841,7 +842,7 @@ mod cuda {
         let host = |t| Tensor::<G, 4>::from_primitive(TensorPrimitive::Float(t)).into_data();
         let mut worst = 0f32;
         for k in [
-            8, 16, 48, 96, 513, 514, 516, 520, 528, 536, 544, 576, 1032, 1040,
+            8, 16, 48, 96, 513, 514, 516, 520, 528, 536, 544, 576, 896, 1032, 1040,
         ] {
             for (what, a, b, transposed) in [
                 ("p·v", rand([1, 2, 2, k]), rand([1, 2, k, 16]), false),
@@ -852,6 +853,8 @@ mod cuda {
                     false,
                 ),
                 ("xᵀ g", rand([1, 1, k, 64]), rand([1, 1, k, 96]), true),
+                ("one row", rand([1, 1, 1, k]), rand([1, 1, k, 96]), false),
+                ("one column", rand([1, 1, 64, k]), rand([1, 1, k, 1]), false),
             ] {
                 let lhs = |t: Tensor<G, 4>| if transposed { t.swap_dims(2, 3) } else { t };
                 let want = match transposed {

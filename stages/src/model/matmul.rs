@@ -60,15 +60,17 @@ const SAFE_K: usize = 64;
 
 /// The contraction length `k` padded (with zeros) so that burn 0.21's GPU
 /// matmuls compute it right. Its double-buffered kernels (cubek-matmul 0.2:
-/// double-buffered unit and plane, ordered and specialized) consume the
-/// contraction two stages at a time, round an odd stage count up and keep
-/// the bounds check off whenever `k` is a multiple of one stage's `k`
-/// extent: for `k` an odd multiple of it they add one stage of whatever lies
-/// past the operands (the specialized kernels' case is tracel-ai/cubek#434).
-/// The extents of the kernels burn tunes are 2 to 32 elements, so an odd `k`
-/// (the check stays on) and a multiple of 64 (an even stage count) are safe.
-/// Seen on wgpu: a `[2, 520] · [520, 16]` product 2.2 off, and a SmolLM3
-/// greedy decode that diverged at its 520th key.
+/// double-buffered unit, plane and vector-matrix, ordered and specialized)
+/// consume the contraction two stages at a time, round an odd stage count
+/// up and keep the bounds check off whenever `k` is a multiple of one
+/// stage's `k` extent: for `k` an odd multiple of it they add one stage of
+/// whatever lies past the operands (the specialized kernels' case is
+/// tracel-ai/cubek#434). With both other sides above 1, the extents of the
+/// kernels burn tunes are 2 to 32 elements on 32-lane GPUs, so an odd `k`
+/// (the check stays on) and a multiple of 64 (an even stage count) are safe;
+/// [`gpu`] also keeps both other sides above 1, since the vector kernels'
+/// extents reach 256. Seen on wgpu: a `[2, 520] · [520, 16]` product 2.2
+/// off, and a SmolLM3 greedy decode that diverged at its 520th key.
 pub fn safe_contraction(k: usize) -> usize {
     if k % 2 == 1 || k.is_multiple_of(SAFE_K) {
         k
@@ -88,17 +90,29 @@ pub fn pad_contraction<B: Backend, const D: usize>(
     if padded == k {
         return (a, b);
     }
-    let pad = |t: Tensor<B, D>, axis: usize| {
-        let mut shape = t.dims();
-        shape[axis] = padded - k;
-        let zeros = to(Tensor::<B, D>::zeros(shape, &t.device()), t.dtype());
-        Tensor::cat(vec![t, zeros], axis)
-    };
-    (pad(a, D - 1), pad(b, D - 2))
+    (
+        append_zeros(a, D - 1, padded - k),
+        append_zeros(b, D - 2, padded - k),
+    )
+}
+
+/// `t` with `n` zeros appended along `axis`, in `t`'s dtype.
+fn append_zeros<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    axis: usize,
+    n: usize,
+) -> Tensor<B, D> {
+    let mut shape = t.dims();
+    shape[axis] = n;
+    let zeros = to(Tensor::<B, D>::zeros(shape, &t.device()), t.dtype());
+    Tensor::cat(vec![t, zeros], axis)
 }
 
 /// [`ModelBackend::matmul_2d`] and [`ModelBackend::batched_matmul`] on a GPU:
-/// burn's matmul with the contraction padded by [`pad_contraction`].
+/// burn's matmul with the contraction padded by [`pad_contraction`], and a
+/// zero row (column) added to a one-row left (one-column right) operand, so
+/// that burn never runs its vector kernels, whose stage `k` reaches 256
+/// elements (`32 lanes * 8` bf16 values), and the padding to 64 suffices.
 #[cfg(any(feature = "cuda", feature = "gpu-on-wgpu"))]
 pub(crate) fn gpu<B: Backend, const D: usize>(
     a: FloatTensor<B>,
@@ -106,7 +120,17 @@ pub(crate) fn gpu<B: Backend, const D: usize>(
 ) -> FloatTensor<B> {
     let float = |t| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t));
     let (a, b) = pad_contraction(float(a), float(b));
-    a.matmul(b).into_primitive().tensor()
+    let (m, n) = (a.dims()[D - 2], b.dims()[D - 1]);
+    let a = if m == 1 { append_zeros(a, D - 2, 1) } else { a };
+    let b = if n == 1 { append_zeros(b, D - 1, 1) } else { b };
+    let mut y = a.matmul(b);
+    if m == 1 {
+        y = y.narrow(D - 2, 0, 1);
+    }
+    if n == 1 {
+        y = y.narrow(D - 1, 0, 1);
+    }
+    y.into_primitive().tensor()
 }
 
 /// Flex, f32: gemm into the output's own buffer.
