@@ -68,9 +68,10 @@ const SAFE_K: usize = 64;
 /// tracel-ai/cubek#434). With both other sides above 1, the extents of the
 /// kernels burn tunes are 2 to 32 elements on 32-lane GPUs, so an odd `k`
 /// (the check stays on) and a multiple of 64 (an even stage count) are safe;
-/// [`gpu`] also keeps both other sides above 1, since the vector kernels'
-/// extents reach 256. Seen on wgpu: a `[2, 520] · [520, 16]` product 2.2
-/// off, and a SmolLM3 greedy decode that diverged at its 520th key.
+/// the GPU matmul (`gpu`, built with a GPU feature) also keeps both other
+/// sides above 1, since the vector kernels' extents reach 256. Seen on wgpu:
+/// a `[2, 520] · [520, 16]` product 2.2 off, and a SmolLM3 greedy decode
+/// that diverged at its 520th key.
 pub fn safe_contraction(k: usize) -> usize {
     if k % 2 == 1 || k.is_multiple_of(SAFE_K) {
         k
