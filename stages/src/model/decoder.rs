@@ -320,7 +320,10 @@ pub struct CausalLm<B: Backend> {
     pub neftune_noise_alpha: f64,
 }
 
-/// Keys and values of every layer for the positions seen so far.
+/// Keys and values of every layer for the positions seen so far; a
+/// sliding-window layer keeps only its last `sliding_window` of them, which
+/// hold every key its later tokens see as long as padding is only at the
+/// start of a row (as [`generate`](fn@super::generate) pads).
 #[derive(Debug)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
@@ -332,19 +335,6 @@ impl<B: Backend> KvCache<B> {
         KvCache {
             layers: (0..n_layers).map(|_| None).collect(),
         }
-    }
-
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
-    }
-
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Keeps only the batch rows in `rows` (after some sequences finished).
@@ -449,7 +439,16 @@ impl<B: ModelBackend> Attention<B> {
                     None => (k, v),
                     Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
                 };
-                *slot = Some(kv.clone());
+                // A sliding layer's later tokens see only its last `window`
+                // keys (valid ones: padding is at the start of a row).
+                let held = kv.0.dims()[2];
+                *slot = Some(match self.sliding_window {
+                    w if w > 0 && held > w => (
+                        kv.0.clone().narrow(2, held - w, w),
+                        kv.1.clone().narrow(2, held - w, w),
+                    ),
+                    _ => kv.clone(),
+                });
                 kv
             }
         };
@@ -461,7 +460,15 @@ impl<B: ModelBackend> Attention<B> {
             }
             _ => (&pos.mask, 0),
         };
-        let mask = mask.clone().expand([b, kvh, t * rep, s]);
+        // The mask covers every key seen; a trimmed cache holds the last `s`.
+        let all = mask.dims()[3];
+        let mask = match all > s {
+            true => Tensor::from_primitive(B::dense_mask(
+                mask.clone().narrow(3, all - s, s).into_primitive(),
+            )),
+            false => mask.clone(),
+        };
+        let mask = mask.expand([b, kvh, t * rep, s]);
         let causal = Some(Causal {
             rep,
             past: s - t,
@@ -1451,6 +1458,42 @@ mod tests {
                 "a window as long as the keys hides none"
             );
         }
+    }
+
+    /// A sliding layer's cache keeps its last `w` keys, and decoding with it
+    /// gives what one pass over every token gives.
+    #[test]
+    fn a_sliding_layer_caches_only_its_window() {
+        let mut net = net(4, 2);
+        let w = 3;
+        net.layers[0].self_attn.sliding_window = w;
+        let dev = Default::default();
+        let ids: Vec<u32> = vec![1, 5, 7, 2, 9, 4, 3, 8, 6];
+        let n = ids.len();
+        let hidden = |ids: &[u32], from: usize, cache: Option<&mut KvCache<Flex>>| {
+            let pos = net.positions(
+                &[(from..from + ids.len()).collect()],
+                &[vec![true; from + ids.len()]],
+                &dev,
+            );
+            net.forward_hidden(
+                CausalLm::<Flex>::ids_tensor(&[ids.to_vec()], &dev),
+                &pos,
+                cache,
+            )
+        };
+        let whole = hidden(&ids, 0, None);
+        let mut cache = KvCache::new(1);
+        let prompt = 6;
+        let mut got = vec![hidden(&ids[..prompt], 0, Some(&mut cache))];
+        for i in prompt..n {
+            let held = cache.layers[0].as_ref().map(|(k, _)| k.dims()[2]);
+            assert_eq!(held, Some(w), "before token {i}");
+            got.push(hidden(&ids[i..=i], i, Some(&mut cache)));
+        }
+        let got = Tensor::cat(got, 1);
+        let diff = (got - whole).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{diff}");
     }
 
     #[test]
