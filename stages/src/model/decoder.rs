@@ -369,7 +369,9 @@ pub struct Positions<B: Backend> {
     /// Built once per forward pass, so the layers do not each copy it.
     mask: Tensor<B, 4, Bool>,
     /// The mask of sliding-window layers (window size, mask in `mask`'s
-    /// layout), when the window hides a key that `mask` shows.
+    /// layout), when the window hides a key that `mask` shows. It covers
+    /// only the keys such a layer holds: the last `min(past, window)` cached
+    /// ones (see [`KvCache`]) and the new tokens.
     window: Option<(usize, Tensor<B, 4, Bool>)>,
 }
 
@@ -460,15 +462,8 @@ impl<B: ModelBackend> Attention<B> {
             }
             _ => (&pos.mask, 0),
         };
-        // The mask covers every key seen; a trimmed cache holds the last `s`.
-        let all = mask.dims()[3];
-        let mask = match all > s {
-            true => Tensor::from_primitive(B::dense_mask(
-                mask.clone().narrow(3, all - s, s).into_primitive(),
-            )),
-            false => mask.clone(),
-        };
-        let mask = mask.expand([b, kvh, t * rep, s]);
+        debug_assert_eq!(mask.dims()[3], s, "the mask covers the keys held");
+        let mask = mask.clone().expand([b, kvh, t * rep, s]);
         let causal = Some(Causal {
             rep,
             past: s - t,
@@ -589,7 +584,9 @@ impl<B: ModelBackend> CausalLm<B> {
     /// rows never produce NaNs. On sliding-window layers it sees only the
     /// last `window` of those keys: for rows without padding, keys after
     /// `past + i - window`, as transformers' mask has it; padding does not
-    /// use up the window, so a padded row attends as it would alone.
+    /// use up the window, so a padded row attends as it would alone. The
+    /// window's mask covers only the keys a sliding layer's cache holds, the
+    /// last `min(past, window)` cached keys and the new tokens.
     pub fn positions(
         &self,
         positions: &[Vec<usize>],
@@ -603,9 +600,10 @@ impl<B: ModelBackend> CausalLm<B> {
         let window = self.sliding_window().filter(|&w| w < s);
         // Row `i` masks the keys before its first visible one, the invalid
         // keys from there to the token, none at it and every key after it:
-        // slice copies and fills, not a test per key.
-        let build = |first: &dyn Fn(&[usize], usize) -> usize| {
-            let mut mask = Vec::with_capacity(b * t * s);
+        // slice copies and fills, not a test per key. The mask starts at key
+        // `from`.
+        let build = |from: usize, first: &dyn Fn(&[usize], usize) -> usize| {
+            let mut mask = Vec::with_capacity(b * t * (s - from));
             for valid in key_valid {
                 let invalid: Vec<bool> = valid.iter().map(|v| !v).collect();
                 // seen[j]: valid keys before key j.
@@ -616,23 +614,25 @@ impl<B: ModelBackend> CausalLm<B> {
                     }))
                     .collect();
                 for q in past..s {
-                    let lo = first(&seen, q);
-                    mask.resize(mask.len() + lo, true);
+                    let lo = first(&seen, q).max(from);
+                    mask.resize(mask.len() + lo - from, true);
                     mask.extend_from_slice(&invalid[lo..q]);
                     mask.push(false);
                     mask.resize(mask.len() + s - q - 1, true);
                 }
             }
-            Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, s]), device)
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [b, 1, t, s - from]), device)
         };
-        let mask = build(&|_, _| 0);
-        // The first key `j` with at most `w - 1` valid keys in `j..q`.
+        let mask = build(0, &|_, _| 0);
+        // The first key `j` with at most `w - 1` valid keys in `j..q`. The
+        // mask covers only the keys a sliding layer holds: its last `w`
+        // cached ones (see `KvCache`) and the new tokens.
         let window = window.map(|w| {
             let first = move |seen: &[usize], q: usize| {
                 let need = seen[q].saturating_sub(w - 1);
                 seen[..=q].partition_point(|&n| n < need)
             };
-            (w, build(&first))
+            (w, build(past - past.min(w), &first))
         });
         self.finish_positions(positions, mask, window, device)
     }
@@ -696,7 +696,7 @@ impl<B: ModelBackend> CausalLm<B> {
         window: Option<(usize, Tensor<B, 4, Bool>)>,
         device: &B::Device,
     ) -> Positions<B> {
-        let [b, _, t, keys] = mask.dims();
+        let [b, _, t, _] = mask.dims();
         let (kvh, h) = self
             .layers
             .first()
@@ -713,6 +713,7 @@ impl<B: ModelBackend> CausalLm<B> {
             } else {
                 // One copy here instead of one per layer (a reshape of the
                 // broadcast mask copies it).
+                let keys = mask.dims()[3];
                 let grouped = mask.unsqueeze_dim::<5>(3).expand([b, kvh, t, rep, keys]);
                 Tensor::<B, 5, Bool>::from_primitive(B::dense_mask(grouped.into_primitive()))
                     .reshape([b, kvh, t * rep, keys])
@@ -1433,14 +1434,19 @@ mod tests {
                 |b: usize, i: usize, j: usize| (j..=4 + i).filter(|&k| sees(b, i, k)).count();
             let full = expected((2, kvh, rep, 3, 7), sees);
             assert_eq!(mask_of(&p), full, "{heads} heads over {kvh}");
-            let want = expected((2, kvh, rep, 3, 7), |b, i, j| {
-                sees(b, i, j) && visible_after(b, i, j) <= w
+            // Over the keys a sliding layer holds: the last `w` cached ones
+            // and the three new ones, keys 1 to 6.
+            let want = expected((2, kvh, rep, 3, 6), |b, i, j| {
+                sees(b, i, j + 1) && visible_after(b, i, j + 1) <= w
             });
             let (ww, m) = p.window.clone().expect("a window mask");
             assert_eq!(ww, w);
+            assert_eq!(m.dims()[3], 6, "{heads} heads over {kvh}");
             assert_eq!(m.into_data().into_vec::<bool>().unwrap(), want);
             // Row 0 has no padding: transformers' rule, keys after `q - w`.
-            let row0 = expected((1, kvh, rep, 3, 7), |_, i, j| j <= 4 + i && j + w > 4 + i);
+            let row0 = expected((1, kvh, rep, 3, 6), |_, i, j| {
+                j < 4 + i && j + 1 + w > 4 + i
+            });
             assert_eq!(want[..row0.len()], row0[..]);
 
             let segments = vec![vec![0, 0, 0, 0, 0, 7], vec![2, 2, 5, 5, 5, 5]];
