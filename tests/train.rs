@@ -353,6 +353,67 @@ fn dora_training_resumes_to_the_same_adapter() {
     assert_eq!(cfg["use_dora"], json!(true));
 }
 
+/// `reduce_lr_on_plateau` lowers the rate after evaluations that did not
+/// improve, as torch's `ReduceLROnPlateau` does when HF Trainer feeds it the
+/// same validation losses; a killed run resumes with the schedule's state
+/// (best loss, counters, rate) from its checkpoint.
+#[test]
+fn reduce_lr_on_plateau_follows_the_validation_loss_and_resumes() {
+    // Only a loss below half the best counts as better, so every evaluation
+    // after the first lowers the rate (patience 0); warmup is ignored, as HF
+    // ignores it for this schedule.
+    let yaml = pipeline("small", 12, 3).replacen(
+        "warmup_ratio: 0.1",
+        "warmup_ratio: 0.1\n      lr_scheduler_type: reduce_lr_on_plateau\n      \
+         lr_scheduler_kwargs: {patience: 0, factor: 0.5, threshold: 0.5}",
+        1,
+    );
+    let p = resumes_to_the_same_weights(&yaml);
+    let m = metrics(&p, "work/phase1.jsonl");
+    let (evals, _) = eval_losses(&m);
+    assert_eq!(
+        evals.iter().map(|e| e.0).collect::<Vec<_>>(),
+        [3, 6, 9, 12],
+        "{m:?}"
+    );
+    let losses: Vec<f64> = evals.iter().map(|e| e.1).collect();
+    // The rate of each step: the scheduler's after the evaluations before it.
+    let script = r#"
+import json, sys, warnings
+import torch
+from transformers import get_scheduler
+warnings.simplefilter("ignore")
+losses, every, steps = json.loads(sys.argv[1]), 3, 12
+opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+s = get_scheduler("reduce_lr_on_plateau", opt, scheduler_specific_kwargs=
+                  {"patience": 0, "factor": 0.5, "threshold": 0.5})
+lrs = []
+for step in range(1, steps + 1):
+    lrs.append(opt.param_groups[0]["lr"])
+    if step % every == 0:
+        s.step(losses[step // every - 1])
+print(json.dumps(lrs))
+"#;
+    let arg = json!(losses).to_string();
+    let want = python_json(&["-c", script, &arg], "torch transformers");
+    let got: Vec<Value> = m.iter().map(|x| x["lr"].clone()).collect();
+    assert_eq!(json!(got), want, "eval losses {losses:?}");
+    let distinct: std::collections::BTreeSet<String> = got.iter().map(|v| v.to_string()).collect();
+    assert_eq!(distinct.len(), 3, "the rate fell twice: {got:?}");
+
+    // Without evaluations during training there is nothing to follow.
+    let q = Project::new();
+    write_data(&q);
+    q.write("sft.yaml", &yaml.replace("      eval_steps: 3\n", ""));
+    let r = q.anneal(&["plan", "sft.yaml"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("params.lr_scheduler_type") && r.stderr.contains("eval_steps"),
+        "{}",
+        r.stderr
+    );
+}
+
 /// Trains `yaml`'s phase 1 uninterrupted, and again killed after its step 6
 /// checkpoint and resumed; both end with the same weights (and adapter, for
 /// LoRA) and metrics. Returns the resumed project.

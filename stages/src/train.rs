@@ -130,10 +130,11 @@ pub struct Params {
     /// trained tokens of the whole accumulated batch.
     #[serde(default = "one")]
     pub gradient_accumulation_steps: usize,
-    /// Any step-driven HF schedule: `cosine` (default), `linear`,
-    /// `constant`, `constant_with_warmup`, `cosine_with_restarts`,
-    /// `polynomial`, `inverse_sqrt`, `cosine_with_min_lr`,
-    /// `cosine_warmup_with_min_lr` or `warmup_stable_decay`.
+    /// Any HF schedule: `cosine` (default), `linear`, `constant`,
+    /// `constant_with_warmup`, `cosine_with_restarts`, `polynomial`,
+    /// `inverse_sqrt`, `cosine_with_min_lr`, `cosine_warmup_with_min_lr`,
+    /// `warmup_stable_decay`, or, following the validation loss,
+    /// `reduce_lr_on_plateau` and `greedy`.
     #[serde(default = "default_sched")]
     pub lr_scheduler_type: Scheduler,
     /// The schedule's own arguments, as HF's `lr_scheduler_kwargs` (e.g.
@@ -458,6 +459,16 @@ impl Validate for Params {
             return Err(err(
                 "metric_for_best_model",
                 format!("only the validation loss can choose the best model (`loss`), not '{m}'"),
+            ));
+        }
+        if self.lr_scheduler_type.needs_metric() && self.eval_strategy() == Strategy::No {
+            return Err(err(
+                "lr_scheduler_type",
+                format!(
+                    "{} lowers the learning rate when the validation loss stops improving: \
+                     set eval_steps (or eval_strategy: epoch) and declare a `val` input",
+                    self.lr_scheduler_type.name()
+                ),
             ));
         }
         if self.eval_strategy == Some(Strategy::Steps) && self.eval_steps.is_none() {
@@ -980,6 +991,13 @@ impl OnDevice for Job<'_> {
                 ctx.input("train")?.display()
             );
         }
+        if p.lr_scheduler_type.needs_metric() && !ctx.deps.contains_key("val") {
+            bail!(
+                "lr_scheduler_type: {} follows the validation loss: declare a `val` input \
+                 (e.g. val: ${{stages.split.outs.val}})",
+                p.lr_scheduler_type.name()
+            );
+        }
         if p.load_best_model_at_end && !ctx.deps.contains_key("val") {
             bail!(
                 "load_best_model_at_end chooses by validation loss: declare a `val` input \
@@ -1037,7 +1055,7 @@ impl OnDevice for Job<'_> {
         let warmup = p
             .warmup_steps
             .unwrap_or_else(|| (p.warmup_ratio * total as f64).ceil() as u64);
-        let schedule = p
+        let mut schedule = p
             .schedule()
             .and_then(|s| s.for_run(warmup, total))
             .map_err(|e| {
@@ -1074,6 +1092,18 @@ impl OnDevice for Job<'_> {
                 let mut state = BTreeMap::new();
                 weights::load_file_into(&dir.join("optimizer.safetensors"), &mut state)?;
                 opt.load_state(step, state, &device)?;
+                let saved: Value = serde_json::from_str(
+                    &std::fs::read_to_string(dir.join("state.json")).with_context(|| {
+                        format!("cannot read {}", dir.join("state.json").display())
+                    })?,
+                )
+                .with_context(|| format!("{} is not JSON", dir.join("state.json").display()))?;
+                schedule.restore(&saved["scheduler"]).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: {e}; delete the stage's scratch directory to train from the start",
+                        dir.join("state.json").display()
+                    )
+                })?;
                 // Keep the metrics of the steps up to the checkpoint.
                 let kept: String = std::fs::read_to_string(&metrics_path)
                     .unwrap_or_default()
@@ -1226,6 +1256,8 @@ impl OnDevice for Job<'_> {
                          lower learning_rate or check adam_epsilon; no model was written"
                     );
                 }
+                // The loss-driven schedules set the rate of the next steps.
+                schedule.observe(vl);
                 line["eval_loss"] = json!(vl);
                 line["eval_ppl"] = json!(vl.exp().min(1e6));
                 if p.detailed_metrics {
@@ -1252,11 +1284,12 @@ impl OnDevice for Job<'_> {
                 eta((total - done) as f64 * per_step_s)
             ));
             if done % save_every == 0 && done < total {
-                let saved = Saved {
-                    step: done,
-                    eval_loss: line["eval_loss"].as_f64(),
-                };
-                save_checkpoint(&ckpt_dir, saved, &net, &config, self.base, &lora_cfg, &opt)?;
+                let state = json!({
+                    "global_step": done,
+                    "eval_loss": line["eval_loss"].as_f64(),
+                    "scheduler": schedule.state(),
+                });
+                save_checkpoint(&ckpt_dir, state, &net, &config, self.base, &lora_cfg, &opt)?;
                 let keep = p
                     .load_best_model_at_end
                     .then(|| best_saved(&ckpt_dir))
@@ -1419,16 +1452,20 @@ fn eta(secs: f64) -> String {
     }
 }
 
+/// Saves checkpoint `state["global_step"]` with `state` as its
+/// `state.json` (step, validation loss, the schedule's state).
 fn save_checkpoint<B: AutodiffBackend>(
     dir: &Path,
-    saved: Saved,
+    state: Value,
     net: &CausalLm<B>,
     config: &crate::model::ModelConfig,
     base: &Path,
     lora_cfg: &Option<LoraConfig>,
     opt: &AdamW<B::InnerBackend>,
 ) -> anyhow::Result<()> {
-    let step = saved.step;
+    let step = state["global_step"]
+        .as_u64()
+        .context("a checkpoint needs its step")?;
     let final_dir = dir.join(format!("global_step_{step}"));
     let tmp = dir.join(format!(".global_step_{step}.partial"));
     if tmp.exists() {
@@ -1443,7 +1480,7 @@ fn save_checkpoint<B: AutodiffBackend>(
     )?;
     std::fs::write(
         tmp.join("state.json"),
-        serde_json::to_string_pretty(&json!({"global_step": step, "eval_loss": saved.eval_loss}))?,
+        serde_json::to_string_pretty(&state)?,
     )?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;

@@ -1,6 +1,8 @@
-//! Learning-rate schedules: every step-driven `lr_scheduler_type` of HF
-//! transformers, with its `lr_scheduler_kwargs`, computed as transformers'
-//! `get_scheduler` computes them (the factor of `LambdaLR`, in f64).
+//! Learning-rate schedules: every `lr_scheduler_type` of HF transformers,
+//! with its `lr_scheduler_kwargs`, computed as transformers' `get_scheduler`
+//! computes them: the factor of `LambdaLR` in f64 for the step-driven ones,
+//! and torch's `ReduceLROnPlateau` and transformers' `GreedyLR` for the two
+//! driven by the validation loss.
 
 use std::f64::consts::PI;
 
@@ -32,6 +34,30 @@ pub enum Scheduler {
     CosineWarmupWithMinLr,
     /// Warmup, constant, then `num_decay_steps` of decay to `min_lr_ratio`.
     WarmupStableDecay,
+    /// Constant until the validation loss stops improving for `patience`
+    /// evaluations (default 10), then times `factor` (default 0.1): torch's
+    /// `ReduceLROnPlateau`. No warmup, as in transformers.
+    ReduceLrOnPlateau,
+    /// transformers' `GreedyLR`: times `factor` (default 0.95) after
+    /// `patience` evaluations without improvement, divided by it after
+    /// `patience` improving ones, within `[min_lr, max_lr]`. No warmup.
+    Greedy,
+}
+
+impl Scheduler {
+    /// HF's name, as `lr_scheduler_type` takes it.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// Whether the rate follows the validation loss rather than the step, so
+    /// the run must evaluate during training.
+    pub fn needs_metric(self) -> bool {
+        matches!(self, Scheduler::ReduceLrOnPlateau | Scheduler::Greedy)
+    }
 }
 
 /// The shape of warmup or decay in `warmup_stable_decay`.
@@ -60,6 +86,51 @@ pub struct Schedule {
     stable_steps: Option<u64>,
     warmup_curve: Curve,
     decay_curve: Curve,
+    /// The settings of a schedule driven by the validation loss.
+    adaptive: Option<Adaptive>,
+    /// What it has seen so far.
+    state: AdaptiveState,
+}
+
+/// The settings of `reduce_lr_on_plateau` and `greedy`, under torch's and
+/// transformers' argument names.
+#[derive(Debug, Clone, PartialEq)]
+struct Adaptive {
+    greedy: bool,
+    /// `mode: max`: higher is better.
+    maximize: bool,
+    factor: f64,
+    patience: u64,
+    threshold: f64,
+    /// `threshold_mode: rel` (else `abs`).
+    relative: bool,
+    cooldown: u64,
+    /// Greedy: evaluations ignored after a raise.
+    warmup: u64,
+    min_lr: f64,
+    max_lr: f64,
+    eps: f64,
+    /// Greedy: the window of the streaming average, with `smooth: true`.
+    smooth: Option<usize>,
+    /// Greedy: reductions at the floor before the schedule starts over.
+    reset_start: i64,
+}
+
+/// What a loss-driven schedule keeps between evaluations (the counters of
+/// torch's and transformers' classes), saved with each checkpoint.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+struct AdaptiveState {
+    lr: f64,
+    /// The best metric so far; none yet is torch's `inf` (JSON has none).
+    best: Option<f64>,
+    num_bad: u64,
+    num_good: u64,
+    cooldown_counter: u64,
+    warmup_counter: u64,
+    reset_start: i64,
+    /// Greedy's streaming average: the window and its running sum.
+    window: Vec<f64>,
+    sum: f64,
 }
 
 /// The `lr_scheduler_kwargs` each schedule takes, as transformers' functions
@@ -82,6 +153,32 @@ fn accepted(kind: Scheduler) -> &'static [&'static str] {
             "min_lr_ratio",
             "num_cycles",
         ],
+        Scheduler::ReduceLrOnPlateau => &[
+            "mode",
+            "factor",
+            "patience",
+            "threshold",
+            "threshold_mode",
+            "cooldown",
+            "min_lr",
+            "eps",
+        ],
+        Scheduler::Greedy => &[
+            "mode",
+            "factor",
+            "patience",
+            "threshold",
+            "threshold_mode",
+            "cooldown",
+            "warmup",
+            "min_lr",
+            "max_lr",
+            "eps",
+            "verbose",
+            "smooth",
+            "window_size",
+            "reset_start",
+        ],
     }
 }
 
@@ -102,6 +199,108 @@ fn bad(key: &str, message: impl Into<String>) -> KwargError {
     }
 }
 
+/// Reads the arguments of `reduce_lr_on_plateau` or `greedy` with torch's
+/// and transformers' defaults.
+fn adaptive(
+    kind: Scheduler,
+    kwargs: &Map<String, Value>,
+    peak: f64,
+) -> Result<Adaptive, KwargError> {
+    let greedy = kind == Scheduler::Greedy;
+    let num = |key: &str, default: f64| -> Result<f64, KwargError> {
+        match kwargs.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| {
+                    bad(
+                        key,
+                        format!("`{key}` must be a number of at least 0, not {v}"),
+                    )
+                }),
+        }
+    };
+    let count = |key: &str, default: u64| -> Result<u64, KwargError> {
+        match kwargs.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_u64().ok_or_else(|| {
+                bad(
+                    key,
+                    format!("`{key}` must be a whole number of evaluations, not {v}"),
+                )
+            }),
+        }
+    };
+    let choice = |key: &str, a: &str, b: &str, default: &str| -> Result<bool, KwargError> {
+        match kwargs.get(key) {
+            None | Some(Value::Null) => Ok(default == a),
+            Some(Value::String(s)) if s == a => Ok(true),
+            Some(Value::String(s)) if s == b => Ok(false),
+            Some(v) => Err(bad(key, format!("`{key}` must be '{a}' or '{b}', not {v}"))),
+        }
+    };
+    let flag = |key: &str| -> Result<bool, KwargError> {
+        match kwargs.get(key) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(bad(key, format!("`{key}` must be true or false, not {v}"))),
+        }
+    };
+    let factor = num("factor", if greedy { 0.95 } else { 0.1 })?;
+    if !(factor > 0.0 && factor < 1.0) {
+        return Err(bad(
+            "factor",
+            format!("`factor` must lie between 0 and 1 (exclusive), not {factor}"),
+        ));
+    }
+    let min_lr = num("min_lr", if greedy { 1e-3 } else { 0.0 })?;
+    let max_lr = num("max_lr", 1.0)?;
+    if greedy && max_lr < min_lr {
+        return Err(bad(
+            "max_lr",
+            format!("`max_lr` ({max_lr}) must be at least `min_lr` ({min_lr})"),
+        ));
+    }
+    if greedy && kwargs.get("min_lr").is_none() && peak < min_lr {
+        // GreedyLR's default floor (1e-3) is above the usual fine-tuning
+        // rates: it would only ever raise the rate.
+        return Err(bad(
+            "min_lr",
+            format!(
+                "greedy's default min_lr (1e-3) is above learning_rate ({peak});                  set lr_scheduler_kwargs.min_lr, e.g. {{min_lr: {:e}}}",
+                peak / 10.0
+            ),
+        ));
+    }
+    flag("verbose")?;
+    let smooth = flag("smooth")?;
+    let window = count("window_size", 50)?;
+    if smooth && window == 0 {
+        return Err(bad("window_size", "`window_size` must be at least 1"));
+    }
+    Ok(Adaptive {
+        greedy,
+        maximize: !choice("mode", "min", "max", "min")?,
+        factor,
+        patience: count("patience", 10)?,
+        threshold: num("threshold", if greedy { 1e-6 } else { 1e-4 })?,
+        relative: choice(
+            "threshold_mode",
+            "rel",
+            "abs",
+            if greedy { "abs" } else { "rel" },
+        )?,
+        cooldown: count("cooldown", 0)?,
+        warmup: count("warmup", 0)?,
+        min_lr,
+        max_lr,
+        eps: num("eps", 1e-8)?,
+        smooth: smooth.then_some(window as usize),
+        reset_start: count("reset_start", 500)? as i64,
+    })
+}
+
 impl Schedule {
     /// Resolves `kind` with `kwargs` for a peak learning rate of `peak`. Checks
     /// everything that does not depend on the run's length, so a pipeline's
@@ -112,10 +311,7 @@ impl Schedule {
         kwargs: &Map<String, Value>,
         peak: f64,
     ) -> Result<Schedule, KwargError> {
-        let name = serde_json::to_value(kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let name = kind.name();
         let takes = accepted(kind);
         for key in kwargs.keys() {
             if !takes.contains(&key.as_str()) {
@@ -238,6 +434,10 @@ impl Schedule {
         if timescale == Some(0) {
             return Err(bad("timescale", "`timescale` must be at least 1"));
         }
+        let adaptive = match kind.needs_metric() {
+            true => Some(adaptive(kind, kwargs, peak)?),
+            false => None,
+        };
         let decay_steps = count("num_decay_steps")?;
         if kind == Scheduler::WarmupStableDecay && decay_steps.is_none() {
             return Err(bad(
@@ -260,14 +460,20 @@ impl Schedule {
             stable_steps: count("num_stable_steps")?,
             warmup_curve: curve("warmup_type")?,
             decay_curve: curve("decay_type")?,
+            state: AdaptiveState {
+                lr: peak,
+                reset_start: adaptive.as_ref().map_or(0, |a| a.reset_start),
+                ..AdaptiveState::default()
+            },
+            adaptive,
         })
     }
 
     /// This schedule over a run of `total` steps with `warmup` warmup steps;
     /// an error when the schedule's own step counts do not fit in the run.
     pub fn for_run(mut self, warmup: u64, total: u64) -> Result<Schedule, KwargError> {
-        // HF's `constant` ignores warmup settings.
-        self.warmup = if self.kind == Scheduler::Constant {
+        // HF's `constant` and the loss-driven schedules ignore warmup settings.
+        self.warmup = if self.kind == Scheduler::Constant || self.kind.needs_metric() {
             0
         } else {
             warmup
@@ -288,9 +494,126 @@ impl Schedule {
         Ok(self)
     }
 
-    /// Learning rate at optimizer step `step` (0-based).
+    /// Learning rate at optimizer step `step` (0-based); for a loss-driven
+    /// schedule, the rate after the evaluations it has seen.
     pub fn lr(&self, step: u64) -> f64 {
-        self.peak * self.factor(step)
+        match self.adaptive {
+            Some(_) => self.state.lr,
+            None => self.peak * self.factor(step),
+        }
+    }
+
+    /// Feeds a loss-driven schedule one evaluation's metric (a no-op for the
+    /// step-driven ones): torch's `ReduceLROnPlateau.step` or transformers'
+    /// `GreedyLR.step`, in the same order of f64 operations.
+    pub fn observe(&mut self, metric: f64) {
+        let Some(a) = &self.adaptive else { return };
+        let st = &mut self.state;
+        let mut current = metric;
+        if let Some(window) = a.smooth {
+            st.window.push(current);
+            st.sum += current;
+            if st.window.len() > window {
+                st.sum -= st.window.remove(0);
+            }
+            current = st.sum / st.window.len() as f64;
+        }
+        let worse = if a.maximize {
+            f64::NEG_INFINITY
+        } else {
+            f64::INFINITY
+        };
+        let best = st.best.unwrap_or(worse);
+        let better = match (a.maximize, a.relative) {
+            (false, true) => current < best * (1.0 - a.threshold),
+            (false, false) => current < best - a.threshold,
+            (true, true) => current > best * (a.threshold + 1.0),
+            (true, false) => current > best + a.threshold,
+        };
+        let reduce = |st: &mut AdaptiveState| {
+            let new = (st.lr * a.factor).max(a.min_lr);
+            if st.lr - new > a.eps {
+                st.lr = new;
+            }
+        };
+        if !a.greedy {
+            if better {
+                st.best = Some(current);
+                st.num_bad = 0;
+            } else {
+                st.num_bad += 1;
+            }
+            if st.cooldown_counter > 0 {
+                st.cooldown_counter -= 1;
+                st.num_bad = 0;
+            }
+            if st.num_bad > a.patience {
+                reduce(st);
+                st.cooldown_counter = a.cooldown;
+                st.num_bad = 0;
+            }
+            return;
+        }
+        if st.cooldown_counter > 0 {
+            st.cooldown_counter -= 1;
+            (st.num_bad, st.num_good) = (0, 0);
+        } else if st.warmup_counter > 0 {
+            st.warmup_counter -= 1;
+            (st.num_bad, st.num_good) = (0, 0);
+        } else {
+            if better {
+                st.best = Some(current);
+                st.num_bad = 0;
+                st.num_good += 1;
+            } else {
+                st.num_bad += 1;
+                st.num_good = 0;
+            }
+            if st.num_good > a.patience {
+                let new = (st.lr / a.factor).min(a.max_lr);
+                if new - st.lr > a.eps {
+                    st.lr = new;
+                }
+                st.reset_start = a.reset_start;
+                st.warmup_counter = a.warmup;
+                st.num_good = 0;
+            } else if st.num_bad > a.patience {
+                reduce(st);
+                if st.lr <= a.min_lr {
+                    st.reset_start -= 1;
+                    if st.reset_start <= 0 {
+                        // Back to the start: the peak rate, no history.
+                        *st = AdaptiveState {
+                            lr: self.peak,
+                            reset_start: a.reset_start,
+                            ..AdaptiveState::default()
+                        };
+                    }
+                }
+                st.cooldown_counter = a.cooldown;
+                st.num_bad = 0;
+            }
+        }
+    }
+
+    /// The state a loss-driven schedule needs to resume (none for the
+    /// step-driven ones, which follow the step alone).
+    pub fn state(&self) -> Value {
+        match self.adaptive {
+            Some(_) => serde_json::to_value(&self.state).unwrap_or(Value::Null),
+            None => Value::Null,
+        }
+    }
+
+    /// Restores what [`Self::state`] saved.
+    pub fn restore(&mut self, state: &Value) -> Result<(), String> {
+        if self.adaptive.is_none() {
+            return Ok(());
+        }
+        self.state = serde_json::from_value(state.clone()).map_err(|e| {
+            format!("the saved state of the learning-rate schedule is unreadable ({e})")
+        })?;
+        Ok(())
     }
 
     /// Transformers' `lr_lambda`.
@@ -298,7 +621,7 @@ impl Schedule {
         let (s, w, t) = (step as f64, self.warmup as f64, self.total as f64);
         let progress = || (s - w) / (t - w).max(1.0);
         match self.kind {
-            Scheduler::Constant => 1.0,
+            Scheduler::Constant | Scheduler::ReduceLrOnPlateau | Scheduler::Greedy => 1.0,
             Scheduler::WarmupStableDecay => self.wsd(step),
             Scheduler::CosineWarmupWithMinLr => {
                 if s < w {
@@ -438,6 +761,15 @@ mod tests {
         assert_eq!(x.key, "lr_end");
         let x = e(Scheduler::CosineWithRestarts, json!({"num_cycles": 1.5}));
         assert!(x.message.contains("whole number"), "{x:?}");
+        // GreedyLR's default floor is above this peak (1e-3 > 1e-4).
+        let x = Schedule::new(Scheduler::Greedy, &Map::new(), 1e-4).unwrap_err();
+        assert_eq!(x.key, "min_lr");
+        let x = e(Scheduler::ReduceLrOnPlateau, json!({"factor": 1.0}));
+        assert_eq!(x.key, "factor");
+        let x = e(Scheduler::ReduceLrOnPlateau, json!({"mode": "lowest"}));
+        assert!(x.message.contains("'min' or 'max'"), "{x:?}");
+        let x = e(Scheduler::ReduceLrOnPlateau, json!({"warmup": 2}));
+        assert!(x.message.contains("takes only mode"), "{x:?}");
         let run = Schedule::new(
             Scheduler::WarmupStableDecay,
             json!({"num_decay_steps": 10}).as_object().unwrap(),
