@@ -223,16 +223,17 @@ fn phases_train_chain_and_cache() {
     );
 }
 
-/// Gemma 3 and SmolLM3 end to end: init_model writes the checkpoint (Gemma's
-/// layers sliding over 24 keys, SmolLM3's every fourth without RoPE), the
-/// full phase trains it, the LoRA phase (DoRA) merges; transformers loads
-/// both as their own classes and PEFT's view of the adapter computes what
-/// the merged model computes.
+/// Gemma 3, SmolLM3 and OLMo 2 end to end: init_model writes the checkpoint
+/// (Gemma's layers sliding over 24 keys, SmolLM3's every fourth without
+/// RoPE, OLMo 2's norms after each block), the full phase trains it, the
+/// LoRA phase (DoRA) merges; transformers loads both as their own classes
+/// and PEFT's view of the adapter computes what the merged model computes.
 #[test]
-fn gemma3_and_smollm3_train_and_their_adapters_load_in_peft() {
+fn gemma3_smollm3_and_olmo2_train_and_their_adapters_load_in_peft() {
     for (arch, extra) in [
         ("gemma3_text", "sliding_window: 24, "),
         ("smollm3", "num_hidden_layers: 4, "),
+        ("olmo2", ""),
     ] {
         let p = Project::new();
         write_data(&p);
@@ -247,7 +248,8 @@ fn gemma3_and_smollm3_train_and_their_adapters_load_in_peft() {
         let m = metrics(&p, "work/phase1.jsonl");
         let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
         assert!(loss(3) < loss(0), "{arch}: loss {} -> {}", loss(0), loss(3));
-        phase2_adapter_matches_peft(&p, arch);
+        let peft = phase2_adapter_matches_peft(&p, arch);
+        assert_eq!(peft["class"], config["architectures"][0], "{arch}: {peft}");
     }
 }
 

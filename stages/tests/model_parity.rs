@@ -130,7 +130,8 @@ fn ids_of(v: &Value) -> Vec<u32> {
 
 /// Qwen3 (per-head q/k norms, a head wider than hidden / heads), Mistral,
 /// sliding-window attention (Mistral's on every layer, Qwen2's from
-/// `max_window_layers` on), Gemma 3 and SmolLM3 (a NoPE layer), built by
+/// `max_window_layers` on), Gemma 3, SmolLM3 (a NoPE layer) and OLMo 2
+/// (norms after each block, q/k norms over all heads), built by
 /// transformers at test time from tiny-qwen2's sizes.
 #[test]
 fn tiny_archs_match_transformers() {
@@ -141,6 +142,7 @@ fn tiny_archs_match_transformers() {
         "qwen2-window",
         "gemma3",
         "smollm3",
+        "olmo2",
     ] {
         let dir = common::tiny_arch(arch);
         check_dir::<B>(
@@ -317,6 +319,7 @@ mod cuda {
             "qwen2-window",
             "gemma3",
             "smollm3",
+            "olmo2",
         ] {
             let dir = common::tiny_arch(arch);
             check_dir::<anneal_stages::model::device::Gpu>(

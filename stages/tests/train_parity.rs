@@ -314,10 +314,18 @@ fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt:
 
 /// Qwen3 (the per-head q/k norms train too), Mistral, Qwen2 with a sliding
 /// window on its second layer (the backward pass under the window's mask),
-/// Gemma 3 and SmolLM3, from checkpoints transformers builds at test time.
+/// Gemma 3, SmolLM3 and OLMo 2, from checkpoints transformers builds at
+/// test time.
 #[test]
 fn tiny_arch_full_steps_match_torch() {
-    for arch in ["qwen3", "mistral", "qwen2-window", "gemma3", "smollm3"] {
+    for arch in [
+        "qwen3",
+        "mistral",
+        "qwen2-window",
+        "gemma3",
+        "smollm3",
+        "olmo2",
+    ] {
         let dir = common::tiny_arch(arch);
         full_step_in::<AB>(
             &format!("tiny-{arch}"),

@@ -6,7 +6,10 @@ BASE_DIR is the model the adapter was trained on, ADAPTER_DIR anneal's PEFT
 adapter (adapter_config.json + adapter_model.safetensors), MERGED_DIR the
 merged checkpoint anneal wrote (merge_lora: true). Prints JSON: the largest
 logit difference between PeftModel(base, adapter) and the merged model, and
-between the base and the adapted model (the adapter must change something).
+between the base and the adapted model (the adapter must change something),
+and the class transformers loaded. Exits non-zero when a checkpoint lacks a
+tensor transformers expects or holds one it does not (which from_pretrained
+would only warn about, initialising the missing ones at random).
 """
 
 import json
@@ -24,13 +27,20 @@ def main():
     text = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
     ids = torch.tensor([tok(text)["input_ids"][:48]])
     load = dict(torch_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, **load).eval()
+    def strict(path):
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **load)
+        bad = {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs" and v}
+        if bad or info.get("error_msgs"):
+            sys.exit(f"{path}: transformers' loading info {bad} {info.get('error_msgs')}")
+        return model.eval()
+
+    base = strict(base_dir)
     with torch.no_grad():
         base_logits = base(ids).logits
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
     with torch.no_grad():
         peft_logits = peft_model(ids).logits
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, **load).eval()
+    merged = strict(merged_dir)
     with torch.no_grad():
         merged_logits = merged(ids).logits
     print(json.dumps({
@@ -38,6 +48,7 @@ def main():
         "peft_vs_merged_max_abs": (peft_logits - merged_logits).abs().max().item(),
         "peft_vs_base_max_abs": (peft_logits - base_logits).abs().max().item(),
         "logit_scale": base_logits.abs().max().item(),
+        "class": type(merged).__name__,
         "peft_type": peft_model.peft_config["default"].peft_type.value,
         "target_modules": sorted(peft_model.peft_config["default"].target_modules),
     }))

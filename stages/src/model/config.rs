@@ -1,5 +1,5 @@
 //! Model architecture read from a Hugging Face `config.json` (`llama`,
-//! `mistral`, `qwen2`, `qwen3`, `smollm3` and `gemma3_text`).
+//! `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma3_text` and `olmo2`).
 
 use std::path::{Path, PathBuf};
 
@@ -28,10 +28,15 @@ pub enum Arch {
     /// `SmolLM3ForCausalLM`: Llama's layers, some without RoPE
     /// (`no_rope_layers`, by default every fourth).
     SmolLm3,
+    /// `Olmo2ForCausalLM` (OLMo 2): no norms on the attention's and the
+    /// MLP's inputs, one on each of their outputs instead
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`), and RMS
+    /// norms over all query and all key heads together (`q_norm`, `k_norm`).
+    Olmo2,
 }
 
 /// The `model_type` values anneal reads, for error messages.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, smollm3, gemma3_text";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, smollm3, gemma3_text, olmo2";
 
 /// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +57,7 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3_text",
             Arch::SmolLm3 => "smollm3",
+            Arch::Olmo2 => "olmo2",
         }
     }
 
@@ -64,12 +70,27 @@ impl Arch {
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::SmolLm3 => "SmolLM3ForCausalLM",
+            Arch::Olmo2 => "Olmo2ForCausalLM",
         }
     }
 
-    /// Whether queries and keys are RMS-normalised per head before RoPE.
+    /// Whether queries and keys are RMS-normalised before RoPE (per head,
+    /// or all heads together when [`Self::qk_norm_whole`]).
     pub fn qk_norm(self) -> bool {
-        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+        matches!(self, Arch::Qwen3 | Arch::Gemma3 | Arch::Olmo2)
+    }
+
+    /// OLMo 2's q/k norms: over the whole projection (`heads * head_dim`)
+    /// rather than per head.
+    pub fn qk_norm_whole(self) -> bool {
+        self == Arch::Olmo2
+    }
+
+    /// OLMo 2's layout: the attention's and the MLP's outputs are normalised
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`) and their
+    /// inputs are not.
+    pub fn post_norms_only(self) -> bool {
+        self == Arch::Olmo2
     }
 
     /// Gemma's layout: norms scale by `1 + weight`, each layer also
@@ -90,6 +111,7 @@ impl Arch {
             Arch::Qwen3,
             Arch::Gemma3,
             Arch::SmolLm3,
+            Arch::Olmo2,
         ]
         .into_iter()
         .find(|a| a.model_type() == name)
@@ -353,11 +375,18 @@ impl ModelConfig {
         let (sliding_window, sliding_layers) = sliding(&k, arch, num_hidden_layers, &rope_layers)?;
         let attention_bias = match arch {
             Arch::Qwen2 => true,
-            Arch::Llama | Arch::Mistral | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3 => {
-                k.bool_or("attention_bias", false)?
-            }
+            Arch::Llama
+            | Arch::Mistral
+            | Arch::Qwen3
+            | Arch::Gemma3
+            | Arch::SmolLm3
+            | Arch::Olmo2 => k.bool_or("attention_bias", false)?,
         };
-        let rms_norm_eps = k.f64_or("rms_norm_eps", 1e-6)?;
+        // Olmo2Config's default; the others' is 1e-6.
+        let rms_norm_eps = k.f64_or(
+            "rms_norm_eps",
+            if arch == Arch::Olmo2 { 1e-5 } else { 1e-6 },
+        )?;
         Ok(ModelConfig {
             arch,
             vocab_size: k.usize("vocab_size")?,
@@ -457,7 +486,7 @@ fn sliding(
         }
     };
     let (window, layer_sliding) = match arch {
-        Arch::Llama => (None, vec![false; layers]),
+        Arch::Llama | Arch::Olmo2 => (None, vec![false; layers]),
         Arch::Mistral => {
             let w = window()?;
             (w, vec![w.is_some(); layers])
@@ -777,6 +806,23 @@ mod tests {
         v["sliding_window"] = json!(0);
         let e = parse(v).unwrap_err().to_string();
         assert!(e.contains("key 'sliding_window' must be positive"), "{e}");
+    }
+
+    /// OLMo 2: Olmo2Config's defaults (eps 1e-5, untied, no window even
+    /// when `sliding_window` is set, as transformers ignores it there).
+    #[test]
+    fn reads_olmo2_with_its_defaults() {
+        let mut v = base();
+        v["model_type"] = json!("olmo2");
+        v["sliding_window"] = json!(8);
+        let c = parse(v).unwrap();
+        assert_eq!(c.arch, Arch::Olmo2);
+        assert!(c.arch.qk_norm() && c.arch.qk_norm_whole() && c.arch.post_norms_only());
+        assert_eq!(
+            (c.rms_norm_eps, c.tie_word_embeddings, c.sliding_window),
+            (1e-5, false, None)
+        );
+        assert_eq!(c.sliding_layers, [false]);
     }
 
     /// Which layers slide, and over how many keys, as transformers 5 decides.

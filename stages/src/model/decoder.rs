@@ -232,10 +232,14 @@ pub struct Attention<B: Backend> {
     pub v_proj: Linear<B>,
     /// Output projection.
     pub o_proj: Linear<B>,
-    /// Qwen3: RMS norm over each query head before RoPE (`[head_dim]`).
+    /// Qwen3: RMS norm over each query head before RoPE (`[head_dim]`);
+    /// OLMo 2: over all query heads together (`[heads * head_dim]`).
     pub q_norm: Option<RmsNorm<B>>,
-    /// Qwen3: RMS norm over each key head before RoPE (`[head_dim]`).
+    /// The same for the keys.
     pub k_norm: Option<RmsNorm<B>>,
+    /// `q_norm` and `k_norm` normalise the whole projection (OLMo 2), not
+    /// each head.
+    pub qk_norm_whole: bool,
     /// Query heads.
     pub n_heads: usize,
     /// Key/value heads.
@@ -267,18 +271,19 @@ pub struct Mlp<B: Backend> {
     pub gelu: bool,
 }
 
-/// One pre-norm decoder layer.
+/// One decoder layer: pre-norm, Gemma's norms before and after each block,
+/// or OLMo 2's after each block only.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
-    /// Norm before attention.
-    pub input_layernorm: RmsNorm<B>,
+    /// Norm before attention (none for OLMo 2).
+    pub input_layernorm: Option<RmsNorm<B>>,
     /// Self-attention.
     pub self_attn: Attention<B>,
-    /// Norm before the MLP; Gemma: norm of the attention's output.
+    /// Norm before the MLP; Gemma and OLMo 2: norm of the attention's output.
     pub post_attention_layernorm: RmsNorm<B>,
     /// Gemma: norm before the MLP.
     pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
-    /// Gemma: norm of the MLP's output.
+    /// Gemma and OLMo 2: norm of the MLP's output.
     pub post_feedforward_layernorm: Option<RmsNorm<B>>,
     /// Feed-forward block.
     pub mlp: Mlp<B>,
@@ -400,20 +405,20 @@ impl<B: ModelBackend> Attention<B> {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let rep = h / kvh;
-        let q = self
-            .q_proj
-            .forward_with(x.clone(), dropout)
-            .reshape([b, t, h, hd]);
-        let k = self
-            .k_proj
-            .forward_with(x.clone(), dropout)
-            .reshape([b, t, kvh, hd]);
+        let q = self.q_proj.forward_with(x.clone(), dropout);
+        let k = self.k_proj.forward_with(x.clone(), dropout);
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) if self.qk_norm_whole => (qn.forward(q), kn.forward(k)),
+            _ => (q, k),
+        };
+        let q = q.reshape([b, t, h, hd]);
+        let k = k.reshape([b, t, kvh, hd]);
         let v = self
             .v_proj
             .forward_with(x, dropout)
             .reshape([b, t, kvh, hd]);
         let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => (qn.forward(q), kn.forward(k)),
+            (Some(qn), Some(kn)) if !self.qk_norm_whole => (qn.forward(q), kn.forward(k)),
             _ => (q, k),
         };
         let (q_rope, k_rope) = match &pos.local_rope {
@@ -503,9 +508,11 @@ impl<B: ModelBackend> DecoderLayer<B> {
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
         dropout: bool,
     ) -> Tensor<B, 3> {
-        let attn =
-            self.self_attn
-                .forward(self.input_layernorm.forward(x.clone()), pos, cache, dropout);
+        let normed = match &self.input_layernorm {
+            Some(n) => n.forward(x.clone()),
+            None => x.clone(),
+        };
+        let attn = self.self_attn.forward(normed, pos, cache, dropout);
         match (
             &self.pre_feedforward_layernorm,
             &self.post_feedforward_layernorm,
@@ -513,6 +520,11 @@ impl<B: ModelBackend> DecoderLayer<B> {
             (Some(pre), Some(post)) => {
                 let h = x + self.post_attention_layernorm.forward(attn);
                 let mlp = self.mlp.forward(pre.forward(h.clone()), dropout);
+                h + post.forward(mlp)
+            }
+            (None, Some(post)) => {
+                let h = x + self.post_attention_layernorm.forward(attn);
+                let mlp = self.mlp.forward(h.clone(), dropout);
                 h + post.forward(mlp)
             }
             _ => {
@@ -1088,6 +1100,7 @@ impl<B: Backend> CausalLm<B> {
         };
         let embed = take("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
         let gemma = c.arch.gemma();
+        let (whole, post_only) = (c.arch.qk_norm_whole(), c.arch.post_norms_only());
         let norm = |t: HostTensor| RmsNorm {
             weight: p1(t),
             eps: c.rms_norm_eps,
@@ -1127,17 +1140,24 @@ impl<B: Backend> CausalLm<B> {
                     hidden,
                     ab && matches!(
                         c.arch,
-                        Arch::Llama | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3
+                        Arch::Llama | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3 | Arch::Olmo2
                     ),
                 )?,
                 q_norm: match c.arch.qk_norm() {
-                    true => Some(norm(take(&format!("{p}.self_attn.q_norm.weight"), &[hd])?)),
+                    true => Some(norm(take(
+                        &format!("{p}.self_attn.q_norm.weight"),
+                        &[if whole { q_out } else { hd }],
+                    )?)),
                     false => None,
                 },
                 k_norm: match c.arch.qk_norm() {
-                    true => Some(norm(take(&format!("{p}.self_attn.k_norm.weight"), &[hd])?)),
+                    true => Some(norm(take(
+                        &format!("{p}.self_attn.k_norm.weight"),
+                        &[if whole { kv_out } else { hd }],
+                    )?)),
                     false => None,
                 },
+                qk_norm_whole: whole,
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: hd,
@@ -1157,16 +1177,18 @@ impl<B: Backend> CausalLm<B> {
                 down_proj: lin(&mut take, &format!("{p}.mlp.down_proj"), inter, hidden, mb)?,
                 gelu: c.activation == Activation::GeluTanh,
             };
-            let mut gemma_norm = |name: &str| -> anyhow::Result<Option<RmsNorm<B>>> {
-                match gemma {
+            let mut norm_if = |name: &str, has: bool| -> anyhow::Result<Option<RmsNorm<B>>> {
+                match has {
                     true => Ok(Some(norm(take(&format!("{p}.{name}.weight"), &[hidden])?))),
                     false => Ok(None),
                 }
             };
-            let pre_feedforward_layernorm = gemma_norm("pre_feedforward_layernorm")?;
-            let post_feedforward_layernorm = gemma_norm("post_feedforward_layernorm")?;
+            let input_layernorm = norm_if("input_layernorm", !post_only)?;
+            let pre_feedforward_layernorm = norm_if("pre_feedforward_layernorm", gemma)?;
+            let post_feedforward_layernorm =
+                norm_if("post_feedforward_layernorm", gemma || post_only)?;
             layers.push(DecoderLayer {
-                input_layernorm: norm(take(&format!("{p}.input_layernorm.weight"), &[hidden])?),
+                input_layernorm,
                 self_attn: attn,
                 post_attention_layernorm: norm(take(
                     &format!("{p}.post_attention_layernorm.weight"),
@@ -1238,11 +1260,13 @@ impl<B: Backend> CausalLm<B> {
         );
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            put1(
-                &mut out,
-                format!("{p}.input_layernorm.weight"),
-                l.input_layernorm.weight.val(),
-            );
+            if let Some(n) = &l.input_layernorm {
+                put1(
+                    &mut out,
+                    format!("{p}.input_layernorm.weight"),
+                    n.weight.val(),
+                );
+            }
             put1(
                 &mut out,
                 format!("{p}.post_attention_layernorm.weight"),

@@ -155,12 +155,14 @@ impl InitSpec {
                 "sliding_window must be at least 1 (leave it out for full attention)".into(),
             ));
         }
-        if self.sliding_window.is_some() && self.arch == "llama" {
+        if self.sliding_window.is_some() && matches!(self.arch.as_str(), "llama" | "olmo2") {
             return Err((
                 "sliding_window".into(),
-                "llama has no sliding-window attention; use arch mistral, qwen2, qwen3, smollm3 \
-                 or gemma3_text"
-                    .into(),
+                format!(
+                    "{} has no sliding-window attention; use arch mistral, qwen2, qwen3, \
+                     smollm3 or gemma3_text",
+                    self.arch
+                ),
             ));
         }
         if self.max_window_layers.is_some() && !matches!(self.arch.as_str(), "qwen2" | "qwen3") {
@@ -232,6 +234,7 @@ impl InitSpec {
                 c["attention_bias"] = json!(false);
                 c["mlp_bias"] = json!(false);
             }
+            Arch::Olmo2 => c["attention_bias"] = json!(false),
             Arch::Mistral => c["sliding_window"] = json!(self.sliding_window),
             Arch::Qwen2 | Arch::Qwen3 => {
                 if arch == Arch::Qwen3 {
@@ -339,13 +342,20 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
             }
         }
         if c.arch.qk_norm() {
-            for n in ["q_norm", "k_norm"] {
-                out.insert(format!("{p}.self_attn.{n}.weight"), fill(vec![hd], one));
+            let (qn, kn) = match c.arch.qk_norm_whole() {
+                true => (q, kv),
+                false => (hd, hd),
+            };
+            for (n, width) in [("q_norm", qn), ("k_norm", kn)] {
+                out.insert(format!("{p}.self_attn.{n}.weight"), fill(vec![width], one));
             }
         }
         let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
         if c.arch.gemma() {
             norms.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
+        }
+        if c.arch.post_norms_only() {
+            norms = vec!["post_attention_layernorm", "post_feedforward_layernorm"];
         }
         for n in norms {
             out.insert(format!("{p}.{n}.weight"), fill(vec![h], one));

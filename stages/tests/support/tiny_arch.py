@@ -10,7 +10,9 @@ from layer `max_window_layers` = 1 on, so layer 0 attends over everything),
 or `gemma3` (`gemma3_text`: (1 + w) norms around attention and MLP, GeGLU,
 scaled and tied embeddings, head_dim 32 with query_pre_attn_scalar 24, layer 0
 sliding over 16 keys with RoPE base 1e4, layer 1 global with linear RoPE
-scaling 4), or `smollm3` (layer 1 a NoPE layer: no rotary embedding); the
+scaling 4), or `smollm3` (layer 1 a NoPE layer: no rotary embedding), or
+`olmo2` (norms on the attention's and MLP's outputs only, q/k norms over all
+heads together, 4 query heads over 2 kv heads); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
@@ -31,6 +33,7 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
     MistralConfig,
+    Olmo2Config,
     Qwen2Config,
     Qwen3Config,
     SmolLM3Config,
@@ -80,6 +83,11 @@ def main():
         config = SmolLM3Config(
             no_rope_layers=[1, 0],
             rope_parameters={"rope_type": "default", "rope_theta": 2e6},
+            **sizes,
+        )
+    elif arch == "olmo2":
+        config = Olmo2Config(
+            rope_parameters={"rope_type": "default", "rope_theta": 5e5},
             **sizes,
         )
     elif arch == "gemma3":
@@ -142,8 +150,13 @@ def main():
     with torch.no_grad():
         after = model(**batch).loss.item()
     watched = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
-    if arch in ("qwen3", "gemma3"):
+    if arch in ("qwen3", "gemma3", "olmo2"):
         watched += ["model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"]
+    if arch == "olmo2":
+        watched += [
+            "model.layers.0.post_attention_layernorm.weight",
+            "model.layers.1.post_feedforward_layernorm.weight",
+        ]
     if arch == "gemma3":
         watched += [
             "model.layers.0.pre_feedforward_layernorm.weight",
