@@ -130,8 +130,9 @@ fn ids_of(v: &Value) -> Vec<u32> {
 
 /// Qwen3 (per-head q/k norms, a head wider than hidden / heads), Mistral,
 /// sliding-window attention (Mistral's on every layer, Qwen2's from
-/// `max_window_layers` on), Gemma 3, SmolLM3 (a NoPE layer) and OLMo 2
-/// (norms after each block, q/k norms over all heads), built by
+/// `max_window_layers` on), Gemma 3, SmolLM3 (a NoPE layer), OLMo 2 (norms
+/// after each block, q/k norms over all heads), OLMo 3 (sliding layers, YaRN
+/// on the global one) and YaRN on every layer (`qwen2-yarn`), built by
 /// transformers at test time from tiny-qwen2's sizes.
 #[test]
 fn tiny_archs_match_transformers() {
@@ -143,6 +144,8 @@ fn tiny_archs_match_transformers() {
         "gemma3",
         "smollm3",
         "olmo2",
+        "olmo3",
+        "qwen2-yarn",
     ] {
         let dir = common::tiny_arch(arch);
         check_dir::<B>(
@@ -320,6 +323,8 @@ mod cuda {
             "gemma3",
             "smollm3",
             "olmo2",
+            "olmo3",
+            "qwen2-yarn",
         ] {
             let dir = common::tiny_arch(arch);
             check_dir::<anneal_stages::model::device::Gpu>(

@@ -314,8 +314,8 @@ fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt:
 
 /// Qwen3 (the per-head q/k norms train too), Mistral, Qwen2 with a sliding
 /// window on its second layer (the backward pass under the window's mask),
-/// Gemma 3, SmolLM3 and OLMo 2, from checkpoints transformers builds at
-/// test time.
+/// Gemma 3, SmolLM3, OLMo 2 and OLMo 3 (YaRN), from checkpoints
+/// transformers builds at test time.
 #[test]
 fn tiny_arch_full_steps_match_torch() {
     for arch in [
@@ -325,6 +325,7 @@ fn tiny_arch_full_steps_match_torch() {
         "gemma3",
         "smollm3",
         "olmo2",
+        "olmo3",
     ] {
         let dir = common::tiny_arch(arch);
         full_step_in::<AB>(
@@ -794,11 +795,11 @@ mod cuda {
         }
     }
 
-    /// A sliding window and Gemma 3 (`common::tiny_arch`).
+    /// A sliding window, Gemma 3 and OLMo 3 (`common::tiny_arch`).
     #[test]
     fn tiny_arch_full_steps_match_torch_on_cuda() {
         let Some(device) = common::gpu() else { return };
-        for arch in ["qwen2-window", "gemma3"] {
+        for arch in ["qwen2-window", "gemma3", "olmo3"] {
             let dir = common::tiny_arch(arch);
             full_step_in::<Gpu>(
                 &format!("tiny-{arch}"),

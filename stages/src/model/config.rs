@@ -1,5 +1,6 @@
 //! Model architecture read from a Hugging Face `config.json` (`llama`,
-//! `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma3_text` and `olmo2`).
+//! `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma3_text`, `olmo2` and
+//! `olmo3`).
 
 use std::path::{Path, PathBuf};
 
@@ -33,10 +34,13 @@ pub enum Arch {
     /// (`post_attention_layernorm`, `post_feedforward_layernorm`), and RMS
     /// norms over all query and all key heads together (`q_norm`, `k_norm`).
     Olmo2,
+    /// `Olmo3ForCausalLM` (OLMo 3): OLMo 2's layers, three in four sliding
+    /// (`layer_types`), the full ones with their own RoPE scaling (YaRN).
+    Olmo3,
 }
 
 /// The `model_type` values anneal reads, for error messages.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, smollm3, gemma3_text, olmo2";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, smollm3, gemma3_text, olmo2, olmo3";
 
 /// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +62,7 @@ impl Arch {
             Arch::Gemma3 => "gemma3_text",
             Arch::SmolLm3 => "smollm3",
             Arch::Olmo2 => "olmo2",
+            Arch::Olmo3 => "olmo3",
         }
     }
 
@@ -71,26 +76,27 @@ impl Arch {
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::SmolLm3 => "SmolLM3ForCausalLM",
             Arch::Olmo2 => "Olmo2ForCausalLM",
+            Arch::Olmo3 => "Olmo3ForCausalLM",
         }
     }
 
     /// Whether queries and keys are RMS-normalised before RoPE (per head,
     /// or all heads together when [`Self::qk_norm_whole`]).
     pub fn qk_norm(self) -> bool {
-        matches!(self, Arch::Qwen3 | Arch::Gemma3 | Arch::Olmo2)
+        matches!(self, Arch::Qwen3 | Arch::Gemma3 | Arch::Olmo2 | Arch::Olmo3)
     }
 
     /// OLMo 2's q/k norms: over the whole projection (`heads * head_dim`)
     /// rather than per head.
     pub fn qk_norm_whole(self) -> bool {
-        self == Arch::Olmo2
+        matches!(self, Arch::Olmo2 | Arch::Olmo3)
     }
 
     /// OLMo 2's layout: the attention's and the MLP's outputs are normalised
     /// (`post_attention_layernorm`, `post_feedforward_layernorm`) and their
     /// inputs are not.
     pub fn post_norms_only(self) -> bool {
-        self == Arch::Olmo2
+        matches!(self, Arch::Olmo2 | Arch::Olmo3)
     }
 
     /// Gemma's layout: norms scale by `1 + weight`, each layer also
@@ -112,6 +118,7 @@ impl Arch {
             Arch::Gemma3,
             Arch::SmolLm3,
             Arch::Olmo2,
+            Arch::Olmo3,
         ]
         .into_iter()
         .find(|a| a.model_type() == name)
@@ -129,6 +136,25 @@ pub struct Llama3Scaling {
     pub high_freq_factor: f64,
     /// `original_max_position_embeddings`.
     pub original_max_position_embeddings: f64,
+}
+
+/// YaRN RoPE scaling (`rope_type: yarn`), as transformers'
+/// `_compute_yarn_parameters` reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct YarnScaling {
+    /// `factor` (missing: `max_position_embeddings` over the original).
+    pub factor: f64,
+    /// `original_max_position_embeddings`.
+    pub original_max_position_embeddings: f64,
+    /// `beta_fast` (default 32).
+    pub beta_fast: f64,
+    /// `beta_slow` (default 1).
+    pub beta_slow: f64,
+    /// cos and sin are multiplied by this: `attention_factor`, or
+    /// `0.1 ln(factor) + 1` (with `mscale` and `mscale_all_dim`, their ratio).
+    pub attention_factor: f64,
+    /// `truncate` (default true): the ramp's ends rounded outwards.
+    pub truncate: bool,
 }
 
 /// Everything the decoder needs from `config.json`.
@@ -158,6 +184,8 @@ pub struct ModelConfig {
     pub rope_scaling: Option<Llama3Scaling>,
     /// Linear RoPE scaling (`rope_type: linear`): positions divided by this.
     pub rope_linear_factor: Option<f64>,
+    /// YaRN RoPE scaling, if any.
+    pub rope_yarn: Option<YarnScaling>,
     /// Gemma 3: the RoPE base of sliding-window layers (unscaled).
     pub rope_local_theta: Option<f64>,
     /// The MLP's gate activation.
@@ -361,7 +389,8 @@ impl ModelConfig {
             );
         }
         let rope = match arch {
-            Arch::Gemma3 => gemma3_rope(&k)?,
+            Arch::Gemma3 => layer_type_rope(&k, 1e6, Some(1e4))?,
+            Arch::Olmo3 => layer_type_rope(&k, 5e5, None)?,
             Arch::SmolLm3 => rope(&k, 2e6)?,
             _ => rope(&k, 10_000.0)?,
         };
@@ -380,12 +409,16 @@ impl ModelConfig {
             | Arch::Qwen3
             | Arch::Gemma3
             | Arch::SmolLm3
-            | Arch::Olmo2 => k.bool_or("attention_bias", false)?,
+            | Arch::Olmo2
+            | Arch::Olmo3 => k.bool_or("attention_bias", false)?,
         };
-        // Olmo2Config's default; the others' is 1e-6.
+        // OLMo's configs default to 1e-5; the others to 1e-6.
         let rms_norm_eps = k.f64_or(
             "rms_norm_eps",
-            if arch == Arch::Olmo2 { 1e-5 } else { 1e-6 },
+            match arch {
+                Arch::Olmo2 | Arch::Olmo3 => 1e-5,
+                _ => 1e-6,
+            },
         )?;
         Ok(ModelConfig {
             arch,
@@ -398,8 +431,9 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps,
             rope_theta: rope.theta,
-            rope_scaling: rope.llama3,
-            rope_linear_factor: rope.linear,
+            rope_scaling: rope.scaling.llama3,
+            rope_linear_factor: rope.scaling.linear,
+            rope_yarn: rope.scaling.yarn,
             rope_local_theta: rope.local_theta,
             activation,
             query_pre_attn_scalar: match arch {
@@ -491,8 +525,9 @@ fn sliding(
             let w = window()?;
             (w, vec![w.is_some(); layers])
         }
-        Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3 => {
-            let w = match arch == Arch::Gemma3 || k.bool_or("use_sliding_window", false)? {
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3 | Arch::Olmo3 => {
+            let always = matches!(arch, Arch::Gemma3 | Arch::Olmo3);
+            let w = match always || k.bool_or("use_sliding_window", false)? {
                 true => window()?,
                 false => None,
             };
@@ -503,6 +538,7 @@ fn sliding(
                 None if arch == Arch::Gemma3 => {
                     all_but_every(k.usize_or("sliding_window_pattern", 6)?, layers)
                 }
+                None if arch == Arch::Olmo3 => all_but_every(4, layers),
                 None => {
                     let from = k.usize_or("max_window_layers", 28)?;
                     (0..layers).map(|i| w.is_some() && i >= from).collect()
@@ -524,12 +560,13 @@ fn sliding(
                 ),
             };
             if w.is_none() && sliding.contains(&true) {
-                let which = match k.get("layer_types") {
-                    Some(_) => "key 'layer_types' has \"sliding_attention\" layers",
-                    None => "key 'sliding_window_pattern' (default 6) makes layers slide",
+                let which = match (k.get("layer_types"), arch) {
+                    (Some(_), _) => "key 'layer_types' has \"sliding_attention\" layers",
+                    (None, Arch::Olmo3) => "without 'layer_types', three layers in four slide",
+                    (None, _) => "key 'sliding_window_pattern' (default 6) makes layers slide",
                 };
                 let set = match arch {
-                    Arch::Gemma3 => "set 'sliding_window' to its size",
+                    Arch::Gemma3 | Arch::Olmo3 => "set 'sliding_window' to its size",
                     _ => "set 'use_sliding_window' to true and 'sliding_window' to its size",
                 };
                 bail!(
@@ -589,9 +626,22 @@ fn rope_layers(k: &Keys, arch: Arch, layers: usize) -> anyhow::Result<Vec<bool>>
 /// RoPE as `config.json` sets it.
 struct RopeKeys {
     theta: f64,
+    scaling: Scaling,
+    local_theta: Option<f64>,
+}
+
+/// The scaling of one RoPE dict (at most one of these is set).
+#[derive(Default)]
+struct Scaling {
     llama3: Option<Llama3Scaling>,
     linear: Option<f64>,
-    local_theta: Option<f64>,
+    yarn: Option<YarnScaling>,
+}
+
+impl Scaling {
+    fn is_some(&self) -> bool {
+        self.llama3.is_some() || self.linear.is_some() || self.yarn.is_some()
+    }
 }
 
 /// `rope_theta` (`default_theta` when missing) and scaling, from
@@ -605,47 +655,46 @@ fn rope(k: &Keys, default_theta: f64) -> anyhow::Result<RopeKeys> {
         }
         _ => default_theta,
     };
-    let (llama3, linear) = match (k.get("rope_scaling").and_then(Value::as_object), params) {
+    let scaling = match (k.get("rope_scaling").and_then(Value::as_object), params) {
         (Some(s), _) => scaling(k, s, "rope_scaling.")?,
         (None, Some(p)) => scaling(k, p, "rope_parameters.")?,
-        (None, None) => (None, None),
+        (None, None) => Scaling::default(),
     };
     Ok(RopeKeys {
         theta,
-        llama3,
-        linear,
+        scaling,
         local_theta: None,
     })
 }
 
-/// Gemma 3's RoPE: per layer type in transformers 5's `rope_parameters`
-/// (`full_attention`, `sliding_attention`), or transformers 4's `rope_theta`
-/// (default 1e6), `rope_local_base_freq` (1e4) and `rope_scaling` (full
-/// attention layers only).
-fn gemma3_rope(k: &Keys) -> anyhow::Result<RopeKeys> {
-    let of =
-        |layer: &str, default: f64| -> anyhow::Result<(f64, Option<Llama3Scaling>, Option<f64>)> {
-            let prefix = format!("rope_parameters.{layer}.");
-            match k
-                .get("rope_parameters")
-                .and_then(|p| p.get(layer))
-                .and_then(Value::as_object)
-            {
-                Some(p) => {
-                    let theta = match p.get("rope_theta") {
-                        None | Some(Value::Null) => default,
-                        Some(_) => k.f64_in(p, "rope_theta", &prefix)?,
-                    };
-                    let (llama3, linear) = scaling(k, p, &prefix)?;
-                    Ok((theta, llama3, linear))
-                }
-                None => Ok((default, None, None)),
+/// RoPE per layer type (Gemma 3, OLMo 3): transformers 5's
+/// `rope_parameters` with a dict for `full_attention` and one for
+/// `sliding_attention` (default bases `full` and `local`), or transformers
+/// 4's `rope_theta` (default `full`), `rope_scaling` (full attention layers
+/// only) and, for the sliding layers' base, `rope_local_base_freq` (Gemma 3,
+/// default `local`) or, with no `local`, `rope_theta` (OLMo 3).
+fn layer_type_rope(k: &Keys, full: f64, local: Option<f64>) -> anyhow::Result<RopeKeys> {
+    let of = |layer: &str, default: f64| -> anyhow::Result<(f64, Scaling)> {
+        let prefix = format!("rope_parameters.{layer}.");
+        match k
+            .get("rope_parameters")
+            .and_then(|p| p.get(layer))
+            .and_then(Value::as_object)
+        {
+            Some(p) => {
+                let theta = match p.get("rope_theta") {
+                    None | Some(Value::Null) => default,
+                    Some(_) => k.f64_in(p, "rope_theta", &prefix)?,
+                };
+                Ok((theta, scaling(k, p, &prefix)?))
             }
-        };
+            None => Ok((default, Scaling::default())),
+        }
+    };
     if k.get("rope_parameters").is_some() {
-        let (theta, llama3, linear) = of("full_attention", 1e6)?;
-        let (local, local_llama3, local_linear) = of("sliding_attention", 1e4)?;
-        if local_llama3.is_some() || local_linear.is_some() {
+        let (theta, scaling) = of("full_attention", full)?;
+        let (local, local_scaling) = of("sliding_attention", local.unwrap_or(full))?;
+        if local_scaling.is_some() {
             bail!(
                 "{}: key 'rope_parameters.sliding_attention.rope_type' must be 'default' \
                  (scaled RoPE on sliding-window layers is not supported)",
@@ -654,40 +703,47 @@ fn gemma3_rope(k: &Keys) -> anyhow::Result<RopeKeys> {
         }
         return Ok(RopeKeys {
             theta,
-            llama3,
-            linear,
+            scaling,
             local_theta: Some(local),
         });
     }
-    let (llama3, linear) = match k.get("rope_scaling").and_then(Value::as_object) {
+    let scaling = match k.get("rope_scaling").and_then(Value::as_object) {
         Some(s) => scaling(k, s, "rope_scaling.")?,
-        None => (None, None),
+        None => Scaling::default(),
     };
+    let theta = k.f64_or("rope_theta", full)?;
     Ok(RopeKeys {
-        theta: k.f64_or("rope_theta", 1e6)?,
-        llama3,
-        linear,
-        local_theta: Some(k.f64_or("rope_local_base_freq", 1e4)?),
+        theta,
+        scaling,
+        local_theta: Some(match local {
+            Some(l) => k.f64_or("rope_local_base_freq", l)?,
+            None => theta,
+        }),
     })
 }
 
 /// The scaling a RoPE dict (`rope_type` and its keys) asks for: Llama 3's,
-/// or linear (`factor`).
-fn scaling(
-    k: &Keys,
-    s: &Map<String, Value>,
-    prefix: &str,
-) -> anyhow::Result<(Option<Llama3Scaling>, Option<f64>)> {
+/// linear (`factor`) or YaRN.
+fn scaling(k: &Keys, s: &Map<String, Value>, prefix: &str) -> anyhow::Result<Scaling> {
     let kind = s
         .get("rope_type")
         .or_else(|| s.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
-    match kind {
-        "default" => Ok((None, None)),
-        "linear" => Ok((None, Some(k.f64_in(s, "factor", prefix)?))),
-        "llama3" => Ok((
-            Some(Llama3Scaling {
+    let opt = |key: &str| -> anyhow::Result<Option<f64>> {
+        match s.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => k.f64_in(s, key, prefix).map(Some),
+        }
+    };
+    Ok(match kind {
+        "default" => Scaling::default(),
+        "linear" => Scaling {
+            linear: Some(k.f64_in(s, "factor", prefix)?),
+            ..Scaling::default()
+        },
+        "llama3" => Scaling {
+            llama3: Some(Llama3Scaling {
                 factor: k.f64_in(s, "factor", prefix)?,
                 low_freq_factor: k.f64_in(s, "low_freq_factor", prefix)?,
                 high_freq_factor: k.f64_in(s, "high_freq_factor", prefix)?,
@@ -697,13 +753,63 @@ fn scaling(
                     prefix,
                 )?,
             }),
-            None,
-        )),
+            ..Scaling::default()
+        },
+        "yarn" => {
+            let original = k.f64_in(s, "original_max_position_embeddings", prefix)?;
+            let factor = match opt("factor")? {
+                Some(f) => f,
+                None => k.usize("max_position_embeddings")? as f64 / original,
+            };
+            if !(factor > 0.0 && original > 0.0) {
+                bail!(
+                    "{}: key '{prefix}factor' ({factor}) and \
+                     '{prefix}original_max_position_embeddings' ({original}) must be positive",
+                    k.file.display()
+                );
+            }
+            let mscale = |scale: f64, m: f64| match scale <= 1.0 {
+                true => 1.0,
+                false => 0.1 * m * scale.ln() + 1.0,
+            };
+            let attention_factor = match (
+                opt("attention_factor")?,
+                opt("mscale")?.filter(|&m| m != 0.0),
+                opt("mscale_all_dim")?.filter(|&m| m != 0.0),
+            ) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+                _ => mscale(factor, 1.0),
+            };
+            // transformers treats a 0 or missing beta as its default.
+            let beta = |key: &str, default: f64| -> anyhow::Result<f64> {
+                Ok(opt(key)?.filter(|&b| b != 0.0).unwrap_or(default))
+            };
+            let truncate = match s.get("truncate") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => bail!(
+                    "{}: key '{prefix}truncate' must be true or false, got {v}",
+                    k.file.display()
+                ),
+            };
+            Scaling {
+                yarn: Some(YarnScaling {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: beta("beta_fast", 32.0)?,
+                    beta_slow: beta("beta_slow", 1.0)?,
+                    attention_factor,
+                    truncate,
+                }),
+                ..Scaling::default()
+            }
+        }
         other => bail!(
-            "{}: key '{prefix}rope_type' is '{other}'; supported: default, linear, llama3",
+            "{}: key '{prefix}rope_type' is '{other}'; supported: default, linear, llama3, yarn",
             k.file.display()
         ),
-    }
+    })
 }
 
 /// The MLP activation: `hidden_act` (`hidden_activation` for Gemma, whose
@@ -778,9 +884,16 @@ mod tests {
             "m/config.json: missing key 'hidden_size'"
         );
         let mut v = base();
+        v["rope_scaling"] = json!({"type": "dynamic", "factor": 4.0});
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("'rope_scaling.rope_type' is 'dynamic'"), "{e}");
+        let mut v = base();
         v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
         let e = parse(v).unwrap_err().to_string();
-        assert!(e.contains("'rope_scaling.rope_type' is 'yarn'"), "{e}");
+        assert!(
+            e.contains("missing key 'rope_scaling.original_max_position_embeddings'"),
+            "{e}"
+        );
         let mut v = base();
         v["num_key_value_heads"] = json!(3);
         assert!(parse(v).unwrap_err().to_string().contains("multiple"));
@@ -823,6 +936,41 @@ mod tests {
             (1e-5, false, None)
         );
         assert_eq!(c.sliding_layers, [false]);
+    }
+
+    /// YaRN's defaults as `_compute_yarn_parameters` fills them in, and OLMo
+    /// 3's per-layer-type RoPE in transformers 4's form (YaRN on the full
+    /// layers only, the sliding ones at the same base, unscaled).
+    #[test]
+    fn reads_yarn_and_olmo3() {
+        let mut v = base();
+        v["max_position_embeddings"] = json!(4096);
+        v["rope_scaling"] = json!({"rope_type": "yarn", "original_max_position_embeddings": 1024});
+        let y = parse(v.clone()).unwrap().rope_yarn.unwrap();
+        assert_eq!(
+            (y.factor, y.beta_fast, y.beta_slow, y.truncate),
+            (4.0, 32.0, 1.0, true)
+        );
+        assert!((y.attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
+        v["rope_scaling"]["mscale"] = json!(2.0);
+        v["rope_scaling"]["mscale_all_dim"] = json!(1.0);
+        let y = parse(v).unwrap().rope_yarn.unwrap();
+        let m = |s: f64| 0.1 * s * 4f64.ln() + 1.0;
+        assert!((y.attention_factor - m(2.0) / m(1.0)).abs() < 1e-15);
+
+        let mut v = base();
+        v["model_type"] = json!("olmo3");
+        v["num_hidden_layers"] = json!(4);
+        v["rope_theta"] = json!(5e5);
+        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 8.0,
+            "original_max_position_embeddings": 8192, "attention_factor": 1.2});
+        let c = parse(v).unwrap();
+        assert_eq!(c.arch, Arch::Olmo3);
+        assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!(c.sliding_layers, [true, true, true, false]);
+        assert_eq!((c.rope_theta, c.rope_local_theta), (5e5, Some(5e5)));
+        assert_eq!(c.rope_yarn.unwrap().attention_factor, 1.2);
+        assert_eq!(c.rms_norm_eps, 1e-5);
     }
 
     /// Which layers slide, and over how many keys, as transformers 5 decides.

@@ -312,6 +312,17 @@ pub struct CausalLm<B: Backend> {
     pub rope_original_max: f64,
     /// Linear RoPE scaling: frequencies divided by this (1 when unscaled).
     pub rope_linear_factor: f64,
+    /// YaRN `factor` (0 when YaRN is off).
+    pub rope_yarn_factor: f64,
+    /// YaRN `original_max_position_embeddings`.
+    pub rope_yarn_original_max: f64,
+    /// YaRN `beta_fast` and `beta_slow`.
+    pub rope_yarn_betas: (f64, f64),
+    /// YaRN `truncate`.
+    pub rope_yarn_truncate: bool,
+    /// YaRN: cos and sin of the scaled tables are multiplied by this (1
+    /// otherwise).
+    pub rope_attention_factor: f64,
     /// Gemma 3: the RoPE base of sliding-window layers (0: they use the
     /// global tables).
     pub rope_local_theta: f64,
@@ -539,9 +550,12 @@ impl<B: ModelBackend> DecoderLayer<B> {
 }
 
 impl<B: ModelBackend> CausalLm<B> {
-    /// Inverse RoPE frequencies (`head_dim / 2` of them), Llama 3 or linear
-    /// scaling applied.
+    /// Inverse RoPE frequencies (`head_dim / 2` of them), Llama 3, linear or
+    /// YaRN scaling applied.
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
+        if self.rope_yarn_factor > 0.0 {
+            return self.yarn_inv_freq(head_dim);
+        }
         unscaled_inv_freq(self.rope_theta, head_dim)
             .map(|f| {
                 if self.rope_factor == 0.0 {
@@ -563,6 +577,37 @@ impl<B: ModelBackend> CausalLm<B> {
                     let smooth = (orig / wavelen - lo) / (hi - lo);
                     (1.0 - smooth) * f / factor + smooth * f
                 }
+            })
+            .collect()
+    }
+
+    /// YaRN's frequencies: the fast ones kept, the slow ones divided by
+    /// `factor`, a linear ramp between (transformers'
+    /// `_compute_yarn_parameters`).
+    fn yarn_inv_freq(&self, head_dim: usize) -> Vec<f64> {
+        let (dim, base, orig) = (
+            head_dim as f64,
+            self.rope_theta,
+            self.rope_yarn_original_max,
+        );
+        let (beta_fast, beta_slow) = self.rope_yarn_betas;
+        let correction_dim = |rotations: f64| {
+            dim * (orig / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+        };
+        let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+        if self.rope_yarn_truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+        if low == high {
+            high += 0.001;
+        }
+        unscaled_inv_freq(base, head_dim)
+            .enumerate()
+            .map(|(i, f)| {
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let keep = 1.0 - ramp;
+                f / self.rope_yarn_factor * (1.0 - keep) + f * keep
             })
             .collect()
     }
@@ -715,10 +760,12 @@ impl<B: ModelBackend> CausalLm<B> {
             .map_or((1, 1), |l| (l.self_attn.n_kv_heads, l.self_attn.n_heads));
         let rep = h / kvh;
         let hd = self.head_dim();
-        let (q_rope, k_rope) = self.rope_tables(&self.inv_freq(hd), positions, kvh, rep, device);
+        let scale = self.rope_attention_factor as f32;
+        let (q_rope, k_rope) =
+            self.rope_tables(&self.inv_freq(hd), scale, positions, kvh, rep, device);
         let local_rope = self
             .local_inv_freq(hd)
-            .map(|inv| self.rope_tables(&inv, positions, kvh, rep, device));
+            .map(|inv| self.rope_tables(&inv, 1.0, positions, kvh, rep, device));
         let grouped = |mask: Tensor<B, 4, Bool>| {
             if rep == 1 {
                 mask
@@ -747,6 +794,7 @@ impl<B: ModelBackend> CausalLm<B> {
     fn rope_tables(
         &self,
         inv: &[f64],
+        scale: f32,
         positions: &[Vec<usize>],
         kv_heads: usize,
         rep: usize,
@@ -771,8 +819,8 @@ impl<B: ModelBackend> CausalLm<B> {
             // HF computes the angles in f32.
             let angles: Vec<f32> = inv.iter().map(|f| (*f as f32) * p as f32).collect();
             for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
+                cos.extend(angles.iter().map(|a| a.cos() * scale));
+                sin.extend(angles.iter().map(|a| a.sin() * scale));
             }
         }
         let n = distinct.len();
@@ -1140,7 +1188,12 @@ impl<B: Backend> CausalLm<B> {
                     hidden,
                     ab && matches!(
                         c.arch,
-                        Arch::Llama | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3 | Arch::Olmo2
+                        Arch::Llama
+                            | Arch::Qwen3
+                            | Arch::Gemma3
+                            | Arch::SmolLm3
+                            | Arch::Olmo2
+                            | Arch::Olmo3
                     ),
                 )?,
                 q_norm: match c.arch.qk_norm() {
@@ -1228,6 +1281,15 @@ impl<B: Backend> CausalLm<B> {
             rope_high_freq_factor: scaling.map_or(0.0, |s| s.high_freq_factor),
             rope_original_max: scaling.map_or(0.0, |s| s.original_max_position_embeddings),
             rope_linear_factor: c.rope_linear_factor.unwrap_or(1.0),
+            rope_yarn_factor: c.rope_yarn.map_or(0.0, |y| y.factor),
+            rope_yarn_original_max: c
+                .rope_yarn
+                .map_or(0.0, |y| y.original_max_position_embeddings),
+            rope_yarn_betas: c
+                .rope_yarn
+                .map_or((0.0, 0.0), |y| (y.beta_fast, y.beta_slow)),
+            rope_yarn_truncate: c.rope_yarn.is_none_or(|y| y.truncate),
+            rope_attention_factor: c.rope_yarn.map_or(1.0, |y| y.attention_factor),
             rope_local_theta: c.rope_local_theta.unwrap_or(0.0),
             // transformers keeps the scale in the weights' dtype (f32 here).
             embed_scale: match gemma {
@@ -1531,7 +1593,7 @@ mod tests {
         let net = net(2, 1);
         let positions = vec![vec![0, 5, 6], vec![9, 5, 0]];
         let inv = net.inv_freq(8);
-        let (q_rope, k_rope) = net.rope_tables(&inv, &positions, 3, 2, &Default::default());
+        let (q_rope, k_rope) = net.rope_tables(&inv, 1.0, &positions, 3, 2, &Default::default());
         for (heads, (cos, sin)) in [(6, q_rope), (3, k_rope)] {
             assert_eq!(cos.dims(), [2, 3, heads, 8]);
             let (cos, sin): (Vec<f32>, Vec<f32>) = (

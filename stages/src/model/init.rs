@@ -235,6 +235,22 @@ impl InitSpec {
                 c["mlp_bias"] = json!(false);
             }
             Arch::Olmo2 => c["attention_bias"] = json!(false),
+            Arch::Olmo3 => {
+                c["attention_bias"] = json!(false);
+                c.as_object_mut().expect("an object").remove("rope_theta");
+                let default = json!({"rope_type": "default", "rope_theta": 10000.0});
+                c["rope_parameters"] =
+                    json!({"full_attention": default, "sliding_attention": default});
+                // OLMo 3's pattern with a window: every fourth layer global.
+                c["sliding_window"] = json!(self.sliding_window);
+                c["layer_types"] = config::all_but_every(4, layers)
+                    .into_iter()
+                    .map(|slides| match self.sliding_window.is_some() && slides {
+                        true => "sliding_attention",
+                        false => "full_attention",
+                    })
+                    .collect();
+            }
             Arch::Mistral => c["sliding_window"] = json!(self.sliding_window),
             Arch::Qwen2 | Arch::Qwen3 => {
                 if arch == Arch::Qwen3 {

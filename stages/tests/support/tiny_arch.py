@@ -12,7 +12,11 @@ scaled and tied embeddings, head_dim 32 with query_pre_attn_scalar 24, layer 0
 sliding over 16 keys with RoPE base 1e4, layer 1 global with linear RoPE
 scaling 4), or `smollm3` (layer 1 a NoPE layer: no rotary embedding), or
 `olmo2` (norms on the attention's and MLP's outputs only, q/k norms over all
-heads together, 4 query heads over 2 kv heads); the
+heads together, 4 query heads over 2 kv heads), or `olmo3` (OLMo 2's layers,
+layer 0 sliding over 16 keys with plain RoPE, layer 1 global with YaRN,
+factor 4 over 128 original positions), or `qwen2-yarn` (YaRN on every layer:
+factor 4 over 128 positions, betas 8 and 2, no truncation, an explicit
+attention_factor); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
@@ -34,6 +38,7 @@ from transformers import (
     Gemma3TextConfig,
     MistralConfig,
     Olmo2Config,
+    Olmo3Config,
     Qwen2Config,
     Qwen3Config,
     SmolLM3Config,
@@ -88,6 +93,24 @@ def main():
     elif arch == "olmo2":
         config = Olmo2Config(
             rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+            **sizes,
+        )
+    elif arch == "olmo3":
+        config = Olmo3Config(
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 5e5},
+                "full_attention": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+                                   "original_max_position_embeddings": 128},
+            },
+            **sizes,
+        )
+    elif arch == "qwen2-yarn":
+        config = Qwen2Config(
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                             "original_max_position_embeddings": 128, "beta_fast": 8,
+                             "beta_slow": 2, "truncate": False, "attention_factor": 1.1},
             **sizes,
         )
     elif arch == "gemma3":
@@ -150,7 +173,7 @@ def main():
     with torch.no_grad():
         after = model(**batch).loss.item()
     watched = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
-    if arch in ("qwen3", "gemma3", "olmo2"):
+    if arch in ("qwen3", "gemma3", "olmo2", "olmo3"):
         watched += ["model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"]
     if arch == "olmo2":
         watched += [
