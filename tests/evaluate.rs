@@ -14,13 +14,6 @@ use common::*;
 use mock_openai::{Config, Fault, FaultKind, MockServer};
 use serde_json::Value;
 
-fn shared(rel: &str) -> PathBuf {
-    let root = std::env::var_os("ANNEAL_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    root.join(rel)
-}
-
 fn smollm2_dir() -> PathBuf {
     let dir = std::env::var_os("ANNEAL_SMOLLM2_DIR")
         .map(PathBuf::from)

@@ -255,6 +255,62 @@ fn gemma3_smollm3_and_olmo_train_and_their_adapters_load_in_peft() {
     }
 }
 
+/// A multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration, built by
+/// transformers from tiny-qwen2's sizes with a one-layer vision tower)
+/// trains on text: the full phase writes the language model back beside the
+/// untouched vision tower (transformers loads it with no tensor missing or
+/// unexpected), and the LoRA phase's adapter, restricted to the language
+/// model, loads in PEFT and computes what the merged model computes.
+#[test]
+fn multimodal_gemma3_trains_its_language_model() {
+    let p = Project::new();
+    write_data(&p);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("stages/tests/support/tiny_arch.py");
+    let fixture = shared("fixtures/tiny-qwen2");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg("gemma3-mm")
+        .arg(&fixture)
+        .arg(p.path("mm"))
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = pipeline("tiny", 4, 100).replace("init: ${stages.base.outs.model}", "init: mm/");
+    p.write("sft.yaml", &yaml);
+    p.run_ok("sft.yaml", &["--stage", "phase2"]);
+    let config: Value = serde_json::from_str(&p.read("work/phase1/config.json")).unwrap();
+    assert_eq!(config["model_type"], "gemma3", "{config}");
+    let m = metrics(&p, "work/phase1.jsonl");
+    let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
+    assert!(loss(3) < loss(0), "loss {} -> {}", loss(0), loss(3));
+    // The vision tower is saved back as it was.
+    let load = |rel: &str| {
+        let mut t = std::collections::BTreeMap::new();
+        anneal_stages::model::weights::load_file_into(&p.path(rel), &mut t).unwrap();
+        t
+    };
+    let (before, after) = (
+        load("mm/model.safetensors"),
+        load("work/phase1/model.safetensors"),
+    );
+    let vision: Vec<&String> = before
+        .keys()
+        .filter(|k| k.starts_with("vision_tower."))
+        .collect();
+    assert!(!vision.is_empty());
+    for k in vision {
+        assert!(before[k].data == after[k].data, "{k} changed");
+    }
+    let q = "language_model.model.layers.0.self_attn.q_proj.weight";
+    assert!(before[q].data != after[q].data, "{q} did not train");
+    let peft = phase2_adapter_matches_peft(&p, "gemma3 multimodal");
+    assert_eq!(peft["class"], "Gemma3ForConditionalGeneration", "{peft}");
+}
+
 /// `tests/support/check_peft.py` on `p`'s phase 2: PEFT's view of its
 /// adapter on phase 1's model computes what the merged phase 2 model
 /// computes (to 1e-4 of the largest logit), and differs from phase 1's

@@ -11,6 +11,7 @@ pub mod stats;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -665,6 +666,7 @@ impl Params {
             targets: lora_targets(&self.lora_target)?,
             use_rslora: self.use_rslora,
             use_dora: self.use_dora,
+            multimodal: false,
         })
     }
 }
@@ -1024,6 +1026,7 @@ impl OnDevice for Job<'_> {
         }
         let base = Model::<B>::load(self.base, &device)?;
         let config = base.config.clone();
+        let extra = base.extra.clone();
         let ctx_len = config.max_position_embeddings;
         let too_long = train
             .iter()
@@ -1043,7 +1046,10 @@ impl OnDevice for Job<'_> {
         }
         let pad_id = tok.pad_token_id().or(config.pad_token_id).unwrap_or(0);
         let lora_cfg = match p.finetuning_type {
-            FinetuningType::Lora => Some(p.lora_config()?),
+            FinetuningType::Lora => Some(LoraConfig {
+                multimodal: config.multimodal,
+                ..p.lora_config()?
+            }),
             FinetuningType::Full | FinetuningType::Freeze => None,
         };
         let per_step = p.per_device_train_batch_size * p.gradient_accumulation_steps;
@@ -1119,6 +1125,12 @@ impl OnDevice for Job<'_> {
                 std::fs::write(&metrics_path, kept)?;
                 (net, step)
             }
+        };
+        let save_to = SaveTo {
+            config: &config,
+            extra: &extra,
+            base: self.base,
+            lora: &lora_cfg,
         };
         let mut metrics = std::fs::OpenOptions::new()
             .append(true)
@@ -1289,7 +1301,7 @@ impl OnDevice for Job<'_> {
                     "eval_loss": line["eval_loss"].as_f64(),
                     "scheduler": schedule.state(),
                 });
-                save_checkpoint(&ckpt_dir, state, &net, &config, self.base, &lora_cfg, &opt)?;
+                save_checkpoint(&ckpt_dir, state, &net, &save_to, &opt)?;
                 let keep = p
                     .load_best_model_at_end
                     .then(|| best_saved(&ckpt_dir))
@@ -1313,7 +1325,7 @@ impl OnDevice for Job<'_> {
                 // The final weights still go out as the last checkpoint.
                 if let Some(out) = ctx.output("checkpoints") {
                     let to = out.join(format!("global_step_{total}"));
-                    save_weights(&net, &config, self.base, &lora_cfg, &to)?;
+                    save_weights(&net, &save_to, &to)?;
                 }
                 let dir = ckpt_dir
                     .join(format!("global_step_{}", b.step))
@@ -1334,6 +1346,7 @@ impl OnDevice for Job<'_> {
                 config: config.clone(),
                 net: inner,
                 source: Some(self.base.to_path_buf()),
+                extra: extra.clone(),
             }
             .save(self.out, SaveDtype::F32, DEFAULT_MAX_SHARD_BYTES)?,
             Some(c) if p.merge_lora => {
@@ -1347,6 +1360,7 @@ impl OnDevice for Job<'_> {
                     config: config.clone(),
                     net: lora::merge(inner),
                     source: Some(self.base.to_path_buf()),
+                    extra: extra.clone(),
                 }
                 .save(self.out, SaveDtype::F32, DEFAULT_MAX_SHARD_BYTES)?
             }
@@ -1452,15 +1466,23 @@ fn eta(secs: f64) -> String {
     }
 }
 
+/// What saving trained weights needs besides them: the base model's
+/// config, its tensors outside the language model, where it came from
+/// (side files, the adapter's base) and the adapter's settings for LoRA.
+struct SaveTo<'a> {
+    config: &'a crate::model::ModelConfig,
+    extra: &'a Arc<BTreeMap<String, crate::model::HostTensor>>,
+    base: &'a Path,
+    lora: &'a Option<LoraConfig>,
+}
+
 /// Saves checkpoint `state["global_step"]` with `state` as its
 /// `state.json` (step, validation loss, the schedule's state).
 fn save_checkpoint<B: AutodiffBackend>(
     dir: &Path,
     state: Value,
     net: &CausalLm<B>,
-    config: &crate::model::ModelConfig,
-    base: &Path,
-    lora_cfg: &Option<LoraConfig>,
+    to: &SaveTo,
     opt: &AdamW<B::InnerBackend>,
 ) -> anyhow::Result<()> {
     let step = state["global_step"]
@@ -1472,7 +1494,7 @@ fn save_checkpoint<B: AutodiffBackend>(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    save_weights(net, config, base, lora_cfg, &tmp.join("model"))?;
+    save_weights(net, to, &tmp.join("model"))?;
     weights::save_dir(&tmp, &opt.state_tensors(), SaveDtype::F32, u64::MAX)?;
     std::fs::rename(
         tmp.join("model.safetensors"),
@@ -1492,18 +1514,17 @@ fn save_checkpoint<B: AutodiffBackend>(
 /// A checkpoint's weights in `dir`: an HF model, or the PEFT adapter.
 fn save_weights<B: AutodiffBackend>(
     net: &CausalLm<B>,
-    config: &crate::model::ModelConfig,
-    base: &Path,
-    lora_cfg: &Option<LoraConfig>,
+    to: &SaveTo,
     dir: &Path,
 ) -> anyhow::Result<()> {
     let inner = net.valid();
-    match lora_cfg {
-        Some(c) => lora::save_adapter(&inner, c, Some(&base.display().to_string()), dir),
+    match to.lora {
+        Some(c) => lora::save_adapter(&inner, c, Some(&to.base.display().to_string()), dir),
         None => Model {
-            config: config.clone(),
+            config: to.config.clone(),
             net: inner,
-            source: Some(base.to_path_buf()),
+            source: Some(to.base.to_path_buf()),
+            extra: to.extra.clone(),
         }
         .save(dir, SaveDtype::F32, DEFAULT_MAX_SHARD_BYTES),
     }

@@ -146,6 +146,7 @@ fn tiny_archs_match_transformers() {
         "olmo2",
         "olmo3",
         "qwen2-yarn",
+        "gemma3-mm",
     ] {
         let dir = common::tiny_arch(arch);
         check_dir::<B>(

@@ -326,6 +326,7 @@ fn tiny_arch_full_steps_match_torch() {
         "smollm3",
         "olmo2",
         "olmo3",
+        "gemma3-mm",
     ] {
         let dir = common::tiny_arch(arch);
         full_step_in::<AB>(
@@ -1311,6 +1312,7 @@ fn freeze_step_matches_torch() {
         config: model.config.clone(),
         net: net.valid(),
         source: None,
+        extra: Default::default(),
     }
     .save(
         out.path(),
@@ -1359,6 +1361,7 @@ fn dora_config() -> lora::LoraConfig {
         targets: lora::LoraConfig::resolve_targets(&["all".into()]).unwrap(),
         use_rslora: false,
         use_dora: true,
+        multimodal: false,
     }
 }
 

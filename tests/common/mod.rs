@@ -39,6 +39,14 @@ pub fn python_json<S: AsRef<std::ffi::OsStr>>(args: &[S], what: &str) -> Value {
     serde_json::from_slice(&out.stdout).expect("the script's JSON")
 }
 
+/// `rel` in `../shared` beside the checkout, or in `$ANNEAL_SHARED`.
+pub fn shared(rel: &str) -> PathBuf {
+    let root = std::env::var_os("ANNEAL_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    root.join(rel)
+}
+
 /// A temporary pipeline directory.
 pub struct Project {
     pub dir: tempfile::TempDir,

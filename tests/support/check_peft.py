@@ -43,6 +43,7 @@ def main():
     merged = strict(merged_dir)
     with torch.no_grad():
         merged_logits = merged(ids).logits
+    targets = peft_model.peft_config["default"].target_modules
     print(json.dumps({
         "tokens": ids.shape[1],
         "peft_vs_merged_max_abs": (peft_logits - merged_logits).abs().max().item(),
@@ -50,7 +51,7 @@ def main():
         "logit_scale": base_logits.abs().max().item(),
         "class": type(merged).__name__,
         "peft_type": peft_model.peft_config["default"].peft_type.value,
-        "target_modules": sorted(peft_model.peft_config["default"].target_modules),
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
     }))
 
 

@@ -216,6 +216,10 @@ pub struct ModelConfig {
     /// Per layer, whether queries and keys are rotated (SmolLM3's NoPE
     /// layers are not; all true for the others).
     pub rope_layers: Vec<bool>,
+    /// A multimodal Gemma 3 checkpoint (`Gemma3ForConditionalGeneration`):
+    /// this is its `text_config`, the language model's weights carry a
+    /// `language_model.` prefix and the vision tower's pass through.
+    pub multimodal: bool,
     /// The file as read, so saving keeps keys this struct does not model.
     pub raw: Map<String, Value>,
 }
@@ -321,18 +325,23 @@ impl ModelConfig {
         let map = value
             .as_object()
             .with_context(|| format!("{}: expected a JSON object", file.display()))?;
+        if map.get("model_type").and_then(Value::as_str) == Some("gemma3") {
+            return Self::gemma3_multimodal(map, file);
+        }
+        let filled;
+        let map = match map.get("model_type").and_then(Value::as_str) {
+            Some("gemma3_text") => {
+                filled = with_gemma3_defaults(map);
+                &filled
+            }
+            _ => map,
+        };
         let k = Keys { file, map };
         let model_type = k.get("model_type").and_then(Value::as_str).unwrap_or("");
         let arch = match Arch::from_model_type(model_type) {
             Some(a) => a,
             None if model_type.is_empty() => bail!(
                 "{}: missing key 'model_type'; supported: {SUPPORTED}",
-                file.display()
-            ),
-            None if model_type == "gemma3" => bail!(
-                "{}: key 'model_type' is 'gemma3', a multimodal Gemma 3 checkpoint \
-                 (Gemma3ForConditionalGeneration), which anneal does not support; \
-                 use a text-only 'gemma3_text' checkpoint (Gemma 3 1B, 270M)",
                 file.display()
             ),
             None => bail!(
@@ -454,8 +463,74 @@ impl ModelConfig {
             sliding_window,
             sliding_layers,
             rope_layers,
-            raw: map.clone(),
+            multimodal: false,
+            raw: value.as_object().cloned().unwrap_or_default(),
         })
+    }
+
+    /// A multimodal Gemma 3 config: its language model is `text_config` (a
+    /// `gemma3_text` config, Gemma3TextConfig's defaults for missing keys;
+    /// token ids from the top level when it lacks them).
+    fn gemma3_multimodal(map: &Map<String, Value>, file: &Path) -> anyhow::Result<Self> {
+        let mut text = map
+            .get("text_config")
+            .and_then(Value::as_object)
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "{}: key 'text_config' (the language model's config of a multimodal \
+                     Gemma 3 checkpoint) is missing",
+                    file.display()
+                )
+            })?;
+        match text.get("model_type").and_then(Value::as_str) {
+            None | Some("gemma3_text") => {}
+            Some(other) => bail!(
+                "{}: key 'text_config.model_type' is '{other}'; a Gemma 3 checkpoint's \
+                 language model is 'gemma3_text'",
+                file.display()
+            ),
+        }
+        text.insert("model_type".into(), json!("gemma3_text"));
+        for key in ["eos_token_id", "bos_token_id", "pad_token_id"] {
+            if text.get(key).is_none_or(Value::is_null)
+                && let Some(v) = map.get(key)
+            {
+                text.insert(key.into(), v.clone());
+            }
+        }
+        let mut c = Self::from_json(&Value::Object(text), file)
+            .with_context(|| format!("{}: in key 'text_config'", file.display()))?;
+        c.multimodal = true;
+        c.raw = map.clone();
+        Ok(c)
+    }
+
+    /// The checkpoint's name of a language-model tensor (`model.…`,
+    /// `lm_head.…`): `language_model.`-prefixed in a multimodal Gemma 3
+    /// checkpoint, as transformers writes it.
+    pub fn hf_name(&self, name: &str) -> String {
+        match self.multimodal {
+            true => format!("language_model.{name}"),
+            false => name.to_owned(),
+        }
+    }
+
+    /// The language-model name of a checkpoint's tensor, or `None` for one
+    /// outside the language model (a multimodal checkpoint's vision tower and
+    /// projector). Reads transformers 4's names (`language_model.model.…`)
+    /// and 5's (`model.language_model.…`).
+    pub fn internal_name(&self, name: &str) -> Option<String> {
+        if !self.multimodal {
+            return Some(name.to_owned());
+        }
+        if let Some(rest) = name.strip_prefix("language_model.") {
+            return Some(rest.to_owned());
+        }
+        if let Some(rest) = name.strip_prefix("model.language_model.") {
+            return Some(format!("model.{rest}"));
+        }
+        name.starts_with("lm_head.").then(|| name.to_owned())
     }
 
     /// Query heads per key/value head.
@@ -483,6 +558,35 @@ impl ModelConfig {
         std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))?;
         Ok(file)
     }
+}
+
+/// PEFT's module path of a language-model module (`model.layers.0.…`): in
+/// a multimodal checkpoint, `model.language_model.layers.0.…`, as transformers
+/// 5 nests `Gemma3ForConditionalGeneration`.
+pub fn peft_module(name: &str, multimodal: bool) -> String {
+    match (multimodal, name.strip_prefix("model.")) {
+        (true, Some(rest)) => format!("model.language_model.{rest}"),
+        _ => name.to_owned(),
+    }
+}
+
+/// `map` with Gemma3TextConfig's defaults for the sizes it leaves out (the
+/// Hub's multimodal Gemma 3 configs list only what differs from them).
+fn with_gemma3_defaults(map: &Map<String, Value>) -> Map<String, Value> {
+    let mut out = map.clone();
+    for (key, v) in [
+        ("vocab_size", 262_208),
+        ("hidden_size", 2304),
+        ("intermediate_size", 9216),
+        ("num_hidden_layers", 26),
+        ("num_attention_heads", 8),
+        ("num_key_value_heads", 4),
+    ] {
+        if out.get(key).is_none_or(Value::is_null) {
+            out.insert(key.into(), json!(v));
+        }
+    }
+    out
 }
 
 /// The sliding window and the layers that use it, as transformers reads
@@ -1099,13 +1203,43 @@ mod tests {
             let e = parse(v).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
-        let mut v = gemma();
-        v["model_type"] = json!("gemma3");
-        let e = parse(v).unwrap_err().to_string();
-        assert!(
-            e.contains("use a text-only 'gemma3_text' checkpoint"),
-            "{e}"
+        // A multimodal checkpoint: the language model is `text_config`, its
+        // missing sizes Gemma3TextConfig's defaults, its tensors prefixed.
+        let mut text = gemma();
+        text.as_object_mut().unwrap().remove("vocab_size");
+        text.as_object_mut().unwrap().remove("model_type");
+        let v = json!({"model_type": "gemma3", "text_config": text, "eos_token_id": [1, 106],
+                       "architectures": ["Gemma3ForConditionalGeneration"]});
+        let c = parse(v.clone()).unwrap();
+        assert!(c.multimodal);
+        assert_eq!((c.arch, c.vocab_size), (Arch::Gemma3, 262_208));
+        assert_eq!(c.eos_token_ids, [1, 106]);
+        assert_eq!(c.raw, *v.as_object().unwrap(), "saved back as read");
+        assert_eq!(
+            c.hf_name("model.norm.weight"),
+            "language_model.model.norm.weight"
         );
+        for (name, want) in [
+            (
+                "language_model.model.layers.0.mlp.up_proj.weight",
+                Some("model.layers.0.mlp.up_proj.weight"),
+            ),
+            (
+                "model.language_model.norm.weight",
+                Some("model.norm.weight"),
+            ),
+            ("lm_head.weight", Some("lm_head.weight")),
+            ("vision_tower.post_layernorm.bias", None),
+            ("multi_modal_projector.mm_soft_emb_norm.weight", None),
+        ] {
+            assert_eq!(c.internal_name(name).as_deref(), want, "{name}");
+        }
+        assert_eq!(
+            peft_module("model.layers.1.self_attn.q_proj", true),
+            "model.language_model.layers.1.self_attn.q_proj"
+        );
+        let e = format!("{:#}", parse(json!({"model_type": "gemma3"})).unwrap_err());
+        assert!(e.contains("key 'text_config'"), "{e}");
         let mut v = gemma();
         v["rope_parameters"] = json!({
             "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},

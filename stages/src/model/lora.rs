@@ -12,6 +12,7 @@ use burn::tensor::{Tensor, TensorData};
 use serde_json::{Value, json};
 
 use super::backend::ModelBackend;
+use super::config::peft_module;
 use super::decoder::{CausalLm, Linear, LoraAdapter, column_norms, dora_scale, host};
 use super::weights::{self, HostTensor, SaveDtype};
 use crate::rng::SplitMix64;
@@ -43,7 +44,15 @@ pub struct LoraConfig {
     /// DoRA: each adapted weight is a trained magnitude per output column
     /// times the direction of `W + scaling * A B`.
     pub use_dora: bool,
+    /// The base is a multimodal Gemma 3 checkpoint: the adapter's modules sit
+    /// under `model.language_model.`, and `target_modules` is a regex that
+    /// leaves the vision tower's projections of the same names alone.
+    pub multimodal: bool,
 }
+
+/// The start of the `target_modules` regex of a multimodal base's adapter;
+/// the names follow as `(q_proj|v_proj)`.
+const LANGUAGE_MODEL_ONLY: &str = r"model\.language_model\..*\.";
 
 impl LoraConfig {
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
@@ -85,7 +94,10 @@ impl LoraConfig {
             // PEFT writes an integer alpha as an integer.
             "lora_alpha": if self.alpha.fract() == 0.0 { json!(self.alpha as i64) } else { json!(self.alpha) },
             "lora_dropout": self.dropout,
-            "target_modules": self.targets,
+            "target_modules": match self.multimodal {
+                true => json!(format!("{LANGUAGE_MODEL_ONLY}({})", self.targets.join("|"))),
+                false => json!(self.targets),
+            },
             "bias": "none",
             "fan_in_fan_out": false,
             "inference_mode": true,
@@ -132,13 +144,24 @@ impl LoraConfig {
             .with_context(|| format!("{}: missing integer 'r'", file.display()))?
             as usize;
         let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+        let mut multimodal = false;
         let targets: Vec<String> = match get("target_modules") {
             Some(Value::Array(a)) => a
                 .iter()
                 .filter_map(Value::as_str)
                 .map(str::to_owned)
                 .collect(),
-            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::String(s)) => match s
+                .strip_prefix(LANGUAGE_MODEL_ONLY)
+                .and_then(|r| r.strip_prefix('('))
+                .and_then(|r| r.strip_suffix(')'))
+            {
+                Some(names) => {
+                    multimodal = true;
+                    names.split('|').map(str::to_owned).collect()
+                }
+                None => vec![s.clone()],
+            },
             _ => bail!("{}: missing 'target_modules'", file.display()),
         };
         Ok(LoraConfig {
@@ -149,6 +172,7 @@ impl LoraConfig {
                 .with_context(|| format!("{}: target_modules", file.display()))?,
             use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
             use_dora: get("use_dora").and_then(Value::as_bool).unwrap_or(false),
+            multimodal,
         })
     }
 }
@@ -291,10 +315,13 @@ pub fn load_adapter<B: Backend>(
     net: CausalLm<B>,
     dir: &Path,
 ) -> anyhow::Result<(CausalLm<B>, LoraConfig)> {
-    let cfg = LoraConfig::from_peft_dir(dir)?;
+    let mut cfg = LoraConfig::from_peft_dir(dir)?;
     let file = dir.join("adapter_model.safetensors");
     let mut tensors = BTreeMap::new();
     weights::load_file_into(&file, &mut tensors)?;
+    cfg.multimodal |= tensors
+        .keys()
+        .any(|k| k.starts_with("base_model.model.model.language_model."));
     let mut net = freeze(net);
     let device = net.embed_tokens.device();
     for (name, kind, lin) in projections(&mut net) {
@@ -303,7 +330,10 @@ pub fn load_adapter<B: Backend>(
         }
         let [inp, out] = lin.weight.val().dims();
         let mut take = |suffix: &str, shape: &[usize]| -> anyhow::Result<HostTensor> {
-            let key = format!("base_model.model.{name}.{suffix}");
+            let key = format!(
+                "base_model.model.{}.{suffix}",
+                peft_module(&name, cfg.multimodal)
+            );
             let t = tensors
                 .remove(&key)
                 .with_context(|| format!("{}: no tensor '{key}'", file.display()))?;
@@ -341,11 +371,16 @@ pub fn load_adapter<B: Backend>(
     Ok((net, cfg))
 }
 
-/// The adapter tensors under PEFT's names, in PEFT's layout.
-pub fn adapter_tensors<B: Backend>(net: &CausalLm<B>) -> BTreeMap<String, HostTensor> {
+/// The adapter tensors under PEFT's names (for a `multimodal` base, see
+/// [`LoraConfig::multimodal`]), in PEFT's layout.
+pub fn adapter_tensors<B: Backend>(
+    net: &CausalLm<B>,
+    multimodal: bool,
+) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     let mut net = net.clone();
     for (name, _, lin) in projections(&mut net) {
+        let name = peft_module(&name, multimodal);
         if let Some(l) = &lin.lora {
             out.insert(
                 format!("base_model.model.{name}.lora_A.weight"),
@@ -374,7 +409,7 @@ pub fn save_adapter<B: Backend>(
     dir: &Path,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors = adapter_tensors(net);
+    let tensors = adapter_tensors(net, cfg.multimodal);
     weights::save_dir(dir, &tensors, SaveDtype::F32, u64::MAX)?;
     std::fs::rename(
         dir.join("model.safetensors"),

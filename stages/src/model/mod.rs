@@ -23,7 +23,9 @@ pub mod tokenizer;
 pub mod vmath;
 pub mod weights;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use burn::tensor::backend::Backend;
@@ -60,6 +62,10 @@ pub struct Model<B: Backend> {
     pub net: CausalLm<B>,
     /// Where it was loaded from (side files are copied from here on save).
     pub source: Option<PathBuf>,
+    /// Tensors outside the language model, saved back unchanged: a
+    /// multimodal Gemma 3 checkpoint's vision tower and projector (shared,
+    /// so the checkpoints of a run do not copy them).
+    pub extra: Arc<BTreeMap<String, HostTensor>>,
 }
 
 impl<B: ModelBackend> Model<B> {
@@ -71,13 +77,14 @@ impl<B: ModelBackend> Model<B> {
             return Self::load_adapter_dir(dir, device);
         }
         let config = ModelConfig::from_dir(dir)?;
-        let tensors = weights::load_dir(dir)?;
+        let (tensors, extra) = split_tensors(&config, weights::load_dir(dir)?);
         let net = CausalLm::from_tensors(&config, tensors, device)
             .with_context(|| format!("loading the model in {}", dir.display()))?;
         Ok(Model {
             config,
             net,
             source: Some(dir.to_path_buf()),
+            extra: Arc::new(extra),
         })
     }
 
@@ -106,6 +113,7 @@ impl<B: ModelBackend> Model<B> {
             config: model.config,
             net: lora::merge(net),
             source: Some(dir.to_path_buf()),
+            extra: model.extra,
         })
     }
 }
@@ -117,12 +125,35 @@ impl<B: Backend> Model<B> {
     pub fn save(&self, dir: &Path, dtype: SaveDtype, max_shard_bytes: u64) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         self.config.save(dir, dtype.torch_name())?;
-        weights::save_dir(dir, &self.net.to_tensors(), dtype, max_shard_bytes)?;
+        let mut tensors: BTreeMap<String, HostTensor> = self
+            .net
+            .to_tensors()
+            .into_iter()
+            .map(|(name, t)| (self.config.hf_name(&name), t))
+            .collect();
+        tensors.extend(self.extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        weights::save_dir(dir, &tensors, dtype, max_shard_bytes)?;
         if let Some(src) = &self.source {
             copy_side_files(src, dir)?;
         }
         Ok(())
     }
+}
+
+/// A checkpoint's tensors under the language model's names, and those
+/// outside it (see [`ModelConfig::internal_name`]).
+pub fn split_tensors(
+    config: &ModelConfig,
+    tensors: BTreeMap<String, HostTensor>,
+) -> (BTreeMap<String, HostTensor>, BTreeMap<String, HostTensor>) {
+    let (mut lm, mut extra) = (BTreeMap::new(), BTreeMap::new());
+    for (name, t) in tensors {
+        match config.internal_name(&name) {
+            Some(n) => lm.insert(n, t),
+            None => extra.insert(name, t),
+        };
+    }
+    (lm, extra)
 }
 
 /// Copies [`SIDE_FILES`] present in `src` to `dst`.

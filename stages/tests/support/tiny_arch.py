@@ -16,7 +16,9 @@ heads together, 4 query heads over 2 kv heads), or `olmo3` (OLMo 2's layers,
 layer 0 sliding over 16 keys with plain RoPE, layer 1 global with YaRN,
 factor 4 over 128 original positions), or `qwen2-yarn` (YaRN on every layer:
 factor 4 over 128 positions, betas 8 and 2, no truncation, an explicit
-attention_factor); the
+attention_factor), or `gemma3-mm` (`gemma3` inside a multimodal
+Gemma3ForConditionalGeneration with a one-layer SigLIP vision tower, run on
+text only; `after_step` names are the language model's, `model.…`); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
@@ -35,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3Config,
     Gemma3TextConfig,
     MistralConfig,
     Olmo2Config,
@@ -113,7 +116,7 @@ def main():
                              "beta_slow": 2, "truncate": False, "attention_factor": 1.1},
             **sizes,
         )
-    elif arch == "gemma3":
+    elif arch in ("gemma3", "gemma3-mm"):
         sizes["tie_word_embeddings"] = True
         config = Gemma3TextConfig(
             head_dim=32,
@@ -128,13 +131,27 @@ def main():
         )
     else:
         sys.exit(f"unknown ARCH {arch}")
+    mm = arch == "gemma3-mm"
+    if mm:
+        v = sizes["vocab_size"]
+        config = Gemma3Config(
+            text_config=config.to_dict(),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, image_size=28, patch_size=14),
+            mm_tokens_per_image=4,
+            boi_token_index=v - 3,
+            eoi_token_index=v - 2,
+            image_token_index=v - 1,
+            eos_token_id=sizes["eos_token_id"],
+            pad_token_id=sizes["pad_token_id"],
+        )
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 # Gemma's norms scale by 1 + w.
-                p.uniform_(-0.5, 0.5) if arch == "gemma3" else p.uniform_(0.5, 1.5)
+                p.uniform_(-0.5, 0.5) if arch.startswith("gemma3") else p.uniform_(0.5, 1.5)
     model.eval()
     model.save_pretrained(out)
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]:
@@ -173,14 +190,14 @@ def main():
     with torch.no_grad():
         after = model(**batch).loss.item()
     watched = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
-    if arch in ("qwen3", "gemma3", "olmo2", "olmo3"):
+    if arch in ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3"):
         watched += ["model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"]
     if arch == "olmo2":
         watched += [
             "model.layers.0.post_attention_layernorm.weight",
             "model.layers.1.post_feedforward_layernorm.weight",
         ]
-    if arch == "gemma3":
+    if arch.startswith("gemma3"):
         watched += [
             "model.layers.0.pre_feedforward_layernorm.weight",
             "model.layers.0.post_feedforward_layernorm.weight",
@@ -189,7 +206,9 @@ def main():
     tensors = {k: ref[k] for k in ["input_ids", "attention_mask", "labels"]}
     tensors["logits"] = result.logits.detach().contiguous()
     for k in watched:
-        tensors[f"after_step.{k}"] = params[k].detach().contiguous()
+        # transformers 5 nests the multimodal model's language model.
+        name = k.replace("model.", "model.language_model.", 1) if mm else k
+        tensors[f"after_step.{k}"] = params[name].detach().contiguous()
     save_file(tensors, f"{out}/reference.safetensors")
     json.dump(
         {
