@@ -350,6 +350,7 @@ impl ModelConfig {
             ),
         };
         let activation = activation(&k, arch)?;
+        partial_rotary(&k, map, "")?;
         if arch.gemma() {
             for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
                 if let Some(v) = k.get(key) {
@@ -840,6 +841,7 @@ fn scaling(k: &Keys, s: &Map<String, Value>, prefix: &str) -> anyhow::Result<Sca
             Some(_) => k.f64_in(s, key, prefix).map(Some),
         }
     };
+    partial_rotary(k, s, prefix)?;
     Ok(match kind {
         "default" => Scaling::default(),
         "linear" => Scaling {
@@ -914,6 +916,22 @@ fn scaling(k: &Keys, s: &Map<String, Value>, prefix: &str) -> anyhow::Result<Sca
             k.file.display()
         ),
     })
+}
+
+/// Rotary embeddings on part of each head (`partial_rotary_factor` below 1)
+/// are an error naming the key; anneal rotates whole heads.
+fn partial_rotary(k: &Keys, s: &Map<String, Value>, prefix: &str) -> anyhow::Result<()> {
+    match s.get("partial_rotary_factor") {
+        None | Some(Value::Null) => Ok(()),
+        Some(_) => match k.f64_in(s, "partial_rotary_factor", prefix)? {
+            1.0 => Ok(()),
+            f => bail!(
+                "{}: key '{prefix}partial_rotary_factor' is {f}; rotary embeddings over part \
+                 of a head are not supported (only 1.0)",
+                k.file.display()
+            ),
+        },
+    }
 }
 
 /// The MLP activation: `hidden_act` (`hidden_activation` for Gemma, whose
@@ -996,6 +1014,17 @@ mod tests {
         let e = parse(v).unwrap_err().to_string();
         assert!(
             e.contains("missing key 'rope_scaling.original_max_position_embeddings'"),
+            "{e}"
+        );
+        let mut v = base();
+        v["partial_rotary_factor"] = json!(0.5);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("key 'partial_rotary_factor' is 0.5"), "{e}");
+        let mut v = base();
+        v["rope_parameters"] = json!({"rope_type": "default", "partial_rotary_factor": 0.75});
+        let e = parse(v).unwrap_err().to_string();
+        assert!(
+            e.contains("key 'rope_parameters.partial_rotary_factor' is 0.75"),
             "{e}"
         );
         let mut v = base();
