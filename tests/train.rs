@@ -128,6 +128,16 @@ fn generated_ids(p: &Project, model: &str, args: &[&str]) -> Value {
     g.json()["completions"][0]["ids"].clone()
 }
 
+/// The tensors of the safetensors file `rel`.
+fn tensors(
+    p: &Project,
+    rel: &str,
+) -> std::collections::BTreeMap<String, anneal_stages::model::HostTensor> {
+    let mut m = std::collections::BTreeMap::new();
+    anneal_stages::model::weights::load_file_into(&p.path(rel), &mut m).unwrap();
+    m
+}
+
 fn metrics(p: &Project, rel: &str) -> Vec<Value> {
     p.read(rel)
         .lines()
@@ -288,14 +298,9 @@ fn multimodal_gemma3_trains_its_language_model() {
     let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
     assert!(loss(3) < loss(0), "loss {} -> {}", loss(0), loss(3));
     // The vision tower is saved back as it was.
-    let load = |rel: &str| {
-        let mut t = std::collections::BTreeMap::new();
-        anneal_stages::model::weights::load_file_into(&p.path(rel), &mut t).unwrap();
-        t
-    };
     let (before, after) = (
-        load("mm/model.safetensors"),
-        load("work/phase1/model.safetensors"),
+        tensors(&p, "mm/model.safetensors"),
+        tensors(&p, "work/phase1/model.safetensors"),
     );
     let vision: Vec<&String> = before
         .keys()
@@ -371,14 +376,9 @@ fn freeze_trains_the_last_layers_and_resumes() {
         1,
     );
     let p = resumes_to_the_same_weights(&yaml);
-    let load = |rel: &str| {
-        let mut m = std::collections::BTreeMap::new();
-        anneal_stages::model::weights::load_file_into(&p.path(rel), &mut m).unwrap();
-        m
-    };
     let (base, tuned) = (
-        load("work/base/model.safetensors"),
-        load("work/phase1/model.safetensors"),
+        tensors(&p, "work/base/model.safetensors"),
+        tensors(&p, "work/phase1/model.safetensors"),
     );
     let layers = base
         .keys()
