@@ -237,19 +237,8 @@ impl InitSpec {
             Arch::Olmo2 => c["attention_bias"] = json!(false),
             Arch::Olmo3 => {
                 c["attention_bias"] = json!(false);
-                c.as_object_mut().expect("an object").remove("rope_theta");
-                let default = json!({"rope_type": "default", "rope_theta": 10000.0});
-                c["rope_parameters"] =
-                    json!({"full_attention": default, "sliding_attention": default});
                 // OLMo 3's pattern with a window: every fourth layer global.
-                c["sliding_window"] = json!(self.sliding_window);
-                c["layer_types"] = config::all_but_every(4, layers)
-                    .into_iter()
-                    .map(|slides| match self.sliding_window.is_some() && slides {
-                        true => "sliding_attention",
-                        false => "full_attention",
-                    })
-                    .collect();
+                self.layer_types(&mut c, 4, layers);
             }
             Arch::Mistral => c["sliding_window"] = json!(self.sliding_window),
             Arch::Qwen2 | Arch::Qwen3 => {
@@ -275,29 +264,33 @@ impl InitSpec {
                 c["sliding_window"] = json!(self.sliding_window);
             }
             Arch::Gemma3 => {
-                let map = c.as_object_mut().expect("an object");
-                map.remove("hidden_act");
-                map.remove("rope_theta");
+                c.as_object_mut().expect("an object").remove("hidden_act");
                 c["hidden_activation"] = json!("gelu_pytorch_tanh");
                 c["attention_bias"] = json!(false);
                 c["query_pre_attn_scalar"] = json!(hidden / heads);
                 c["final_logit_softcapping"] = Value::Null;
                 c["attn_logit_softcapping"] = Value::Null;
-                let default = json!({"rope_type": "default", "rope_theta": 10000.0});
-                c["rope_parameters"] =
-                    json!({"full_attention": default, "sliding_attention": default});
                 // Gemma 3's pattern with a window: every sixth layer global.
-                c["sliding_window"] = json!(self.sliding_window);
-                c["layer_types"] = config::all_but_every(6, layers)
-                    .into_iter()
-                    .map(|slides| match self.sliding_window.is_some() && slides {
-                        true => "sliding_attention",
-                        false => "full_attention",
-                    })
-                    .collect();
+                self.layer_types(&mut c, 6, layers);
             }
         }
         c
+    }
+
+    /// RoPE per layer type and, with a window, all but every `every`-th of
+    /// `layers` layers sliding (Gemma 3, OLMo 3).
+    fn layer_types(&self, c: &mut Value, every: usize, layers: usize) {
+        c.as_object_mut().expect("an object").remove("rope_theta");
+        let default = json!({"rope_type": "default", "rope_theta": 10000.0});
+        c["rope_parameters"] = json!({"full_attention": default, "sliding_attention": default});
+        c["sliding_window"] = json!(self.sliding_window);
+        c["layer_types"] = config::all_but_every(every, layers)
+            .into_iter()
+            .map(|slides| match self.sliding_window.is_some() && slides {
+                true => "sliding_attention",
+                false => "full_attention",
+            })
+            .collect();
     }
 }
 
