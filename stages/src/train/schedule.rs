@@ -199,6 +199,37 @@ fn bad(key: &str, message: impl Into<String>) -> KwargError {
     }
 }
 
+/// `kwargs[key]` as a finite number that `ok` accepts (`None` when missing
+/// or null); the error says it must be `what`.
+fn number(
+    kwargs: &Map<String, Value>,
+    key: &str,
+    what: &str,
+    ok: impl Fn(f64) -> bool,
+) -> Result<Option<f64>, KwargError> {
+    match kwargs.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite() && ok(*x))
+            .map(Some)
+            .ok_or_else(|| bad(key, format!("`{key}` must be {what}, not {v}"))),
+    }
+}
+
+/// `kwargs[key]` as a whole number of `unit` (`None` when missing or null).
+fn whole(kwargs: &Map<String, Value>, key: &str, unit: &str) -> Result<Option<u64>, KwargError> {
+    match kwargs.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            bad(
+                key,
+                format!("`{key}` must be a whole number of {unit}, not {v}"),
+            )
+        }),
+    }
+}
+
 /// Reads the arguments of `reduce_lr_on_plateau` or `greedy` with torch's
 /// and transformers' defaults.
 fn adaptive(
@@ -208,29 +239,10 @@ fn adaptive(
 ) -> Result<Adaptive, KwargError> {
     let greedy = kind == Scheduler::Greedy;
     let num = |key: &str, default: f64| -> Result<f64, KwargError> {
-        match kwargs.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite() && *x >= 0.0)
-                .ok_or_else(|| {
-                    bad(
-                        key,
-                        format!("`{key}` must be a number of at least 0, not {v}"),
-                    )
-                }),
-        }
+        Ok(number(kwargs, key, "a number of at least 0", |x| x >= 0.0)?.unwrap_or(default))
     };
     let count = |key: &str, default: u64| -> Result<u64, KwargError> {
-        match kwargs.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_u64().ok_or_else(|| {
-                bad(
-                    key,
-                    format!("`{key}` must be a whole number of evaluations, not {v}"),
-                )
-            }),
-        }
+        Ok(whole(kwargs, key, "evaluations")?.unwrap_or(default))
     };
     let choice = |key: &str, a: &str, b: &str, default: &str| -> Result<bool, KwargError> {
         match kwargs.get(key) {
@@ -323,26 +335,8 @@ impl Schedule {
                 return Err(bad(key, format!("`{key}` is not an argument here: {what}")));
             }
         }
-        let num = |key: &str| -> Result<Option<f64>, KwargError> {
-            match kwargs.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => match v.as_f64().filter(|x| x.is_finite()) {
-                    Some(x) => Ok(Some(x)),
-                    None => Err(bad(key, format!("`{key}` must be a number, not {v}"))),
-                },
-            }
-        };
-        let count = |key: &str| -> Result<Option<u64>, KwargError> {
-            match kwargs.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                    bad(
-                        key,
-                        format!("`{key}` must be a whole number of steps, not {v}"),
-                    )
-                }),
-            }
-        };
+        let num = |key: &str| number(kwargs, key, "a number", |_| true);
+        let count = |key: &str| whole(kwargs, key, "steps");
         let curve = |key: &str| -> Result<Curve, KwargError> {
             match kwargs.get(key) {
                 None | Some(Value::Null) => Ok(if key == "warmup_type" {
