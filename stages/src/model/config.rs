@@ -268,12 +268,23 @@ impl Keys<'_> {
         }
     }
 
+    /// The number `key` of `map` (`prefix` names the map in errors), or
+    /// `None` when it is missing or null.
+    fn f64_opt_in(
+        &self,
+        map: &Map<String, Value>,
+        key: &str,
+        prefix: &str,
+    ) -> anyhow::Result<Option<f64>> {
+        match map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.f64_in(map, key, prefix).map(Some),
+        }
+    }
+
     /// The top-level number `key`, or `default` when it is missing or null.
     fn f64_or(&self, key: &str, default: f64) -> anyhow::Result<f64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(_) => self.f64_in(self.map, key, ""),
-        }
+        Ok(self.f64_opt_in(self.map, key, "")?.unwrap_or(default))
     }
 
     fn bool_or(&self, key: &str, default: bool) -> anyhow::Result<bool> {
@@ -787,10 +798,7 @@ fn layer_type_rope(k: &Keys, full: f64, local: Option<f64>) -> anyhow::Result<Ro
             .and_then(Value::as_object)
         {
             Some(p) => {
-                let theta = match p.get("rope_theta") {
-                    None | Some(Value::Null) => default,
-                    Some(_) => k.f64_in(p, "rope_theta", &prefix)?,
-                };
+                let theta = k.f64_opt_in(p, "rope_theta", &prefix)?.unwrap_or(default);
                 Ok((theta, scaling(k, p, &prefix)?))
             }
             None => Ok((default, Scaling::default())),
@@ -835,12 +843,7 @@ fn scaling(k: &Keys, s: &Map<String, Value>, prefix: &str) -> anyhow::Result<Sca
         .or_else(|| s.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
-    let opt = |key: &str| -> anyhow::Result<Option<f64>> {
-        match s.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(_) => k.f64_in(s, key, prefix).map(Some),
-        }
-    };
+    let opt = |key: &str| k.f64_opt_in(s, key, prefix);
     partial_rotary(k, s, prefix)?;
     Ok(match kind {
         "default" => Scaling::default(),
@@ -921,16 +924,13 @@ fn scaling(k: &Keys, s: &Map<String, Value>, prefix: &str) -> anyhow::Result<Sca
 /// Rotary embeddings on part of each head (`partial_rotary_factor` below 1)
 /// are an error naming the key; anneal rotates whole heads.
 fn partial_rotary(k: &Keys, s: &Map<String, Value>, prefix: &str) -> anyhow::Result<()> {
-    match s.get("partial_rotary_factor") {
-        None | Some(Value::Null) => Ok(()),
-        Some(_) => match k.f64_in(s, "partial_rotary_factor", prefix)? {
-            1.0 => Ok(()),
-            f => bail!(
-                "{}: key '{prefix}partial_rotary_factor' is {f}; rotary embeddings over part \
-                 of a head are not supported (only 1.0)",
-                k.file.display()
-            ),
-        },
+    match k.f64_opt_in(s, "partial_rotary_factor", prefix)? {
+        None | Some(1.0) => Ok(()),
+        Some(f) => bail!(
+            "{}: key '{prefix}partial_rotary_factor' is {f}; rotary embeddings over part \
+             of a head are not supported (only 1.0)",
+            k.file.display()
+        ),
     }
 }
 
