@@ -312,6 +312,13 @@ fn multimodal_gemma3_trains_its_language_model() {
     }
     let q = "language_model.model.layers.0.self_attn.q_proj.weight";
     assert!(before[q].data != after[q].data, "{q} did not train");
+    // anneal reads its multimodal adapter back (names under
+    // model.language_model.) onto phase 1's model: it generates what the
+    // merged model generates.
+    assert_eq!(
+        generated_ids(&p, "work/phase2/adapter", &[]),
+        generated_ids(&p, "work/phase2", &[])
+    );
     let peft = phase2_adapter_matches_peft(&p, "gemma3 multimodal");
     assert_eq!(peft["class"], "Gemma3ForConditionalGeneration", "{peft}");
 }

@@ -144,7 +144,6 @@ impl LoraConfig {
             .with_context(|| format!("{}: missing integer 'r'", file.display()))?
             as usize;
         let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-        let mut multimodal = false;
         let targets: Vec<String> = match get("target_modules") {
             Some(Value::Array(a)) => a
                 .iter()
@@ -156,10 +155,7 @@ impl LoraConfig {
                 .and_then(|r| r.strip_prefix('('))
                 .and_then(|r| r.strip_suffix(')'))
             {
-                Some(names) => {
-                    multimodal = true;
-                    names.split('|').map(str::to_owned).collect()
-                }
+                Some(names) => names.split('|').map(str::to_owned).collect(),
                 None => vec![s.clone()],
             },
             _ => bail!("{}: missing 'target_modules'", file.display()),
@@ -172,7 +168,8 @@ impl LoraConfig {
                 .with_context(|| format!("{}: target_modules", file.display()))?,
             use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
             use_dora: get("use_dora").and_then(Value::as_bool).unwrap_or(false),
-            multimodal,
+            // Set by `load_adapter` from the tensors' names.
+            multimodal: false,
         })
     }
 }
@@ -319,7 +316,7 @@ pub fn load_adapter<B: Backend>(
     let file = dir.join("adapter_model.safetensors");
     let mut tensors = BTreeMap::new();
     weights::load_file_into(&file, &mut tensors)?;
-    cfg.multimodal |= tensors
+    cfg.multimodal = tensors
         .keys()
         .any(|k| k.starts_with("base_model.model.model.language_model."));
     let mut net = freeze(net);
