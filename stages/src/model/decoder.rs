@@ -612,12 +612,16 @@ impl<B: ModelBackend> CausalLm<B> {
             .collect()
     }
 
-    /// Gemma 3: the inverse frequencies of sliding-window layers (their own
-    /// base, unscaled), when they differ from [`Self::inv_freq`].
-    fn local_inv_freq(&self, head_dim: usize) -> Option<Vec<f64>> {
+    /// Gemma 3, OLMo 3: the inverse frequencies of sliding-window layers
+    /// (their own base, unscaled), when their tables differ from the global
+    /// ones (`global`, [`Self::inv_freq`], with its attention factor).
+    fn local_inv_freq(&self, head_dim: usize, global: &[f64]) -> Option<Vec<f64>> {
         let sliding = self.layers.iter().any(|l| l.self_attn.sliding_window > 0);
-        (self.rope_local_theta > 0.0 && sliding)
-            .then(|| unscaled_inv_freq(self.rope_local_theta, head_dim).collect())
+        if self.rope_local_theta <= 0.0 || !sliding {
+            return None;
+        }
+        let local: Vec<f64> = unscaled_inv_freq(self.rope_local_theta, head_dim).collect();
+        (local != global || self.rope_attention_factor != 1.0).then_some(local)
     }
 
     fn head_dim(&self) -> usize {
@@ -761,10 +765,10 @@ impl<B: ModelBackend> CausalLm<B> {
         let rep = h / kvh;
         let hd = self.head_dim();
         let scale = self.rope_attention_factor as f32;
-        let (q_rope, k_rope) =
-            self.rope_tables(&self.inv_freq(hd), scale, positions, kvh, rep, device);
+        let global = self.inv_freq(hd);
+        let (q_rope, k_rope) = self.rope_tables(&global, scale, positions, kvh, rep, device);
         let local_rope = self
-            .local_inv_freq(hd)
+            .local_inv_freq(hd, &global)
             .map(|inv| self.rope_tables(&inv, 1.0, positions, kvh, rep, device));
         let grouped = |mask: Tensor<B, 4, Bool>| {
             if rep == 1 {
@@ -1586,6 +1590,32 @@ mod tests {
         let got = Tensor::cat(got, 1);
         let diff = (got - whole).abs().max().into_scalar();
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    /// Sliding layers get tables of their own only when they differ from the
+    /// global ones: another base (Gemma 3), or a scaled global RoPE (OLMo 3
+    /// with YaRN); OLMo 3 without scaling shares the global tables.
+    #[test]
+    fn sliding_layers_get_their_own_rope_only_when_it_differs() {
+        let mut net = net(2, 1);
+        net.layers[0].self_attn.sliding_window = 3;
+        let hd = net.head_dim();
+        let local = |net: &CausalLm<Flex>| net.local_inv_freq(hd, &net.inv_freq(hd));
+        net.rope_local_theta = net.rope_theta;
+        assert_eq!(local(&net), None, "same base, unscaled");
+        net.rope_attention_factor = 1.2;
+        assert!(
+            local(&net).is_some(),
+            "global tables scaled by YaRN's factor"
+        );
+        net.rope_attention_factor = 1.0;
+        net.rope_linear_factor = 4.0;
+        assert!(local(&net).is_some(), "global frequencies scaled");
+        net.rope_linear_factor = 1.0;
+        net.rope_local_theta = net.rope_theta / 100.0;
+        assert!(local(&net).is_some(), "another base");
+        net.layers[0].self_attn.sliding_window = 0;
+        assert_eq!(local(&net), None, "no sliding layer");
     }
 
     #[test]

@@ -142,7 +142,7 @@ impl<B: Backend> Model<B> {
 
 /// A checkpoint's tensors under the language model's names, and those
 /// outside it (see [`ModelConfig::internal_name`]).
-pub fn split_tensors(
+fn split_tensors(
     config: &ModelConfig,
     tensors: BTreeMap<String, HostTensor>,
 ) -> (BTreeMap<String, HostTensor>, BTreeMap<String, HostTensor>) {
