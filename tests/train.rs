@@ -233,15 +233,17 @@ fn phases_train_chain_and_cache() {
     );
 }
 
-/// Gemma 3, SmolLM3, OLMo 2 and OLMo 3 end to end: init_model writes the
-/// checkpoint (Gemma's layers sliding over 24 keys, SmolLM3's every fourth
+/// Gemma 2, Gemma 3, SmolLM3, OLMo 2 and OLMo 3 end to end: init_model writes
+/// the checkpoint (Gemma's layers sliding over 24 keys, Gemma 2's scores and
+/// logits soft-capped, SmolLM3's every fourth
 /// without RoPE, OLMo 2's norms after each block, OLMo 3's three layers in
 /// four sliding over 24 keys), the full phase trains it, the
 /// LoRA phase (DoRA) merges; transformers loads both as their own classes
 /// and PEFT's view of the adapter computes what the merged model computes.
 #[test]
-fn gemma3_smollm3_and_olmo_train_and_their_adapters_load_in_peft() {
+fn gemma_smollm3_and_olmo_train_and_their_adapters_load_in_peft() {
     for (arch, extra) in [
+        ("gemma2", "sliding_window: 24, "),
         ("gemma3_text", "sliding_window: 24, "),
         ("smollm3", "num_hidden_layers: 4, "),
         ("olmo2", ""),

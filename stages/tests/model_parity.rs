@@ -132,8 +132,9 @@ fn ids_of(v: &Value) -> Vec<u32> {
 /// sliding-window attention (Mistral's on every layer, Qwen2's from
 /// `max_window_layers` on), Gemma 3, SmolLM3 (a NoPE layer), OLMo 2 (norms
 /// after each block, q/k norms over all heads), OLMo 3 (sliding layers, YaRN
-/// on the global one) and YaRN on every layer (`qwen2-yarn`), built by
-/// transformers at test time from tiny-qwen2's sizes.
+/// on the global one), YaRN on every layer (`qwen2-yarn`), multimodal Gemma 3
+/// and Gemma 2 (soft-capped scores and logits), built by transformers at
+/// test time from tiny-qwen2's sizes.
 #[test]
 fn tiny_archs_match_transformers() {
     for arch in [
@@ -147,6 +148,7 @@ fn tiny_archs_match_transformers() {
         "olmo3",
         "qwen2-yarn",
         "gemma3-mm",
+        "gemma2",
     ] {
         let dir = common::tiny_arch(arch);
         check_dir::<B>(
@@ -326,6 +328,7 @@ mod cuda {
             "olmo2",
             "olmo3",
             "qwen2-yarn",
+            "gemma2",
         ] {
             let dir = common::tiny_arch(arch);
             check_dir::<anneal_stages::model::device::Gpu>(

@@ -314,8 +314,9 @@ fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt:
 
 /// Qwen3 (the per-head q/k norms train too), Mistral, Qwen2 with a sliding
 /// window on its second layer (the backward pass under the window's mask),
-/// Gemma 3, SmolLM3, OLMo 2 and OLMo 3 (YaRN), from checkpoints
-/// transformers builds at test time.
+/// Gemma 3, SmolLM3, OLMo 2, OLMo 3 (YaRN), multimodal Gemma 3 and Gemma 2
+/// (the soft caps' gradients), from checkpoints transformers builds at test
+/// time.
 #[test]
 fn tiny_arch_full_steps_match_torch() {
     for arch in [
@@ -327,6 +328,7 @@ fn tiny_arch_full_steps_match_torch() {
         "olmo2",
         "olmo3",
         "gemma3-mm",
+        "gemma2",
     ] {
         let dir = common::tiny_arch(arch);
         full_step_in::<AB>(
@@ -663,6 +665,7 @@ fn attention_check<AB: TrainBackend>(
                 cast(v.clone()),
                 mask.clone(),
                 causal,
+                None,
             )
             .cast(FloatDType::F32)
         } else {
@@ -753,8 +756,14 @@ fn sliding_window_attention_timing() {
                     past: 0,
                     window,
                 };
-                let out =
-                    masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), Some(causal));
+                let out = masked_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    mask.clone(),
+                    Some(causal),
+                    None,
+                );
                 let g = out.sum().backward();
                 let _ = q.grad(&g).unwrap().into_data();
                 start.elapsed().as_secs_f64() * 1e3
@@ -796,11 +805,11 @@ mod cuda {
         }
     }
 
-    /// A sliding window, Gemma 3 and OLMo 3 (`common::tiny_arch`).
+    /// A sliding window, Gemma 3, OLMo 3 and Gemma 2 (`common::tiny_arch`).
     #[test]
     fn tiny_arch_full_steps_match_torch_on_cuda() {
         let Some(device) = common::gpu() else { return };
-        for arch in ["qwen2-window", "gemma3", "olmo3"] {
+        for arch in ["qwen2-window", "gemma3", "olmo3", "gemma2"] {
             let dir = common::tiny_arch(arch);
             full_step_in::<Gpu>(
                 &format!("tiny-{arch}"),
@@ -1025,7 +1034,7 @@ mod attention_timing {
             ..Default::default()
         };
 
-        let ours = || masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), causal);
+        let ours = || masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), causal, None);
         let fused_stacked = || {
             let opts = Default::default();
             attention(
@@ -1049,7 +1058,7 @@ mod attention_timing {
             let [qa, ka, va] =
                 [&q, &k, &v].map(|x| Tensor::<AG, 4>::from_inner(x.clone()).require_grad());
             let mask = Tensor::from_inner(mask.clone());
-            let out = masked_attention(qa.clone(), ka.clone(), va.clone(), mask, causal);
+            let out = masked_attention(qa.clone(), ka.clone(), va.clone(), mask, causal, None);
             let g = (out * Tensor::<AG, 4>::from_inner(dout.clone()))
                 .sum()
                 .backward();

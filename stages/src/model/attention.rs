@@ -8,7 +8,8 @@
 //! by chunk of query rows, so a step holds one chunk's scores at a time. Told
 //! that the mask is causal, forward and backward skip the keys after each
 //! chunk's last token, and under a sliding window the keys before its
-//! first token's window.
+//! first token's window. Scores may be soft-capped (Gemma 2's
+//! `attn_logit_softcapping`): `cap · tanh(s / cap)` before the mask.
 
 use burn::backend::Autodiff;
 use burn::backend::Flex;
@@ -59,6 +60,7 @@ pub fn masked_attention<B: ModelBackend>(
     v: Tensor<B, 4>,
     mask: Tensor<B, 4, Bool>,
     causal: Option<Causal>,
+    softcap: Option<f32>,
 ) -> Tensor<B, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(B::masked_attention(
         q.into_primitive().tensor(),
@@ -66,6 +68,7 @@ pub fn masked_attention<B: ModelBackend>(
         v.into_primitive().tensor(),
         mask.into_primitive(),
         causal,
+        softcap,
     )))
 }
 
@@ -90,13 +93,18 @@ pub(crate) fn flex(
     v: FloatTensor<Flex>,
     mask: BoolTensor<Flex>,
     causal: Option<Causal>,
+    softcap: Option<f32>,
 ) -> FloatTensor<Flex> {
     let [b, h, tq, _] = q.shape().dims::<4>();
     let keys = k.shape().dims::<4>()[2];
     if tq < keys && b * h * tq * keys <= FLEX_FUSED_ELEMS {
-        return Flex::attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        let options = AttentionModuleOptions {
+            softcap: softcap.map(f64::from),
+            ..Default::default()
+        };
+        return Flex::attention(q, k, v, Some(mask), None, options);
     }
-    composed::<Flex>(q, k, v, mask, causal)
+    composed::<Flex>(q, k, v, mask, causal, softcap)
 }
 
 /// The forward pass as batched matmuls over the chunks of [`plan`]. On a GPU,
@@ -112,10 +120,11 @@ pub(crate) fn composed<B: ModelBackend>(
     v: FloatTensor<B>,
     mask: BoolTensor<B>,
     causal: Option<Causal>,
+    softcap: Option<f32>,
 ) -> FloatTensor<B> {
     let [q, k, v] = [q, k, v].map(float::<B>);
     let chunks = plan(&q, &k, causal);
-    chunked_forward(q, k, v, Tensor::from_primitive(mask), &chunks)
+    chunked_forward(q, k, v, Tensor::from_primitive(mask), &chunks, softcap)
         .into_primitive()
         .tensor()
 }
@@ -129,6 +138,7 @@ pub(crate) fn autodiff_masked_attention<B: ModelBackend, C: CheckpointStrategy>(
     v: FloatTensor<Autodiff<B, C>>,
     mask: BoolTensor<Autodiff<B, C>>,
     causal: Option<Causal>,
+    softcap: Option<f32>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
     let out = B::masked_attention(
@@ -137,6 +147,7 @@ pub(crate) fn autodiff_masked_attention<B: ModelBackend, C: CheckpointStrategy>(
         v.primitive.clone(),
         mask.clone(),
         causal,
+        softcap,
     );
     match AttentionBackward
         .prepare::<C>(nodes)
@@ -150,6 +161,7 @@ pub(crate) fn autodiff_masked_attention<B: ModelBackend, C: CheckpointStrategy>(
                 prep.checkpoint(&v),
                 mask,
                 causal,
+                softcap,
             );
             prep.finish(state, out)
         }
@@ -192,7 +204,14 @@ impl<B: ModelBackend> Backward<B, 1> for SwapHeadsBackward {
 struct AttentionBackward;
 
 impl<B: ModelBackend> Backward<B, 3> for AttentionBackward {
-    type State = (NodeId, NodeId, NodeId, BoolTensor<B>, Option<Causal>);
+    type State = (
+        NodeId,
+        NodeId,
+        NodeId,
+        BoolTensor<B>,
+        Option<Causal>,
+        Option<f32>,
+    );
 
     fn backward(
         self,
@@ -202,12 +221,13 @@ impl<B: ModelBackend> Backward<B, 3> for AttentionBackward {
     ) {
         let [node_q, node_k, node_v] = ops.parents;
         let grad = float::<B>(grads.consume::<B>(&ops.node));
-        let (q, k, v, mask, causal) = ops.state;
+        let (q, k, v, mask, causal, softcap) = ops.state;
         let q = float::<B>(checkpointer.retrieve_node_output(q));
         let k = float::<B>(checkpointer.retrieve_node_output(k));
         let v = float::<B>(checkpointer.retrieve_node_output(v));
         let chunks = plan(&q, &k, causal);
-        let (dq, dk, dv) = chunked_backward(q, k, v, Tensor::from_primitive(mask), grad, &chunks);
+        let mask = Tensor::from_primitive(mask);
+        let (dq, dk, dv) = chunked_backward(q, k, v, mask, grad, &chunks, softcap);
         for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g.into_primitive().tensor());
@@ -300,14 +320,16 @@ fn plan<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, causal: Option<Causal>) 
 }
 
 /// The attention probabilities of a chunk's query rows in f32 (softmax as in
-/// burn's fallback: a fully masked row would give zeros, not NaNs).
+/// burn's fallback: a fully masked row would give zeros, not NaNs) and,
+/// soft-capped, `tanh(scale · s / cap)` for the backward pass.
 fn probs<B: ModelBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     mask: &Tensor<B, 4, Bool>,
     c: Chunk,
     scale: f32,
-) -> Tensor<B, 4> {
+    softcap: Option<f32>,
+) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
     let qc = q.clone().narrow(2, c.start, c.rows);
     let kt = c.seen(k).swap_dims(2, 3);
     let mask = mask
@@ -315,11 +337,19 @@ fn probs<B: ModelBackend>(
         .narrow(2, c.start, c.rows)
         .narrow(3, c.first, c.keys - c.first);
     let s = to(bmm(qc, kt), DType::F32);
-    float(B::attention_probs(
+    let (s, scale, tanh) = match softcap {
+        None => (s, scale, None),
+        Some(cap) => {
+            let t = s.mul_scalar(scale / cap).tanh();
+            (t.clone().mul_scalar(cap), 1.0, Some(t))
+        }
+    };
+    let p = float(B::attention_probs(
         s.into_primitive().tensor(),
         mask.into_primitive(),
         scale,
-    ))
+    ));
+    (p, tanh)
 }
 
 /// [`ModelBackend::attention_probs`] as tensor ops.
@@ -443,12 +473,13 @@ fn chunked_forward<B: ModelBackend>(
     v: Tensor<B, 4>,
     mask: Tensor<B, 4, Bool>,
     chunks: &[Chunk],
+    softcap: Option<f32>,
 ) -> Tensor<B, 4> {
     let (dtype, scale) = (q.dtype(), scale_of(&q));
     let outs: Vec<_> = chunks
         .iter()
         .map(|&c| {
-            let p = probs(&q, &k, &mask, c, scale);
+            let (p, _) = probs(&q, &k, &mask, c, scale, softcap);
             bmm(to(p, dtype), c.seen(&v))
         })
         .collect();
@@ -478,8 +509,9 @@ fn pad_keys<B: Backend>(t: Tensor<B, 4>, first: usize, keys: usize) -> Tensor<B,
 
 /// Gradients of `q`, `k` and `v` given the output's gradient `dout`:
 /// `dV = Pᵀ dO`, `dS = P ∘ (dO Vᵀ − rowsum(P ∘ dO Vᵀ))`, `dQ = scale · dS K`,
-/// `dK = scale · dSᵀ Q`. Softmax and `dS` are in f32; matmuls take the
-/// inputs' dtype (bf16 under mixed precision), as FlashAttention's do.
+/// `dK = scale · dSᵀ Q`; soft-capped, `dS` times `1 − tanh²` of the capped
+/// scores. Softmax and `dS` are in f32; matmuls take the inputs' dtype
+/// (bf16 under mixed precision), as FlashAttention's do.
 fn chunked_backward<B: ModelBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -487,6 +519,7 @@ fn chunked_backward<B: ModelBackend>(
     mask: Tensor<B, 4, Bool>,
     dout: Tensor<B, 4>,
     chunks: &[Chunk],
+    softcap: Option<f32>,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let keys = k.dims()[2];
     let (dtype, scale) = (q.dtype(), scale_of(&q));
@@ -497,7 +530,7 @@ fn chunked_backward<B: ModelBackend>(
         let (kc, vc) = (c.seen(&k), c.seen(&v));
         let qc = q.clone().narrow(2, c.start, c.rows);
         let doc = dout.clone().narrow(2, c.start, c.rows);
-        let p = probs(&q, &k, &mask, c, scale);
+        let (p, tanh) = probs(&q, &k, &mask, c, scale, softcap);
         let dv_c = to(
             bmm(to(p.clone(), dtype).swap_dims(2, 3), doc.clone()),
             DType::F32,
@@ -508,6 +541,10 @@ fn chunked_backward<B: ModelBackend>(
             dp.into_primitive().tensor(),
             scale,
         ));
+        let ds = match tanh {
+            Some(t) => ds.mul(t.clone().mul(t).neg().add_scalar(1.0)),
+            None => ds,
+        };
         let ds = to(ds, dtype);
         dqs.push(bmm(ds.clone(), kc));
         let dk_c = pad_keys(to(bmm(ds.swap_dims(2, 3), qc), DType::F32), c.first, keys);
@@ -578,13 +615,21 @@ mod tests {
     /// fallback, which keeps the probabilities and is told nothing of
     /// causality).
     fn reference(c: &Case) -> [Tensor<Flex, 4>; 4] {
+        capped_reference(c, None)
+    }
+
+    /// [`reference`] with scores soft-capped at `softcap`.
+    fn capped_reference(c: &Case, softcap: Option<f32>) -> [Tensor<Flex, 4>; 4] {
         let out = burn::tensor::module::attention(
             c.q.clone(),
             c.k.clone(),
             c.v.clone(),
             Some(c.mask.clone()),
             None,
-            Default::default(),
+            AttentionModuleOptions {
+                softcap: softcap.map(f64::from),
+                ..Default::default()
+            },
         );
         let g = (out.clone() * c.dout.clone()).sum().backward();
         [
@@ -613,13 +658,14 @@ mod tests {
             case(2, 1, 1, 3, 5, 4),
             case(2, 2, 6, 3, 2, 4),
         ] {
-            for causal in [None, Some(c.causal)] {
+            for (causal, softcap) in [(None, None), (Some(c.causal), None), (None, Some(1.5))] {
                 let out = masked_attention(
                     c.q.clone(),
                     c.k.clone(),
                     c.v.clone(),
                     c.mask.clone(),
                     causal,
+                    softcap,
                 );
                 let g = (out.clone() * c.dout.clone()).sum().backward();
                 let ours = [
@@ -629,23 +675,35 @@ mod tests {
                     c.v.grad(&g).unwrap(),
                 ];
                 assert_close(
-                    &format!("{:?}, {causal:?}", c.q.dims()),
+                    &format!("{:?}, {causal:?}, softcap {softcap:?}", c.q.dims()),
                     ours,
-                    reference(&c),
+                    capped_reference(&c, softcap),
                 );
             }
         }
     }
 
     fn chunked(c: &Case, chunks: &[Chunk]) -> [Tensor<Flex, 4>; 4] {
+        capped_chunks(c, chunks, None)
+    }
+
+    fn capped_chunks(c: &Case, chunks: &[Chunk], softcap: Option<f32>) -> [Tensor<Flex, 4>; 4] {
         let (q, k, v, mask) = (
             c.q.clone().inner(),
             c.k.clone().inner(),
             c.v.clone().inner(),
             c.mask.clone().inner(),
         );
-        let out = chunked_forward(q.clone(), k.clone(), v.clone(), mask.clone(), chunks);
-        let (dq, dk, dv) = chunked_backward(q, k, v, mask, c.dout.clone().inner(), chunks);
+        let out = chunked_forward(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            mask.clone(),
+            chunks,
+            softcap,
+        );
+        let dout = c.dout.clone().inner();
+        let (dq, dk, dv) = chunked_backward(q, k, v, mask, dout, chunks, softcap);
         [out, dq, dk, dv]
     }
 
@@ -682,6 +740,11 @@ mod tests {
             .collect();
         assert_eq!(chunks, want);
         assert_close("causal chunks", chunked(&c, &chunks), reference(&c));
+        assert_close(
+            "soft-capped causal chunks",
+            capped_chunks(&c, &chunks, Some(0.7)),
+            capped_reference(&c, Some(0.7)),
+        );
         // Without the promise, every chunk sees every key.
         let all = plan(&c.q.clone().inner(), &c.k.clone().inner(), None);
         assert_eq!(
@@ -749,7 +812,7 @@ mod tests {
             bf(c.dout.clone().inner()),
         );
         let chunks = plan(&q, &k, Some(c.causal));
-        let (gq, gk, gv) = chunked_backward(q, k, v, mask, dout, &chunks);
+        let (gq, gk, gv) = chunked_backward(q, k, v, mask, dout, &chunks, None);
         for (name, a, b) in [("dq", gq, dq), ("dk", gk, dk), ("dv", gv, dv)] {
             assert_eq!(a.dtype(), DType::BF16, "{name}");
             let diff = max_diff(to(a, DType::F32), b.clone());

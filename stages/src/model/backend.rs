@@ -30,13 +30,15 @@ pub trait ModelBackend: Backend {
     /// `k, v: [b, h, keys, d]` and `mask: [b, h, queries, keys]` (`true` where
     /// attention is not allowed). Every query row must allow at least one key.
     /// With `causal`, the mask must hide every key after each row's token;
-    /// the op may then skip them.
+    /// the op may then skip them. With `softcap`, the scaled scores `s`
+    /// become `softcap · tanh(s / softcap)` before the mask (Gemma 2).
     fn masked_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
         causal: Option<Causal>,
+        softcap: Option<f32>,
     ) -> FloatTensor<Self>;
 
     /// `x: [a, b, c, d]` as `[a, c, b, d]` (heads to or from the second axis),
@@ -180,12 +182,14 @@ pub trait ModelBackend: Backend {
     /// The mean over rows of the cross-entropy of the logits `x · w` (`x:
     /// [n, d]`, `w: [d, vocab]`) against `targets: [n, 1]`, `[1]` in f32,
     /// and, where `want` asks, its gradients with respect to `x` and `w` (in
-    /// their dtypes). The logits exist one chunk of rows at a time
-    /// ([`Self::LOGIT_CHUNK_ELEMS`]). `x` must have a row.
+    /// their dtypes). With `softcap`, the logits `l` are first
+    /// `softcap · tanh(l / softcap)`. The logits exist one chunk of rows at
+    /// a time ([`Self::LOGIT_CHUNK_ELEMS`]). `x` must have a row.
     fn linear_cross_entropy(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         targets: IntTensor<Self>,
+        softcap: Option<f32>,
         want: [bool; 2],
     ) -> (
         FloatTensor<Self>,
@@ -194,7 +198,7 @@ pub trait ModelBackend: Backend {
     ) {
         let vocab = w.shape().dims::<2>()[1];
         let rows = Self::LOGIT_CHUNK_ELEMS / vocab.max(1);
-        super::loss::linear_cross_entropy_of::<Self>(x, w, targets, want, rows)
+        super::loss::linear_cross_entropy_of::<Self>(x, w, targets, softcap, want, rows)
     }
 }
 
@@ -211,8 +215,9 @@ impl ModelBackend for burn::backend::Flex {
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
         causal: Option<Causal>,
+        softcap: Option<f32>,
     ) -> FloatTensor<Self> {
-        attention::flex(q, k, v, mask, causal)
+        attention::flex(q, k, v, mask, causal, softcap)
     }
 
     /// Flex copies views of more than two strided axes element by element;
@@ -418,8 +423,9 @@ impl ModelBackend for super::device::Gpu {
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
         causal: Option<Causal>,
+        softcap: Option<f32>,
     ) -> FloatTensor<Self> {
-        attention::composed::<Self>(q, k, v, mask, causal)
+        attention::composed::<Self>(q, k, v, mask, causal, softcap)
     }
 
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -441,8 +447,9 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
         causal: Option<Causal>,
+        softcap: Option<f32>,
     ) -> FloatTensor<Self> {
-        attention::autodiff_masked_attention::<B, C>(q, k, v, mask, causal)
+        attention::autodiff_masked_attention::<B, C>(q, k, v, mask, causal, softcap)
     }
 
     fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -485,13 +492,14 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         targets: IntTensor<Self>,
+        softcap: Option<f32>,
         _want: [bool; 2],
     ) -> (
         FloatTensor<Self>,
         Option<FloatTensor<Self>>,
         Option<FloatTensor<Self>>,
     ) {
-        let loss = super::loss::autodiff_linear_cross_entropy::<B, C>(x, w, targets);
+        let loss = super::loss::autodiff_linear_cross_entropy::<B, C>(x, w, targets, softcap);
         (loss, None, None)
     }
 }

@@ -20,6 +20,12 @@ pub enum Arch {
     /// `Qwen3ForCausalLM`: no biases; an RMS norm over each query and key
     /// head before RoPE (`q_norm`, `k_norm`).
     Qwen3,
+    /// `Gemma2ForCausalLM` (Gemma 2): norms scale by `1 + weight`; the
+    /// attention and the MLP each have a norm on their output too; GeLU
+    /// (tanh) gating; embeddings scaled by `sqrt(hidden_size)`; every other
+    /// layer sliding; attention scores and final logits soft-capped
+    /// (`attn_logit_softcapping`, `final_logit_softcapping`).
+    Gemma2,
     /// `Gemma3ForCausalLM` (Gemma 3 1B and 270M, `gemma3_text`): Qwen3's q/k
     /// norms; norms scale by `1 + weight`; the attention and the MLP each
     /// have a norm on their output too; GeLU (tanh) gating; embeddings
@@ -40,7 +46,8 @@ pub enum Arch {
 }
 
 /// The `model_type` values anneal reads, for error messages.
-pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, smollm3, gemma3_text, olmo2, olmo3";
+pub const SUPPORTED: &str =
+    "llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, olmo2, olmo3";
 
 /// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +66,7 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3_text",
             Arch::SmolLm3 => "smollm3",
             Arch::Olmo2 => "olmo2",
@@ -73,6 +81,7 @@ impl Arch {
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::SmolLm3 => "SmolLM3ForCausalLM",
             Arch::Olmo2 => "Olmo2ForCausalLM",
@@ -105,7 +114,7 @@ impl Arch {
     /// MLP, `post_feedforward_layernorm`), and embeddings are scaled by
     /// `sqrt(hidden_size)`.
     pub fn gemma(self) -> bool {
-        self == Arch::Gemma3
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
 
     /// The architecture of a `model_type` value.
@@ -115,6 +124,7 @@ impl Arch {
             Arch::Mistral,
             Arch::Qwen2,
             Arch::Qwen3,
+            Arch::Gemma2,
             Arch::Gemma3,
             Arch::SmolLm3,
             Arch::Olmo2,
@@ -193,6 +203,12 @@ pub struct ModelConfig {
     /// Attention scores scale by `query_pre_attn_scalar^-1/2` (Gemma)
     /// instead of `head_dim^-1/2`.
     pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2: attention scores `s` become `cap · tanh(s / cap)` before
+    /// the softmax (`attn_logit_softcapping`).
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2: the LM head's logits are soft-capped the same way
+    /// (`final_logit_softcapping`).
+    pub final_logit_softcapping: Option<f64>,
     /// Biases on the q/k/v projections.
     pub attention_bias: bool,
     /// Biases on the MLP projections.
@@ -362,21 +378,11 @@ impl ModelConfig {
         };
         let activation = activation(&k, arch)?;
         partial_rotary(&k, map, "")?;
-        if arch.gemma() {
-            for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
-                if let Some(v) = k.get(key) {
-                    bail!(
-                        "{}: key '{key}' is {v}; logit soft-capping (Gemma 2) is not supported",
-                        file.display()
-                    );
-                }
-            }
-            if k.bool_or("use_bidirectional_attention", false)? {
-                bail!(
-                    "{}: key 'use_bidirectional_attention' is true; only causal models are supported",
-                    file.display()
-                );
-            }
+        if arch.gemma() && k.bool_or("use_bidirectional_attention", false)? {
+            bail!(
+                "{}: key 'use_bidirectional_attention' is true; only causal models are supported",
+                file.display()
+            );
         }
         if k.usize_or("pretraining_tp", 1)? != 1 {
             bail!(
@@ -394,7 +400,7 @@ impl ModelConfig {
             );
         }
         let head_dim = match arch {
-            Arch::Gemma3 => k.usize_or("head_dim", 256)?,
+            Arch::Gemma2 | Arch::Gemma3 => k.usize_or("head_dim", 256)?,
             _ => k.usize_or("head_dim", hidden_size / num_attention_heads)?,
         };
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
@@ -416,6 +422,7 @@ impl ModelConfig {
             _ => rope(&k, 10_000.0)?,
         };
         let max_position_embeddings = match arch {
+            Arch::Gemma2 => k.usize_or("max_position_embeddings", 8192)?,
             Arch::Gemma3 => k.usize_or("max_position_embeddings", 131_072)?,
             Arch::SmolLm3 => k.usize_or("max_position_embeddings", 32_768)?,
             _ => k.usize_or("max_position_embeddings", 2048)?,
@@ -428,6 +435,7 @@ impl ModelConfig {
             Arch::Llama
             | Arch::Mistral
             | Arch::Qwen3
+            | Arch::Gemma2
             | Arch::Gemma3
             | Arch::SmolLm3
             | Arch::Olmo2
@@ -458,15 +466,18 @@ impl ModelConfig {
             rope_local_theta: rope.local_theta,
             activation,
             query_pre_attn_scalar: match arch {
-                Arch::Gemma3 => Some(k.f64_or("query_pre_attn_scalar", 256.0)?),
+                Arch::Gemma2 | Arch::Gemma3 => Some(k.f64_or("query_pre_attn_scalar", 256.0)?),
                 _ => None,
             },
+            // Gemma2Config's defaults; Gemma 3's are none.
+            attn_logit_softcapping: softcap(&k, "attn_logit_softcapping", arch, 50.0)?,
+            final_logit_softcapping: softcap(&k, "final_logit_softcapping", arch, 30.0)?,
             attention_bias,
             mlp_bias: k.bool_or("mlp_bias", false)?,
-            // Gemma 3's and SmolLM3's configs tie by default; the others do not.
+            // Gemma's and SmolLM3's configs tie by default; the others do not.
             tie_word_embeddings: k.bool_or(
                 "tie_word_embeddings",
-                matches!(arch, Arch::Gemma3 | Arch::SmolLm3),
+                matches!(arch, Arch::Gemma2 | Arch::Gemma3 | Arch::SmolLm3),
             )?,
             max_position_embeddings,
             eos_token_ids: k.token_ids("eos_token_id")?,
@@ -601,6 +612,26 @@ fn with_gemma3_defaults(map: &Map<String, Value>) -> Map<String, Value> {
     out
 }
 
+/// A soft-capping key of a Gemma config: `gemma2`'s default where missing
+/// (none for Gemma 3), none where null; a cap must be a positive number.
+/// Other architectures have none (transformers ignores the key there).
+fn softcap(k: &Keys, key: &str, arch: Arch, gemma2: f64) -> anyhow::Result<Option<f64>> {
+    if !arch.gemma() {
+        return Ok(None);
+    }
+    let cap = match k.map.get(key) {
+        None if arch == Arch::Gemma2 => return Ok(Some(gemma2)),
+        _ => k.f64_opt_in(k.map, key, "")?,
+    };
+    match cap {
+        Some(c) if !(c > 0.0 && c.is_finite()) => bail!(
+            "{}: key '{key}' is {c}; a soft cap must be a positive number (or null for none)",
+            k.file.display()
+        ),
+        cap => Ok(cap),
+    }
+}
+
 /// The sliding window and the layers that use it, as transformers reads
 /// them. Mistral: every layer when `sliding_window` is set (4096 when the key
 /// is missing; `layer_types` is ignored). Qwen2 and Qwen3: only with
@@ -609,7 +640,9 @@ fn with_gemma3_defaults(map: &Map<String, Value>) -> Map<String, Value> {
 /// the layers from `max_window_layers` (default 28) on. Gemma 3: its
 /// `sliding_window` (default 4096) on the `sliding_attention` entries of
 /// `layer_types`, or without that key on all but every
-/// `sliding_window_pattern`-th layer (default 6). SmolLM3: only with
+/// `sliding_window_pattern`-th layer (default 6). Gemma 2: its
+/// `sliding_window` (default 4096) on `layer_types`' sliding entries, or
+/// without that key on every other layer from the first. SmolLM3: only with
 /// `use_sliding_window` and a `sliding_window`, on `layer_types`' sliding
 /// entries or else its NoPE layers. Llama has none.
 fn sliding(
@@ -641,8 +674,8 @@ fn sliding(
             let w = window()?;
             (w, vec![w.is_some(); layers])
         }
-        Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 | Arch::SmolLm3 | Arch::Olmo3 => {
-            let always = matches!(arch, Arch::Gemma3 | Arch::Olmo3);
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma2 | Arch::Gemma3 | Arch::SmolLm3 | Arch::Olmo3 => {
+            let always = matches!(arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo3);
             let w = match always || k.bool_or("use_sliding_window", false)? {
                 true => window()?,
                 false => None,
@@ -655,6 +688,7 @@ fn sliding(
                     all_but_every(k.usize_or("sliding_window_pattern", 6)?, layers)
                 }
                 None if arch == Arch::Olmo3 => all_but_every(4, layers),
+                None if arch == Arch::Gemma2 => all_but_every(2, layers),
                 None => {
                     let from = k.usize_or("max_window_layers", 28)?;
                     (0..layers).map(|i| w.is_some() && i >= from).collect()
@@ -679,10 +713,11 @@ fn sliding(
                 let which = match (k.get("layer_types"), arch) {
                     (Some(_), _) => "key 'layer_types' has \"sliding_attention\" layers",
                     (None, Arch::Olmo3) => "without 'layer_types', three layers in four slide",
+                    (None, Arch::Gemma2) => "without 'layer_types', every other layer slides",
                     (None, _) => "key 'sliding_window_pattern' (default 6) makes layers slide",
                 };
                 let set = match arch {
-                    Arch::Gemma3 | Arch::Olmo3 => "set 'sliding_window' to its size",
+                    Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo3 => "set 'sliding_window' to its size",
                     _ => "set 'use_sliding_window' to true and 'sliding_window' to its size",
                 };
                 bail!(
@@ -1153,6 +1188,50 @@ mod tests {
 
     /// Gemma 3 in transformers 4's keys (as on the Hub) and 5's.
     #[test]
+    fn reads_gemma2_with_its_defaults() {
+        let mut v = base();
+        v["model_type"] = json!("gemma2");
+        v["num_hidden_layers"] = json!(5);
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.arch.class_name(), "Gemma2ForCausalLM");
+        assert!(c.arch.gemma() && !c.arch.qk_norm() && c.tie_word_embeddings);
+        assert_eq!(
+            (c.attn_logit_softcapping, c.final_logit_softcapping),
+            (Some(50.0), Some(30.0))
+        );
+        assert_eq!(
+            (c.head_dim, c.query_pre_attn_scalar, c.activation),
+            (256, Some(256.0), Activation::GeluTanh)
+        );
+        assert_eq!((c.rope_theta, c.rope_local_theta), (10_000.0, None));
+        assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!(c.sliding_layers, [true, false, true, false, true]);
+        assert_eq!(c.max_position_embeddings, 8192);
+        // Null switches a cap off; layer_types overrides the alternation.
+        v["attn_logit_softcapping"] = Value::Null;
+        v["final_logit_softcapping"] = json!(15.5);
+        v["sliding_window"] = json!(128);
+        v["layer_types"] = json!([
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "full_attention",
+            "sliding_attention"
+        ]);
+        let c = parse(v).unwrap();
+        assert_eq!(
+            (c.attn_logit_softcapping, c.final_logit_softcapping),
+            (None, Some(15.5))
+        );
+        assert_eq!(c.sliding_window, Some(128));
+        assert_eq!(c.sliding_layers, [false, true, false, false, true]);
+        // Llama ignores the keys, as transformers does.
+        let mut v = base();
+        v["final_logit_softcapping"] = json!(30.0);
+        assert_eq!(parse(v).unwrap().final_logit_softcapping, None);
+    }
+
+    #[test]
     fn reads_gemma3() {
         let gemma = || {
             let mut v = base();
@@ -1205,16 +1284,24 @@ mod tests {
             e.contains("'sliding_window_pattern' (default 6) makes layers slide, but no window"),
             "{e}"
         );
+        assert_eq!(
+            (c.attn_logit_softcapping, c.final_logit_softcapping),
+            (None, None)
+        );
+        let mut v = gemma();
+        v["final_logit_softcapping"] = json!(30.0);
+        let c = parse(v).unwrap();
+        assert_eq!(c.final_logit_softcapping, Some(30.0));
         for (key, value, want) in [
             (
-                "final_logit_softcapping",
-                json!(30.0),
-                "key 'final_logit_softcapping' is 30.0",
+                "attn_logit_softcapping",
+                json!(0.0),
+                "key 'attn_logit_softcapping' is 0; a soft cap must be a positive number",
             ),
             (
-                "attn_logit_softcapping",
-                json!(50.0),
-                "key 'attn_logit_softcapping' is 50.0",
+                "final_logit_softcapping",
+                json!("30"),
+                "key 'final_logit_softcapping' must be a number",
             ),
             (
                 "use_bidirectional_attention",

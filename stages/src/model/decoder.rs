@@ -16,7 +16,7 @@ use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
 use super::attention::{Causal, masked_attention, swap_heads};
 use super::backend::ModelBackend;
 use super::config::{Activation, Arch, ModelConfig};
-use super::loss::{cross_entropy, linear_cross_entropy, to_f32};
+use super::loss::{cross_entropy, linear_cross_entropy, softcap, to_f32};
 use super::matmul::matmul_2d;
 use super::rms_norm::rms_norm;
 use super::rope::rope;
@@ -252,6 +252,8 @@ pub struct Attention<B: Backend> {
     /// Queries are multiplied by this before the scores' `head_dim^-1/2`
     /// (Gemma's `query_pre_attn_scalar`; 1 otherwise).
     pub q_scale: f64,
+    /// Gemma 2: scores `s` become `cap · tanh(s / cap)` (0: not capped).
+    pub softcap: f64,
     /// Queries and keys are rotated (false on SmolLM3's NoPE layers).
     pub rope: bool,
     /// Attention scores and weighted sum in bf16 (see [`Linear::bf16`]).
@@ -334,6 +336,8 @@ pub struct CausalLm<B: Backend> {
     /// NEFTune: uniform noise of magnitude `alpha / sqrt(seq * hidden)` on
     /// the embeddings of training micro-batches (0: off).
     pub neftune_noise_alpha: f64,
+    /// Gemma 2: logits `l` become `cap · tanh(l / cap)` (0: not capped).
+    pub final_softcap: f64,
 }
 
 /// Keys and values of every layer for the positions seen so far; a
@@ -487,9 +491,9 @@ impl<B: ModelBackend> Attention<B> {
         });
         let out = if self.bf16 {
             let [q, k, v] = [q, k, v].map(|x| x.cast(FloatDType::BF16));
-            masked_attention(q, k, v, mask, causal).cast(FloatDType::F32)
+            masked_attention(q, k, v, mask, causal, cap(self.softcap)).cast(FloatDType::F32)
         } else {
-            masked_attention(q, k, v, mask, causal)
+            masked_attention(q, k, v, mask, causal, cap(self.softcap))
         };
         // [b, kvh, t, rep * hd] -> [b, t, kvh, rep * hd]: heads in HF's order.
         let out = swap_heads(out.reshape([b, kvh, t, rep * hd]));
@@ -981,9 +985,19 @@ impl<B: ModelBackend> CausalLm<B> {
     /// [`Self::lm_head`] in the dtype its matmul ran in (bf16 under mixed
     /// precision), for the loss, which reads it in f32 without a copy.
     fn lm_head_native<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward_native(hidden),
             None => project_native(hidden, self.embed_tokens.val().transpose(), None, self.bf16),
+        };
+        self.cap_logits(logits)
+    }
+
+    /// Logits as the model gives them: soft-capped where it caps them
+    /// (Gemma 2), unchanged otherwise.
+    pub fn cap_logits<const D: usize>(&self, logits: Tensor<B, D>) -> Tensor<B, D> {
+        match cap(self.final_softcap) {
+            Some(c) => softcap(logits, c),
+            None => logits,
         }
     }
 
@@ -1063,6 +1077,7 @@ impl<B: ModelBackend> CausalLm<B> {
     /// goes through the fused [`linear_cross_entropy`], which never holds
     /// all the logits; others compute the logits, then the loss.
     fn head_loss(&self, hidden: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let softcap = cap(self.final_softcap);
         let (w, bf16) = match &self.lm_head {
             None => (self.embed_tokens.val().transpose(), self.bf16),
             Some(head) if head.bias.is_none() && head.lora.is_none() => {
@@ -1072,9 +1087,9 @@ impl<B: ModelBackend> CausalLm<B> {
         };
         if bf16 {
             let bf = FloatDType::BF16;
-            return linear_cross_entropy(hidden.cast(bf), w.cast(bf), targets);
+            return linear_cross_entropy(hidden.cast(bf), w.cast(bf), targets, softcap);
         }
-        linear_cross_entropy(hidden, w, targets)
+        linear_cross_entropy(hidden, w, targets, softcap)
     }
 
     /// Final hidden states `[n, hidden]` at the `n` positions whose next
@@ -1194,6 +1209,7 @@ impl<B: Backend> CausalLm<B> {
                         c.arch,
                         Arch::Llama
                             | Arch::Qwen3
+                            | Arch::Gemma2
                             | Arch::Gemma3
                             | Arch::SmolLm3
                             | Arch::Olmo2
@@ -1225,6 +1241,7 @@ impl<B: Backend> CausalLm<B> {
                 q_scale: c
                     .query_pre_attn_scalar
                     .map_or(1.0, |s| (hd as f64 / s).sqrt()),
+                softcap: c.attn_logit_softcapping.unwrap_or(0.0),
                 rope: c.rope_layers.get(i).copied().unwrap_or(true),
                 bf16: false,
             };
@@ -1302,6 +1319,7 @@ impl<B: Backend> CausalLm<B> {
             },
             bf16: false,
             neftune_noise_alpha: 0.0,
+            final_softcap: c.final_logit_softcapping.unwrap_or(0.0),
         })
     }
 
@@ -1385,6 +1403,11 @@ fn unscaled_inv_freq(theta: f64, head_dim: usize) -> impl Iterator<Item = f64> {
 /// The seed of layer `l`'s dropout masks in a micro-batch seeded `seed`
 /// (SplitMix64's finaliser, so neighbouring layers and seeds get unrelated
 /// streams).
+/// A soft cap held as a module field (0: none).
+fn cap(c: f64) -> Option<f32> {
+    (c > 0.0).then_some(c as f32)
+}
+
 fn layer_seed(seed: u64, l: usize) -> u64 {
     rng::mix(seed ^ (l as u64 + 1).wrapping_mul(rng::GAMMA))
 }

@@ -132,12 +132,12 @@ pub fn generate<B: ModelBackend>(
         let input = CausalLm::<B>::ids_tensor(&step_ids, &device);
         let hidden = net.forward_hidden(input, &pos, Some(&mut cache));
         let [b, t, _] = hidden.dims();
-        let logits = project(
+        let logits = net.cap_logits(project(
             hidden.narrow(1, t - 1, 1),
             head_w.clone(),
             head_b.clone(),
             false,
-        );
+        ));
         let vocab = logits.dims()[2];
         let values: Vec<f32> = logits
             .into_data()

@@ -36,8 +36,8 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
-    /// `llama` (default), `mistral`, `qwen2`, `qwen3`, `smollm3` or
-    /// `gemma3_text`.
+    /// `llama` (default), `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma2`,
+    /// `gemma3_text`, `olmo2` or `olmo3`.
     #[serde(default = "default_arch")]
     pub arch: String,
     /// A name from [`PRESETS`] (default `tiny`).
@@ -60,8 +60,9 @@ pub struct InitSpec {
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     /// Sliding-window attention over this many keys (`mistral`, `qwen2`,
-    /// `qwen3`, `smollm3` (on its NoPE layers), `gemma3_text` (every sixth
-    /// layer global); default none).
+    /// `qwen3`, `smollm3` (on its NoPE layers), `gemma2` (every other layer
+    /// global), `gemma3_text` (every sixth layer global), `olmo3` (every
+    /// fourth); default none).
     pub sliding_window: Option<usize>,
     /// Qwen2/Qwen3: the first layer with the sliding window; earlier ones
     /// attend over everything (default 0: every layer slides).
@@ -160,7 +161,7 @@ impl InitSpec {
                 "sliding_window".into(),
                 format!(
                     "{} has no sliding-window attention; use arch mistral, qwen2, qwen3, \
-                     smollm3 or gemma3_text",
+                     smollm3, gemma2, gemma3_text or olmo3",
                     self.arch
                 ),
             ));
@@ -263,26 +264,38 @@ impl InitSpec {
                 c["use_sliding_window"] = json!(self.sliding_window.is_some());
                 c["sliding_window"] = json!(self.sliding_window);
             }
-            Arch::Gemma3 => {
+            Arch::Gemma2 | Arch::Gemma3 => {
                 c.as_object_mut().expect("an object").remove("hidden_act");
                 c["hidden_activation"] = json!("gelu_pytorch_tanh");
                 c["attention_bias"] = json!(false);
                 c["query_pre_attn_scalar"] = json!(hidden / heads);
-                c["final_logit_softcapping"] = Value::Null;
-                c["attn_logit_softcapping"] = Value::Null;
-                // Gemma 3's pattern with a window: every sixth layer global.
-                self.layer_types(&mut c, 6, layers);
+                if arch == Arch::Gemma2 {
+                    // Gemma 2's caps, and with a window every other layer global.
+                    c["final_logit_softcapping"] = json!(30.0);
+                    c["attn_logit_softcapping"] = json!(50.0);
+                    self.sliding_types(&mut c, 2, layers);
+                } else {
+                    c["final_logit_softcapping"] = Value::Null;
+                    c["attn_logit_softcapping"] = Value::Null;
+                    // Gemma 3's pattern with a window: every sixth layer global.
+                    self.layer_types(&mut c, 6, layers);
+                }
             }
         }
         c
     }
 
-    /// RoPE per layer type and, with a window, all but every `every`-th of
-    /// `layers` layers sliding (Gemma 3, OLMo 3).
+    /// RoPE per layer type and [`Self::sliding_types`] (Gemma 3, OLMo 3).
     fn layer_types(&self, c: &mut Value, every: usize, layers: usize) {
         c.as_object_mut().expect("an object").remove("rope_theta");
         let default = json!({"rope_type": "default", "rope_theta": 10000.0});
         c["rope_parameters"] = json!({"full_attention": default, "sliding_attention": default});
+        self.sliding_types(c, every, layers);
+    }
+
+    /// The window and, with one, all but every `every`-th of `layers`
+    /// layers sliding.
+    fn sliding_types(&self, c: &mut Value, every: usize, layers: usize) {
         c["sliding_window"] = json!(self.sliding_window);
         c["layer_types"] = config::all_but_every(every, layers)
             .into_iter()
@@ -522,6 +535,12 @@ mod tests {
             (Some(8), vec![true, true, true, true, true, false, true])
         );
         assert_eq!(read(json!({"arch": "gemma3_text"})), (None, vec![false; 2]));
+        // Gemma 2's: every other layer global.
+        assert_eq!(
+            read(json!({"arch": "gemma2", "sliding_window": 8, "num_hidden_layers": 3})),
+            (Some(8), vec![true, false, true])
+        );
+        assert_eq!(read(json!({"arch": "gemma2"})), (None, vec![false; 2]));
         assert_eq!(
             read(json!({"arch": "smollm3", "sliding_window": 8, "num_hidden_layers": 4})),
             (Some(8), vec![false, false, false, true])

@@ -144,19 +144,28 @@ pub(crate) fn grad_of<B: Backend>(
     .tensor()
 }
 
+/// `cap · tanh(logits / cap)` (Gemma 2's `final_logit_softcapping`), in
+/// the logits' dtype.
+pub fn softcap<B: Backend, const D: usize>(logits: Tensor<B, D>, cap: f32) -> Tensor<B, D> {
+    let dtype = logits.dtype();
+    to(to_f32(logits).div_scalar(cap).tanh().mul_scalar(cap), dtype)
+}
+
 /// The mean cross-entropy (`[1]`, f32) of the logits `x · w` (`x: [n, d]`,
-/// `w: [d, vocab]`, the LM head) against `targets: [n, 1]`, without the
-/// `[n, vocab]` logits ever existing whole: see
-/// [`ModelBackend::linear_cross_entropy`]. `n` must be at least 1.
+/// `w: [d, vocab]`, the LM head), soft-capped at `softcap` where set,
+/// against `targets: [n, 1]`, without the `[n, vocab]` logits ever existing
+/// whole: see [`ModelBackend::linear_cross_entropy`]. `n` must be at least 1.
 pub fn linear_cross_entropy<B: ModelBackend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
     targets: Tensor<B, 2, Int>,
+    softcap: Option<f32>,
 ) -> Tensor<B, 1> {
     let (loss, _, _) = B::linear_cross_entropy(
         x.into_primitive().tensor(),
         w.into_primitive().tensor(),
         targets.into_primitive(),
+        softcap,
         [false; 2],
     );
     Tensor::from_primitive(TensorPrimitive::Float(loss))
@@ -168,6 +177,7 @@ pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
     x: FloatTensor<B>,
     w: FloatTensor<B>,
     targets: IntTensor<B>,
+    softcap: Option<f32>,
     want: [bool; 2],
     rows: usize,
 ) -> (
@@ -186,7 +196,17 @@ pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
         let c = rows.min(n - start);
         let xc = x.clone().narrow(0, start, c);
         let tc = targets.clone().narrow(0, start, c).into_primitive();
-        let logits = matmul_2d(xc.clone(), w.clone()).into_primitive().tensor();
+        let logits = matmul_2d(xc.clone(), w.clone());
+        // Soft-capped: the capped logits' gradient times `1 − tanh²`.
+        let (logits, tanh) = match softcap {
+            None => (logits, None),
+            Some(cap) => {
+                let dtype = logits.dtype();
+                let t = to_f32(logits).div_scalar(cap).tanh();
+                (to(t.clone().mul_scalar(cap), dtype), Some(t))
+            }
+        };
+        let logits = logits.into_primitive().tensor();
         let (loss, lse) = B::cross_entropy_lse(logits.clone(), tc.clone());
         losses.push(Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(loss)));
         if want == [false; 2] {
@@ -196,6 +216,16 @@ pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
         let g = Tensor::<B, 1>::full([c], 1.0 / n as f64, &device);
         let dl = B::cross_entropy_grad(logits, tc, lse, g.into_primitive().tensor());
         let dl = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(dl));
+        let dl = match tanh {
+            Some(t) => {
+                let dtype = dl.dtype();
+                to(
+                    to_f32(dl).mul(t.clone().mul(t).neg().add_scalar(1.0)),
+                    dtype,
+                )
+            }
+            None => dl,
+        };
         if want[0] {
             dxs.push(matmul_2d(dl.clone(), w.clone().transpose()));
         }
@@ -223,9 +253,10 @@ pub(crate) fn autodiff_linear_cross_entropy<B: ModelBackend, C: CheckpointStrate
     x: FloatTensor<Autodiff<B, C>>,
     w: FloatTensor<Autodiff<B, C>>,
     targets: IntTensor<Autodiff<B, C>>,
+    softcap: Option<f32>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let want = [&x, &w].map(|t| !t.node.requirement.is_none());
-    let (loss, dx, dw) = B::linear_cross_entropy(x.primitive, w.primitive, targets, want);
+    let (loss, dx, dw) = B::linear_cross_entropy(x.primitive, w.primitive, targets, softcap, want);
     match LinearCrossEntropyBackward
         .prepare::<C>([x.node, w.node])
         .compute_bound()
@@ -439,7 +470,7 @@ mod tests {
     /// transposed (tied) or frozen head, scaled as gradient accumulation
     /// scales the loss; and the chunked forward pass with the chunk's
     /// gradients on the inner backend, three rows at a time.
-    fn check_fused(dtype: FloatDType, tol: f32) {
+    fn check_fused(dtype: FloatDType, tol: f32, cap: Option<f32>) {
         let device = Default::default();
         let (n, d, vocab) = (8, 24, 301);
         let rand = |s: [usize; 2], sd: f64| {
@@ -462,9 +493,14 @@ mod tests {
                 let wa = if frozen { wa } else { wa.require_grad() };
                 let (xc, wc) = (xa.clone().cast(dtype), wa.clone().cast(dtype));
                 let loss = if fused {
-                    linear_cross_entropy(xc, wc, t.clone())
+                    linear_cross_entropy(xc, wc, t.clone(), cap)
                 } else {
-                    cross_entropy(matmul_2d(xc, wc), t.clone()).mean()
+                    let logits = matmul_2d(xc, wc);
+                    let logits = match cap {
+                        Some(c) => softcap(logits, c),
+                        None => logits,
+                    };
+                    cross_entropy(logits, t.clone()).mean()
                 };
                 let g = loss.clone().mul_scalar(0.3).backward();
                 let value: f32 = loss.inner().into_scalar();
@@ -495,6 +531,7 @@ mod tests {
                 x.clone().into_primitive().tensor(),
                 w.clone().into_primitive().tensor(),
                 t.clone().into_primitive(),
+                cap,
                 [true, true],
                 rows,
             );
@@ -516,10 +553,13 @@ mod tests {
 
     #[test]
     fn fused_head_and_loss_match_the_head_then_the_loss() {
-        check_fused(FloatDType::F32, 2e-7);
+        check_fused(FloatDType::F32, 2e-7, None);
         // In bf16 the gradients (below 1) are rounded at different points
         // (the loss's scale applied before or after the products).
-        check_fused(FloatDType::BF16, 4e-3);
+        check_fused(FloatDType::BF16, 4e-3, None);
+        // Soft-capped (the logits reach ±40 here, well into tanh's bend).
+        check_fused(FloatDType::F32, 2e-7, Some(5.0));
+        check_fused(FloatDType::BF16, 4e-3, Some(5.0));
     }
 
     /// Flex's own loop against the tensor-op version other backends run.

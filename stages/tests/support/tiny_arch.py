@@ -18,7 +18,11 @@ factor 4 over 128 original positions), or `qwen2-yarn` (YaRN on every layer:
 factor 4 over 128 positions, betas 8 and 2, no truncation, an explicit
 attention_factor), or `gemma3-mm` (`gemma3` inside a multimodal
 Gemma3ForConditionalGeneration with a one-layer SigLIP vision tower, run on
-text only; `after_step` names are the language model's, `model.…`); the
+text only; `after_step` names are the language model's, `model.…`), or
+`gemma2` (Gemma 2: Gemma's norms, GeGLU and scaled tied embeddings without
+q/k norms, head_dim 32 with query_pre_attn_scalar 24, layer 0 sliding over 16
+keys, attention scores soft-capped at 4 and logits at 5, tight enough to
+bend them; eager attention, as transformers runs Gemma 2); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
@@ -37,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
     MistralConfig,
@@ -116,6 +121,18 @@ def main():
                              "beta_slow": 2, "truncate": False, "attention_factor": 1.1},
             **sizes,
         )
+    elif arch == "gemma2":
+        sizes["tie_word_embeddings"] = True
+        config = Gemma2Config(
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=16,
+            attn_logit_softcapping=4.0,
+            final_logit_softcapping=5.0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+            **sizes,
+        )
+        assert config.layer_types == ["sliding_attention", "full_attention"], config.layer_types
     elif arch in ("gemma3", "gemma3-mm"):
         sizes["tie_word_embeddings"] = True
         config = Gemma3TextConfig(
@@ -151,7 +168,7 @@ def main():
         for name, p in model.named_parameters():
             if "norm" in name:
                 # Gemma's norms scale by 1 + w.
-                p.uniform_(-0.5, 0.5) if arch.startswith("gemma3") else p.uniform_(0.5, 1.5)
+                p.uniform_(-0.5, 0.5) if arch.startswith("gemma") else p.uniform_(0.5, 1.5)
     model.eval()
     model.save_pretrained(out)
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]:
@@ -197,7 +214,7 @@ def main():
             "model.layers.0.post_attention_layernorm.weight",
             "model.layers.1.post_feedforward_layernorm.weight",
         ]
-    if arch.startswith("gemma3"):
+    if arch.startswith("gemma"):
         watched += [
             "model.layers.0.pre_feedforward_layernorm.weight",
             "model.layers.0.post_feedforward_layernorm.weight",
