@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Writes a randomly initialised Qwen2ForCausalLM checkpoint for bench/train_gpu.sh
-(or, with --shape gemma3-270m, a Gemma3ForCausalLM one for bench/train.sh).
+(or, with --shape gemma3-270m or gemma2-270m, a Gemma3ForCausalLM or
+Gemma2ForCausalLM one for bench/train.sh).
 
-  python3 bench/make_random_qwen2.py OUT_DIR --shape qwen2.5-0.5b|tiny|gemma3-270m
+  python3 bench/make_random_qwen2.py OUT_DIR --shape qwen2.5-0.5b|tiny|gemma3-270m|gemma2-270m
       [--vocab N] --tokenizer-dir DIR [--dtype bf16|f32] [--seed 0]
 
 Shapes (vocab 151936 unless --vocab; tie_word_embeddings true, rope_theta 1e6,
@@ -14,6 +15,10 @@ rms_norm_eps 1e-6, max_position_embeddings 32768, q/k/v biases as Qwen2):
                 the others sliding over 512 keys (RoPE bases 1e6 and 1e4),
                 query_pre_attn_scalar 256 (Gemma3TextConfig's defaults
                 otherwise); its real vocabulary is 262144
+  gemma2-270m   the same sizes with Gemma 2's layers: no q/k norms, every other
+                layer sliding over 512 keys (one RoPE base, 1e4), attention
+                scores soft-capped at 50 and logits at 30 (Gemma2Config's
+                defaults otherwise)
 
 Weights: transformers' own initialisation (normal, std 0.02) under a fixed seed,
 written with save_pretrained(safe_serialization=True) in bf16 by default (half
@@ -36,7 +41,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Qwen2Config
 
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
@@ -44,6 +49,8 @@ SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=256),
     "gemma3-270m": dict(hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=256, intermediate_size=2048),
+    "gemma2-270m": dict(hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
                         num_key_value_heads=1, head_dim=256, intermediate_size=2048),
 }
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -78,6 +85,11 @@ def main():
     )
     if a.shape == "gemma3-270m":
         cfg = Gemma3TextConfig(sliding_window=512, query_pre_attn_scalar=256, **common)
+    elif a.shape == "gemma2-270m":
+        cfg = Gemma2Config(sliding_window=512, query_pre_attn_scalar=256,
+                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                           **common)
     else:
         cfg = Qwen2Config(
             rope_theta=1e6,  # transformers 5 stores it as rope_parameters.rope_theta

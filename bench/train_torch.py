@@ -49,7 +49,9 @@ freeze_trainable_modules all and no extra modules, anneal's
 
 --train-on-prompt labels every token (anneal's `train_on_prompt: true`), so
 trained tokens are all tokens but the first of each sample. --attn picks the
-transformers attention implementation (default sdpa, PyTorch eager's fast path).
+transformers attention implementation (default sdpa, PyTorch eager's fast path,
+where the model supports it: Gemma 2 does not, since SDPA cannot soft-cap its
+scores, and gets eager, as transformers gives it).
 
 Per-step lines go to stderr; one JSON line to stdout:
   {"steps", "batch", "median_trained_tokens_per_s",
@@ -142,7 +144,7 @@ def main():
     ap.add_argument("--seed", type=int, default=42, help="data order seed (anneal's default)")
     ap.add_argument("--order", choices=["anneal", "sequential"], default="anneal")
     ap.add_argument("--train-on-prompt", action="store_true", help="label every token")
-    ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, ...)")
+    ap.add_argument("--attn", default=None, help="attn_implementation (default sdpa, or eager where unsupported)")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (PEFT); 0: full fine-tuning")
     ap.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * rank")
     ap.add_argument("--freeze", type=int, default=0, help="train the last N layers only")
@@ -172,8 +174,12 @@ def main():
     if n == 0:
         sys.exit(f"train_torch.py: no usable samples in {a.data}")
 
+    attn = a.attn
+    if attn is None:
+        model_type = json.load(open(f"{a.model_dir}/config.json")).get("model_type")
+        attn = "eager" if model_type == "gemma2" else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(
-        a.model_dir, dtype=torch.float32, attn_implementation=a.attn
+        a.model_dir, dtype=torch.float32, attn_implementation=attn
     )
     if a.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

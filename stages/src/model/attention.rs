@@ -321,7 +321,7 @@ fn plan<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, causal: Option<Causal>) 
 
 /// The attention probabilities of a chunk's query rows in f32 (softmax as in
 /// burn's fallback: a fully masked row would give zeros, not NaNs) and,
-/// soft-capped, `tanh(scale · s / cap)` for the backward pass.
+/// soft-capped with `keep_tanh` (the backward pass), `tanh(scale · s / cap)`.
 fn probs<B: ModelBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
@@ -329,6 +329,7 @@ fn probs<B: ModelBackend>(
     c: Chunk,
     scale: f32,
     softcap: Option<f32>,
+    keep_tanh: bool,
 ) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
     let qc = q.clone().narrow(2, c.start, c.rows);
     let kt = c.seen(k).swap_dims(2, 3);
@@ -341,7 +342,10 @@ fn probs<B: ModelBackend>(
         None => (s, scale, None),
         Some(cap) => {
             let t = s.mul_scalar(scale / cap).tanh();
-            (t.clone().mul_scalar(cap), 1.0, Some(t))
+            match keep_tanh {
+                true => (t.clone().mul_scalar(cap), 1.0, Some(t)),
+                false => (t.mul_scalar(cap), 1.0, None),
+            }
         }
     };
     let p = float(B::attention_probs(
@@ -479,7 +483,7 @@ fn chunked_forward<B: ModelBackend>(
     let outs: Vec<_> = chunks
         .iter()
         .map(|&c| {
-            let (p, _) = probs(&q, &k, &mask, c, scale, softcap);
+            let (p, _) = probs(&q, &k, &mask, c, scale, softcap, false);
             bmm(to(p, dtype), c.seen(&v))
         })
         .collect();
@@ -530,7 +534,7 @@ fn chunked_backward<B: ModelBackend>(
         let (kc, vc) = (c.seen(&k), c.seen(&v));
         let qc = q.clone().narrow(2, c.start, c.rows);
         let doc = dout.clone().narrow(2, c.start, c.rows);
-        let (p, tanh) = probs(&q, &k, &mask, c, scale, softcap);
+        let (p, tanh) = probs(&q, &k, &mask, c, scale, softcap, true);
         let dv_c = to(
             bmm(to(p.clone(), dtype).swap_dims(2, 3), doc.clone()),
             DType::F32,

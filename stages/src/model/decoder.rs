@@ -1400,14 +1400,14 @@ fn unscaled_inv_freq(theta: f64, head_dim: usize) -> impl Iterator<Item = f64> {
     (0..head_dim / 2).map(move |i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
 }
 
-/// The seed of layer `l`'s dropout masks in a micro-batch seeded `seed`
-/// (SplitMix64's finaliser, so neighbouring layers and seeds get unrelated
-/// streams).
 /// A soft cap held as a module field (0: none).
 fn cap(c: f64) -> Option<f32> {
     (c > 0.0).then_some(c as f32)
 }
 
+/// The seed of layer `l`'s dropout masks in a micro-batch seeded `seed`
+/// (SplitMix64's finaliser, so neighbouring layers and seeds get unrelated
+/// streams).
 fn layer_seed(seed: u64, l: usize) -> u64 {
     rng::mix(seed ^ (l as u64 + 1).wrapping_mul(rng::GAMMA))
 }

@@ -200,11 +200,12 @@ pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
         // Soft-capped: the capped logits' gradient times `1 − tanh²`.
         let (logits, tanh) = match softcap {
             None => (logits, None),
-            Some(cap) => {
+            Some(cap) if want != [false; 2] => {
                 let dtype = logits.dtype();
                 let t = to_f32(logits).div_scalar(cap).tanh();
                 (to(t.clone().mul_scalar(cap), dtype), Some(t))
             }
+            Some(cap) => (self::softcap(logits, cap), None),
         };
         let logits = logits.into_primitive().tensor();
         let (loss, lse) = B::cross_entropy_lse(logits.clone(), tc.clone());
