@@ -233,21 +233,23 @@ fn phases_train_chain_and_cache() {
     );
 }
 
-/// Gemma 2, Gemma 3, SmolLM3, OLMo 2 and OLMo 3 end to end: init_model writes
-/// the checkpoint (Gemma's layers sliding over 24 keys, Gemma 2's scores and
-/// logits soft-capped, SmolLM3's every fourth
+/// Gemma 2, Gemma 3, SmolLM3, OLMo 2, OLMo 3 and Phi-3 end to end: init_model
+/// writes the checkpoint (Gemma's layers sliding over 24 keys, Gemma 2's
+/// scores and logits soft-capped, Phi-3's fused projections (so LoRA adapts
+/// `qkv_proj` and `gate_up_proj` whole, as PEFT does), SmolLM3's every fourth
 /// without RoPE, OLMo 2's norms after each block, OLMo 3's three layers in
 /// four sliding over 24 keys), the full phase trains it, the
 /// LoRA phase (DoRA) merges; transformers loads both as their own classes
 /// and PEFT's view of the adapter computes what the merged model computes.
 #[test]
-fn gemma_smollm3_and_olmo_train_and_their_adapters_load_in_peft() {
+fn gemma_smollm3_olmo_and_phi3_train_and_their_adapters_load_in_peft() {
     for (arch, extra) in [
         ("gemma2", "sliding_window: 24, "),
         ("gemma3_text", "sliding_window: 24, "),
         ("smollm3", "num_hidden_layers: 4, "),
         ("olmo2", ""),
         ("olmo3", "sliding_window: 24, num_hidden_layers: 4, "),
+        ("phi3", "sliding_window: 24, "),
     ] {
         let p = Project::new();
         write_data(&p);

@@ -1046,10 +1046,14 @@ impl OnDevice for Job<'_> {
         }
         let pad_id = tok.pad_token_id().or(config.pad_token_id).unwrap_or(0);
         let lora_cfg = match p.finetuning_type {
-            FinetuningType::Lora => Some(LoraConfig {
-                multimodal: config.multimodal,
-                ..p.lora_config()?
-            }),
+            FinetuningType::Lora => Some(
+                LoraConfig {
+                    multimodal: config.multimodal,
+                    ..p.lora_config()?
+                }
+                .fit_to(config.arch)
+                .context("params.lora_target")?,
+            ),
             FinetuningType::Full | FinetuningType::Freeze => None,
         };
         let per_step = p.per_device_train_batch_size * p.gradient_accumulation_steps;

@@ -315,8 +315,8 @@ fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt:
 /// Qwen3 (the per-head q/k norms train too), Mistral, Qwen2 with a sliding
 /// window on its second layer (the backward pass under the window's mask),
 /// Gemma 3, SmolLM3, OLMo 2, OLMo 3 (YaRN), multimodal Gemma 3 and Gemma 2
-/// (the soft caps' gradients), from checkpoints transformers builds at test
-/// time.
+/// (the soft caps' gradients) and Phi-3 (fused projections), from
+/// checkpoints transformers builds at test time.
 #[test]
 fn tiny_arch_full_steps_match_torch() {
     for arch in [
@@ -329,6 +329,7 @@ fn tiny_arch_full_steps_match_torch() {
         "olmo3",
         "gemma3-mm",
         "gemma2",
+        "phi3",
     ] {
         let dir = common::tiny_arch(arch);
         full_step_in::<AB>(
@@ -805,11 +806,11 @@ mod cuda {
         }
     }
 
-    /// A sliding window, Gemma 3, OLMo 3 and Gemma 2 (`common::tiny_arch`).
+    /// A sliding window, Gemma 3, OLMo 3, Gemma 2 and Phi-3 (`common::tiny_arch`).
     #[test]
     fn tiny_arch_full_steps_match_torch_on_cuda() {
         let Some(device) = common::gpu() else { return };
-        for arch in ["qwen2-window", "gemma3", "olmo3", "gemma2"] {
+        for arch in ["qwen2-window", "gemma3", "olmo3", "gemma2", "phi3"] {
             let dir = common::tiny_arch(arch);
             full_step_in::<Gpu>(
                 &format!("tiny-{arch}"),

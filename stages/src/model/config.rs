@@ -43,11 +43,16 @@ pub enum Arch {
     /// `Olmo3ForCausalLM` (OLMo 3): OLMo 2's layers, three in four sliding
     /// (`layer_types`), the full ones with their own RoPE scaling (YaRN).
     Olmo3,
+    /// `Phi3ForCausalLM` (Phi-3, Phi-4): Llama's layers with the q, k and v
+    /// projections in one matrix (`qkv_proj`) and the MLP's gate and up
+    /// projections in another (`gate_up_proj`, gate first); every layer
+    /// sliding when `sliding_window` is set.
+    Phi3,
 }
 
 /// The `model_type` values anneal reads, for error messages.
 pub const SUPPORTED: &str =
-    "llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, olmo2, olmo3";
+    "llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, olmo2, olmo3, phi3";
 
 /// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +76,7 @@ impl Arch {
             Arch::SmolLm3 => "smollm3",
             Arch::Olmo2 => "olmo2",
             Arch::Olmo3 => "olmo3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -86,7 +92,14 @@ impl Arch {
             Arch::SmolLm3 => "SmolLM3ForCausalLM",
             Arch::Olmo2 => "Olmo2ForCausalLM",
             Arch::Olmo3 => "Olmo3ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
         }
+    }
+
+    /// Phi-3's fused projections: `qkv_proj` for the attention's q, k and v,
+    /// `gate_up_proj` for the MLP's gate and up.
+    pub fn fused(self) -> bool {
+        self == Arch::Phi3
     }
 
     /// Whether queries and keys are RMS-normalised before RoPE (per head,
@@ -129,6 +142,7 @@ impl Arch {
             Arch::SmolLm3,
             Arch::Olmo2,
             Arch::Olmo3,
+            Arch::Phi3,
         ]
         .into_iter()
         .find(|a| a.model_type() == name)
@@ -384,6 +398,9 @@ impl ModelConfig {
                 file.display()
             );
         }
+        if arch == Arch::Phi3 {
+            phi3_checks(&k)?;
+        }
         if k.usize_or("pretraining_tp", 1)? != 1 {
             bail!(
                 "{}: key 'pretraining_tp' must be 1 (tensor-parallel slicing is not supported)",
@@ -425,6 +442,7 @@ impl ModelConfig {
             Arch::Gemma2 => k.usize_or("max_position_embeddings", 8192)?,
             Arch::Gemma3 => k.usize_or("max_position_embeddings", 131_072)?,
             Arch::SmolLm3 => k.usize_or("max_position_embeddings", 32_768)?,
+            Arch::Phi3 => k.usize_or("max_position_embeddings", 4096)?,
             _ => k.usize_or("max_position_embeddings", 2048)?,
         };
         let num_hidden_layers = k.usize("num_hidden_layers")?;
@@ -440,12 +458,14 @@ impl ModelConfig {
             | Arch::SmolLm3
             | Arch::Olmo2
             | Arch::Olmo3 => k.bool_or("attention_bias", false)?,
+            // Phi3Attention's projections have no biases.
+            Arch::Phi3 => false,
         };
-        // OLMo's configs default to 1e-5; the others to 1e-6.
+        // OLMo's and Phi-3's configs default to 1e-5; the others to 1e-6.
         let rms_norm_eps = k.f64_or(
             "rms_norm_eps",
             match arch {
-                Arch::Olmo2 | Arch::Olmo3 => 1e-5,
+                Arch::Olmo2 | Arch::Olmo3 | Arch::Phi3 => 1e-5,
                 _ => 1e-6,
             },
         )?;
@@ -473,7 +493,7 @@ impl ModelConfig {
             attn_logit_softcapping: softcap(&k, "attn_logit_softcapping", arch, 50.0)?,
             final_logit_softcapping: softcap(&k, "final_logit_softcapping", arch, 30.0)?,
             attention_bias,
-            mlp_bias: k.bool_or("mlp_bias", false)?,
+            mlp_bias: arch != Arch::Phi3 && k.bool_or("mlp_bias", false)?,
             // Gemma's and SmolLM3's configs tie by default; the others do not.
             tie_word_embeddings: k.bool_or(
                 "tie_word_embeddings",
@@ -612,6 +632,38 @@ fn with_gemma3_defaults(map: &Map<String, Value>) -> Map<String, Value> {
     out
 }
 
+/// What Phi3Config may hold that anneal does not model: LongRoPE (`su`,
+/// `yarn` or `longrope` in `rope_scaling` or `rope_parameters`, the 128k and
+/// Phi-3.5 checkpoints) and the residual and embedding dropouts, which
+/// transformers applies while training.
+fn phi3_checks(k: &Keys) -> anyhow::Result<()> {
+    for key in ["rope_scaling", "rope_parameters"] {
+        let kind = k
+            .get(key)
+            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+            .and_then(Value::as_str);
+        if let Some(kind @ ("su" | "yarn" | "longrope")) = kind {
+            bail!(
+                "{}: key '{key}' asks for RoPE type '{kind}', which Phi-3 reads as LongRoPE \
+                 (the 128k and Phi-3.5 checkpoints); anneal does not support LongRoPE yet",
+                k.file.display()
+            );
+        }
+    }
+    for key in ["resid_pdrop", "embd_pdrop", "attention_dropout"] {
+        if let Some(p) = k.f64_opt_in(k.map, key, "")?
+            && p != 0.0
+        {
+            bail!(
+                "{}: key '{key}' is {p}; anneal trains without dropout in the model \
+                 (set it to 0.0, or use lora_dropout with LoRA)",
+                k.file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A soft-capping key of a Gemma config: `gemma2`'s default where missing
 /// (none for Gemma 3), none where null; a cap must be a positive number.
 /// Other architectures have none (transformers ignores the key there).
@@ -634,7 +686,7 @@ fn softcap(k: &Keys, key: &str, arch: Arch, gemma2: f64) -> anyhow::Result<Optio
 
 /// The sliding window and the layers that use it, as transformers reads
 /// them. Mistral: every layer when `sliding_window` is set (4096 when the key
-/// is missing; `layer_types` is ignored). Qwen2 and Qwen3: only with
+/// is missing; `layer_types` is ignored). Phi-3: the same, none when missing. Qwen2 and Qwen3: only with
 /// `use_sliding_window` (its `sliding_window` again 4096 when missing), on
 /// the `sliding_attention` entries of `layer_types`, or without that key on
 /// the layers from `max_window_layers` (default 28) on. Gemma 3: its
@@ -652,11 +704,10 @@ fn sliding(
     rope_layers: &[bool],
 ) -> anyhow::Result<(Option<usize>, Vec<bool>)> {
     let file = k.file.display();
-    // SmolLM3Config has no default window; the others' is 4096.
-    let missing = if arch == Arch::SmolLm3 {
-        None
-    } else {
-        Some(4096)
+    // SmolLM3Config and Phi3Config have no default window; the others' is 4096.
+    let missing = match arch {
+        Arch::SmolLm3 | Arch::Phi3 => None,
+        _ => Some(4096),
     };
     let window = || -> anyhow::Result<Option<usize>> {
         match k.map.get("sliding_window") {
@@ -670,7 +721,7 @@ fn sliding(
     };
     let (window, layer_sliding) = match arch {
         Arch::Llama | Arch::Olmo2 => (None, vec![false; layers]),
-        Arch::Mistral => {
+        Arch::Mistral | Arch::Phi3 => {
             let w = window()?;
             (w, vec![w.is_some(); layers])
         }
@@ -1187,6 +1238,53 @@ mod tests {
     }
 
     /// Gemma 3 in transformers 4's keys (as on the Hub) and 5's.
+    #[test]
+    fn reads_phi3_and_refuses_what_it_does_not_model() {
+        let phi3 = || {
+            let mut v = base();
+            v["model_type"] = json!("phi3");
+            v
+        };
+        let c = parse(phi3()).unwrap();
+        assert_eq!(c.arch.class_name(), "Phi3ForCausalLM");
+        assert!(c.arch.fused() && !c.tie_word_embeddings && !c.attention_bias);
+        assert_eq!((c.rms_norm_eps, c.max_position_embeddings), (1e-5, 4096));
+        assert_eq!((c.sliding_window, c.sliding_layers), (None, vec![false]));
+        // Phi-3-mini-4k's window covers every layer, as Mistral's.
+        let mut v = phi3();
+        v["sliding_window"] = json!(2047);
+        v["rope_scaling"] = Value::Null;
+        v["resid_pdrop"] = json!(0.0);
+        let c = parse(v).unwrap();
+        assert_eq!(
+            (c.sliding_window, c.sliding_layers),
+            (Some(2047), vec![true])
+        );
+        for (key, value, want) in [
+            (
+                "rope_scaling",
+                json!({"type": "su", "short_factor": [1.0], "long_factor": [2.0]}),
+                "key 'rope_scaling' asks for RoPE type 'su', which Phi-3 reads as LongRoPE",
+            ),
+            (
+                "rope_parameters",
+                json!({"rope_type": "longrope", "rope_theta": 1e4}),
+                "key 'rope_parameters' asks for RoPE type 'longrope'",
+            ),
+            ("resid_pdrop", json!(0.1), "key 'resid_pdrop' is 0.1"),
+            (
+                "partial_rotary_factor",
+                json!(0.75),
+                "key 'partial_rotary_factor'",
+            ),
+        ] {
+            let mut v = phi3();
+            v[key] = value;
+            let e = parse(v).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
     #[test]
     fn reads_gemma2_with_its_defaults() {
         let mut v = base();

@@ -224,12 +224,15 @@ impl<B: ModelBackend> RmsNorm<B> {
 /// Grouped-query self-attention with rotary embeddings.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    /// Query projection.
-    pub q_proj: Linear<B>,
-    /// Key projection.
-    pub k_proj: Linear<B>,
-    /// Value projection.
-    pub v_proj: Linear<B>,
+    /// Query projection (none when fused into `qkv_proj`).
+    pub q_proj: Option<Linear<B>>,
+    /// Key projection (likewise).
+    pub k_proj: Option<Linear<B>>,
+    /// Value projection (likewise).
+    pub v_proj: Option<Linear<B>>,
+    /// Phi-3: the query, key and value projections as one, in that order
+    /// along its outputs.
+    pub qkv_proj: Option<Linear<B>>,
     /// Output projection.
     pub o_proj: Linear<B>,
     /// Qwen3: RMS norm over each query head before RoPE (`[head_dim]`);
@@ -263,10 +266,12 @@ pub struct Attention<B: Backend> {
 /// Gated feed-forward block: SwiGLU, or GeGLU for Gemma.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// Gate projection.
-    pub gate_proj: Linear<B>,
-    /// Up projection.
-    pub up_proj: Linear<B>,
+    /// Gate projection (none when fused into `gate_up_proj`).
+    pub gate_proj: Option<Linear<B>>,
+    /// Up projection (likewise).
+    pub up_proj: Option<Linear<B>>,
+    /// Phi-3: the gate and up projections as one, gate first.
+    pub gate_up_proj: Option<Linear<B>>,
     /// Down projection.
     pub down_proj: Linear<B>,
     /// The gate goes through GeLU's tanh approximation instead of SiLU.
@@ -410,6 +415,28 @@ impl<B: AutodiffBackend> Positions<B> {
 }
 
 impl<B: ModelBackend> Attention<B> {
+    /// Queries, keys and values `[b, t, heads * head_dim]` of `x`, from the
+    /// three projections or the fused one.
+    fn project_qkv(&self, x: Tensor<B, 3>, dropout: bool) -> [Tensor<B, 3>; 3] {
+        if let Some(qkv) = &self.qkv_proj {
+            let (q, kv) = (
+                self.n_heads * self.head_dim,
+                self.n_kv_heads * self.head_dim,
+            );
+            let y = qkv.forward_with(x, dropout);
+            return [
+                y.clone().narrow(2, 0, q),
+                y.clone().narrow(2, q, kv),
+                y.narrow(2, q + kv, kv),
+            ];
+        }
+        [&self.q_proj, &self.k_proj, &self.v_proj].map(|p| {
+            p.as_ref()
+                .expect("unfused attention has q, k and v projections")
+                .forward_with(x.clone(), dropout)
+        })
+    }
+
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -420,18 +447,14 @@ impl<B: ModelBackend> Attention<B> {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let rep = h / kvh;
-        let q = self.q_proj.forward_with(x.clone(), dropout);
-        let k = self.k_proj.forward_with(x.clone(), dropout);
+        let [q, k, v] = self.project_qkv(x, dropout);
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) if self.qk_norm_whole => (qn.forward(q), kn.forward(k)),
             _ => (q, k),
         };
         let q = q.reshape([b, t, h, hd]);
         let k = k.reshape([b, t, kvh, hd]);
-        let v = self
-            .v_proj
-            .forward_with(x, dropout)
-            .reshape([b, t, kvh, hd]);
+        let v = v.reshape([b, t, kvh, hd]);
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) if !self.qk_norm_whole => (qn.forward(q), kn.forward(k)),
             _ => (q, k),
@@ -504,8 +527,18 @@ impl<B: ModelBackend> Attention<B> {
 
 impl<B: ModelBackend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>, dropout: bool) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward_with(x.clone(), dropout);
-        let up = self.up_proj.forward_with(x, dropout);
+        let (gate, up) = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
+            (Some(fused), _, _) => {
+                let y = fused.forward_with(x, dropout);
+                let n = y.dims()[2] / 2;
+                (y.clone().narrow(2, 0, n), y.narrow(2, n, n))
+            }
+            (None, Some(gate), Some(up)) => (
+                gate.forward_with(x.clone(), dropout),
+                up.forward_with(x, dropout),
+            ),
+            _ => unreachable!("an MLP has gate and up projections, fused or not"),
+        };
         let h = match self.gelu {
             true => geglu(gate, up),
             false => swiglu(gate, up),
@@ -878,11 +911,15 @@ impl<B: ModelBackend> CausalLm<B> {
                 &mut a.q_proj,
                 &mut a.k_proj,
                 &mut a.v_proj,
-                &mut a.o_proj,
+                &mut a.qkv_proj,
                 &mut m.gate_proj,
                 &mut m.up_proj,
-                &mut m.down_proj,
-            ] {
+                &mut m.gate_up_proj,
+            ]
+            .into_iter()
+            .flatten()
+            .chain([&mut a.o_proj, &mut m.down_proj])
+            {
                 lin.bf16 = on;
             }
         }
@@ -1166,7 +1203,7 @@ impl<B: Backend> CausalLm<B> {
             })
         };
         let embed = take("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
-        let gemma = c.arch.gemma();
+        let (gemma, fused) = (c.arch.gemma(), c.arch.fused());
         let (whole, post_only) = (c.arch.qk_norm_whole(), c.arch.post_norms_only());
         let norm = |t: HostTensor| RmsNorm {
             weight: p1(t),
@@ -1178,28 +1215,32 @@ impl<B: Backend> CausalLm<B> {
             let p = format!("model.layers.{i}");
             let ab = c.attention_bias;
             let mb = c.mlp_bias;
+            let mut unfused = |name: &str, out: usize| match fused {
+                true => Ok(None),
+                false => {
+                    lin(&mut take, &format!("{p}.self_attn.{name}"), hidden, out, ab).map(Some)
+                }
+            };
+            let (q_proj, k_proj, v_proj) = (
+                unfused("q_proj", q_out)?,
+                unfused("k_proj", kv_out)?,
+                unfused("v_proj", kv_out)?,
+            );
+            let qkv_proj = match fused {
+                true => Some(lin(
+                    &mut take,
+                    &format!("{p}.self_attn.qkv_proj"),
+                    hidden,
+                    q_out + 2 * kv_out,
+                    false,
+                )?),
+                false => None,
+            };
             let attn = Attention {
-                q_proj: lin(
-                    &mut take,
-                    &format!("{p}.self_attn.q_proj"),
-                    hidden,
-                    q_out,
-                    ab,
-                )?,
-                k_proj: lin(
-                    &mut take,
-                    &format!("{p}.self_attn.k_proj"),
-                    hidden,
-                    kv_out,
-                    ab,
-                )?,
-                v_proj: lin(
-                    &mut take,
-                    &format!("{p}.self_attn.v_proj"),
-                    hidden,
-                    kv_out,
-                    ab,
-                )?,
+                q_proj,
+                k_proj,
+                v_proj,
+                qkv_proj,
                 o_proj: lin(
                     &mut take,
                     &format!("{p}.self_attn.o_proj"),
@@ -1245,9 +1286,25 @@ impl<B: Backend> CausalLm<B> {
                 rope: c.rope_layers.get(i).copied().unwrap_or(true),
                 bf16: false,
             };
+            let mut unfused = |name: &str| match fused {
+                true => Ok(None),
+                false => lin(&mut take, &format!("{p}.mlp.{name}"), hidden, inter, mb).map(Some),
+            };
+            let (gate_proj, up_proj) = (unfused("gate_proj")?, unfused("up_proj")?);
+            let gate_up_proj = match fused {
+                true => Some(lin(
+                    &mut take,
+                    &format!("{p}.mlp.gate_up_proj"),
+                    hidden,
+                    2 * inter,
+                    false,
+                )?),
+                false => None,
+            };
             let mlp = Mlp {
-                gate_proj: lin(&mut take, &format!("{p}.mlp.gate_proj"), hidden, inter, mb)?,
-                up_proj: lin(&mut take, &format!("{p}.mlp.up_proj"), hidden, inter, mb)?,
+                gate_proj,
+                up_proj,
+                gate_up_proj,
                 down_proj: lin(&mut take, &format!("{p}.mlp.down_proj"), inter, hidden, mb)?,
                 gelu: c.activation == Activation::GeluTanh,
             };
@@ -1374,13 +1431,22 @@ impl<B: Backend> CausalLm<B> {
                     );
                 }
             }
-            put_lin(&mut out, format!("{p}.self_attn.q_proj"), &a.q_proj);
-            put_lin(&mut out, format!("{p}.self_attn.k_proj"), &a.k_proj);
-            put_lin(&mut out, format!("{p}.self_attn.v_proj"), &a.v_proj);
+            let m = &l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.qkv_proj", &a.qkv_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.gate_up_proj", &m.gate_up_proj),
+            ] {
+                if let Some(lin) = lin {
+                    put_lin(&mut out, format!("{p}.{name}"), lin);
+                }
+            }
             put_lin(&mut out, format!("{p}.self_attn.o_proj"), &a.o_proj);
-            put_lin(&mut out, format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj);
-            put_lin(&mut out, format!("{p}.mlp.up_proj"), &l.mlp.up_proj);
-            put_lin(&mut out, format!("{p}.mlp.down_proj"), &l.mlp.down_proj);
+            put_lin(&mut out, format!("{p}.mlp.down_proj"), &m.down_proj);
         }
         put1(&mut out, "model.norm.weight".into(), self.norm.weight.val());
         if let Some(head) = &self.lm_head {

@@ -37,7 +37,7 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
     /// `llama` (default), `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma2`,
-    /// `gemma3_text`, `olmo2` or `olmo3`.
+    /// `gemma3_text`, `olmo2`, `olmo3` or `phi3`.
     #[serde(default = "default_arch")]
     pub arch: String,
     /// A name from [`PRESETS`] (default `tiny`).
@@ -59,7 +59,8 @@ pub struct InitSpec {
     /// Longest sequence (default 2048).
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
-    /// Sliding-window attention over this many keys (`mistral`, `qwen2`,
+    /// Sliding-window attention over this many keys (`mistral` and `phi3`
+    /// on every layer, `qwen2`,
     /// `qwen3`, `smollm3` (on its NoPE layers), `gemma2` (every other layer
     /// global), `gemma3_text` (every sixth layer global), `olmo3` (every
     /// fourth); default none).
@@ -161,7 +162,7 @@ impl InitSpec {
                 "sliding_window".into(),
                 format!(
                     "{} has no sliding-window attention; use arch mistral, qwen2, qwen3, \
-                     smollm3, gemma2, gemma3_text or olmo3",
+                     smollm3, gemma2, gemma3_text, olmo3 or phi3",
                     self.arch
                 ),
             ));
@@ -242,6 +243,14 @@ impl InitSpec {
                 self.layer_types(&mut c, 4, layers);
             }
             Arch::Mistral => c["sliding_window"] = json!(self.sliding_window),
+            Arch::Phi3 => {
+                c["sliding_window"] = json!(self.sliding_window);
+                c["original_max_position_embeddings"] = json!(self.max_position_embeddings);
+                c["rms_norm_eps"] = json!(1e-5);
+                for key in ["resid_pdrop", "embd_pdrop", "attention_dropout"] {
+                    c[key] = json!(0.0);
+                }
+            }
             Arch::Qwen2 | Arch::Qwen3 => {
                 if arch == Arch::Qwen3 {
                     c["attention_bias"] = json!(false);
@@ -344,20 +353,26 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
     );
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (name, o, inp, bias) in [
-            ("self_attn.q_proj", q, h, c.attention_bias),
-            ("self_attn.k_proj", kv, h, c.attention_bias),
-            ("self_attn.v_proj", kv, h, c.attention_bias),
-            (
-                "self_attn.o_proj",
-                h,
-                q,
-                c.attention_bias && c.arch != Arch::Qwen2,
-            ),
-            ("mlp.gate_proj", i, h, c.mlp_bias),
-            ("mlp.up_proj", i, h, c.mlp_bias),
-            ("mlp.down_proj", h, i, c.mlp_bias),
-        ] {
+        let o_bias = c.attention_bias && c.arch != Arch::Qwen2;
+        let projections: Vec<(&str, usize, usize, bool)> = match c.arch.fused() {
+            // Phi-3's have no biases.
+            true => vec![
+                ("self_attn.qkv_proj", q + 2 * kv, h, false),
+                ("self_attn.o_proj", h, q, false),
+                ("mlp.gate_up_proj", 2 * i, h, false),
+                ("mlp.down_proj", h, i, false),
+            ],
+            false => vec![
+                ("self_attn.q_proj", q, h, c.attention_bias),
+                ("self_attn.k_proj", kv, h, c.attention_bias),
+                ("self_attn.v_proj", kv, h, c.attention_bias),
+                ("self_attn.o_proj", h, q, o_bias),
+                ("mlp.gate_proj", i, h, c.mlp_bias),
+                ("mlp.up_proj", i, h, c.mlp_bias),
+                ("mlp.down_proj", h, i, c.mlp_bias),
+            ],
+        };
+        for (name, o, inp, bias) in projections {
             out.insert(format!("{p}.{name}.weight"), normal(vec![o, inp], &mut rng));
             if bias {
                 out.insert(format!("{p}.{name}.bias"), fill(vec![o], 0.0));
@@ -535,6 +550,11 @@ mod tests {
             (Some(8), vec![true, true, true, true, true, false, true])
         );
         assert_eq!(read(json!({"arch": "gemma3_text"})), (None, vec![false; 2]));
+        assert_eq!(
+            read(json!({"arch": "phi3", "sliding_window": 8})),
+            (Some(8), vec![true; 2])
+        );
+        assert_eq!(read(json!({"arch": "phi3"})), (None, vec![false; 2]));
         // Gemma 2's: every other layer global.
         assert_eq!(
             read(json!({"arch": "gemma2", "sliding_window": 8, "num_hidden_layers": 3})),

@@ -12,7 +12,7 @@ use burn::tensor::{Tensor, TensorData};
 use serde_json::{Value, json};
 
 use super::backend::ModelBackend;
-use super::config::peft_module;
+use super::config::{Arch, peft_module};
 use super::decoder::{CausalLm, Linear, LoraAdapter, column_norms, dora_scale, host};
 use super::weights::{self, HostTensor, SaveDtype};
 use crate::rng::SplitMix64;
@@ -28,6 +28,9 @@ pub const ALL_TARGETS: &[&str] = &[
     "down_proj",
 ];
 
+/// The four projections of a layer with fused ones (Phi-3).
+pub const FUSED_TARGETS: &[&str] = &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
+
 /// Which projections get adapters, and their size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
@@ -37,7 +40,8 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Dropout on the adapter input while training.
     pub dropout: f64,
-    /// Module names (`q_proj`, ...), all of [`ALL_TARGETS`] for `all`.
+    /// Module names (`q_proj`, ...); `all` is every name of [`ALL_TARGETS`]
+    /// and [`FUSED_TARGETS`] until [`Self::fit_to`] keeps the model's.
     pub targets: Vec<String>,
     /// rsLoRA scaling `alpha / sqrt(r)`.
     pub use_rslora: bool,
@@ -66,22 +70,51 @@ impl LoraConfig {
 
     /// Expands `all` and checks the names.
     pub fn resolve_targets(names: &[String]) -> anyhow::Result<Vec<String>> {
+        let known = || ALL_TARGETS.iter().chain(FUSED_TARGETS);
         let mut out = Vec::new();
         for n in names {
             if n == "all" || n == "all-linear" {
-                out.extend(ALL_TARGETS.iter().map(|s| s.to_string()));
-            } else if ALL_TARGETS.contains(&n.as_str()) {
+                out.extend(known().map(|s| s.to_string()));
+            } else if known().any(|k| k == n) {
                 out.push(n.clone());
             } else {
                 bail!(
-                    "lora_target '{n}' is not a projection of the decoder; use 'all' or some of: {}",
-                    ALL_TARGETS.join(", ")
+                    "lora_target '{n}' is not a projection of the decoder; use 'all' or some of: \
+                     {} (Phi-3: {})",
+                    ALL_TARGETS.join(", "),
+                    FUSED_TARGETS.join(", ")
                 );
             }
         }
         out.sort();
         out.dedup();
         Ok(out)
+    }
+
+    /// Keeps the targets that are projections of an `arch` model: all of
+    /// them when every one is targeted (`all`); a name the model lacks (say
+    /// `q_proj` on Phi-3, whose queries come from `qkv_proj`) is an error.
+    pub fn fit_to(mut self, arch: Arch) -> anyhow::Result<Self> {
+        let have = if arch.fused() {
+            FUSED_TARGETS
+        } else {
+            ALL_TARGETS
+        };
+        let targeted = |h: &&str| self.targets.iter().any(|t| t == h);
+        if have.iter().all(targeted) {
+            self.targets = have.iter().map(|s| s.to_string()).collect();
+            self.targets.sort();
+            return Ok(self);
+        }
+        if let Some(t) = self.targets.iter().find(|t| !have.contains(&t.as_str())) {
+            bail!(
+                "lora_target '{t}' is not a projection of this {} model; its projections are \
+                 {} (or use 'all')",
+                arch.model_type(),
+                have.join(", ")
+            );
+        }
+        Ok(self)
     }
 
     /// The PEFT `adapter_config.json`.
@@ -181,12 +214,28 @@ fn projections<B: Backend>(net: &mut CausalLm<B>) -> Vec<(String, &'static str, 
         let a = &mut layer.self_attn;
         let m = &mut layer.mlp;
         let p = format!("model.layers.{i}");
-        out.push((format!("{p}.self_attn.q_proj"), "q_proj", &mut a.q_proj));
-        out.push((format!("{p}.self_attn.k_proj"), "k_proj", &mut a.k_proj));
-        out.push((format!("{p}.self_attn.v_proj"), "v_proj", &mut a.v_proj));
+        let attn = [
+            ("q_proj", &mut a.q_proj),
+            ("k_proj", &mut a.k_proj),
+            ("v_proj", &mut a.v_proj),
+            ("qkv_proj", &mut a.qkv_proj),
+        ];
+        for (name, lin) in attn {
+            if let Some(lin) = lin.as_mut() {
+                out.push((format!("{p}.self_attn.{name}"), name, lin));
+            }
+        }
         out.push((format!("{p}.self_attn.o_proj"), "o_proj", &mut a.o_proj));
-        out.push((format!("{p}.mlp.gate_proj"), "gate_proj", &mut m.gate_proj));
-        out.push((format!("{p}.mlp.up_proj"), "up_proj", &mut m.up_proj));
+        let mlp = [
+            ("gate_proj", &mut m.gate_proj),
+            ("up_proj", &mut m.up_proj),
+            ("gate_up_proj", &mut m.gate_up_proj),
+        ];
+        for (name, lin) in mlp {
+            if let Some(lin) = lin.as_mut() {
+                out.push((format!("{p}.mlp.{name}"), name, lin));
+            }
+        }
         out.push((format!("{p}.mlp.down_proj"), "down_proj", &mut m.down_proj));
     }
     out
@@ -436,4 +485,66 @@ pub fn merge<B: ModelBackend>(mut net: CausalLm<B>) -> CausalLm<B> {
         }
     }
     net
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(targets: &[&str]) -> LoraConfig {
+        let names: Vec<String> = targets.iter().map(|s| s.to_string()).collect();
+        LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: LoraConfig::resolve_targets(&names).unwrap(),
+            use_rslora: false,
+            use_dora: false,
+            multimodal: false,
+        }
+    }
+
+    #[test]
+    fn targets_fit_the_models_projections() {
+        let all = |arch| config(&["all"]).fit_to(arch).unwrap().targets;
+        assert_eq!(
+            all(Arch::Llama),
+            [
+                "down_proj",
+                "gate_proj",
+                "k_proj",
+                "o_proj",
+                "q_proj",
+                "up_proj",
+                "v_proj"
+            ]
+        );
+        assert_eq!(
+            all(Arch::Phi3),
+            ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+        );
+        let some = config(&["qkv_proj", "o_proj"]).fit_to(Arch::Phi3).unwrap();
+        assert_eq!(some.targets, ["o_proj", "qkv_proj"]);
+        let e = config(&["q_proj", "v_proj"])
+            .fit_to(Arch::Phi3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "lora_target 'q_proj' is not a projection of this phi3 model; \
+                        its projections are qkv_proj, o_proj, gate_up_proj, down_proj"
+            ),
+            "{e}"
+        );
+        let e = config(&["gate_up_proj"])
+            .fit_to(Arch::Qwen2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'gate_up_proj' is not a projection of this qwen2"),
+            "{e}"
+        );
+        let e = LoraConfig::resolve_targets(&["lm_head".into()]).unwrap_err();
+        assert!(e.to_string().contains("(Phi-3: qkv_proj"), "{e}");
+    }
 }

@@ -22,7 +22,9 @@ text only; `after_step` names are the language model's, `model.…`), or
 `gemma2` (Gemma 2: Gemma's norms, GeGLU and scaled tied embeddings without
 q/k norms, head_dim 32 with query_pre_attn_scalar 24, layer 0 sliding over 16
 keys, attention scores soft-capped at 4 and logits at 5, tight enough to
-bend them; eager attention, as transformers runs Gemma 2); the
+bend them; eager attention, as transformers runs Gemma 2), or `phi3` (Phi-3:
+q/k/v in one `qkv_proj`, gate and up in one `gate_up_proj`, every layer
+sliding over 24 keys); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
@@ -47,6 +49,7 @@ from transformers import (
     MistralConfig,
     Olmo2Config,
     Olmo3Config,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
     SmolLM3Config,
@@ -119,6 +122,12 @@ def main():
             rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                              "original_max_position_embeddings": 128, "beta_fast": 8,
                              "beta_slow": 2, "truncate": False, "attention_factor": 1.1},
+            **sizes,
+        )
+    elif arch == "phi3":
+        config = Phi3Config(
+            sliding_window=24,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4},
             **sizes,
         )
     elif arch == "gemma2":
@@ -207,6 +216,12 @@ def main():
     with torch.no_grad():
         after = model(**batch).loss.item()
     watched = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
+    if arch == "phi3":
+        watched = [
+            "model.layers.0.self_attn.qkv_proj.weight",
+            "model.embed_tokens.weight",
+            "model.layers.1.mlp.gate_up_proj.weight",
+        ]
     if arch in ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3"):
         watched += ["model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"]
     if arch == "olmo2":
