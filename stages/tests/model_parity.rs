@@ -133,9 +133,10 @@ fn ids_of(v: &Value) -> Vec<u32> {
 /// `max_window_layers` on), Gemma 3, SmolLM3 (a NoPE layer), OLMo 2 (norms
 /// after each block, q/k norms over all heads), OLMo 3 (sliding layers, YaRN
 /// on the global one), YaRN on every layer (`qwen2-yarn`), multimodal Gemma 3
-/// Gemma 2 (soft-capped scores and logits) and Phi-3 (fused projections, a
-/// window on every layer), built by transformers at test time from
-/// tiny-qwen2's sizes.
+/// Gemma 2 (soft-capped scores and logits), Phi-3 (fused projections, a
+/// window on every layer) and Phi-3 with LongRoPE on half of each head (the
+/// batch within its original positions, the prompt past them), built by
+/// transformers at test time from tiny-qwen2's sizes.
 #[test]
 fn tiny_archs_match_transformers() {
     for arch in [
@@ -151,6 +152,7 @@ fn tiny_archs_match_transformers() {
         "gemma3-mm",
         "gemma2",
         "phi3",
+        "phi3-longrope",
     ] {
         let dir = common::tiny_arch(arch);
         check_dir::<B>(
@@ -332,6 +334,7 @@ mod cuda {
             "qwen2-yarn",
             "gemma2",
             "phi3",
+            "phi3-longrope",
         ] {
             let dir = common::tiny_arch(arch);
             check_dir::<anneal_stages::model::device::Gpu>(

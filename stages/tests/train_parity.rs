@@ -330,6 +330,7 @@ fn tiny_arch_full_steps_match_torch() {
         "gemma3-mm",
         "gemma2",
         "phi3",
+        "phi3-longrope",
     ] {
         let dir = common::tiny_arch(arch);
         full_step_in::<AB>(

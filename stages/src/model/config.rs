@@ -181,6 +181,23 @@ pub struct YarnScaling {
     pub truncate: bool,
 }
 
+/// Phi-3's LongRoPE (`rope_type` `longrope`, or its older names `su` and
+/// `yarn`), as transformers' `_compute_longrope_parameters` reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRope {
+    /// Per frequency, what its wavelength is stretched by when a forward
+    /// pass's positions stay within `original_max_position_embeddings`.
+    pub short_factor: Vec<f64>,
+    /// The same past it.
+    pub long_factor: Vec<f64>,
+    /// Phi3Config's top-level `original_max_position_embeddings` (4096).
+    pub original_max_position_embeddings: usize,
+    /// cos and sin are multiplied by this: `attention_factor`, or
+    /// `sqrt(1 + ln(factor) / ln(original))` for a `factor` (default
+    /// `max_position_embeddings / original`) above 1.
+    pub attention_factor: f64,
+}
+
 /// Everything the decoder needs from `config.json`.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -212,6 +229,11 @@ pub struct ModelConfig {
     pub rope_yarn: Option<YarnScaling>,
     /// Gemma 3: the RoPE base of sliding-window layers (unscaled).
     pub rope_local_theta: Option<f64>,
+    /// Phi-3: LongRoPE scaling, if any.
+    pub rope_longrope: Option<LongRope>,
+    /// Dimensions of each head that RoPE rotates, the first ones: `head_dim`
+    /// but for Phi-3's `partial_rotary_factor`.
+    pub rotary_dim: usize,
     /// The MLP's gate activation.
     pub activation: Activation,
     /// Attention scores scale by `query_pre_attn_scalar^-1/2` (Gemma)
@@ -391,7 +413,9 @@ impl ModelConfig {
             ),
         };
         let activation = activation(&k, arch)?;
-        partial_rotary(&k, map, "")?;
+        if arch != Arch::Phi3 {
+            partial_rotary(&k, map, "")?;
+        }
         if arch.gemma() && k.bool_or("use_bidirectional_attention", false)? {
             bail!(
                 "{}: key 'use_bidirectional_attention' is true; only causal models are supported",
@@ -432,18 +456,24 @@ impl ModelConfig {
                 file.display()
             );
         }
-        let rope = match arch {
-            Arch::Gemma3 => layer_type_rope(&k, 1e6, Some(1e4))?,
-            Arch::Olmo3 => layer_type_rope(&k, 5e5, None)?,
-            Arch::SmolLm3 => rope(&k, 2e6)?,
-            _ => rope(&k, 10_000.0)?,
-        };
         let max_position_embeddings = match arch {
             Arch::Gemma2 => k.usize_or("max_position_embeddings", 8192)?,
             Arch::Gemma3 => k.usize_or("max_position_embeddings", 131_072)?,
             Arch::SmolLm3 => k.usize_or("max_position_embeddings", 32_768)?,
             Arch::Phi3 => k.usize_or("max_position_embeddings", 4096)?,
             _ => k.usize_or("max_position_embeddings", 2048)?,
+        };
+        let (mut rotary_dim, mut longrope) = (head_dim, None);
+        let rope = match arch {
+            Arch::Gemma3 => layer_type_rope(&k, 1e6, Some(1e4))?,
+            Arch::Olmo3 => layer_type_rope(&k, 5e5, None)?,
+            Arch::SmolLm3 => rope(&k, 2e6)?,
+            Arch::Phi3 => {
+                let phi3 = phi3_rope(&k, head_dim, max_position_embeddings)?;
+                (rotary_dim, longrope) = (phi3.rotary_dim, phi3.longrope);
+                phi3.keys
+            }
+            _ => rope(&k, 10_000.0)?,
         };
         let num_hidden_layers = k.usize("num_hidden_layers")?;
         let rope_layers = rope_layers(&k, arch, num_hidden_layers)?;
@@ -484,6 +514,8 @@ impl ModelConfig {
             rope_linear_factor: rope.scaling.linear,
             rope_yarn: rope.scaling.yarn,
             rope_local_theta: rope.local_theta,
+            rope_longrope: longrope,
+            rotary_dim,
             activation,
             query_pre_attn_scalar: match arch {
                 Arch::Gemma2 | Arch::Gemma3 => Some(k.f64_or("query_pre_attn_scalar", 256.0)?),
@@ -632,24 +664,105 @@ fn with_gemma3_defaults(map: &Map<String, Value>) -> Map<String, Value> {
     out
 }
 
-/// What Phi3Config may hold that anneal does not model: LongRoPE (`su`,
-/// `yarn` or `longrope` in `rope_scaling` or `rope_parameters`, the 128k and
-/// Phi-3.5 checkpoints) and the residual and embedding dropouts, which
-/// transformers applies while training.
-fn phi3_checks(k: &Keys) -> anyhow::Result<()> {
-    for key in ["rope_scaling", "rope_parameters"] {
-        let kind = k
-            .get(key)
-            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
-            .and_then(Value::as_str);
-        if let Some(kind @ ("su" | "yarn" | "longrope")) = kind {
-            bail!(
-                "{}: key '{key}' asks for RoPE type '{kind}', which Phi-3 reads as LongRoPE \
-                 (the 128k and Phi-3.5 checkpoints); anneal does not support LongRoPE yet",
-                k.file.display()
-            );
-        }
+/// Phi-3's RoPE: its base, the rotated part of each head and LongRoPE.
+struct Phi3Rope {
+    keys: RopeKeys,
+    rotary_dim: usize,
+    longrope: Option<LongRope>,
+}
+
+/// Phi-3's RoPE as Phi3Config reads it: `rope_scaling` (transformers 4) or
+/// `rope_parameters` (5), of type `default` or LongRoPE (`longrope`, or
+/// `su` and `yarn`, which Phi-3 renames so); `partial_rotary_factor` from
+/// that dict or the top level (Phi-4-mini: 0.75).
+fn phi3_rope(k: &Keys, head_dim: usize, max_positions: usize) -> anyhow::Result<Phi3Rope> {
+    let (dict, prefix) = match (k.get("rope_scaling"), k.get("rope_parameters")) {
+        (Some(s), _) => (s.as_object(), "rope_scaling."),
+        (None, Some(p)) => (p.as_object(), "rope_parameters."),
+        (None, None) => (None, ""),
+    };
+    let empty = Map::new();
+    let d = dict.unwrap_or(&empty);
+    let theta = match k.f64_opt_in(k.map, "rope_theta", "")? {
+        Some(t) => t,
+        None => k.f64_opt_in(d, "rope_theta", prefix)?.unwrap_or(10_000.0),
+    };
+    let factor = match k.f64_opt_in(d, "partial_rotary_factor", prefix)? {
+        Some(f) => f,
+        None => k.f64_or("partial_rotary_factor", 1.0)?,
+    };
+    let rotary_dim = (head_dim as f64 * factor) as usize;
+    if !(factor > 0.0 && factor <= 1.0) || rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+        bail!(
+            "{}: key 'partial_rotary_factor' is {factor}; it must be in (0, 1] and rotate an \
+             even number of the head's {head_dim} dimensions",
+            k.file.display()
+        );
     }
+    let kind = d
+        .get("rope_type")
+        .or_else(|| d.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let longrope = match kind {
+        "default" => None,
+        "longrope" | "su" | "yarn" => {
+            let original = k.usize_or("original_max_position_embeddings", 4096)?;
+            let list = |key: &str| -> anyhow::Result<Vec<f64>> {
+                let v = d.get(key).and_then(Value::as_array).with_context(|| {
+                    format!(
+                        "{}: key '{prefix}{key}' must be a list of numbers (LongRoPE)",
+                        k.file.display()
+                    )
+                })?;
+                let nums: Option<Vec<f64>> = v.iter().map(Value::as_f64).collect();
+                match nums {
+                    Some(n) if n.len() == rotary_dim / 2 && n.iter().all(|&x| x > 0.0) => Ok(n),
+                    _ => bail!(
+                        "{}: key '{prefix}{key}' must list {} positive numbers, one per rotated \
+                         frequency (head_dim {head_dim}, partial_rotary_factor {factor}), got {} \
+                         entries",
+                        k.file.display(),
+                        rotary_dim / 2,
+                        v.len()
+                    ),
+                }
+            };
+            let scale = match k.f64_opt_in(d, "factor", prefix)? {
+                Some(f) => f,
+                None => max_positions as f64 / original as f64,
+            };
+            let attention_factor = match k.f64_opt_in(d, "attention_factor", prefix)? {
+                Some(a) => a,
+                None if scale <= 1.0 => 1.0,
+                None => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
+            };
+            Some(LongRope {
+                short_factor: list("short_factor")?,
+                long_factor: list("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            })
+        }
+        other => bail!(
+            "{}: key '{prefix}rope_type' is '{other}'; Phi-3 takes 'default' or 'longrope'",
+            k.file.display()
+        ),
+    };
+    Ok(Phi3Rope {
+        keys: RopeKeys {
+            theta,
+            scaling: Scaling::default(),
+            local_theta: None,
+        },
+        rotary_dim,
+        longrope,
+    })
+}
+
+/// Phi3Config's residual and embedding dropouts, which transformers applies
+/// while training and anneal does not model, must be 0.
+fn phi3_checks(k: &Keys) -> anyhow::Result<()> {
     for key in ["resid_pdrop", "embd_pdrop", "attention_dropout"] {
         if let Some(p) = k.f64_opt_in(k.map, key, "")?
             && p != 0.0
@@ -1239,7 +1352,7 @@ mod tests {
 
     /// Gemma 3 in transformers 4's keys (as on the Hub) and 5's.
     #[test]
-    fn reads_phi3_and_refuses_what_it_does_not_model() {
+    fn reads_phi3_with_longrope_and_partial_rotary() {
         let phi3 = || {
             let mut v = base();
             v["model_type"] = json!("phi3");
@@ -1260,29 +1373,47 @@ mod tests {
             (c.sliding_window, c.sliding_layers),
             (Some(2047), vec![true])
         );
-        for (key, value, want) in [
+        // Phi-3.5 / Phi-4-mini: LongRoPE over the first 3/4 of each head.
+        let mut v = phi3();
+        v["head_dim"] = json!(16);
+        v["partial_rotary_factor"] = json!(0.75);
+        v["max_position_embeddings"] = json!(131_072);
+        v["original_max_position_embeddings"] = json!(4096);
+        v["rope_scaling"] = json!({"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.0, 3.0, 4.0],
+                                   "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]});
+        let c = parse(v.clone()).unwrap();
+        let lr = c.rope_longrope.clone().unwrap();
+        assert_eq!(c.rotary_dim, 12);
+        assert_eq!(lr.original_max_position_embeddings, 4096);
+        assert_eq!(lr.long_factor[5], 32.0);
+        let want = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+        assert!((lr.attention_factor - want).abs() < 1e-12, "{lr:?}");
+        for (edit, want) in [
             (
-                "rope_scaling",
-                json!({"type": "su", "short_factor": [1.0], "long_factor": [2.0]}),
-                "key 'rope_scaling' asks for RoPE type 'su', which Phi-3 reads as LongRoPE",
+                json!({"rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [2.0]}}),
+                "key 'rope_scaling.short_factor' must list 6 positive numbers",
             ),
             (
-                "rope_parameters",
-                json!({"rope_type": "longrope", "rope_theta": 1e4}),
-                "key 'rope_parameters' asks for RoPE type 'longrope'",
+                json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+                "key 'rope_scaling.rope_type' is 'dynamic'; Phi-3 takes 'default' or 'longrope'",
             ),
-            ("resid_pdrop", json!(0.1), "key 'resid_pdrop' is 0.1"),
             (
-                "partial_rotary_factor",
-                json!(0.75),
-                "key 'partial_rotary_factor'",
+                json!({"partial_rotary_factor": 0.7}),
+                "key 'partial_rotary_factor' is 0.7",
             ),
+            (json!({"resid_pdrop": 0.1}), "key 'resid_pdrop' is 0.1"),
         ] {
-            let mut v = phi3();
-            v[key] = value;
+            let mut v = v.clone();
+            for (key, value) in edit.as_object().unwrap() {
+                v[key] = value.clone();
+            }
             let e = parse(v).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+        // Other architectures rotate whole heads.
+        let mut v = base();
+        v["partial_rotary_factor"] = json!(0.5);
+        assert!(parse(v).is_err());
     }
 
     #[test]

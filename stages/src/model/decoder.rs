@@ -333,6 +333,17 @@ pub struct CausalLm<B: Backend> {
     /// Gemma 3: the RoPE base of sliding-window layers (0: they use the
     /// global tables).
     pub rope_local_theta: f64,
+    /// Phi-3's LongRoPE: frequencies' stretch factors within
+    /// `rope_longrope_original_max` positions (empty when off).
+    pub rope_short_factor: Vec<f64>,
+    /// LongRoPE's stretch factors past it.
+    pub rope_long_factor: Vec<f64>,
+    /// LongRoPE's `original_max_position_embeddings` (0 when off): a forward
+    /// pass whose positions reach past it takes the long factors.
+    pub rope_longrope_original_max: usize,
+    /// The first dimensions of each head that RoPE rotates (all but for
+    /// Phi-3's `partial_rotary_factor`).
+    pub rotary_dim: usize,
     /// Gemma: embeddings are multiplied by this (`sqrt(hidden_size)`; 1
     /// otherwise).
     pub embed_scale: f64,
@@ -464,7 +475,7 @@ impl<B: ModelBackend> Attention<B> {
             _ => (&pos.q_rope, &pos.k_rope),
         };
         let (q, k) = match self.rope {
-            true => (rope(q, &q_rope.0, &q_rope.1), rope(k, &k_rope.0, &k_rope.1)),
+            true => (rope_part(q, q_rope), rope_part(k, k_rope)),
             false => (q, k),
         };
         let q = match self.q_scale {
@@ -649,6 +660,24 @@ impl<B: ModelBackend> CausalLm<B> {
             .collect()
     }
 
+    /// The inverse frequencies of a forward pass whose positions reach
+    /// `seq_len - 1`, over the rotated dimensions: [`Self::inv_freq`], or
+    /// LongRoPE's, whose factors depend on `seq_len` (as transformers'
+    /// `longrope_frequency_update`).
+    fn rope_inv_freq(&self, seq_len: usize) -> Vec<f64> {
+        if self.rope_longrope_original_max == 0 {
+            return self.inv_freq(self.rotary_dim);
+        }
+        let stretch = match seq_len > self.rope_longrope_original_max {
+            true => &self.rope_long_factor,
+            false => &self.rope_short_factor,
+        };
+        unscaled_inv_freq(self.rope_theta, self.rotary_dim)
+            .zip(stretch)
+            .map(|(f, s)| f / s)
+            .collect()
+    }
+
     /// Gemma 3, OLMo 3: the inverse frequencies of sliding-window layers
     /// (their own base, unscaled), when their tables differ from the global
     /// ones (`global`, [`Self::inv_freq`], with its attention factor).
@@ -659,10 +688,6 @@ impl<B: ModelBackend> CausalLm<B> {
         }
         let local: Vec<f64> = unscaled_inv_freq(self.rope_local_theta, head_dim).collect();
         (local != global || self.rope_attention_factor != 1.0).then_some(local)
-    }
-
-    fn head_dim(&self) -> usize {
-        self.layers.first().map_or(2, |l| l.self_attn.head_dim)
     }
 
     /// The sliding window of the model's sliding layers, if it has any.
@@ -800,12 +825,12 @@ impl<B: ModelBackend> CausalLm<B> {
             .first()
             .map_or((1, 1), |l| (l.self_attn.n_kv_heads, l.self_attn.n_heads));
         let rep = h / kvh;
-        let hd = self.head_dim();
         let scale = self.rope_attention_factor as f32;
-        let global = self.inv_freq(hd);
+        let seq_len = positions.iter().flatten().max().map_or(0, |p| p + 1);
+        let global = self.rope_inv_freq(seq_len);
         let (q_rope, k_rope) = self.rope_tables(&global, scale, positions, kvh, rep, device);
         let local_rope = self
-            .local_inv_freq(hd, &global)
+            .local_inv_freq(self.rotary_dim, &global)
             .map(|inv| self.rope_tables(&inv, 1.0, positions, kvh, rep, device));
         let grouped = |mask: Tensor<B, 4, Bool>| {
             if rep == 1 {
@@ -828,8 +853,9 @@ impl<B: ModelBackend> CausalLm<B> {
         }
     }
 
-    /// cos and sin `[batch, seq, heads, head_dim]` of `positions` (the same
-    /// for every head) at inverse frequencies `inv`, for the `kv_heads * rep`
+    /// cos and sin `[batch, seq, heads, 2 * inv.len()]` (the rotated part of
+    /// a head) of `positions` (the same for every head) at inverse
+    /// frequencies `inv`, for the `kv_heads * rep`
     /// query heads and for the `kv_heads` kv heads: computed on the host once
     /// per distinct position, then gathered on the device.
     fn rope_tables(
@@ -843,7 +869,7 @@ impl<B: ModelBackend> CausalLm<B> {
     ) -> (Rope<B>, Rope<B>) {
         let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
-        let hd = self.head_dim();
+        let hd = 2 * inv.len();
         if b * t == 0 {
             let empty = |heads| {
                 let e = Tensor::zeros([b, t, heads, hd], device);
@@ -1367,8 +1393,25 @@ impl<B: Backend> CausalLm<B> {
                 .rope_yarn
                 .map_or((0.0, 0.0), |y| (y.beta_fast, y.beta_slow)),
             rope_yarn_truncate: c.rope_yarn.is_none_or(|y| y.truncate),
-            rope_attention_factor: c.rope_yarn.map_or(1.0, |y| y.attention_factor),
+            rope_attention_factor: match (&c.rope_yarn, &c.rope_longrope) {
+                (Some(y), _) => y.attention_factor,
+                (None, Some(l)) => l.attention_factor,
+                (None, None) => 1.0,
+            },
             rope_local_theta: c.rope_local_theta.unwrap_or(0.0),
+            rope_short_factor: c
+                .rope_longrope
+                .as_ref()
+                .map_or(Vec::new(), |l| l.short_factor.clone()),
+            rope_long_factor: c
+                .rope_longrope
+                .as_ref()
+                .map_or(Vec::new(), |l| l.long_factor.clone()),
+            rope_longrope_original_max: c
+                .rope_longrope
+                .as_ref()
+                .map_or(0, |l| l.original_max_position_embeddings),
+            rotary_dim: c.rotary_dim,
             // transformers keeps the scale in the weights' dtype (f32 here).
             embed_scale: match gemma {
                 true => (hidden as f32).sqrt() as f64,
@@ -1464,6 +1507,17 @@ pub type Counted<B> = (Tensor<B, 2>, Vec<i64>, Vec<(usize, usize)>);
 /// them, before any scaling.
 fn unscaled_inv_freq(theta: f64, head_dim: usize) -> impl Iterator<Item = f64> {
     (0..head_dim / 2).map(move |i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+}
+
+/// RoPE on the first dimensions of each head of `x` (`[b, t, heads,
+/// head_dim]`), as many as the tables are wide; the rest pass through.
+fn rope_part<B: ModelBackend>(x: Tensor<B, 4>, (cos, sin): &Rope<B>) -> Tensor<B, 4> {
+    let (rotated, whole) = (cos.dims()[3], x.dims()[3]);
+    if rotated == whole {
+        return rope(x, cos, sin);
+    }
+    let turned = rope(x.clone().narrow(3, 0, rotated), cos, sin);
+    Tensor::cat(vec![turned, x.narrow(3, rotated, whole - rotated)], 3)
 }
 
 /// A soft cap held as a module field (0: none).
@@ -1688,7 +1742,7 @@ mod tests {
     fn sliding_layers_get_their_own_rope_only_when_it_differs() {
         let mut net = net(2, 1);
         net.layers[0].self_attn.sliding_window = 3;
-        let hd = net.head_dim();
+        let hd = net.rotary_dim;
         let local = |net: &CausalLm<Flex>| net.local_inv_freq(hd, &net.inv_freq(hd));
         net.rope_local_theta = net.rope_theta;
         assert_eq!(local(&net), None, "same base, unscaled");

@@ -24,7 +24,9 @@ q/k norms, head_dim 32 with query_pre_attn_scalar 24, layer 0 sliding over 16
 keys, attention scores soft-capped at 4 and logits at 5, tight enough to
 bend them; eager attention, as transformers runs Gemma 2), or `phi3` (Phi-3:
 q/k/v in one `qkv_proj`, gate and up in one `gate_up_proj`, every layer
-sliding over 24 keys); the
+sliding over 24 keys), or `phi3-longrope` (Phi-3.5 / Phi-4-mini style: RoPE
+on the first half of each head only, LongRoPE over 128 original positions,
+so the batch takes the short factors and the prompt the long ones); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
@@ -130,6 +132,16 @@ def main():
             rope_parameters={"rope_type": "default", "rope_theta": 1e4},
             **sizes,
         )
+    elif arch == "phi3-longrope":
+        config = Phi3Config(
+            original_max_position_embeddings=128,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                             "partial_rotary_factor": 0.5,
+                             "short_factor": [1.0, 1.3, 2.0, 3.5],
+                             "long_factor": [1.5, 4.0, 9.0, 20.0]},
+            **sizes,
+        )
+        assert config.head_dim == 16 if hasattr(config, "head_dim") else True
     elif arch == "gemma2":
         sizes["tie_word_embeddings"] = True
         config = Gemma2Config(
@@ -216,7 +228,7 @@ def main():
     with torch.no_grad():
         after = model(**batch).loss.item()
     watched = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
-    if arch == "phi3":
+    if arch.startswith("phi3"):
         watched = [
             "model.layers.0.self_attn.qkv_proj.weight",
             "model.embed_tokens.weight",
