@@ -622,15 +622,18 @@ fn bf16_check<AB: TrainBackend>(device: &AB::Device) {
 /// burn's attention differentiated through its fallback, on one backend:
 /// `tokens` new tokens after `past` cached keys, `rep` query heads per kv
 /// head stacked token by token, the second batch row with every fifth key
-/// masked as padding. With `bf16` ours runs on bf16 inputs and is held to
-/// `tol` relative to the largest value; otherwise to `tol` absolute.
+/// masked as padding, scores soft-capped at `softcap` where set. With
+/// `bf16` ours runs on bf16 inputs and is held to `tol` relative to the
+/// largest value; otherwise to `tol` absolute.
 fn attention_check<AB: TrainBackend>(
     device: &AB::Device,
     (kv_heads, tokens, rep, past): (usize, usize, usize, usize),
+    softcap: Option<f32>,
     bf16: bool,
     tol: f32,
 ) {
     use anneal_stages::model::attention::{Causal, masked_attention};
+    use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Bool, Distribution, FloatDType, Tensor, TensorData};
 
     AB::seed(device, 7);
@@ -667,7 +670,7 @@ fn attention_check<AB: TrainBackend>(
                 cast(v.clone()),
                 mask.clone(),
                 causal,
-                None,
+                softcap,
             )
             .cast(FloatDType::F32)
         } else {
@@ -677,7 +680,10 @@ fn attention_check<AB: TrainBackend>(
                 v.clone(),
                 Some(mask.clone()),
                 None,
-                Default::default(),
+                AttentionModuleOptions {
+                    softcap: softcap.map(f64::from),
+                    ..Default::default()
+                },
             )
         };
         let g = (out.clone() * dout.clone()).sum().backward();
@@ -701,7 +707,8 @@ fn attention_check<AB: TrainBackend>(
         let size: f32 = w.abs().max().into_scalar().elem();
         let bound = if bf16 { tol * size } else { tol };
         eprintln!(
-            "attention {kv_heads}x{tokens}x{rep} past {past} bf16 {bf16}: {name} max diff {diff:e} (largest {size:e})"
+            "attention {kv_heads}x{tokens}x{rep} past {past} softcap {softcap:?} bf16 {bf16}: \
+             {name} max diff {diff:e} (largest {size:e})"
         );
         assert!(
             diff <= bound,
@@ -710,17 +717,20 @@ fn attention_check<AB: TrainBackend>(
     }
 }
 
-/// 300 tokens: five causal chunks of 64 tokens, each against its own keys.
+/// 300 tokens: five causal chunks of 64 tokens, each against its own keys;
+/// plain and with soft-capped scores.
 #[test]
 fn attention_matches_burns_attention() {
     let _rng = rng_lock();
-    attention_check::<AB>(&Default::default(), (2, 300, 3, 4), false, 1e-5);
+    attention_check::<AB>(&Default::default(), (2, 300, 3, 4), None, false, 1e-5);
+    // Gemma 2's soft cap, tight enough (2, scores of about ±3) to bend them.
+    attention_check::<AB>(&Default::default(), (2, 300, 3, 4), Some(2.0), false, 1e-5);
 }
 
 #[test]
 fn bf16_attention_stays_close_to_f32() {
     let _rng = rng_lock();
-    attention_check::<AB>(&Default::default(), (2, 300, 3, 4), true, 3e-2);
+    attention_check::<AB>(&Default::default(), (2, 300, 3, 4), None, true, 3e-2);
 }
 
 /// The attention op's forward and backward under a sliding window of 256 at
@@ -834,11 +844,13 @@ mod cuda {
     }
 
     /// Qwen2.5-0.5B's attention (2 kv heads of 7 query heads, head dim 64)
-    /// over 1,024 tokens: burn's fused forward, our chunked backward.
+    /// over 1,024 tokens: burn's fused forward, our chunked backward; plain
+    /// and with scores soft-capped.
     #[test]
     fn attention_matches_burns_attention_on_cuda() {
         let Some(device) = common::gpu() else { return };
-        attention_check::<Gpu>(&device, (2, 1024, 7, 0), false, 1e-4);
+        attention_check::<Gpu>(&device, (2, 1024, 7, 0), None, false, 1e-4);
+        attention_check::<Gpu>(&device, (2, 1024, 7, 0), Some(2.0), false, 1e-4);
     }
 
     /// The model's matmuls against Flex at contraction lengths that burn's
@@ -931,7 +943,7 @@ mod cuda {
     #[test]
     fn bf16_attention_stays_close_to_f32_on_cuda() {
         let Some(device) = common::gpu() else { return };
-        attention_check::<Gpu>(&device, (2, 1024, 7, 0), true, 3e-2);
+        attention_check::<Gpu>(&device, (2, 1024, 7, 0), None, true, 3e-2);
     }
 
     // wgpu has no bf16.
