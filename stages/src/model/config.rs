@@ -1,6 +1,6 @@
 //! Model architecture read from a Hugging Face `config.json` (`llama`,
-//! `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma3_text`, `olmo2` and
-//! `olmo3`).
+//! `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3_text`, `gemma3`,
+//! `olmo2`, `olmo3` and `phi3`).
 
 use std::path::{Path, PathBuf};
 
