@@ -243,6 +243,7 @@ fn phases_train_chain_and_cache() {
 /// and PEFT's view of the adapter computes what the merged model computes.
 #[test]
 fn gemma_smollm3_olmo_and_phi3_train_and_their_adapters_load_in_peft() {
+    let mut runs = Vec::new();
     for (arch, extra) in [
         ("gemma2", "sliding_window: 24, "),
         ("gemma3_text", "sliding_window: 24, "),
@@ -264,7 +265,11 @@ fn gemma_smollm3_olmo_and_phi3_train_and_their_adapters_load_in_peft() {
         let m = metrics(&p, "work/phase1.jsonl");
         let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
         assert!(loss(3) < loss(0), "{arch}: loss {} -> {}", loss(0), loss(3));
-        let peft = phase2_adapter_matches_peft(&p, arch);
+        runs.push((p, arch, config));
+    }
+    let cases: Vec<(&Project, &str)> = runs.iter().map(|(p, arch, _)| (p, *arch)).collect();
+    let reports = phase2_adapters_match_peft(&cases);
+    for ((_, arch, config), peft) in runs.iter().zip(&reports) {
         assert_eq!(peft["class"], config["architectures"][0], "{arch}: {peft}");
     }
 }
@@ -332,28 +337,37 @@ fn multimodal_gemma3_trains_its_language_model() {
 /// computes (to 1e-4 of the largest logit), and differs from phase 1's
 /// model. Returns the script's report; `what` names the case in failures.
 fn phase2_adapter_matches_peft(p: &Project, what: &str) -> Value {
+    phase2_adapters_match_peft(&[(p, what)]).remove(0)
+}
+
+/// [`phase2_adapter_matches_peft`] for several projects in one Python run.
+fn phase2_adapters_match_peft(cases: &[(&Project, &str)]) -> Vec<Value> {
     require_python(&["torch", "peft", "transformers"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/check_peft.py");
-    let peft = python_json(
-        &[
-            script.as_path(),
-            &p.path("work/phase1"),
-            &p.path("work/phase2/adapter"),
-            &p.path("work/phase2"),
-        ],
-        &script.display().to_string(),
-    );
-    eprintln!("PEFT check ({what}): {peft}");
-    let scale = peft["logit_scale"].as_f64().unwrap();
-    assert!(
-        peft["peft_vs_merged_max_abs"].as_f64().unwrap() < 1e-4 * scale.max(1.0),
-        "{what}: {peft}"
-    );
-    assert!(
-        peft["peft_vs_base_max_abs"].as_f64().unwrap() > 1e-5,
-        "{what}: the adapter changes nothing: {peft}"
-    );
-    peft
+    let mut args = vec![script.clone()];
+    for (p, _) in cases {
+        args.extend(["work/phase1", "work/phase2/adapter", "work/phase2"].map(|d| p.path(d)));
+    }
+    let args: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
+    let peft = python_json(&args, &script.display().to_string());
+    let reports = match peft {
+        Value::Array(reports) => reports,
+        one => vec![one],
+    };
+    assert_eq!(reports.len(), cases.len(), "{reports:?}");
+    for ((_, what), peft) in cases.iter().zip(&reports) {
+        eprintln!("PEFT check ({what}): {peft}");
+        let scale = peft["logit_scale"].as_f64().unwrap();
+        assert!(
+            peft["peft_vs_merged_max_abs"].as_f64().unwrap() < 1e-4 * scale.max(1.0),
+            "{what}: {peft}"
+        );
+        assert!(
+            peft["peft_vs_base_max_abs"].as_f64().unwrap() > 1e-5,
+            "{what}: the adapter changes nothing: {peft}"
+        );
+    }
+    reports
 }
 
 fn find_file(dir: &Path, suffix: &str) -> Option<PathBuf> {

@@ -139,7 +139,7 @@ fn ids_of(v: &Value) -> Vec<u32> {
 /// transformers at test time from tiny-qwen2's sizes.
 #[test]
 fn tiny_archs_match_transformers() {
-    for arch in [
+    let archs = [
         "qwen3",
         "mistral",
         "mistral-window",
@@ -153,14 +153,11 @@ fn tiny_archs_match_transformers() {
         "gemma2",
         "phi3",
         "phi3-longrope",
-    ] {
-        let dir = common::tiny_arch(arch);
-        check_dir::<B>(
-            &format!("tiny-{arch}"),
-            dir.path(),
-            &Default::default(),
-            &CPU_TOL,
-        );
+    ];
+    let dirs = common::tiny_archs(&archs);
+    for arch in archs {
+        let dir = dirs.path().join(arch);
+        check_dir::<B>(&format!("tiny-{arch}"), &dir, &Default::default(), &CPU_TOL);
     }
 }
 
@@ -319,11 +316,11 @@ mod cuda {
     }
 
     /// Qwen3, the sliding windows, Gemma 3 and SmolLM3, from checkpoints
-    /// transformers builds here (`common::tiny_arch`).
+    /// transformers builds here (`common::tiny_archs`).
     #[test]
     fn tiny_archs_match_transformers_on_cuda() {
         let Some(device) = common::gpu() else { return };
-        for arch in [
+        let archs = [
             "qwen3",
             "mistral-window",
             "qwen2-window",
@@ -335,11 +332,13 @@ mod cuda {
             "gemma2",
             "phi3",
             "phi3-longrope",
-        ] {
-            let dir = common::tiny_arch(arch);
+        ];
+        let dirs = common::tiny_archs(&archs);
+        for arch in archs {
+            let dir = dirs.path().join(arch);
             check_dir::<anneal_stages::model::device::Gpu>(
                 &format!("tiny-{arch}"),
-                dir.path(),
+                &dir,
                 &device,
                 &CUDA_TOL,
             );

@@ -319,7 +319,7 @@ fn lora_step<AB: TrainBackend>(name: &str, device: &AB::Device, tol: &Tol, ckpt:
 /// checkpoints transformers builds at test time.
 #[test]
 fn tiny_arch_full_steps_match_torch() {
-    for arch in [
+    let archs = [
         "qwen3",
         "mistral",
         "qwen2-window",
@@ -331,11 +331,13 @@ fn tiny_arch_full_steps_match_torch() {
         "gemma2",
         "phi3",
         "phi3-longrope",
-    ] {
-        let dir = common::tiny_arch(arch);
+    ];
+    let dirs = common::tiny_archs(&archs);
+    for arch in archs {
+        let dir = dirs.path().join(arch);
         full_step_in::<AB>(
             &format!("tiny-{arch}"),
-            dir.path(),
+            &dir,
             &Default::default(),
             &CPU_TOL,
             false,
@@ -817,19 +819,15 @@ mod cuda {
         }
     }
 
-    /// A sliding window, Gemma 3, OLMo 3, Gemma 2 and Phi-3 (`common::tiny_arch`).
+    /// A sliding window, Gemma 3, OLMo 3, Gemma 2 and Phi-3 (`common::tiny_archs`).
     #[test]
     fn tiny_arch_full_steps_match_torch_on_cuda() {
         let Some(device) = common::gpu() else { return };
-        for arch in ["qwen2-window", "gemma3", "olmo3", "gemma2", "phi3"] {
-            let dir = common::tiny_arch(arch);
-            full_step_in::<Gpu>(
-                &format!("tiny-{arch}"),
-                dir.path(),
-                &device,
-                &CUDA_TOL,
-                false,
-            );
+        let archs = ["qwen2-window", "gemma3", "olmo3", "gemma2", "phi3"];
+        let dirs = common::tiny_archs(&archs);
+        for arch in archs {
+            let dir = dirs.path().join(arch);
+            full_step_in::<Gpu>(&format!("tiny-{arch}"), &dir, &device, &CUDA_TOL, false);
         }
     }
 

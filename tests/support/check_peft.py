@@ -1,6 +1,6 @@
 """Loads a LoRA adapter written by anneal with PEFT and compares it with anneal's merged model.
 
-    python3 tests/support/check_peft.py BASE_DIR ADAPTER_DIR MERGED_DIR
+    python3 tests/support/check_peft.py BASE_DIR ADAPTER_DIR MERGED_DIR [BASE_DIR ADAPTER_DIR MERGED_DIR ...]
 
 BASE_DIR is the model the adapter was trained on, ADAPTER_DIR anneal's PEFT
 adapter (adapter_config.json + adapter_model.safetensors), MERGED_DIR the
@@ -9,7 +9,9 @@ logit difference between PeftModel(base, adapter) and the merged model, and
 between the base and the adapted model (the adapter must change something),
 and the class transformers loaded. Exits non-zero when a checkpoint lacks a
 tensor transformers expects or holds one it does not (which from_pretrained
-would only warn about, initialising the missing ones at random).
+would only warn about, initialising the missing ones at random). Given several
+triples (one Python start for them all), it prints a JSON list, one report per
+triple.
 """
 
 import json
@@ -21,7 +23,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def main():
-    base_dir, adapter_dir, merged_dir = sys.argv[1:4]
+    args = sys.argv[1:]
+    if not args or len(args) % 3:
+        sys.exit(__doc__)
+    reports = [check(*args[i:i + 3]) for i in range(0, len(args), 3)]
+    print(json.dumps(reports[0] if len(reports) == 1 else reports))
+
+
+def check(base_dir, adapter_dir, merged_dir):
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base_dir)
     text = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
@@ -44,7 +53,7 @@ def main():
     with torch.no_grad():
         merged_logits = merged(ids).logits
     targets = peft_model.peft_config["default"].target_modules
-    print(json.dumps({
+    return {
         "tokens": ids.shape[1],
         "peft_vs_merged_max_abs": (peft_logits - merged_logits).abs().max().item(),
         "peft_vs_base_max_abs": (peft_logits - base_logits).abs().max().item(),
@@ -52,7 +61,7 @@ def main():
         "class": type(merged).__name__,
         "peft_type": peft_model.peft_config["default"].peft_type.value,
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
-    }))
+    }
 
 
 if __name__ == "__main__":

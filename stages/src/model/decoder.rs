@@ -296,6 +296,42 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
+/// A layer's projections as `(name under the layer, Option<&Linear>)`, in the
+/// order of Hugging Face's modules; `$by` is `as_ref` or `as_mut` and `$r` the
+/// matching borrow.
+macro_rules! layer_projections {
+    ($layer:expr, $by:ident, $($r:tt)+) => {{
+        let (a, m) = ($($r)+ $layer.self_attn, $($r)+ $layer.mlp);
+        [
+            ("self_attn.q_proj", a.q_proj.$by()),
+            ("self_attn.k_proj", a.k_proj.$by()),
+            ("self_attn.v_proj", a.v_proj.$by()),
+            ("self_attn.qkv_proj", a.qkv_proj.$by()),
+            ("self_attn.o_proj", Some($($r)+ a.o_proj)),
+            ("mlp.gate_proj", m.gate_proj.$by()),
+            ("mlp.up_proj", m.up_proj.$by()),
+            ("mlp.gate_up_proj", m.gate_up_proj.$by()),
+            ("mlp.down_proj", Some($($r)+ m.down_proj)),
+        ]
+        .into_iter()
+        .filter_map(|(name, lin)| Some((name, lin?)))
+    }};
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// The layer's linear projections that exist, in the order of Hugging
+    /// Face's modules, with their names under the layer (`self_attn.q_proj`,
+    /// `mlp.gate_up_proj`, ...).
+    pub fn projections(&self) -> impl Iterator<Item = (&'static str, &Linear<B>)> {
+        layer_projections!(self, as_ref, &)
+    }
+
+    /// [`Self::projections`], mutably.
+    pub fn projections_mut(&mut self) -> impl Iterator<Item = (&'static str, &mut Linear<B>)> {
+        layer_projections!(self, as_mut, &mut)
+    }
+}
+
 /// A causal language model: embedding, decoder layers, final norm, LM head.
 #[derive(Module, Debug)]
 pub struct CausalLm<B: Backend> {
@@ -931,21 +967,8 @@ impl<B: ModelBackend> CausalLm<B> {
             head.bf16 = on;
         }
         for layer in &mut self.layers {
-            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
-            a.bf16 = on;
-            for lin in [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.qkv_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.gate_up_proj,
-            ]
-            .into_iter()
-            .flatten()
-            .chain([&mut a.o_proj, &mut m.down_proj])
-            {
+            layer.self_attn.bf16 = on;
+            for (_, lin) in layer.projections_mut() {
                 lin.bf16 = on;
             }
         }
@@ -1474,22 +1497,9 @@ impl<B: Backend> CausalLm<B> {
                     );
                 }
             }
-            let m = &l.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.qkv_proj", &a.qkv_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.gate_up_proj", &m.gate_up_proj),
-            ] {
-                if let Some(lin) = lin {
-                    put_lin(&mut out, format!("{p}.{name}"), lin);
-                }
+            for (name, lin) in l.projections() {
+                put_lin(&mut out, format!("{p}.{name}"), lin);
             }
-            put_lin(&mut out, format!("{p}.self_attn.o_proj"), &a.o_proj);
-            put_lin(&mut out, format!("{p}.mlp.down_proj"), &m.down_proj);
         }
         put1(&mut out, "model.norm.weight".into(), self.norm.weight.val());
         if let Some(head) = &self.lm_head {

@@ -207,36 +207,15 @@ impl LoraConfig {
     }
 }
 
-/// The targeted projections of `net` with their HF module names.
+/// The projections of `net` with their HF module names and short names
+/// (`model.layers.0.self_attn.q_proj`, `q_proj`).
 fn projections<B: Backend>(net: &mut CausalLm<B>) -> Vec<(String, &'static str, &mut Linear<B>)> {
     let mut out = Vec::new();
     for (i, layer) in net.layers.iter_mut().enumerate() {
-        let a = &mut layer.self_attn;
-        let m = &mut layer.mlp;
-        let p = format!("model.layers.{i}");
-        let attn = [
-            ("q_proj", &mut a.q_proj),
-            ("k_proj", &mut a.k_proj),
-            ("v_proj", &mut a.v_proj),
-            ("qkv_proj", &mut a.qkv_proj),
-        ];
-        for (name, lin) in attn {
-            if let Some(lin) = lin.as_mut() {
-                out.push((format!("{p}.self_attn.{name}"), name, lin));
-            }
+        for (name, lin) in layer.projections_mut() {
+            let short = name.split_once('.').map_or(name, |(_, short)| short);
+            out.push((format!("model.layers.{i}.{name}"), short, lin));
         }
-        out.push((format!("{p}.self_attn.o_proj"), "o_proj", &mut a.o_proj));
-        let mlp = [
-            ("gate_proj", &mut m.gate_proj),
-            ("up_proj", &mut m.up_proj),
-            ("gate_up_proj", &mut m.gate_up_proj),
-        ];
-        for (name, lin) in mlp {
-            if let Some(lin) = lin.as_mut() {
-                out.push((format!("{p}.mlp.{name}"), name, lin));
-            }
-        }
-        out.push((format!("{p}.mlp.down_proj"), "down_proj", &mut m.down_proj));
     }
     out
 }

@@ -23,12 +23,13 @@ pub fn python_json(script: &str, args: &[&std::ffi::OsStr], packages: &str) -> V
     serde_json::from_slice(&run.stdout).expect("the script's JSON")
 }
 
-/// A tiny random checkpoint of `arch` (see the script for the choices) with
-/// references from transformers, in the fixtures' format, built by
+/// Tiny random checkpoints of `archs` (see the script for the choices) with
+/// references from transformers, in the fixtures' format, each in a
+/// subdirectory named after its arch, built in one run of
 /// `stages/tests/support/tiny_arch.py` from tiny-qwen2's sizes and tokenizer.
 /// The script is found beside the sources this test was built from or, for
 /// a test binary carried to another machine, under the working directory.
-pub fn tiny_arch(arch: &str) -> tempfile::TempDir {
+pub fn tiny_archs(archs: &[&str]) -> tempfile::TempDir {
     let out = tempfile::tempdir().unwrap();
     let rel = "tests/support/tiny_arch.py";
     let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
@@ -39,9 +40,13 @@ pub fn tiny_arch(arch: &str) -> tempfile::TempDir {
     };
     let run = std::process::Command::new("python3")
         .arg(&script)
-        .arg(arch)
+        .arg(archs.join(","))
         .arg(fixture("tiny-qwen2"))
-        .arg(out.path())
+        // The script writes a lone arch into the directory it is given.
+        .arg(match archs {
+            [one] => out.path().join(one),
+            _ => out.path().to_owned(),
+        })
         .output()
         .expect("python3");
     assert!(

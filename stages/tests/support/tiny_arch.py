@@ -3,6 +3,9 @@ from transformers, in the format of ../shared/fixtures (see its README).
 
     python3 stages/tests/support/tiny_arch.py ARCH SRC_FIXTURE OUT_DIR
 
+ARCH may also be several, comma-separated (one Python start for them all);
+each then goes to OUT_DIR/ARCH.
+
 ARCH is `qwen3` (q/k norms, and a head_dim of 32, wider than hidden / heads),
 `mistral` (no sliding window), `mistral-window` (every layer attends over the
 last 24 keys) or `qwen2-window` (`use_sliding_window` with a window of 16
@@ -38,6 +41,7 @@ weight decay 0.1 except on names with `bias` or `norm`, clipping at 1.0.
 """
 
 import json
+import os
 import shutil
 import sys
 
@@ -59,7 +63,17 @@ from transformers import (
 
 
 def main():
-    arch, src, out = sys.argv[1:4]
+    archs, src, out = sys.argv[1:4]
+    archs = archs.split(",")
+    if len(archs) == 1:
+        build(archs[0], src, out)
+    else:
+        for arch in archs:
+            os.makedirs(f"{out}/{arch}", exist_ok=True)
+            build(arch, src, f"{out}/{arch}")
+
+
+def build(arch, src, out):
     base = json.load(open(f"{src}/config.json"))
     sizes = dict(
         vocab_size=base["vocab_size"],
