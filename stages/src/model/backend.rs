@@ -179,6 +179,24 @@ pub trait ModelBackend: Backend {
         super::loss::grad_of::<Self>(logits, targets, lse, g)
     }
 
+    /// Soft-capped logits `cap · tanh(l / cap)` in their dtype and, when
+    /// `keep`, what [`Self::softcap_grad`] needs to take a gradient back
+    /// through the cap (by default `tanh(l / cap)` in f32).
+    fn softcap(
+        logits: FloatTensor<Self>,
+        cap: f32,
+        keep: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        super::loss::softcap_of::<Self>(logits, cap, keep)
+    }
+
+    /// `d`, the gradient with respect to capped logits, times the cap's
+    /// derivative `1 − tanh²`, in `d`'s dtype; `kept` is what
+    /// [`Self::softcap`] kept for those logits.
+    fn softcap_grad(d: FloatTensor<Self>, kept: FloatTensor<Self>, cap: f32) -> FloatTensor<Self> {
+        super::loss::softcap_grad_of::<Self>(d, kept, cap)
+    }
+
     /// The mean over rows of the cross-entropy of the logits `x · w` (`x:
     /// [n, d]`, `w: [d, vocab]`) against `targets: [n, 1]`, `[1]` in f32,
     /// and, where `want` asks, its gradients with respect to `x` and `w` (in
@@ -323,6 +341,29 @@ impl ModelBackend for burn::backend::Flex {
         } else {
             super::optim::adamw_of::<Self>(t, s)
         }
+    }
+
+    // f32 logits are capped in place and kept capped (`tanh = c / cap`);
+    // others take the default, which keeps `tanh` in f32. `softcap_grad`
+    // tells the two apart by the gradient's dtype, which is the logits'.
+    fn softcap(
+        logits: FloatTensor<Self>,
+        cap: f32,
+        keep: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        if logits.dtype() != DType::F32 {
+            return super::loss::softcap_of::<Self>(logits, cap, keep);
+        }
+        let capped = super::loss::flex::softcap(flex_unique_f32(logits), cap);
+        let kept = keep.then(|| capped.clone());
+        (capped, kept)
+    }
+
+    fn softcap_grad(d: FloatTensor<Self>, kept: FloatTensor<Self>, cap: f32) -> FloatTensor<Self> {
+        if d.dtype() != DType::F32 {
+            return super::loss::softcap_grad_of::<Self>(d, kept, cap);
+        }
+        super::loss::flex::softcap_grad(flex_unique_f32(d), &kept, cap)
     }
 
     fn cross_entropy_lse(

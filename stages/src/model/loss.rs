@@ -151,6 +151,35 @@ pub fn softcap<B: Backend, const D: usize>(logits: Tensor<B, D>, cap: f32) -> Te
     to(to_f32(logits).div_scalar(cap).tanh().mul_scalar(cap), dtype)
 }
 
+/// [`ModelBackend::softcap`] from tensor ops: the capped logits and, when
+/// `keep`, `tanh(l / cap)` in f32.
+pub(crate) fn softcap_of<B: Backend>(
+    logits: FloatTensor<B>,
+    cap: f32,
+    keep: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let logits = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(logits));
+    let dtype = logits.dtype();
+    let t = to_f32(logits).div_scalar(cap).tanh();
+    let kept = keep.then(|| t.clone().into_primitive().tensor());
+    (to(t.mul_scalar(cap), dtype).into_primitive().tensor(), kept)
+}
+
+/// [`ModelBackend::softcap_grad`] from tensor ops, given the `tanh` that
+/// [`softcap_of`] kept.
+pub(crate) fn softcap_grad_of<B: Backend>(
+    d: FloatTensor<B>,
+    tanh: FloatTensor<B>,
+    _cap: f32,
+) -> FloatTensor<B> {
+    let d = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(d));
+    let t = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(tanh));
+    let dtype = d.dtype();
+    to(to_f32(d).mul(t.clone().mul(t).neg().add_scalar(1.0)), dtype)
+        .into_primitive()
+        .tensor()
+}
+
 /// The mean cross-entropy (`[1]`, f32) of the logits `x · w` (`x: [n, d]`,
 /// `w: [d, vocab]`, the LM head), soft-capped at `softcap` where set,
 /// against `targets: [n, 1]`, without the `[n, vocab]` logits ever existing
@@ -198,16 +227,11 @@ pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
         let tc = targets.clone().narrow(0, start, c).into_primitive();
         let logits = matmul_2d(xc.clone(), w.clone());
         // Soft-capped: the capped logits' gradient times `1 − tanh²`.
-        let (logits, tanh) = match softcap {
-            None => (logits, None),
-            Some(cap) if want != [false; 2] => {
-                let dtype = logits.dtype();
-                let t = to_f32(logits).div_scalar(cap).tanh();
-                (to(t.clone().mul_scalar(cap), dtype), Some(t))
-            }
-            Some(cap) => (self::softcap(logits, cap), None),
-        };
         let logits = logits.into_primitive().tensor();
+        let (logits, kept) = match softcap {
+            None => (logits, None),
+            Some(cap) => B::softcap(logits, cap, want != [false; 2]),
+        };
         let (loss, lse) = B::cross_entropy_lse(logits.clone(), tc.clone());
         losses.push(Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(loss)));
         if want == [false; 2] {
@@ -216,17 +240,11 @@ pub(crate) fn linear_cross_entropy_of<B: ModelBackend>(
         // The mean's gradient is 1/n on every row.
         let g = Tensor::<B, 1>::full([c], 1.0 / n as f64, &device);
         let dl = B::cross_entropy_grad(logits, tc, lse, g.into_primitive().tensor());
-        let dl = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(dl));
-        let dl = match tanh {
-            Some(t) => {
-                let dtype = dl.dtype();
-                to(
-                    to_f32(dl).mul(t.clone().mul(t).neg().add_scalar(1.0)),
-                    dtype,
-                )
-            }
-            None => dl,
+        let dl = match (kept, softcap) {
+            (Some(kept), Some(cap)) => B::softcap_grad(dl, kept, cap),
+            _ => dl,
         };
+        let dl = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(dl));
         if want[0] {
             dxs.push(matmul_2d(dl.clone(), w.clone().transpose()));
         }
@@ -306,6 +324,8 @@ pub(crate) mod flex {
 
     /// Rows per rayon task: enough work to outweigh scheduling.
     const ROWS_PER_TASK: usize = 4;
+    /// Elements per rayon task of the elementwise loops.
+    const CHUNK: usize = 1 << 16;
 
     /// The targets as indices, if their dtype is an integer Flex uses.
     fn indices(t: &FlexTensor) -> Option<Vec<usize>> {
@@ -348,6 +368,35 @@ pub(crate) mod flex {
             .map(|(i, (&l, &j))| l - x[i * vocab + j])
             .collect();
         Some((flex_f32(loss, [n]), flex_f32(lse, [n, 1])))
+    }
+
+    /// `cap · tanh(x / cap)` of `x` (f32, owning its buffer), in place.
+    pub(crate) fn softcap(mut x: FlexTensor, cap: f32) -> FlexTensor {
+        let xs = x
+            .try_storage_mut::<f32>()
+            .expect("an f32 tensor of its own");
+        xs.par_chunks_mut(CHUNK)
+            .for_each(|c| vmath::softcap(c, cap));
+        x
+    }
+
+    /// `d · (1 − (c / cap)²)` of `d` (f32, owning its buffer), in place,
+    /// from the capped logits `c` of the same shape.
+    pub(crate) fn softcap_grad(mut d: FlexTensor, c: &FlexTensor, cap: f32) -> FlexTensor {
+        let c = c.to_contiguous();
+        let cs = c.as_slice::<f32>().expect("f32 capped logits");
+        let ds = d
+            .try_storage_mut::<f32>()
+            .expect("an f32 tensor of its own");
+        assert_eq!(
+            ds.len(),
+            cs.len(),
+            "the gradient and the logits differ in size"
+        );
+        ds.par_chunks_mut(CHUNK)
+            .zip(cs.par_chunks(CHUNK))
+            .for_each(|(d, c)| vmath::softcap_grad(d, c, cap));
+        d
     }
 
     /// The logits' gradient, or `None` where this path does not apply.

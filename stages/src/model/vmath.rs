@@ -129,6 +129,27 @@ fn gelu_t(g: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * z) + 1.0)
 }
 
+/// `cap · tanh(x / cap)` in place (Gemma 2's soft cap), tanh as
+/// `1 - 2 / (e^2z + 1)`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn softcap(xs: &mut [f32], cap: f32) {
+    let k = 2.0 / cap;
+    for x in xs {
+        *x = cap * (1.0 - 2.0 / (exp(k * *x) + 1.0));
+    }
+}
+
+/// `d · (1 − (c / cap)²)` in place: a gradient taken back through
+/// [`softcap`] from its outputs `c` (`tanh = c / cap`).
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn softcap_grad(d: &mut [f32], c: &[f32], cap: f32) {
+    let k = 1.0 / cap;
+    for (d, &c) in d.iter_mut().zip(c) {
+        let t = c * k;
+        *d *= 1.0 - t * t;
+    }
+}
+
 /// `gelu_tanh(gate) * up`, elementwise (GeGLU).
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
 pub fn geglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
