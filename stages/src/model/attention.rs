@@ -338,22 +338,14 @@ fn probs<B: ModelBackend>(
         .narrow(2, c.start, c.rows)
         .narrow(3, c.first, c.keys - c.first);
     let s = to(bmm(qc, kt), DType::F32);
-    let (s, scale, tanh) = match softcap {
-        None => (s, scale, None),
-        Some(cap) => {
-            let t = s.mul_scalar(scale / cap).tanh();
-            match keep_tanh {
-                true => (t.clone().mul_scalar(cap), 1.0, Some(t)),
-                false => (t.mul_scalar(cap), 1.0, None),
-            }
-        }
-    };
-    let p = float(B::attention_probs(
+    let (p, tanh) = B::attention_probs(
         s.into_primitive().tensor(),
         mask.into_primitive(),
         scale,
-    ));
-    (p, tanh)
+        softcap,
+        keep_tanh,
+    );
+    (float(p), tanh.map(float))
 }
 
 /// [`ModelBackend::attention_probs`] as tensor ops.
@@ -361,15 +353,23 @@ pub(crate) fn probs_of<B: ModelBackend>(
     s: FloatTensor<B>,
     mask: BoolTensor<B>,
     scale: f32,
-) -> FloatTensor<B> {
+    softcap: Option<f32>,
+    keep: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let mask = Tensor::<B, 4, Bool>::from_primitive(B::dense_mask(mask));
-    let s = float::<B>(s)
-        .mul_scalar(scale)
-        .mask_fill(mask, f32::NEG_INFINITY);
+    let (s, tanh) = match softcap {
+        None => (float::<B>(s).mul_scalar(scale), None),
+        Some(cap) => {
+            let t = float::<B>(s).mul_scalar(scale / cap).tanh();
+            (t.clone().mul_scalar(cap), keep.then_some(t))
+        }
+    };
+    let s = s.mask_fill(mask, f32::NEG_INFINITY);
     let max = s.clone().max_dim(3).clamp_min(f32::MIN);
     let e = s.sub(max).exp();
     let sum = e.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
-    e.div(sum).into_primitive().tensor()
+    let p = e.div(sum).into_primitive().tensor();
+    (p, tanh.map(|t| t.into_primitive().tensor()))
 }
 
 /// [`ModelBackend::attention_ds`] as tensor ops.
@@ -377,20 +377,23 @@ pub(crate) fn ds_of<B: ModelBackend>(
     p: FloatTensor<B>,
     dp: FloatTensor<B>,
     scale: f32,
+    tanh: Option<FloatTensor<B>>,
 ) -> FloatTensor<B> {
     let (p, dp) = (float::<B>(p), float::<B>(dp));
     let row = p.clone().mul(dp.clone()).sum_dim(3);
-    p.mul(dp.sub(row))
-        .mul_scalar(scale)
-        .into_primitive()
-        .tensor()
+    let ds = p.mul(dp.sub(row)).mul_scalar(scale);
+    let ds = match tanh.map(float::<B>) {
+        Some(t) => ds.mul(t.clone().mul(t).neg().add_scalar(1.0)),
+        None => ds,
+    };
+    ds.into_primitive().tensor()
 }
 
 /// Flex, f32: the softmax and its gradient one row at a time, in parallel
 /// over rows, in place where the scores' buffer is not shared, reading the
 /// mask through its strides (no dense copy of it per chunk and layer).
 pub(crate) mod flex {
-    use crate::model::backend::flex_unique_f32;
+    use crate::model::backend::{flex_f32, flex_unique_f32};
     use crate::model::vmath;
     use burn::tensor::DType;
     use burn_flex::FlexTensor;
@@ -424,45 +427,87 @@ pub(crate) mod flex {
         })
     }
 
-    /// The softmax of `scale * s` over keys where `mask` is false; zeros for
-    /// a row masked whole. Only where [`probs_applies`].
-    pub(crate) fn probs(s: FlexTensor, mask: &FlexTensor, scale: f32) -> FlexTensor {
+    /// The softmax of the scores `scale · s`, or soft-capped `cap · tanh(scale
+    /// · s / cap)`, over keys where `mask` is false; zeros for a row masked
+    /// whole. Capped with `keep`, also `tanh(scale · s / cap)`. Only where
+    /// [`probs_applies`].
+    pub(crate) fn probs(
+        s: FlexTensor,
+        mask: &FlexTensor,
+        scale: f32,
+        softcap: Option<f32>,
+        keep: bool,
+    ) -> (FlexTensor, Option<FlexTensor>) {
         let [_, h, r, k] = dims(&s).expect("probs_applies");
         let (ml, m) = (mask.layout(), mask.storage::<u8>());
         let (st, start) = (ml.strides(), ml.start_offset() as isize);
-        in_place(s, |x| {
-            x.par_chunks_mut(k.max(1))
-                .with_min_len(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(row, xs)| {
-                    let (bi, hi, ri) = (row / (h * r), row / r % h, row % r);
-                    let at =
-                        (start + bi as isize * st[0] + hi as isize * st[1] + ri as isize * st[2])
-                            as usize;
-                    vmath::softmax(xs, &m[at..at + xs.len()], scale)
-                })
-        })
+        let hidden = |row: usize, len: usize| {
+            let (bi, hi, ri) = (row / (h * r), row / r % h, row % r);
+            let at =
+                (start + bi as isize * st[0] + hi as isize * st[1] + ri as isize * st[2]) as usize;
+            &m[at..at + len]
+        };
+        let k = k.max(1);
+        let Some(cap) = softcap else {
+            let p = in_place(s, |x| {
+                x.par_chunks_mut(k)
+                    .with_min_len(ROWS_PER_TASK)
+                    .enumerate()
+                    .for_each(|(row, xs)| vmath::softmax(xs, hidden(row, xs.len()), scale))
+            });
+            return (p, None);
+        };
+        let shape = s.layout().shape().clone();
+        let mut tanh = keep.then(|| vec![0f32; shape.num_elements()]);
+        let p = in_place(s, |x| {
+            let rows = x.par_chunks_mut(k).with_min_len(ROWS_PER_TASK).enumerate();
+            let softmax = |(row, xs): (usize, &mut [f32]), t: Option<&mut [f32]>| {
+                vmath::scaled_softcap(xs, t, scale, cap);
+                vmath::softmax(xs, hidden(row, xs.len()), 1.0)
+            };
+            match tanh.as_mut() {
+                Some(t) => rows
+                    .zip(t.par_chunks_mut(k))
+                    .for_each(|(row, t)| softmax(row, Some(t))),
+                None => rows.for_each(|row| softmax(row, None)),
+            }
+        });
+        (p, tanh.map(|t| flex_f32(t, shape)))
     }
 
-    /// Whether [`ds`] applies: f32 `p` and `dp` of the same 4-d shape.
-    pub(crate) fn ds_applies(p: &FlexTensor, dp: &FlexTensor) -> bool {
-        p.dtype() == DType::F32
-            && dp.dtype() == DType::F32
-            && dims(p).is_some()
-            && dims(p) == dims(dp)
+    /// Whether [`ds`] applies: f32 `p`, `dp` and `tanh` (if any) of the same
+    /// 4-d shape.
+    pub(crate) fn ds_applies(p: &FlexTensor, dp: &FlexTensor, tanh: Option<&FlexTensor>) -> bool {
+        let same = |t: &FlexTensor| t.dtype() == DType::F32 && dims(t) == dims(p);
+        p.dtype() == DType::F32 && dims(p).is_some() && same(dp) && tanh.is_none_or(same)
     }
 
-    /// `scale * p ∘ (dp − rowsum(p ∘ dp))`, written over `dp`'s buffer where
-    /// it can be. Only where [`ds_applies`].
-    pub(crate) fn ds(p: &FlexTensor, dp: FlexTensor, scale: f32) -> FlexTensor {
+    /// `scale · p ∘ (dp − rowsum(p ∘ dp))`, times `1 − tanh²` with `tanh`,
+    /// written over `dp`'s buffer where it can be. Only where [`ds_applies`].
+    pub(crate) fn ds(
+        p: &FlexTensor,
+        dp: FlexTensor,
+        scale: f32,
+        tanh: Option<&FlexTensor>,
+    ) -> FlexTensor {
         let k = dims(p).expect("ds_applies")[3].max(1);
         let p = p.to_contiguous();
         let pv = p.as_slice::<f32>().expect("contiguous f32");
+        let tanh = tanh.map(FlexTensor::to_contiguous);
+        let tv = tanh.as_ref().map(|t| t.as_slice::<f32>().expect("f32"));
         in_place(dp, |d| {
-            d.par_chunks_mut(k)
+            let rows = d
+                .par_chunks_mut(k)
                 .with_min_len(ROWS_PER_TASK)
-                .zip(pv.par_chunks(k))
-                .for_each(|(ds, ps)| vmath::softmax_grad(ps, ds, scale))
+                .zip(pv.par_chunks(k));
+            match tv {
+                // The cap's derivative: `softcap_grad` with cap 1 takes `tanh` itself.
+                Some(tv) => rows.zip(tv.par_chunks(k)).for_each(|((ds, ps), ts)| {
+                    vmath::softmax_grad(ps, ds, scale);
+                    vmath::softcap_grad(ds, ts, 1.0)
+                }),
+                None => rows.for_each(|(ds, ps)| vmath::softmax_grad(ps, ds, scale)),
+            }
         })
     }
 }
@@ -544,11 +589,8 @@ fn chunked_backward<B: ModelBackend>(
             p.into_primitive().tensor(),
             dp.into_primitive().tensor(),
             scale,
+            tanh.map(|t| t.into_primitive().tensor()),
         ));
-        let ds = match tanh {
-            Some(t) => ds.mul(t.clone().mul(t).neg().add_scalar(1.0)),
-            None => ds,
-        };
         let ds = to(ds, dtype);
         dqs.push(bmm(ds.clone(), kc));
         let dk_c = pad_keys(to(bmm(ds.swap_dims(2, 3), qc), DType::F32), c.first, keys);
@@ -871,7 +913,8 @@ mod tests {
         }
     }
 
-    /// Flex's softmax and `dS` loops against the tensor-op versions: a mask
+    /// Flex's softmax and `dS` loops against the tensor-op versions, plain
+    /// and soft-capped: a mask
     /// broadcast over heads and narrowed (an offset, rows not adjacent), one
     /// row masked whole, and a shared score tensor, which must be left as it
     /// was (the loops write in place only into a buffer they own alone).
@@ -900,33 +943,46 @@ mod tests {
             &m
         ));
         let scale = 0.125;
-        let want = float::<Flex>(probs_of::<Flex>(
-            s.clone().into_primitive().tensor(),
-            m.clone(),
-            scale,
-        ));
-        let before = s.to_data();
-        let shared = s.clone().into_primitive().tensor();
-        let got = float::<Flex>(flex::probs(shared, &m, scale));
-        assert_eq!(s.to_data(), before, "the shared scores were written");
-        assert!(max_diff(got.clone(), want.clone()) <= 1e-6);
-        let zeros: f32 = got
-            .clone()
-            .slice([1..2, 0..h, 3..4, 0..k])
-            .abs()
-            .sum()
-            .into_scalar();
-        assert_eq!(zeros, 0.0);
-        // Unshared, in place.
-        let owned = (s.clone() * 1.0).into_primitive().tensor();
-        let got = float::<Flex>(flex::probs(owned, &m, scale));
-        assert!(max_diff(got.clone(), want) <= 1e-6);
-        let dp = Tensor::<Flex, 4>::random([b, h, r, k], Distribution::Normal(0.0, 1.0), &device);
-        let (p_p, dp_p) = (got.into_primitive().tensor(), dp.into_primitive().tensor());
-        assert!(flex::ds_applies(&p_p, &dp_p));
-        let want = float::<Flex>(ds_of::<Flex>(p_p.clone(), dp_p.clone(), scale));
-        let got = float::<Flex>(flex::ds(&p_p, dp_p, scale));
-        assert!(max_diff(got, want) <= 1e-7);
+        let pair =
+            |(p, t): (FloatTensor<Flex>, Option<FloatTensor<Flex>>)| (float(p), t.map(float));
+        for softcap in [None, Some(1.5)] {
+            let at = format!("softcap {softcap:?}");
+            let (want, want_t) = pair(probs_of::<Flex>(
+                s.clone().into_primitive().tensor(),
+                m.clone(),
+                scale,
+                softcap,
+                true,
+            ));
+            assert_eq!(want_t.is_some(), softcap.is_some(), "{at}");
+            let before = s.to_data();
+            let shared = s.clone().into_primitive().tensor();
+            let (got, _) = pair(flex::probs(shared, &m, scale, softcap, false));
+            assert_eq!(s.to_data(), before, "{at}: the shared scores were written");
+            assert!(max_diff(got.clone(), want.clone()) <= 1e-6, "{at}");
+            let zeros: f32 = got
+                .clone()
+                .slice([1..2, 0..h, 3..4, 0..k])
+                .abs()
+                .sum()
+                .into_scalar();
+            assert_eq!(zeros, 0.0, "{at}");
+            // Unshared, in place, and the kept tanh.
+            let owned = (s.clone() * 1.0).into_primitive().tensor();
+            let (got, got_t) = pair(flex::probs(owned, &m, scale, softcap, true));
+            assert!(max_diff(got.clone(), want) <= 1e-6, "{at}");
+            if let (Some(a), Some(b)) = (got_t.clone(), want_t.clone()) {
+                assert!(max_diff(a, b) <= 1e-6, "{at}: tanh");
+            }
+            let dp =
+                Tensor::<Flex, 4>::random([b, h, r, k], Distribution::Normal(0.0, 1.0), &device);
+            let (p_p, dp_p) = (got.into_primitive().tensor(), dp.into_primitive().tensor());
+            let t_p = got_t.map(|t| t.into_primitive().tensor());
+            assert!(flex::ds_applies(&p_p, &dp_p, t_p.as_ref()), "{at}");
+            let want = float::<Flex>(ds_of::<Flex>(p_p.clone(), dp_p.clone(), scale, t_p.clone()));
+            let got = float::<Flex>(flex::ds(&p_p, dp_p, scale, t_p.as_ref()));
+            assert!(max_diff(got, want) <= 1e-7, "{at}");
+        }
     }
 
     #[test]

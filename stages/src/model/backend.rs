@@ -47,21 +47,33 @@ pub trait ModelBackend: Backend {
         Self::float_swap_dims(x, 1, 2)
     }
 
-    /// Attention probabilities `softmax(scale * s)` over the last axis of
-    /// `s: [b, h, rows, keys]` (f32), where `mask` (same shape, `true` where
-    /// attention is not allowed) hides keys; a row masked whole gives zeros.
+    /// Attention probabilities `softmax(x)` over the last axis of the scores
+    /// `s: [b, h, rows, keys]` (f32), `x = scale · s`, or with `softcap`,
+    /// `x = softcap · tanh(scale · s / softcap)`, where `mask` (same shape,
+    /// `true` where attention is not allowed) hides keys; a row masked whole
+    /// gives zeros. With `softcap` and `keep`, also `tanh(scale · s /
+    /// softcap)` in f32, for [`Self::attention_ds`].
     fn attention_probs(
         s: FloatTensor<Self>,
         mask: BoolTensor<Self>,
         scale: f32,
-    ) -> FloatTensor<Self> {
-        attention::probs_of::<Self>(s, mask, scale)
+        softcap: Option<f32>,
+        keep: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        attention::probs_of::<Self>(s, mask, scale, softcap, keep)
     }
 
-    /// The scores' gradient `scale * p ∘ (dp − rowsum(p ∘ dp))` from the
-    /// probabilities `p` and their gradient `dp` (f32, `[b, h, rows, keys]`).
-    fn attention_ds(p: FloatTensor<Self>, dp: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        attention::ds_of::<Self>(p, dp, scale)
+    /// The scores' gradient `scale · p ∘ (dp − rowsum(p ∘ dp))` from the
+    /// probabilities `p` and their gradient `dp` (f32, `[b, h, rows, keys]`),
+    /// times `1 − tanh²` where the scores were soft-capped (`tanh` as
+    /// [`Self::attention_probs`] kept it).
+    fn attention_ds(
+        p: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        scale: f32,
+        tanh: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        attention::ds_of::<Self>(p, dp, scale, tanh)
     }
 
     /// `silu(gate) * up`, elementwise (see [`super::swiglu`]).
@@ -252,18 +264,25 @@ impl ModelBackend for burn::backend::Flex {
         s: FloatTensor<Self>,
         mask: BoolTensor<Self>,
         scale: f32,
-    ) -> FloatTensor<Self> {
+        softcap: Option<f32>,
+        keep: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         if attention::flex::probs_applies(&s, &mask) {
-            return attention::flex::probs(s, &mask, scale);
+            return attention::flex::probs(s, &mask, scale, softcap, keep);
         }
-        attention::probs_of::<Self>(s, mask, scale)
+        attention::probs_of::<Self>(s, mask, scale, softcap, keep)
     }
 
-    fn attention_ds(p: FloatTensor<Self>, dp: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        if attention::flex::ds_applies(&p, &dp) {
-            return attention::flex::ds(&p, dp, scale);
+    fn attention_ds(
+        p: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        scale: f32,
+        tanh: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        if attention::flex::ds_applies(&p, &dp, tanh.as_ref()) {
+            return attention::flex::ds(&p, dp, scale, tanh.as_ref());
         }
-        attention::ds_of::<Self>(p, dp, scale)
+        attention::ds_of::<Self>(p, dp, scale, tanh)
     }
 
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {

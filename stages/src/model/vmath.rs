@@ -139,6 +139,26 @@ pub fn softcap(xs: &mut [f32], cap: f32) {
     }
 }
 
+/// Attention scores soft-capped in place, `x ← cap · tanh(scale · x / cap)`,
+/// and where `tanh` is given, `tanh(scale · x / cap)` written to it.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn scaled_softcap(xs: &mut [f32], tanh: Option<&mut [f32]>, scale: f32, cap: f32) {
+    let k = 2.0 * scale / cap;
+    match tanh {
+        Some(ts) => {
+            for (x, t) in xs.iter_mut().zip(ts) {
+                *t = 1.0 - 2.0 / (exp(k * *x) + 1.0);
+                *x = cap * *t;
+            }
+        }
+        None => {
+            for x in xs {
+                *x = cap * (1.0 - 2.0 / (exp(k * *x) + 1.0));
+            }
+        }
+    }
+}
+
 /// `d · (1 − (c / cap)²)` in place: a gradient taken back through
 /// [`softcap`] from its outputs `c` (`tanh = c / cap`).
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
@@ -422,6 +442,29 @@ mod tests {
         let exact: f64 = xs.iter().map(|&x| (x as f64 - m as f64).exp()).sum();
         assert!((sum_exp(&xs, m) as f64 / exact - 1.0).abs() < 1e-6);
         assert!((logsumexp(&xs) as f64 - (exact.ln() + m as f64)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn scaled_softcap_is_cap_tanh_of_the_scaled_scores() {
+        let raw: Vec<f32> = (0..97).map(|i| (i as f32 - 48.0) * 7.3).collect();
+        let (scale, cap) = (0.5, 5.0);
+        let (mut kept, mut plain, mut t) = (raw.clone(), raw.clone(), vec![0f32; raw.len()]);
+        scaled_softcap(&mut kept, Some(&mut t), scale, cap);
+        scaled_softcap(&mut plain, None, scale, cap);
+        assert_eq!(kept, plain);
+        for (i, &x) in raw.iter().enumerate() {
+            let exact = (scale as f64 * x as f64 / cap as f64).tanh();
+            assert!(
+                (t[i] as f64 - exact).abs() < 3e-7,
+                "tanh at {x}: {} vs {exact}",
+                t[i]
+            );
+            assert!(
+                (kept[i] as f64 - cap as f64 * exact).abs() < 2e-6,
+                "cap at {x}"
+            );
+        }
+        assert!(t.contains(&1.0) && t.contains(&-1.0));
     }
 
     /// `sum` and `sum_exp` add in the documented order (element `i` into
