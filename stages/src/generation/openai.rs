@@ -100,6 +100,9 @@ impl OpenAi {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
+        // The process's TLS provider (reqwest's `rustls-no-provider`); an
+        // error only says one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs_f64(p.timeout_s))
             .pool_max_idle_per_host(p.max_concurrent)
