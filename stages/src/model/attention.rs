@@ -361,7 +361,10 @@ pub(crate) fn probs_of<B: ModelBackend>(
         None => (float::<B>(s).mul_scalar(scale), None),
         Some(cap) => {
             let t = float::<B>(s).mul_scalar(scale / cap).tanh();
-            (t.clone().mul_scalar(cap), keep.then_some(t))
+            match keep {
+                true => (t.clone().mul_scalar(cap), Some(t)),
+                false => (t.mul_scalar(cap), None),
+            }
         }
     };
     let s = s.mask_fill(mask, f32::NEG_INFINITY);
@@ -955,6 +958,15 @@ mod tests {
                 true,
             ));
             assert_eq!(want_t.is_some(), softcap.is_some(), "{at}");
+            let (unkept, none) = pair(probs_of::<Flex>(
+                s.clone().into_primitive().tensor(),
+                m.clone(),
+                scale,
+                softcap,
+                false,
+            ));
+            assert!(none.is_none(), "{at}");
+            assert_eq!(unkept.to_data(), want.to_data(), "{at}");
             let before = s.to_data();
             let shared = s.clone().into_primitive().tensor();
             let (got, _) = pair(flex::probs(shared, &m, scale, softcap, false));
