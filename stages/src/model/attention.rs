@@ -917,10 +917,10 @@ mod tests {
     }
 
     /// Flex's softmax and `dS` loops against the tensor-op versions, plain
-    /// and soft-capped: a mask
-    /// broadcast over heads and narrowed (an offset, rows not adjacent), one
-    /// row masked whole, and a shared score tensor, which must be left as it
-    /// was (the loops write in place only into a buffer they own alone).
+    /// and soft-capped: a mask broadcast over heads and narrowed (an offset,
+    /// rows not adjacent), one row masked whole, and a shared score tensor,
+    /// which must be left as it was (the loops write in place only into a
+    /// buffer they own alone).
     #[test]
     fn flex_softmax_loops_match_the_tensor_ops() {
         let device = Default::default();
