@@ -311,3 +311,92 @@ fn replies_journaled_by_llm_map_v1_are_reused() {
     }
     assert_eq!(report(&p)["cached"], 4);
 }
+
+/// Kills the child process it holds when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The client speaks TLS (rustls on ring): an HTTPS server whose certificate
+/// a test CA signed is refused while that CA is not trusted, and answers
+/// every row once `SSL_CERT_FILE` names it.
+#[test]
+fn https_certificates_are_verified_and_trusted_servers_answer() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let tls = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    let path = |name: &str| tls.path().join(name).to_str().unwrap().to_string();
+    std::fs::write(path("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/https_openai.py");
+    let mut server = KillOnDrop(
+        Command::new("python3")
+            .args([script, &path("cert.pem"), &path("key.pem")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3"),
+    );
+    let mut port = String::new();
+    std::io::BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let url = format!("https://localhost:{}/v1", port.trim());
+    let p = project(3, &url, ", max_retries: 0");
+
+    // The server's CA, or none: then the system's roots, which lack it. No
+    // proxy between the client and localhost.
+    let run = |ca: Option<&str>| {
+        let mut c = p.cmd(&["run", "p.yaml"]);
+        c.env("MOCK_KEY", "k");
+        for var in [
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
+            c.env_remove(var);
+        }
+        if let Some(ca) = ca {
+            c.env("SSL_CERT_FILE", ca);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = run(None);
+    assert!(
+        !ok && stderr.contains("invalid peer certificate"),
+        "{stderr}"
+    );
+    assert!(!p.exists("out.jsonl"));
+
+    let (ok, stderr) = run(Some(&path("ca.pem")));
+    assert!(ok, "{stderr}");
+    let rows = out_rows(&p);
+    assert_eq!(rows.len(), 3);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["summary"], format!("tls: Summarize: question {i}"), "{r}");
+    }
+}
