@@ -376,7 +376,7 @@ pub(crate) mod flex {
             .try_storage_mut::<f32>()
             .expect("an f32 tensor of its own");
         xs.par_chunks_mut(CHUNK)
-            .for_each(|c| vmath::softcap(c, cap));
+            .for_each(|c| vmath::scaled_softcap(c, None, 1.0, cap));
         x
     }
 

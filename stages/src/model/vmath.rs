@@ -122,45 +122,41 @@ pub(crate) const GELU_C: f32 = 0.797_884_6;
 /// Its cubic term's coefficient.
 pub(crate) const GELU_A: f32 = 0.044_715;
 
-/// `tanh(sqrt(2 / pi) * (g + 0.044715 g^3))` as `1 - 2 / (e^2z + 1)`.
+/// `tanh(z)` as `1 - 2 / (e^2z + 1)`, through the vectorised [`exp`].
 #[inline(always)]
-fn gelu_t(g: f32) -> f32 {
-    let z = GELU_C * (g + GELU_A * g * g * g);
+fn tanh(z: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * z) + 1.0)
 }
 
-/// `cap · tanh(x / cap)` in place (Gemma 2's soft cap), tanh as
-/// `1 - 2 / (e^2z + 1)`.
-#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
-pub fn softcap(xs: &mut [f32], cap: f32) {
-    let k = 2.0 / cap;
-    for x in xs {
-        *x = cap * (1.0 - 2.0 / (exp(k * *x) + 1.0));
-    }
+/// `tanh(sqrt(2 / pi) * (g + 0.044715 g^3))`.
+#[inline(always)]
+fn gelu_t(g: f32) -> f32 {
+    tanh(GELU_C * (g + GELU_A * g * g * g))
 }
 
-/// Attention scores soft-capped in place, `x ← cap · tanh(scale · x / cap)`,
-/// and where `tanh` is given, `tanh(scale · x / cap)` written to it.
+/// Gemma 2's soft cap in place, `x ← cap · tanh(scale · x / cap)` (the
+/// logits: `scale` 1), and where `tanh` is given, `tanh(scale · x / cap)`
+/// written to it.
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
 pub fn scaled_softcap(xs: &mut [f32], tanh: Option<&mut [f32]>, scale: f32, cap: f32) {
-    let k = 2.0 * scale / cap;
+    let k = scale / cap;
     match tanh {
         Some(ts) => {
             for (x, t) in xs.iter_mut().zip(ts) {
-                *t = 1.0 - 2.0 / (exp(k * *x) + 1.0);
+                *t = self::tanh(k * *x);
                 *x = cap * *t;
             }
         }
         None => {
             for x in xs {
-                *x = cap * (1.0 - 2.0 / (exp(k * *x) + 1.0));
+                *x = cap * self::tanh(k * *x);
             }
         }
     }
 }
 
 /// `d · (1 − (c / cap)²)` in place: a gradient taken back through
-/// [`softcap`] from its outputs `c` (`tanh = c / cap`).
+/// [`scaled_softcap`] from its outputs `c` (`tanh = c / cap`).
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
 pub fn softcap_grad(d: &mut [f32], c: &[f32], cap: f32) {
     let k = 1.0 / cap;
