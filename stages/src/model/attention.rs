@@ -950,21 +950,13 @@ mod tests {
             |(p, t): (FloatTensor<Flex>, Option<FloatTensor<Flex>>)| (float(p), t.map(float));
         for softcap in [None, Some(1.5)] {
             let at = format!("softcap {softcap:?}");
-            let (want, want_t) = pair(probs_of::<Flex>(
-                s.clone().into_primitive().tensor(),
-                m.clone(),
-                scale,
-                softcap,
-                true,
-            ));
+            let tensor_ops = |keep| {
+                let s = s.clone().into_primitive().tensor();
+                pair(probs_of::<Flex>(s, m.clone(), scale, softcap, keep))
+            };
+            let (want, want_t) = tensor_ops(true);
             assert_eq!(want_t.is_some(), softcap.is_some(), "{at}");
-            let (unkept, none) = pair(probs_of::<Flex>(
-                s.clone().into_primitive().tensor(),
-                m.clone(),
-                scale,
-                softcap,
-                false,
-            ));
+            let (unkept, none) = tensor_ops(false);
             assert!(none.is_none(), "{at}");
             assert_eq!(unkept.to_data(), want.to_data(), "{at}");
             let before = s.to_data();
