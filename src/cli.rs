@@ -172,7 +172,9 @@ pub enum ModelCommand {
         /// Output directory.
         #[arg(long, short = 'o', value_name = "DIR")]
         out: PathBuf,
-        /// Architecture: llama or qwen2.
+        /// Architecture: llama, mistral, qwen2, qwen3, smollm3, gemma2,
+        /// gemma3_text, olmo2, olmo3, phi3, or a mixture of experts (4
+        /// experts, top 2): qwen3_moe, mixtral, olmoe.
         #[arg(long, default_value = "llama")]
         arch: String,
         /// Size preset: tiny, small or base.

@@ -274,6 +274,91 @@ fn gemma_smollm3_olmo_and_phi3_train_and_their_adapters_load_in_peft() {
     }
 }
 
+/// Mixtures of experts end to end: init_model writes a Qwen3-MoE, a Mixtral
+/// and an OLMoE checkpoint (4 experts, top 2), the full phase trains every
+/// weight (routers and experts included), the LoRA phase (DoRA) adapts the
+/// attention only, as PEFT does under transformers 5, and merges;
+/// transformers loads both checkpoints as their own classes with no tensor
+/// missing or unexpected, and PEFT's view of the adapter computes what the
+/// merged model computes.
+#[test]
+fn mixtures_of_experts_train_and_their_adapters_load_in_peft() {
+    let mut runs = Vec::new();
+    for arch in ["qwen3_moe", "mixtral", "olmoe"] {
+        let p = Project::new();
+        write_data(&p);
+        let yaml = pipeline("tiny", 4, 100)
+            .replace("{size: tiny,", &format!("{{arch: {arch}, size: tiny,"));
+        p.write("sft.yaml", &yaml);
+        p.run_ok("sft.yaml", &[]);
+        let config: Value = serde_json::from_str(&p.read("work/phase2/config.json")).unwrap();
+        assert_eq!(config["model_type"], arch, "{config}");
+        let m = metrics(&p, "work/phase1.jsonl");
+        let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
+        assert!(loss(3) < loss(0), "{arch}: loss {} -> {}", loss(0), loss(3));
+        let (base, tuned) = (
+            tensors(&p, "work/base/model.safetensors"),
+            tensors(&p, "work/phase1/model.safetensors"),
+        );
+        let block = if arch == "mixtral" {
+            "block_sparse_moe"
+        } else {
+            "mlp"
+        };
+        let experts: Vec<&String> = base.keys().filter(|k| k.contains(".experts.")).collect();
+        assert_eq!(experts.len(), 2 * 4 * 3, "{arch}: {experts:?}");
+        for k in experts
+            .into_iter()
+            .chain([&format!("model.layers.1.{block}.gate.weight")])
+        {
+            assert!(base[k].data != tuned[k].data, "{arch}: {k} did not train");
+        }
+        let adapter = tensors(&p, "work/phase2/adapter/adapter_model.safetensors");
+        assert!(
+            adapter.keys().all(|k| k.contains(".self_attn.")),
+            "{arch}: {:?}",
+            adapter.keys()
+        );
+        runs.push((p, arch, config));
+    }
+    let cases: Vec<(&Project, &str)> = runs.iter().map(|(p, arch, _)| (p, *arch)).collect();
+    let reports = phase2_adapters_match_peft(&cases);
+    for ((_, arch, config), peft) in runs.iter().zip(&reports) {
+        assert_eq!(peft["class"], config["architectures"][0], "{arch}: {peft}");
+    }
+    // With `output_router_logits`, transformers trains with the routers'
+    // load-balancing loss, which anneal lacks: it says so rather than train
+    // something else.
+    let p = &runs[0].0;
+    std::fs::create_dir(p.path("aux")).unwrap();
+    for e in std::fs::read_dir(p.path("work/base")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), p.path("aux").join(e.file_name())).unwrap();
+    }
+    let config = p.read("aux/config.json").replace(
+        "\"output_router_logits\": false",
+        "\"output_router_logits\": true",
+    );
+    assert!(
+        config.contains("\"output_router_logits\": true"),
+        "{config}"
+    );
+    p.write("aux/config.json", &config);
+    let yaml = pipeline("tiny", 4, 100)
+        .replace("init: ${stages.base.outs.model}", "init: aux/")
+        .replace("work/phase1", "work/aux1");
+    p.write("aux.yaml", &yaml);
+    let r = p.anneal(&["run", "aux.yaml", "--stage", "phase1"]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("aux/config.json: key 'output_router_logits' is true"),
+        "{}",
+        r.stderr
+    );
+    assert!(!p.path("work/aux1").exists());
+}
+
 /// A multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration, built by
 /// transformers from tiny-qwen2's sizes with a one-layer vision tower)
 /// trains on text: the full phase writes the language model back beside the

@@ -1026,6 +1026,14 @@ impl OnDevice for Job<'_> {
         }
         let base = Model::<B>::load(self.base, &device)?;
         let config = base.config.clone();
+        if config.moe.is_some() && config.raw.get("output_router_logits") == Some(&json!(true)) {
+            bail!(
+                "{}: key 'output_router_logits' is true: transformers would add the routers' \
+                 load-balancing loss (router_aux_loss_coef) to the training loss, which anneal \
+                 does not compute; set it to false (transformers' default) to train without it",
+                self.base.join("config.json").display()
+            );
+        }
         let extra = base.extra.clone();
         let ctx_len = config.max_position_embeddings;
         let too_long = train
@@ -1051,7 +1059,13 @@ impl OnDevice for Job<'_> {
                     multimodal: config.multimodal,
                     ..p.lora_config()?
                 }
-                .fit_to(config.arch)
+                .fit_to(
+                    config.arch,
+                    config
+                        .moe
+                        .as_ref()
+                        .is_none_or(|m| m.sparse_layers.contains(&false)),
+                )
                 .context("params.lora_target")?,
             ),
             FinetuningType::Full | FinetuningType::Freeze => None,

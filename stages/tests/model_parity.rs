@@ -161,6 +161,20 @@ fn tiny_archs_match_transformers() {
     }
 }
 
+/// Mixtures of experts: Qwen3-MoE (top 2 of 4 renormalised, its second
+/// layer dense), Mixtral and OLMoE (top 2 of 4 as they are), built by
+/// transformers at test time from tiny-qwen2's sizes: logits of the padded
+/// batch and greedy generation with the KV cache.
+#[test]
+fn tiny_moe_archs_match_transformers() {
+    let archs = ["qwen3-moe", "mixtral", "olmoe"];
+    let dirs = common::tiny_archs(&archs);
+    for arch in archs {
+        let dir = dirs.path().join(arch);
+        check_dir::<B>(&format!("tiny-{arch}"), &dir, &Default::default(), &CPU_TOL);
+    }
+}
+
 #[test]
 fn tiny_qwen2_matches_transformers() {
     check_fixture::<B>("tiny-qwen2", &Default::default(), &CPU_TOL);
@@ -315,7 +329,8 @@ mod cuda {
         }
     }
 
-    /// Qwen3, the sliding windows, Gemma 3 and SmolLM3, from checkpoints
+    /// Qwen3, the sliding windows, Gemma 3, SmolLM3, OLMo 2 and 3, YaRN,
+    /// Gemma 2, Phi-3 and the mixtures of experts, from checkpoints
     /// transformers builds here (`common::tiny_archs`).
     #[test]
     fn tiny_archs_match_transformers_on_cuda() {
@@ -332,6 +347,9 @@ mod cuda {
             "gemma2",
             "phi3",
             "phi3-longrope",
+            "qwen3-moe",
+            "mixtral",
+            "olmoe",
         ];
         let dirs = common::tiny_archs(&archs);
         for arch in archs {

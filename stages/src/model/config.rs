@@ -1,6 +1,7 @@
 //! Model architecture read from a Hugging Face `config.json` (`llama`,
 //! `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3_text`, `gemma3`,
-//! `olmo2`, `olmo3` and `phi3`).
+//! `olmo2`, `olmo3`, `phi3`, and the mixtures of experts `qwen3_moe`,
+//! `mixtral` and `olmoe`).
 
 use std::path::{Path, PathBuf};
 
@@ -48,11 +49,43 @@ pub enum Arch {
     /// projections in another (`gate_up_proj`, gate first); every layer
     /// sliding when `sliding_window` is set.
     Phi3,
+    /// `Qwen3MoeForCausalLM` (Qwen3-30B-A3B, ...): Qwen3's attention; the
+    /// MLPs are mixtures of experts (but those in `mlp_only_layers` or off
+    /// `decoder_sparse_step`).
+    Qwen3Moe,
+    /// `MixtralForCausalLM`: Mistral's attention; every MLP a mixture of
+    /// experts (`block_sparse_moe`, experts' `w1`/`w3`/`w2`), the top-k
+    /// routing weights renormalised.
+    Mixtral,
+    /// `OlmoeForCausalLM` (OLMoE): Llama's layout with OLMo 2's q/k norms
+    /// over all heads together; every MLP a mixture of experts.
+    Olmoe,
 }
 
 /// The `model_type` values anneal reads, for error messages.
-pub const SUPPORTED: &str =
-    "llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, olmo2, olmo3, phi3";
+pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, olmo2, \
+     olmo3, phi3, qwen3_moe, mixtral, olmoe";
+
+/// A sparse mixture of experts in place of the dense MLP: a linear router
+/// scores the experts per token, the `top_k` best run, and their outputs are
+/// summed weighted by the router's softmax probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Experts per sparse layer (`num_experts`; Mixtral's `num_local_experts`).
+    pub num_experts: usize,
+    /// Experts each token runs through (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Width of each expert's MLP (`moe_intermediate_size`; Mixtral's and
+    /// OLMoE's `intermediate_size`).
+    pub expert_intermediate_size: usize,
+    /// The `top_k` probabilities are rescaled to sum to 1 (`norm_topk_prob`;
+    /// always for Mixtral).
+    pub norm_topk_prob: bool,
+    /// Per layer, whether its MLP is the mixture (Qwen3-MoE keeps dense
+    /// ones, `intermediate_size` wide, in `mlp_only_layers` and off
+    /// `decoder_sparse_step`).
+    pub sparse_layers: Vec<bool>,
+}
 
 /// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +110,9 @@ impl Arch {
             Arch::Olmo2 => "olmo2",
             Arch::Olmo3 => "olmo3",
             Arch::Phi3 => "phi3",
+            Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Mixtral => "mixtral",
+            Arch::Olmoe => "olmoe",
         }
     }
 
@@ -93,6 +129,9 @@ impl Arch {
             Arch::Olmo2 => "Olmo2ForCausalLM",
             Arch::Olmo3 => "Olmo3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Arch::Mixtral => "MixtralForCausalLM",
+            Arch::Olmoe => "OlmoeForCausalLM",
         }
     }
 
@@ -105,13 +144,30 @@ impl Arch {
     /// Whether queries and keys are RMS-normalised before RoPE (per head,
     /// or all heads together when [`Self::qk_norm_whole`]).
     pub fn qk_norm(self) -> bool {
-        matches!(self, Arch::Qwen3 | Arch::Gemma3 | Arch::Olmo2 | Arch::Olmo3)
+        matches!(
+            self,
+            Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 | Arch::Olmo2 | Arch::Olmo3 | Arch::Olmoe
+        )
     }
 
     /// OLMo 2's q/k norms: over the whole projection (`heads * head_dim`)
     /// rather than per head.
     pub fn qk_norm_whole(self) -> bool {
-        matches!(self, Arch::Olmo2 | Arch::Olmo3)
+        matches!(self, Arch::Olmo2 | Arch::Olmo3 | Arch::Olmoe)
+    }
+
+    /// Whether the MLPs are mixtures of experts (see [`MoeConfig`]).
+    pub fn moe(self) -> bool {
+        matches!(self, Arch::Qwen3Moe | Arch::Mixtral | Arch::Olmoe)
+    }
+
+    /// A mixture of experts' HF names: the block under a layer, and an
+    /// expert's gate, up and down projections.
+    pub fn expert_names(self) -> (&'static str, [&'static str; 3]) {
+        match self {
+            Arch::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+            _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        }
     }
 
     /// OLMo 2's layout: the attention's and the MLP's outputs are normalised
@@ -143,6 +199,9 @@ impl Arch {
             Arch::Olmo2,
             Arch::Olmo3,
             Arch::Phi3,
+            Arch::Qwen3Moe,
+            Arch::Mixtral,
+            Arch::Olmoe,
         ]
         .into_iter()
         .find(|a| a.model_type() == name)
@@ -268,6 +327,8 @@ pub struct ModelConfig {
     /// Per layer, whether queries and keys are rotated (SmolLM3's NoPE
     /// layers are not; all true for the others).
     pub rope_layers: Vec<bool>,
+    /// The mixture of experts, for `qwen3_moe`, `mixtral` and `olmoe`.
+    pub moe: Option<MoeConfig>,
     /// A multimodal Gemma 3 checkpoint (`Gemma3ForConditionalGeneration`):
     /// this is its `text_config`, the language model's weights carry a
     /// `language_model.` prefix and the vision tower's pass through.
@@ -460,7 +521,9 @@ impl ModelConfig {
             Arch::Gemma2 => k.usize_or("max_position_embeddings", 8192)?,
             Arch::Gemma3 => k.usize_or("max_position_embeddings", 131_072)?,
             Arch::SmolLm3 => k.usize_or("max_position_embeddings", 32_768)?,
-            Arch::Phi3 => k.usize_or("max_position_embeddings", 4096)?,
+            Arch::Phi3 | Arch::Olmoe => k.usize_or("max_position_embeddings", 4096)?,
+            Arch::Qwen3Moe => k.usize_or("max_position_embeddings", 32_768)?,
+            Arch::Mixtral => k.usize_or("max_position_embeddings", 131_072)?,
             _ => k.usize_or("max_position_embeddings", 2048)?,
         };
         let (mut rotary_dim, mut longrope) = (head_dim, None);
@@ -468,6 +531,7 @@ impl ModelConfig {
             Arch::Gemma3 => layer_type_rope(&k, 1e6, Some(1e4))?,
             Arch::Olmo3 => layer_type_rope(&k, 5e5, None)?,
             Arch::SmolLm3 => rope(&k, 2e6)?,
+            Arch::Mixtral => rope(&k, 1e6)?,
             Arch::Phi3 => {
                 let phi3 = phi3_rope(&k, head_dim, max_position_embeddings)?;
                 (rotary_dim, longrope) = (phi3.rotary_dim, phi3.longrope);
@@ -480,6 +544,7 @@ impl ModelConfig {
         let (sliding_window, sliding_layers) = sliding(&k, arch, num_hidden_layers, &rope_layers)?;
         let attention_bias = match arch {
             Arch::Qwen2 => true,
+            Arch::Mixtral => false,
             Arch::Llama
             | Arch::Mistral
             | Arch::Qwen3
@@ -487,7 +552,9 @@ impl ModelConfig {
             | Arch::Gemma3
             | Arch::SmolLm3
             | Arch::Olmo2
-            | Arch::Olmo3 => k.bool_or("attention_bias", false)?,
+            | Arch::Olmo3
+            | Arch::Qwen3Moe
+            | Arch::Olmoe => k.bool_or("attention_bias", false)?,
             // Phi3Attention's projections have no biases.
             Arch::Phi3 => false,
         };
@@ -495,15 +562,20 @@ impl ModelConfig {
         let rms_norm_eps = k.f64_or(
             "rms_norm_eps",
             match arch {
-                Arch::Olmo2 | Arch::Olmo3 | Arch::Phi3 => 1e-5,
+                Arch::Olmo2 | Arch::Olmo3 | Arch::Phi3 | Arch::Mixtral | Arch::Olmoe => 1e-5,
                 _ => 1e-6,
             },
         )?;
+        let intermediate_size = k.usize("intermediate_size")?;
+        let moe = match arch.moe() {
+            true => Some(moe(&k, arch, num_hidden_layers, intermediate_size)?),
+            false => None,
+        };
         Ok(ModelConfig {
             arch,
             vocab_size: k.usize("vocab_size")?,
             hidden_size,
-            intermediate_size: k.usize("intermediate_size")?,
+            intermediate_size,
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
@@ -538,6 +610,7 @@ impl ModelConfig {
             sliding_window,
             sliding_layers,
             rope_layers,
+            moe,
             multimodal: false,
             raw: value.as_object().cloned().unwrap_or_default(),
         })
@@ -762,6 +835,76 @@ fn phi3_rope(k: &Keys, head_dim: usize, max_positions: usize) -> anyhow::Result<
 
 /// Phi3Config's residual and embedding dropouts, which transformers applies
 /// while training and anneal does not model, must be 0.
+/// The mixture of experts of a `qwen3_moe`, `mixtral` or `olmoe` config,
+/// with each config class's defaults.
+fn moe(k: &Keys, arch: Arch, layers: usize, intermediate: usize) -> anyhow::Result<MoeConfig> {
+    let file = k.file.display();
+    let (experts, top_k) = match arch {
+        Arch::Mixtral => (8, 2),
+        Arch::Olmoe => (64, 8),
+        _ => (128, 8),
+    };
+    // transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`.
+    let experts_key = ["num_experts", "num_local_experts"]
+        .into_iter()
+        .find(|key| k.get(key).is_some())
+        .unwrap_or("num_experts");
+    let num_experts = k.usize_or(experts_key, experts)?;
+    let top_k = k.usize_or("num_experts_per_tok", top_k)?;
+    let sparse_layers = match arch {
+        Arch::Qwen3Moe => {
+            let step = k.usize_or("decoder_sparse_step", 1)?;
+            if step == 0 {
+                bail!("{file}: key 'decoder_sparse_step' must be positive");
+            }
+            let dense = match k.get("mlp_only_layers") {
+                None => Vec::new(),
+                Some(Value::Array(v)) => v
+                    .iter()
+                    .map(|x| match x.as_u64() {
+                        Some(i) => Ok(i as usize),
+                        None => {
+                            bail!("{file}: key 'mlp_only_layers' has {x}; it lists layer indices")
+                        }
+                    })
+                    .collect::<anyhow::Result<Vec<usize>>>()?,
+                Some(v) => bail!("{file}: key 'mlp_only_layers' must be a list, got {v}"),
+            };
+            (0..layers)
+                .map(|i| !dense.contains(&i) && num_experts > 0 && (i + 1) % step == 0)
+                .collect()
+        }
+        _ => vec![true; layers],
+    };
+    if sparse_layers.contains(&true) && !(1..=num_experts).contains(&top_k) {
+        bail!(
+            "{file}: key 'num_experts_per_tok' ({top_k}) must be between 1 and '{experts_key}' \
+             ({num_experts})"
+        );
+    }
+    if k.f64_or("router_jitter_noise", 0.0)? != 0.0 {
+        bail!(
+            "{file}: key 'router_jitter_noise' is not 0; the router's training noise is not \
+             supported, set it to 0"
+        );
+    }
+    if k.get("clip_qkv").is_some() {
+        bail!(
+            "{file}: key 'clip_qkv' is set; clamping q, k and v is not supported, set it to null"
+        );
+    }
+    Ok(MoeConfig {
+        num_experts,
+        top_k,
+        expert_intermediate_size: match arch {
+            Arch::Qwen3Moe => k.usize_or("moe_intermediate_size", 768)?,
+            _ => intermediate,
+        },
+        norm_topk_prob: arch == Arch::Mixtral || k.bool_or("norm_topk_prob", false)?,
+        sparse_layers,
+    })
+}
+
 fn phi3_checks(k: &Keys) -> anyhow::Result<()> {
     for key in ["resid_pdrop", "embd_pdrop", "attention_dropout"] {
         if let Some(p) = k.f64_opt_in(k.map, key, "")?
@@ -819,7 +962,7 @@ fn sliding(
     let file = k.file.display();
     // SmolLM3Config and Phi3Config have no default window; the others' is 4096.
     let missing = match arch {
-        Arch::SmolLm3 | Arch::Phi3 => None,
+        Arch::SmolLm3 | Arch::Phi3 | Arch::Mixtral => None,
         _ => Some(4096),
     };
     let window = || -> anyhow::Result<Option<usize>> {
@@ -833,9 +976,18 @@ fn sliding(
         }
     };
     let (window, layer_sliding) = match arch {
-        Arch::Llama | Arch::Olmo2 => (None, vec![false; layers]),
-        Arch::Mistral | Arch::Phi3 => {
+        Arch::Llama | Arch::Olmo2 | Arch::Olmoe => (None, vec![false; layers]),
+        Arch::Mistral | Arch::Phi3 | Arch::Mixtral => {
             let w = window()?;
+            (w, vec![w.is_some(); layers])
+        }
+        // Qwen3MoeConfig drops the window without `use_sliding_window`; with
+        // it, every layer slides.
+        Arch::Qwen3Moe => {
+            let w = match k.bool_or("use_sliding_window", false)? {
+                true => window()?,
+                false => None,
+            };
             (w, vec![w.is_some(); layers])
         }
         Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma2 | Arch::Gemma3 | Arch::SmolLm3 | Arch::Olmo3 => {
@@ -1658,5 +1810,86 @@ mod tests {
         let c = parse(v).unwrap();
         assert_eq!(c.arch.class_name(), "MistralForCausalLM");
         assert!(!c.arch.qk_norm());
+    }
+
+    #[test]
+    fn reads_mixtures_of_experts_with_each_class_defaults() {
+        let moe = |model_type: &str, extra: Value| {
+            let mut v = base();
+            v["model_type"] = json!(model_type);
+            v["num_hidden_layers"] = json!(4);
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            parse(v)
+        };
+        let c = moe("qwen3_moe", json!({})).unwrap();
+        let m = c.moe.unwrap();
+        // Qwen3MoeConfig: 128 experts, top 8, 768 wide, not renormalised.
+        assert_eq!(
+            (
+                m.num_experts,
+                m.top_k,
+                m.expert_intermediate_size,
+                m.norm_topk_prob
+            ),
+            (128, 8, 768, false)
+        );
+        assert_eq!(
+            (c.max_position_embeddings, c.sliding_window),
+            (32_768, None)
+        );
+        assert!(c.arch.qk_norm() && !c.arch.qk_norm_whole());
+        let c = moe(
+            "qwen3_moe",
+            json!({"num_local_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+                   "decoder_sparse_step": 2, "mlp_only_layers": [3], "norm_topk_prob": true,
+                   "use_sliding_window": true, "sliding_window": 16}),
+        )
+        .unwrap();
+        let m = c.moe.unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.norm_topk_prob), (4, 2, true));
+        assert_eq!(m.sparse_layers, [false, true, false, false]);
+        assert_eq!(c.sliding_layers, [true; 4]);
+        // Mixtral always renormalises; its names differ.
+        let c = moe("mixtral", json!({"num_local_experts": 4})).unwrap();
+        let m = c.moe.unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.norm_topk_prob), (4, 2, true));
+        assert_eq!(m.expert_intermediate_size, c.intermediate_size);
+        assert_eq!(
+            (c.rope_theta, c.rms_norm_eps, c.sliding_window),
+            (1e6, 1e-5, None)
+        );
+        assert_eq!(c.arch.expert_names().0, "block_sparse_moe");
+        let c = moe("olmoe", json!({"num_experts": 4, "num_experts_per_tok": 2})).unwrap();
+        assert!(c.arch.qk_norm_whole() && !c.arch.post_norms_only());
+        assert_eq!(c.moe.unwrap().sparse_layers, [true; 4]);
+        for (extra, want) in [
+            (
+                json!({"num_experts": 4, "num_experts_per_tok": 5}),
+                "m/config.json: key 'num_experts_per_tok' (5) must be between 1 and 'num_experts' (4)",
+            ),
+            (json!({"clip_qkv": 8.0}), "key 'clip_qkv' is set"),
+            (
+                json!({"router_jitter_noise": 0.1}),
+                "key 'router_jitter_noise' is not 0",
+            ),
+            (
+                json!({"decoder_sparse_step": 0}),
+                "'decoder_sparse_step' must be positive",
+            ),
+            (
+                json!({"mlp_only_layers": "1"}),
+                "'mlp_only_layers' must be a list",
+            ),
+        ] {
+            let model_type = match extra.get("router_jitter_noise") {
+                Some(_) => "mixtral",
+                None if extra.get("clip_qkv").is_some() => "olmoe",
+                None => "qwen3_moe",
+            };
+            let e = format!("{:#}", moe(model_type, extra).unwrap_err());
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

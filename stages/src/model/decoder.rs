@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 
 use anyhow::bail;
 use burn::module::{Module, Param};
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::embedding;
-use burn::tensor::{Bool, Distribution, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Distribution, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::attention::{Causal, masked_attention, swap_heads};
 use super::backend::ModelBackend;
@@ -263,19 +264,47 @@ pub struct Attention<B: Backend> {
     pub bf16: bool,
 }
 
-/// Gated feed-forward block: SwiGLU, or GeGLU for Gemma.
+/// Gated feed-forward block: SwiGLU, or GeGLU for Gemma; or a sparse
+/// mixture of such blocks, the experts, behind a router.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// Gate projection (none when fused into `gate_up_proj`).
+    /// Gate projection (none when fused into `gate_up_proj`, and in a
+    /// mixture of experts).
     pub gate_proj: Option<Linear<B>>,
     /// Up projection (likewise).
     pub up_proj: Option<Linear<B>>,
     /// Phi-3: the gate and up projections as one, gate first.
     pub gate_up_proj: Option<Linear<B>>,
-    /// Down projection.
-    pub down_proj: Linear<B>,
+    /// Down projection (none in a mixture of experts).
+    pub down_proj: Option<Linear<B>>,
     /// The gate goes through GeLU's tanh approximation instead of SiLU.
     pub gelu: bool,
+    /// Mixture of experts: the router, `[hidden, experts]` (HF's `mlp.gate`).
+    pub gate: Option<Linear<B>>,
+    /// Mixture of experts: the experts (empty otherwise).
+    pub experts: Vec<Expert<B>>,
+    /// Mixture of experts: how many experts each token runs through.
+    pub top_k: usize,
+    /// Mixture of experts: the `top_k` routing weights are rescaled to sum to 1.
+    pub norm_topk_prob: bool,
+}
+
+/// One expert of a mixture: a SwiGLU block.
+#[derive(Module, Debug)]
+pub struct Expert<B: Backend> {
+    /// Gate projection (Mixtral's `w1`).
+    pub gate_proj: Linear<B>,
+    /// Up projection (`w3`).
+    pub up_proj: Linear<B>,
+    /// Down projection (`w2`).
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Expert<B> {
+    /// The projections: gate, up, down.
+    pub fn projections_mut(&mut self) -> [&mut Linear<B>; 3] {
+        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
+    }
 }
 
 /// One decoder layer: pre-norm, Gemma's norms before and after each block,
@@ -311,7 +340,7 @@ macro_rules! layer_projections {
             ("mlp.gate_proj", m.gate_proj.$by()),
             ("mlp.up_proj", m.up_proj.$by()),
             ("mlp.gate_up_proj", m.gate_up_proj.$by()),
-            ("mlp.down_proj", Some($($r)+ m.down_proj)),
+            ("mlp.down_proj", m.down_proj.$by()),
         ]
         .into_iter()
         .filter_map(|(name, lin)| Some((name, lin?)))
@@ -321,7 +350,9 @@ macro_rules! layer_projections {
 impl<B: Backend> DecoderLayer<B> {
     /// The layer's linear projections that exist, in the order of Hugging
     /// Face's modules, with their names under the layer (`self_attn.q_proj`,
-    /// `mlp.gate_up_proj`, ...).
+    /// `mlp.gate_up_proj`, ...). A mixture of experts' router and experts
+    /// are not among them (see [`Mlp::gate`]): like transformers 5, which
+    /// holds them as plain parameters, they take no LoRA adapters.
     pub fn projections(&self) -> impl Iterator<Item = (&'static str, &Linear<B>)> {
         layer_projections!(self, as_ref, &)
     }
@@ -390,6 +421,11 @@ pub struct CausalLm<B: Backend> {
     pub neftune_noise_alpha: f64,
     /// Gemma 2: logits `l` become `cap · tanh(l / cap)` (0: not capped).
     pub final_softcap: f64,
+    /// A mixture of experts' HF names: the block under a layer (`mlp`,
+    /// Mixtral's `block_sparse_moe`) and an expert's gate, up and down
+    /// projections.
+    #[module(skip)]
+    pub expert_names: (&'static str, [&'static str; 3]),
 }
 
 /// Keys and values of every layer for the positions seen so far; a
@@ -574,6 +610,9 @@ impl<B: ModelBackend> Attention<B> {
 
 impl<B: ModelBackend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>, dropout: bool) -> Tensor<B, 3> {
+        if let Some(router) = &self.gate {
+            return self.forward_experts(router, x, dropout);
+        }
         let (gate, up) = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
             (Some(fused), _, _) => {
                 let y = fused.forward_with(x, dropout);
@@ -590,7 +629,66 @@ impl<B: ModelBackend> Mlp<B> {
             true => geglu(gate, up),
             false => swiglu(gate, up),
         };
-        self.down_proj.forward_with(h, dropout)
+        let down = self.down_proj.as_ref();
+        down.expect("a dense MLP has a down projection")
+            .forward_with(h, dropout)
+    }
+
+    /// The mixture: each token's `top_k` experts by the router's softmax
+    /// (ties to the lower index), their outputs summed with those
+    /// probabilities as weights (rescaled to sum to 1 if `norm_topk_prob`).
+    /// The routing is read back to the host, as transformers' `nonzero`
+    /// does, to gather each expert's tokens.
+    fn forward_experts(&self, router: &Linear<B>, x: Tensor<B, 3>, dropout: bool) -> Tensor<B, 3> {
+        let [b, t, h] = x.dims();
+        let (n, e, k) = (b * t, self.experts.len(), self.top_k);
+        let device = x.device();
+        let x = x.reshape([n, h]);
+        let probs = softmax(router.forward(x.clone()), 1);
+        let host = probs.clone().into_data().convert::<f32>();
+        let host = host.as_slice::<f32>().expect("f32 router probabilities");
+        let mut picked = Vec::with_capacity(n * k);
+        let mut order: Vec<usize> = (0..e).collect();
+        for row in host.chunks(e) {
+            order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+            picked.extend(order[..k].iter().map(|&i| i as i64));
+            order.sort_unstable();
+        }
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(picked.clone(), [n, k]), &device);
+        let mut weights = probs.gather(1, ids);
+        if self.norm_topk_prob {
+            weights = weights.clone() / weights.sum_dim(1);
+        }
+        // (token, slot) pairs grouped by expert, in token order within each.
+        let (mut rows, mut slots) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
+        let mut outs = Vec::new();
+        for (i, expert) in self.experts.iter().enumerate() {
+            let start = rows.len();
+            for (j, _) in picked.iter().enumerate().filter(|(_, x)| **x == i as i64) {
+                rows.push((j / k) as i64);
+                slots.push(j as i64);
+            }
+            let m = rows.len() - start;
+            if m == 0 {
+                continue;
+            }
+            let at = TensorData::new(rows[start..].to_vec(), [m]);
+            let xe = x.clone().select(0, Tensor::from_data(at, &device));
+            let gate = expert.gate_proj.forward_with(xe.clone(), dropout);
+            let up = expert.up_proj.forward_with(xe, dropout);
+            outs.push(expert.down_proj.forward_with(swiglu(gate, up), dropout));
+        }
+        let total = rows.len();
+        let slots = Tensor::from_data(TensorData::new(slots, [total]), &device);
+        let weights = weights
+            .reshape([n * k])
+            .select(0, slots)
+            .reshape([total, 1]);
+        let rows = Tensor::from_data(TensorData::new(rows, [total]), &device);
+        let y = Tensor::cat(outs, 0) * weights;
+        Tensor::<B, 2>::zeros([n, h], &device)
+            .select_assign(0, rows, y, IndexingUpdateOp::Add)
+            .reshape([b, t, h])
     }
 }
 
@@ -971,6 +1069,11 @@ impl<B: ModelBackend> CausalLm<B> {
             for (_, lin) in layer.projections_mut() {
                 lin.bf16 = on;
             }
+            let moe = &mut layer.mlp;
+            let experts = moe.experts.iter_mut().flat_map(Expert::projections_mut);
+            for lin in moe.gate.iter_mut().chain(experts) {
+                lin.bf16 = on;
+            }
         }
     }
 
@@ -1335,27 +1438,85 @@ impl<B: Backend> CausalLm<B> {
                 rope: c.rope_layers.get(i).copied().unwrap_or(true),
                 bf16: false,
             };
-            let mut unfused = |name: &str| match fused {
-                true => Ok(None),
-                false => lin(&mut take, &format!("{p}.mlp.{name}"), hidden, inter, mb).map(Some),
-            };
-            let (gate_proj, up_proj) = (unfused("gate_proj")?, unfused("up_proj")?);
-            let gate_up_proj = match fused {
-                true => Some(lin(
-                    &mut take,
-                    &format!("{p}.mlp.gate_up_proj"),
-                    hidden,
-                    2 * inter,
-                    false,
-                )?),
-                false => None,
-            };
-            let mlp = Mlp {
-                gate_proj,
-                up_proj,
-                gate_up_proj,
-                down_proj: lin(&mut take, &format!("{p}.mlp.down_proj"), inter, hidden, mb)?,
-                gelu: c.activation == Activation::GeluTanh,
+            let gelu = c.activation == Activation::GeluTanh;
+            let mlp = match c.moe.as_ref().filter(|m| m.sparse_layers[i]) {
+                None => {
+                    let mut unfused = |name: &str| match fused {
+                        true => Ok(None),
+                        false => {
+                            lin(&mut take, &format!("{p}.mlp.{name}"), hidden, inter, mb).map(Some)
+                        }
+                    };
+                    let (gate_proj, up_proj) = (unfused("gate_proj")?, unfused("up_proj")?);
+                    let gate_up_proj = match fused {
+                        true => Some(lin(
+                            &mut take,
+                            &format!("{p}.mlp.gate_up_proj"),
+                            hidden,
+                            2 * inter,
+                            false,
+                        )?),
+                        false => None,
+                    };
+                    let down_proj =
+                        lin(&mut take, &format!("{p}.mlp.down_proj"), inter, hidden, mb)?;
+                    Mlp {
+                        gate_proj,
+                        up_proj,
+                        gate_up_proj,
+                        down_proj: Some(down_proj),
+                        gelu,
+                        gate: None,
+                        experts: Vec::new(),
+                        top_k: 0,
+                        norm_topk_prob: false,
+                    }
+                }
+                Some(moe) => {
+                    let (block, [gate, up, down]) = c.arch.expert_names();
+                    let ei = moe.expert_intermediate_size;
+                    let prefix = format!("{p}.{block}");
+                    let router = lin(
+                        &mut take,
+                        &format!("{prefix}.gate"),
+                        hidden,
+                        moe.num_experts,
+                        false,
+                    )?;
+                    let experts = (0..moe.num_experts)
+                        .map(|x| {
+                            let at = format!("{prefix}.experts.{x}");
+                            Ok(Expert {
+                                gate_proj: lin(
+                                    &mut take,
+                                    &format!("{at}.{gate}"),
+                                    hidden,
+                                    ei,
+                                    false,
+                                )?,
+                                up_proj: lin(&mut take, &format!("{at}.{up}"), hidden, ei, false)?,
+                                down_proj: lin(
+                                    &mut take,
+                                    &format!("{at}.{down}"),
+                                    ei,
+                                    hidden,
+                                    false,
+                                )?,
+                            })
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    Mlp {
+                        gate_proj: None,
+                        up_proj: None,
+                        gate_up_proj: None,
+                        down_proj: None,
+                        gelu,
+                        gate: Some(router),
+                        experts,
+                        top_k: moe.top_k,
+                        norm_topk_prob: moe.norm_topk_prob,
+                    }
+                }
             };
             let mut norm_if = |name: &str, has: bool| -> anyhow::Result<Option<RmsNorm<B>>> {
                 match has {
@@ -1443,6 +1604,7 @@ impl<B: Backend> CausalLm<B> {
             bf16: false,
             neftune_noise_alpha: 0.0,
             final_softcap: c.final_logit_softcapping.unwrap_or(0.0),
+            expert_names: c.arch.expert_names(),
         })
     }
 
@@ -1499,6 +1661,19 @@ impl<B: Backend> CausalLm<B> {
             }
             for (name, lin) in l.projections() {
                 put_lin(&mut out, format!("{p}.{name}"), lin);
+            }
+            if let Some(router) = &l.mlp.gate {
+                let (block, [gate, up, down]) = self.expert_names;
+                put_lin(&mut out, format!("{p}.{block}.gate"), router);
+                for (x, expert) in l.mlp.experts.iter().enumerate() {
+                    for (name, lin) in [
+                        (gate, &expert.gate_proj),
+                        (up, &expert.up_proj),
+                        (down, &expert.down_proj),
+                    ] {
+                        put_lin(&mut out, format!("{p}.{block}.experts.{x}.{name}"), lin);
+                    }
+                }
             }
         }
         put1(&mut out, "model.norm.weight".into(), self.norm.weight.val());

@@ -37,7 +37,8 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
     /// `llama` (default), `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma2`,
-    /// `gemma3_text`, `olmo2`, `olmo3` or `phi3`.
+    /// `gemma3_text`, `olmo2`, `olmo3`, `phi3`, or a mixture of experts:
+    /// `qwen3_moe`, `mixtral`, `olmoe`.
     #[serde(default = "default_arch")]
     pub arch: String,
     /// A name from [`PRESETS`] (default `tiny`).
@@ -56,6 +57,11 @@ pub struct InitSpec {
     pub num_attention_heads: Option<usize>,
     /// Overrides the preset's key/value heads.
     pub num_key_value_heads: Option<usize>,
+    /// Mixtures of experts: experts per layer (default 4), each
+    /// `intermediate_size` wide.
+    pub num_experts: Option<usize>,
+    /// Mixtures of experts: experts per token (default 2).
+    pub num_experts_per_tok: Option<usize>,
     /// Longest sequence (default 2048).
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
@@ -157,12 +163,14 @@ impl InitSpec {
                 "sliding_window must be at least 1 (leave it out for full attention)".into(),
             ));
         }
-        if self.sliding_window.is_some() && matches!(self.arch.as_str(), "llama" | "olmo2") {
+        if self.sliding_window.is_some()
+            && matches!(self.arch.as_str(), "llama" | "olmo2" | "olmoe")
+        {
             return Err((
                 "sliding_window".into(),
                 format!(
                     "{} has no sliding-window attention; use arch mistral, qwen2, qwen3, \
-                     smollm3, gemma2, gemma3_text, olmo3 or phi3",
+                     smollm3, gemma2, gemma3_text, olmo3, phi3, qwen3_moe or mixtral",
                     self.arch
                 ),
             ));
@@ -179,6 +187,31 @@ impl InitSpec {
                 "max_window_layers needs sliding_window".into(),
             ));
         }
+        let moe = Arch::from_model_type(&self.arch).is_some_and(Arch::moe);
+        for (key, v) in [
+            ("num_experts", self.num_experts),
+            ("num_experts_per_tok", self.num_experts_per_tok),
+        ] {
+            if v.is_some() && !moe {
+                return Err((
+                    key.into(),
+                    format!(
+                        "{key} is for a mixture of experts; {} has none (use arch qwen3_moe, \
+                         mixtral or olmoe)",
+                        self.arch
+                    ),
+                ));
+            }
+        }
+        let (experts, top_k) = self.experts();
+        if moe && !(1..=experts).contains(&top_k) {
+            return Err((
+                "num_experts_per_tok".into(),
+                format!(
+                    "num_experts_per_tok ({top_k}) must be between 1 and num_experts ({experts})"
+                ),
+            ));
+        }
         if self.vocab_size.is_some_and(|v| v < 300) {
             return Err((
                 "vocab_size".into(),
@@ -186,6 +219,14 @@ impl InitSpec {
             ));
         }
         Ok(())
+    }
+
+    /// `(experts, experts per token)` of a mixture of experts.
+    fn experts(&self) -> (usize, usize) {
+        (
+            self.num_experts.unwrap_or(4),
+            self.num_experts_per_tok.unwrap_or(2),
+        )
     }
 
     /// `(vocab, hidden, layers, heads, kv_heads, intermediate)` after overrides.
@@ -243,6 +284,29 @@ impl InitSpec {
                 self.layer_types(&mut c, 4, layers);
             }
             Arch::Mistral => c["sliding_window"] = json!(self.sliding_window),
+            Arch::Qwen3Moe | Arch::Mixtral | Arch::Olmoe => {
+                let (experts, top_k) = self.experts();
+                c["num_experts_per_tok"] = json!(top_k);
+                c["output_router_logits"] = json!(false);
+                match arch {
+                    Arch::Mixtral => {
+                        c["num_local_experts"] = json!(experts);
+                        c["sliding_window"] = json!(self.sliding_window);
+                    }
+                    _ => {
+                        c["num_experts"] = json!(experts);
+                        c["attention_bias"] = json!(false);
+                        c["norm_topk_prob"] = json!(arch == Arch::Qwen3Moe);
+                    }
+                }
+                if arch == Arch::Qwen3Moe {
+                    c["moe_intermediate_size"] = json!(inter);
+                    c["decoder_sparse_step"] = json!(1);
+                    c["mlp_only_layers"] = json!([]);
+                    c["use_sliding_window"] = json!(self.sliding_window.is_some());
+                    c["sliding_window"] = json!(self.sliding_window);
+                }
+            }
             Arch::Phi3 => {
                 c["sliding_window"] = json!(self.sliding_window);
                 c["original_max_position_embeddings"] = json!(self.max_position_embeddings);
@@ -372,6 +436,22 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
                 ("mlp.down_proj", h, i, c.mlp_bias),
             ],
         };
+        let mut projections: Vec<(String, usize, usize, bool)> = projections
+            .into_iter()
+            .map(|(name, o, inp, bias)| (name.to_owned(), o, inp, bias))
+            .collect();
+        if let Some(moe) = c.moe.as_ref().filter(|m| m.sparse_layers[l]) {
+            let (block, [gate, up, down]) = c.arch.expert_names();
+            let ei = moe.expert_intermediate_size;
+            projections.retain(|x| !x.0.starts_with("mlp."));
+            projections.push((format!("{block}.gate"), moe.num_experts, h, false));
+            for x in 0..moe.num_experts {
+                let at = format!("{block}.experts.{x}");
+                projections.push((format!("{at}.{gate}"), ei, h, false));
+                projections.push((format!("{at}.{up}"), ei, h, false));
+                projections.push((format!("{at}.{down}"), h, ei, false));
+            }
+        }
         for (name, o, inp, bias) in projections {
             out.insert(format!("{p}.{name}.weight"), normal(vec![o, inp], &mut rng));
             if bias {

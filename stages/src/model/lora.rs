@@ -94,11 +94,14 @@ impl LoraConfig {
     /// Keeps the targets that are projections of an `arch` model: all of
     /// them when every one is targeted (`all`); a name the model lacks (say
     /// `q_proj` on Phi-3, whose queries come from `qkv_proj`) is an error.
-    pub fn fit_to(mut self, arch: Arch) -> anyhow::Result<Self> {
-        let have = if arch.fused() {
-            FUSED_TARGETS
-        } else {
-            ALL_TARGETS
+    /// A mixture of experts whose every MLP is sparse (`dense_mlp` false)
+    /// has only the attention's projections: its routers and experts take
+    /// no adapters, as PEFT leaves them under transformers 5.
+    pub fn fit_to(mut self, arch: Arch, dense_mlp: bool) -> anyhow::Result<Self> {
+        let have = match (arch.fused(), dense_mlp) {
+            (true, _) => FUSED_TARGETS,
+            (false, true) => ALL_TARGETS,
+            (false, false) => &ALL_TARGETS[..4],
         };
         let targeted = |h: &&str| self.targets.iter().any(|t| t == h);
         if have.iter().all(targeted) {
@@ -107,9 +110,15 @@ impl LoraConfig {
             return Ok(self);
         }
         if let Some(t) = self.targets.iter().find(|t| !have.contains(&t.as_str())) {
+            let experts = match dense_mlp {
+                true => "",
+                false => {
+                    "; its MLPs are mixtures of experts, whose routers and experts take no adapters"
+                }
+            };
             bail!(
                 "lora_target '{t}' is not a projection of this {} model; its projections are \
-                 {} (or use 'all')",
+                 {} (or use 'all'){experts}",
                 arch.model_type(),
                 have.join(", ")
             );
@@ -485,7 +494,7 @@ mod tests {
 
     #[test]
     fn targets_fit_the_models_projections() {
-        let all = |arch| config(&["all"]).fit_to(arch).unwrap().targets;
+        let all = |arch| config(&["all"]).fit_to(arch, true).unwrap().targets;
         assert_eq!(
             all(Arch::Llama),
             [
@@ -502,10 +511,12 @@ mod tests {
             all(Arch::Phi3),
             ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
         );
-        let some = config(&["qkv_proj", "o_proj"]).fit_to(Arch::Phi3).unwrap();
+        let some = config(&["qkv_proj", "o_proj"])
+            .fit_to(Arch::Phi3, true)
+            .unwrap();
         assert_eq!(some.targets, ["o_proj", "qkv_proj"]);
         let e = config(&["q_proj", "v_proj"])
-            .fit_to(Arch::Phi3)
+            .fit_to(Arch::Phi3, true)
             .unwrap_err()
             .to_string();
         assert!(
@@ -516,11 +527,26 @@ mod tests {
             "{e}"
         );
         let e = config(&["gate_up_proj"])
-            .fit_to(Arch::Qwen2)
+            .fit_to(Arch::Qwen2, true)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("'gate_up_proj' is not a projection of this qwen2"),
+            "{e}"
+        );
+        let moe = config(&["all"]).fit_to(Arch::Mixtral, false).unwrap();
+        assert_eq!(moe.targets, ["k_proj", "o_proj", "q_proj", "v_proj"]);
+        let dense_too = config(&["all"]).fit_to(Arch::Qwen3Moe, true).unwrap();
+        assert_eq!(dense_too.targets.len(), 7);
+        let e = config(&["q_proj", "gate_proj"])
+            .fit_to(Arch::Olmoe, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "'gate_proj' is not a projection of this olmoe model; its projections are \
+                 q_proj, k_proj, v_proj, o_proj (or use 'all'); its MLPs are mixtures of experts"
+            ),
             "{e}"
         );
         let e = LoraConfig::resolve_targets(&["lm_head".into()]).unwrap_err();

@@ -29,13 +29,19 @@ bend them; eager attention, as transformers runs Gemma 2), or `phi3` (Phi-3:
 q/k/v in one `qkv_proj`, gate and up in one `gate_up_proj`, every layer
 sliding over 24 keys), or `phi3-longrope` (Phi-3.5 / Phi-4-mini style: RoPE
 on the first half of each head only, LongRoPE over 128 original positions,
-so the batch takes the short factors and the prompt the long ones); the
+so the batch takes the short factors and the prompt the long ones), or a
+mixture of experts: `qwen3-moe` (Qwen3-MoE: 4 experts 32 wide, top 2
+renormalised, layer 1 dense through `mlp_only_layers`), `mixtral` (4
+experts, top 2, `block_sparse_moe` names) or `olmoe` (OLMoE: 4 experts, top 2
+not renormalised, q/k norms over all heads); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
 `reference.json` (`loss`, `generate`, `train_step`) and
 `reference.safetensors` (the batch, `logits`, and `after_step.<name>` for
-layer 0's q_proj, the embedding and, for qwen3, layer 0's q/k norms) computed
+layer 0's q_proj, the embedding and, for qwen3, layer 0's q/k norms; for a
+mixture of experts, layer 0's router and expert 1's three projections under
+their checkpoint names) computed
 as the fixtures' are: one AdamW step at lr 1e-2, betas (0.9, 0.999), eps 1e-8,
 weight decay 0.1 except on names with `bias` or `norm`, clipping at 1.0.
 """
@@ -53,11 +59,14 @@ from transformers import (
     Gemma3Config,
     Gemma3TextConfig,
     MistralConfig,
+    MixtralConfig,
+    OlmoeConfig,
     Olmo2Config,
     Olmo3Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
     SmolLM3Config,
 )
 
@@ -181,6 +190,30 @@ def build(arch, src, out):
             },
             **sizes,
         )
+    elif arch == "qwen3-moe":
+        config = Qwen3MoeConfig(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            **sizes,
+        )
+    elif arch == "mixtral":
+        config = MixtralConfig(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            **sizes,
+        )
+    elif arch == "olmoe":
+        config = OlmoeConfig(
+            num_experts=4,
+            num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+            **sizes,
+        )
     else:
         sys.exit(f"unknown ARCH {arch}")
     mm = arch == "gemma3-mm"
@@ -248,7 +281,7 @@ def build(arch, src, out):
             "model.embed_tokens.weight",
             "model.layers.1.mlp.gate_up_proj.weight",
         ]
-    if arch in ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3"):
+    if arch in ("qwen3", "gemma3", "gemma3-mm", "olmo2", "olmo3", "qwen3-moe", "olmoe"):
         watched += ["model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"]
     if arch == "olmo2":
         watched += [
@@ -263,6 +296,20 @@ def build(arch, src, out):
         ]
     tensors = {k: ref[k] for k in ["input_ids", "attention_mask", "labels"]}
     tensors["logits"] = result.logits.detach().contiguous()
+    if arch in ("qwen3-moe", "mixtral", "olmoe"):
+        # transformers 5 holds the experts as [experts, ...] parameters (gate
+        # and up in one, gate first); checkpoints name each expert's matrices.
+        block, (gate, up, down) = (
+            ("block_sparse_moe", ("w1", "w3", "w2")) if arch == "mixtral"
+            else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+        )
+        experts = "model.layers.0.mlp.experts"
+        gate_up, width = params[f"{experts}.gate_up_proj"][1], params[f"{experts}.down_proj"].shape[2]
+        at = f"after_step.model.layers.0.{block}"
+        tensors[f"{at}.gate.weight"] = params["model.layers.0.mlp.gate.weight"].detach().contiguous()
+        tensors[f"{at}.experts.1.{gate}.weight"] = gate_up[:width].detach().contiguous()
+        tensors[f"{at}.experts.1.{up}.weight"] = gate_up[width:].detach().contiguous()
+        tensors[f"{at}.experts.1.{down}.weight"] = params[f"{experts}.down_proj"][1].detach().contiguous()
     for k in watched:
         # transformers 5 nests the multimodal model's language model.
         name = k.replace("model.", "model.language_model.", 1) if mm else k
