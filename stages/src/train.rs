@@ -255,6 +255,12 @@ pub struct Params {
     /// `alpha / sqrt(seq * hidden)` added to the embeddings in training
     /// (not in evaluation); typical values 5-15.
     pub neftune_noise_alpha: Option<f64>,
+    /// Mixtures of experts (LLaMA-Factory's `moe_aux_loss_coef`): add the
+    /// routers' load-balancing loss times this to the training and
+    /// validation losses, as transformers does with `output_router_logits`;
+    /// 0 turns it off. Unset: as the model's `config.json` says
+    /// (`output_router_logits`, `router_aux_loss_coef`; off by default).
+    pub moe_aux_loss_coef: Option<f64>,
     /// `fail` (default) or `skip` on a row that cannot be used.
     #[serde(default)]
     pub on_error: OnError,
@@ -423,6 +429,14 @@ impl Validate for Params {
                 format!(
                     "neftune_noise_alpha must be positive (typically 5 to 15), not {a}; leave it out for no noise"
                 ),
+            ));
+        }
+        if let Some(c) = self.moe_aux_loss_coef
+            && !(c >= 0.0 && c.is_finite())
+        {
+            return Err(err(
+                "moe_aux_loss_coef",
+                format!("moe_aux_loss_coef must be 0 or more (typically 0.001 to 0.01), not {c}"),
             ));
         }
         if let Some(r) = self.loraplus_lr_ratio {
@@ -1026,14 +1040,6 @@ impl OnDevice for Job<'_> {
         }
         let base = Model::<B>::load(self.base, &device)?;
         let config = base.config.clone();
-        if config.moe.is_some() && config.raw.get("output_router_logits") == Some(&json!(true)) {
-            bail!(
-                "{}: key 'output_router_logits' is true: transformers would add the routers' \
-                 load-balancing loss (router_aux_loss_coef) to the training loss, which anneal \
-                 does not compute; set it to false (transformers' default) to train without it",
-                self.base.join("config.json").display()
-            );
-        }
         let extra = base.extra.clone();
         let ctx_len = config.max_position_embeddings;
         let too_long = train
@@ -1156,6 +1162,16 @@ impl OnDevice for Job<'_> {
             .with_context(|| format!("cannot open {}", metrics_path.display()))?;
         net.set_bf16(p.bf16);
         net.neftune_noise_alpha = p.neftune_noise_alpha.unwrap_or(0.0);
+        if let Some(c) = p.moe_aux_loss_coef {
+            if config.moe.is_none() {
+                bail!(
+                    "params.moe_aux_loss_coef: the routers' load-balancing loss is for mixtures \
+                     of experts, and this {} model has none; leave it out",
+                    config.arch.model_type()
+                );
+            }
+            net.router_aux_loss_coef = c;
+        }
         ctx.progress.set_total(total);
         ctx.progress.set_done(start);
 

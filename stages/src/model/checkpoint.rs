@@ -13,6 +13,12 @@
 //! gradient. Peak activation memory is one layer's instead of all of them,
 //! for one more forward pass of the layers.
 //!
+//! A mixture of experts' load-balancing loss (`CausalLm::router_aux_loss_coef`)
+//! is linear in each layer's router probabilities, with weights that the
+//! first pass's routing fixes
+//! ([`Routing::weights`](super::decoder::Routing::weights)); each layer's part joins
+//! its recomputed backward pass.
+//!
 //! Each layer's LoRA dropout masks come from a seed of its own
 //! (`CausalLm::seed_layer`), drawn the same in both passes and as
 //! [`CausalLm::train_loss`] draws them, so checkpointing does not change
@@ -45,11 +51,15 @@ pub fn loss_and_grads<B: TrainBackend>(
     let inner_pos = pos.inner();
     let mut inputs = Vec::with_capacity(net.layers.len());
     let mut x = net.neftune(inner.embed(ids.clone().inner()), seed);
+    let coef = net.router_aux_loss_coef;
+    let mut routing = (coef > 0.0).then(|| inner_pos.routing());
     for (l, layer) in inner.layers.iter().enumerate() {
         inputs.push(x.clone());
         CausalLm::<B::InnerBackend>::seed_layer(&device, seed, l);
-        x = layer.forward(x, &inner_pos, None, true);
+        x = layer.forward(x, &inner_pos, None, true, routing.as_mut());
     }
+    let aux_weights = routing.as_ref().and_then(|r| r.weights(coef));
+    let aux = routing.and_then(|r| r.loss(coef));
 
     let top = Tensor::<B, 3>::from_inner(x).require_grad();
     let (loss, k) = net.loss_from_hidden(net.norm.forward(top.clone()), labels);
@@ -79,16 +89,19 @@ pub fn loss_and_grads<B: TrainBackend>(
         let x = Tensor::<B, 3>::from_inner(inputs.pop().expect("one input per layer"));
         let x = if below[l] { x.require_grad() } else { x };
         CausalLm::<B>::seed_layer(&device, seed, l);
-        let y = layer.forward(x.clone(), pos, None, true);
-        let g = vjp(y, d);
+        let mut routing = aux_weights.as_ref().map(|_| pos.routing());
+        let y = layer.forward(x.clone(), pos, None, true, routing.as_mut());
+        let aux = routing.zip(aux_weights.as_deref());
+        let g = vjp(y, d, aux.and_then(|(r, w)| r.layer_loss(w)));
         grads.accumulate(net, &g);
         dy = if below[l] { x.grad(&g) } else { None };
     }
     if let (true, Some(d)) = (embed_trains, dy) {
-        let g = vjp(net.embed(ids), d);
+        let g = vjp(net.embed(ids), d, None);
         grads.accumulate(net, &g);
     }
-    Some((scaled.inner(), k))
+    let scaled = scaled.inner();
+    Some((aux.map_or(scaled.clone(), |aux| scaled + aux), k))
 }
 
 /// Whether a parameter of `layer` is trained.
@@ -105,7 +118,16 @@ fn trains<B: AutodiffBackend>(layer: &DecoderLayer<B>) -> bool {
 }
 
 /// The backward pass of `y` with `dy` as its gradient: that of
-/// `sum(y * dy)`, whose gradient with respect to `y` is `dy` exactly.
-fn vjp<B: AutodiffBackend>(y: Tensor<B, 3>, dy: Tensor<B::InnerBackend, 3>) -> B::Gradients {
-    (y * Tensor::from_inner(dy)).sum().backward()
+/// `sum(y * dy)`, whose gradient with respect to `y` is `dy` exactly, plus
+/// `extra`'s (a loss computed in the same pass).
+fn vjp<B: AutodiffBackend>(
+    y: Tensor<B, 3>,
+    dy: Tensor<B::InnerBackend, 3>,
+    extra: Option<Tensor<B, 1>>,
+) -> B::Gradients {
+    let dot = (y * Tensor::from_inner(dy)).sum();
+    match extra {
+        Some(extra) => (dot + extra).backward(),
+        None => dot.backward(),
+    }
 }

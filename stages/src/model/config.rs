@@ -85,6 +85,10 @@ pub struct MoeConfig {
     /// ones, `intermediate_size` wide, in `mlp_only_layers` and off
     /// `decoder_sparse_step`).
     pub sparse_layers: Vec<bool>,
+    /// The routers' load-balancing loss is added to the loss times this:
+    /// `router_aux_loss_coef` (0.001; OLMoE's 0.01) under
+    /// `output_router_logits`, 0 without.
+    pub router_aux_loss_coef: f64,
 }
 
 /// The MLP's gate activation.
@@ -902,6 +906,13 @@ fn moe(k: &Keys, arch: Arch, layers: usize, intermediate: usize) -> anyhow::Resu
         },
         norm_topk_prob: arch == Arch::Mixtral || k.bool_or("norm_topk_prob", false)?,
         sparse_layers,
+        router_aux_loss_coef: match k.bool_or("output_router_logits", false)? {
+            true => k.f64_or(
+                "router_aux_loss_coef",
+                if arch == Arch::Olmoe { 0.01 } else { 0.001 },
+            )?,
+            false => 0.0,
+        },
     })
 }
 

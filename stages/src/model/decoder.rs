@@ -421,6 +421,11 @@ pub struct CausalLm<B: Backend> {
     pub neftune_noise_alpha: f64,
     /// Gemma 2: logits `l` become `cap · tanh(l / cap)` (0: not capped).
     pub final_softcap: f64,
+    /// Mixtures of experts: the routers' load-balancing loss is added to
+    /// [`Self::loss`] and [`Self::train_loss`] times this (0: not at all), as
+    /// transformers does with `output_router_logits` and
+    /// `router_aux_loss_coef`.
+    pub router_aux_loss_coef: f64,
     /// A mixture of experts' HF names: the block under a layer (`mlp`,
     /// Mixtral's `block_sparse_moe`) and an expert's gate, up and down
     /// projections.
@@ -481,6 +486,90 @@ pub struct Positions<B: Backend> {
     /// only the keys such a layer holds: the last `min(past, window)` cached
     /// ones (see [`KvCache`]) and the new tokens.
     window: Option<(usize, Tensor<B, 4, Bool>)>,
+    /// Per new token, `b * t` order: whether it is one (not padding); the
+    /// routers' load-balancing loss counts only those.
+    tokens: Vec<bool>,
+}
+
+impl<B: Backend> Positions<B> {
+    /// [`Routing`] for a forward pass over these tokens.
+    pub fn routing(&self) -> Routing<B> {
+        Routing {
+            tokens: self.tokens.clone(),
+            prob_sums: Vec::new(),
+            picks: Vec::new(),
+        }
+    }
+}
+
+/// The routers' choices over one forward pass, for their load-balancing
+/// loss (transformers' `load_balancing_loss_func`): per sparse layer, the
+/// router's probabilities summed over the tokens that count, and how often
+/// each expert was picked for those tokens, over all sparse layers.
+pub struct Routing<B: Backend> {
+    tokens: Vec<bool>,
+    /// Per sparse layer, `[experts]`.
+    prob_sums: Vec<Tensor<B, 1>>,
+    /// Per expert.
+    picks: Vec<f64>,
+}
+
+impl<B: Backend> Routing<B> {
+    /// Records one layer: `probs` `[tokens, experts]`, and the `k` experts
+    /// picked for each token, token by token.
+    fn record(&mut self, probs: Tensor<B, 2>, picked: &[i64], k: usize) {
+        let [n, e] = probs.dims();
+        self.picks.resize(e, 0.0);
+        for (j, &x) in picked.iter().enumerate() {
+            if self.tokens[j / k] {
+                self.picks[x as usize] += 1.0;
+            }
+        }
+        let counts: Vec<f32> = self
+            .tokens
+            .iter()
+            .map(|&c| f32::from(u8::from(c)))
+            .collect();
+        let counts = Tensor::<B, 2>::from_data(TensorData::new(counts, [n, 1]), &probs.device());
+        self.prob_sums
+            .push((probs * counts).sum_dim(0).reshape([e]));
+    }
+
+    /// Per expert `e`, `coef · E · f_e / (L · T)`, where `f_e` is its share
+    /// of the picks, `picks_e / (L · T)`, over `L` sparse layers and `T`
+    /// counted tokens: the loss, `coef · E · Σ_e f_e · P_e` with `P_e` the
+    /// mean probability `Σ_l prob_sums_l,e / (L · T)`, is these weights
+    /// times the probability sums, and its gradient flows through those
+    /// only, as transformers' (the picks are counts). None when no sparse
+    /// layer ran or no token counts.
+    pub fn weights(&self, coef: f64) -> Option<Vec<f32>> {
+        let (e, l) = (self.picks.len() as f64, self.prob_sums.len() as f64);
+        let lt = l * self.tokens.iter().filter(|&&c| c).count() as f64;
+        (lt > 0.0).then(|| {
+            self.picks
+                .iter()
+                .map(|&p| (coef * e * p / (lt * lt)) as f32)
+                .collect()
+        })
+    }
+
+    /// The load-balancing loss times `coef`, or None (see [`Self::weights`]).
+    pub fn loss(self, coef: f64) -> Option<Tensor<B, 1>> {
+        let w = self.weights(coef)?;
+        let sums = Tensor::stack::<2>(self.prob_sums, 0);
+        let device = sums.device();
+        let w = Tensor::<B, 1>::from_data(TensorData::new(w.clone(), [w.len()]), &device);
+        Some((sums * w.unsqueeze_dim(0)).sum())
+    }
+
+    /// `Σ_e weights_e · prob_sums_e` of the one layer recorded: its part of
+    /// the loss, given the whole pass's [`Self::weights`].
+    pub fn layer_loss(mut self, weights: &[f32]) -> Option<Tensor<B, 1>> {
+        let sums = self.prob_sums.pop()?;
+        let w = TensorData::new(weights.to_vec(), [weights.len()]);
+        let w = Tensor::from_data(w, &sums.device());
+        Some((sums * w).sum())
+    }
 }
 
 impl<B: AutodiffBackend> Positions<B> {
@@ -493,6 +582,7 @@ impl<B: AutodiffBackend> Positions<B> {
             local_rope: self.local_rope.as_ref().map(|(q, k)| (rope(q), rope(k))),
             mask: self.mask.clone().inner(),
             window: self.window.as_ref().map(|(w, m)| (*w, m.clone().inner())),
+            tokens: self.tokens.clone(),
         }
     }
 }
@@ -609,9 +699,14 @@ impl<B: ModelBackend> Attention<B> {
 }
 
 impl<B: ModelBackend> Mlp<B> {
-    fn forward(&self, x: Tensor<B, 3>, dropout: bool) -> Tensor<B, 3> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        dropout: bool,
+        routing: Option<&mut Routing<B>>,
+    ) -> Tensor<B, 3> {
         if let Some(router) = &self.gate {
-            return self.forward_experts(router, x, dropout);
+            return self.forward_experts(router, x, dropout, routing);
         }
         let (gate, up) = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
             (Some(fused), _, _) => {
@@ -639,7 +734,13 @@ impl<B: ModelBackend> Mlp<B> {
     /// probabilities as weights (rescaled to sum to 1 if `norm_topk_prob`).
     /// The routing is read back to the host, as transformers' `nonzero`
     /// does, to gather each expert's tokens.
-    fn forward_experts(&self, router: &Linear<B>, x: Tensor<B, 3>, dropout: bool) -> Tensor<B, 3> {
+    fn forward_experts(
+        &self,
+        router: &Linear<B>,
+        x: Tensor<B, 3>,
+        dropout: bool,
+        routing: Option<&mut Routing<B>>,
+    ) -> Tensor<B, 3> {
         let [b, t, h] = x.dims();
         let (n, e, k) = (b * t, self.experts.len(), self.top_k);
         let device = x.device();
@@ -654,24 +755,28 @@ impl<B: ModelBackend> Mlp<B> {
             picked.extend(order[..k].iter().map(|&i| i as i64));
             order.sort_unstable();
         }
+        if let Some(routing) = routing {
+            routing.record(probs.clone(), &picked, k);
+        }
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(picked.clone(), [n, k]), &device);
         let mut weights = probs.gather(1, ids);
         if self.norm_topk_prob {
             weights = weights.clone() / weights.sum_dim(1);
         }
         // (token, slot) pairs grouped by expert, in token order within each.
+        let mut by_expert = vec![Vec::new(); e];
+        for (j, &x) in picked.iter().enumerate() {
+            by_expert[x as usize].push(j as i64);
+        }
         let (mut rows, mut slots) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
         let mut outs = Vec::new();
-        for (i, expert) in self.experts.iter().enumerate() {
-            let start = rows.len();
-            for (j, _) in picked.iter().enumerate().filter(|(_, x)| **x == i as i64) {
-                rows.push((j / k) as i64);
-                slots.push(j as i64);
-            }
-            let m = rows.len() - start;
+        for (expert, picks) in self.experts.iter().zip(by_expert) {
+            let (start, m) = (rows.len(), picks.len());
             if m == 0 {
                 continue;
             }
+            rows.extend(picks.iter().map(|j| j / k as i64));
+            slots.extend(picks);
             let at = TensorData::new(rows[start..].to_vec(), [m]);
             let xe = x.clone().select(0, Tensor::from_data(at, &device));
             let gate = expert.gate_proj.forward_with(xe.clone(), dropout);
@@ -693,13 +798,15 @@ impl<B: ModelBackend> Mlp<B> {
 }
 
 impl<B: ModelBackend> DecoderLayer<B> {
-    /// The layer's output; `dropout` switches the adapters' dropout on.
+    /// The layer's output; `dropout` switches the adapters' dropout on; a
+    /// mixture of experts records its routing in `routing`.
     pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
         pos: &Positions<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
         dropout: bool,
+        routing: Option<&mut Routing<B>>,
     ) -> Tensor<B, 3> {
         let normed = match &self.input_layernorm {
             Some(n) => n.forward(x.clone()),
@@ -712,19 +819,18 @@ impl<B: ModelBackend> DecoderLayer<B> {
         ) {
             (Some(pre), Some(post)) => {
                 let h = x + self.post_attention_layernorm.forward(attn);
-                let mlp = self.mlp.forward(pre.forward(h.clone()), dropout);
+                let mlp = self.mlp.forward(pre.forward(h.clone()), dropout, routing);
                 h + post.forward(mlp)
             }
             (None, Some(post)) => {
                 let h = x + self.post_attention_layernorm.forward(attn);
-                let mlp = self.mlp.forward(h.clone(), dropout);
+                let mlp = self.mlp.forward(h.clone(), dropout, routing);
                 h + post.forward(mlp)
             }
             _ => {
                 let h = x + attn;
-                let mlp = self
-                    .mlp
-                    .forward(self.post_attention_layernorm.forward(h.clone()), dropout);
+                let normed = self.post_attention_layernorm.forward(h.clone());
+                let mlp = self.mlp.forward(normed, dropout, routing);
                 h + mlp
             }
         }
@@ -891,14 +997,15 @@ impl<B: ModelBackend> CausalLm<B> {
             };
             (w, build(past - past.min(w), &first))
         });
-        self.finish_positions(positions, mask, window, device)
+        let tokens = key_valid.iter().flat_map(|v| v[past..].to_vec()).collect();
+        self.finish_positions(positions, mask, window, tokens, device)
     }
 
     /// Rotary tables and mask for packed rows: `segments[b][t]` names the
     /// sample each token belongs to; tokens attend only within their sample,
     /// causally (on sliding-window layers, to the last `window` tokens of
     /// it), and positions restart at 0 for each sample. Padding gets a
-    /// segment of its own (any id not used by a sample). The labels of such
+    /// segment of its own, `u32::MAX`. The labels of such
     /// rows must be -100 at every sample's first token, so that no token
     /// predicts across a sample boundary.
     pub fn positions_packed(&self, segments: &[Vec<u32>], device: &B::Device) -> Positions<B> {
@@ -941,7 +1048,8 @@ impl<B: ModelBackend> CausalLm<B> {
             .iter()
             .map(|row| row.iter().enumerate().map(|(i, s)| i - s).collect())
             .collect();
-        self.finish_positions(&positions, mask, window, device)
+        let tokens = segments.iter().flatten().map(|&s| s != u32::MAX).collect();
+        self.finish_positions(&positions, mask, window, tokens, device)
     }
 
     /// Rotary tables for `positions`, and the masks (`[batch, 1, queries,
@@ -951,6 +1059,7 @@ impl<B: ModelBackend> CausalLm<B> {
         positions: &[Vec<usize>],
         mask: Tensor<B, 4, Bool>,
         window: Option<(usize, Tensor<B, 4, Bool>)>,
+        tokens: Vec<bool>,
         device: &B::Device,
     ) -> Positions<B> {
         let [b, _, t, _] = mask.dims();
@@ -984,6 +1093,7 @@ impl<B: ModelBackend> CausalLm<B> {
             local_rope,
             mask: grouped(mask),
             window: window.map(|(w, m)| (w, grouped(m))),
+            tokens,
         }
     }
 
@@ -1086,7 +1196,7 @@ impl<B: ModelBackend> CausalLm<B> {
         pos: &Positions<B>,
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        self.hidden(ids, pos, cache, None)
+        self.hidden(ids, pos, cache, None, None)
     }
 
     /// The mean loss of a training micro-batch (as [`Self::loss`], on the
@@ -1102,7 +1212,23 @@ impl<B: ModelBackend> CausalLm<B> {
         seed: u64,
     ) -> (Tensor<B, 1>, usize) {
         let ids = Self::ids_tensor(ids, &self.embed_tokens.device());
-        self.loss_from_hidden(self.hidden(ids, pos, None, Some(seed)), labels)
+        let mut routing = (self.router_aux_loss_coef > 0.0).then(|| pos.routing());
+        let hidden = self.hidden(ids, pos, None, Some(seed), routing.as_mut());
+        self.with_aux_loss(self.loss_from_hidden(hidden, labels), routing)
+    }
+
+    /// `(loss, k)` with the routers' load-balancing loss times
+    /// [`Self::router_aux_loss_coef`] added, when it is on: transformers'
+    /// loss with `output_router_logits`.
+    fn with_aux_loss(
+        &self,
+        (loss, k): (Tensor<B, 1>, usize),
+        routing: Option<Routing<B>>,
+    ) -> (Tensor<B, 1>, usize) {
+        match routing.and_then(|r| r.loss(self.router_aux_loss_coef)) {
+            Some(aux) if k > 0 => (loss + aux, k),
+            _ => (loss, k),
+        }
     }
 
     /// [`Self::forward_hidden`]; with a `seed`, dropout is on and each
@@ -1113,6 +1239,7 @@ impl<B: ModelBackend> CausalLm<B> {
         pos: &Positions<B>,
         mut cache: Option<&mut KvCache<B>>,
         seed: Option<u64>,
+        mut routing: Option<&mut Routing<B>>,
     ) -> Tensor<B, 3> {
         let device = ids.device();
         let dropout = seed.is_some() || B::ad_enabled(&device);
@@ -1125,7 +1252,7 @@ impl<B: ModelBackend> CausalLm<B> {
                 Self::seed_layer(&device, seed, l);
             }
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            x = layer.forward(x, pos, slot, dropout);
+            x = layer.forward(x, pos, slot, dropout, routing.as_deref_mut());
         }
         self.norm.forward(x)
     }
@@ -1238,8 +1365,10 @@ impl<B: ModelBackend> CausalLm<B> {
     ) -> (Tensor<B, 1>, usize) {
         let device = self.embed_tokens.device();
         let pos = self.positions(&arange_rows(ids), mask, &device);
-        let hidden = self.forward_hidden(Self::ids_tensor(ids, &device), &pos, None);
-        self.loss_from_hidden(hidden, labels)
+        let mut routing = (self.router_aux_loss_coef > 0.0).then(|| pos.routing());
+        let ids = Self::ids_tensor(ids, &device);
+        let hidden = self.hidden(ids, &pos, None, None, routing.as_mut());
+        self.with_aux_loss(self.loss_from_hidden(hidden, labels), routing)
     }
 
     /// [`CausalLm::loss`] from hidden states already computed.
@@ -1605,6 +1734,7 @@ impl<B: Backend> CausalLm<B> {
             neftune_noise_alpha: 0.0,
             final_softcap: c.final_logit_softcapping.unwrap_or(0.0),
             expert_names: c.arch.expert_names(),
+            router_aux_loss_coef: c.moe.as_ref().map_or(0.0, |m| m.router_aux_loss_coef),
         })
     }
 

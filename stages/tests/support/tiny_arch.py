@@ -32,8 +32,10 @@ on the first half of each head only, LongRoPE over 128 original positions,
 so the batch takes the short factors and the prompt the long ones), or a
 mixture of experts: `qwen3-moe` (Qwen3-MoE: 4 experts 32 wide, top 2
 renormalised, layer 1 dense through `mlp_only_layers`), `mixtral` (4
-experts, top 2, `block_sparse_moe` names) or `olmoe` (OLMoE: 4 experts, top 2
-not renormalised, q/k norms over all heads); the
+experts, top 2, `block_sparse_moe` names), `mixtral-aux` (the same with
+`output_router_logits`: the loss includes the routers' load-balancing loss,
+at a coefficient of 0.5 so that it weighs) or `olmoe` (OLMoE: 4 experts, top
+2 not renormalised, q/k norms over all heads); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
@@ -200,10 +202,12 @@ def build(arch, src, out):
             rope_parameters={"rope_type": "default", "rope_theta": 1e6},
             **sizes,
         )
-    elif arch == "mixtral":
+    elif arch in ("mixtral", "mixtral-aux"):
         config = MixtralConfig(
             num_local_experts=4,
             num_experts_per_tok=2,
+            output_router_logits=arch == "mixtral-aux",
+            router_aux_loss_coef=0.5,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6},
             **sizes,
         )
@@ -296,11 +300,11 @@ def build(arch, src, out):
         ]
     tensors = {k: ref[k] for k in ["input_ids", "attention_mask", "labels"]}
     tensors["logits"] = result.logits.detach().contiguous()
-    if arch in ("qwen3-moe", "mixtral", "olmoe"):
+    if arch in ("qwen3-moe", "mixtral", "mixtral-aux", "olmoe"):
         # transformers 5 holds the experts as [experts, ...] parameters (gate
         # and up in one, gate first); checkpoints name each expert's matrices.
         block, (gate, up, down) = (
-            ("block_sparse_moe", ("w1", "w3", "w2")) if arch == "mixtral"
+            ("block_sparse_moe", ("w1", "w3", "w2")) if arch.startswith("mixtral")
             else ("mlp", ("gate_proj", "up_proj", "down_proj"))
         )
         experts = "model.layers.0.mlp.experts"
