@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Writes a randomly initialised Qwen2ForCausalLM checkpoint for bench/train_gpu.sh
-(or, with --shape gemma3-270m or gemma2-270m, a Gemma3ForCausalLM or
-Gemma2ForCausalLM one for bench/train.sh).
+(or, with --shape gemma3-270m, gemma2-270m or qwen3-moe-small, a
+Gemma3ForCausalLM, Gemma2ForCausalLM or Qwen3MoeForCausalLM one for
+bench/train.sh).
 
-  python3 bench/make_random_qwen2.py OUT_DIR --shape qwen2.5-0.5b|tiny|gemma3-270m|gemma2-270m
+  python3 bench/make_random_qwen2.py OUT_DIR --shape qwen2.5-0.5b|tiny|gemma3-270m|gemma2-270m|qwen3-moe-small
       [--vocab N] --tokenizer-dir DIR [--dtype bf16|f32] [--seed 0]
 
 Shapes (vocab 151936 unless --vocab; tie_word_embeddings true, rope_theta 1e6,
@@ -19,6 +20,12 @@ rms_norm_eps 1e-6, max_position_embeddings 32768, q/k/v biases as Qwen2):
                 layer sliding over 512 keys (one RoPE base, 1e4), attention
                 scores soft-capped at 50 and logits at 30 (Gemma2Config's
                 defaults otherwise)
+  qwen3-moe-small  Qwen3-30B-A3B's layout at a CPU's size: hidden 512, 8
+                layers, 8 heads of 64 over 2 kv heads (q/k norms), every MLP a
+                mixture of 32 experts 256 wide, top 4 renormalised (as
+                Qwen3-30B-A3B's 128 experts, top 8): 131M parameters, of
+                which 25M the (tied) embedding; 18M of the others active per
+                token
 
 Weights: transformers' own initialisation (normal, std 0.02) under a fixed seed,
 written with save_pretrained(safe_serialization=True) in bf16 by default (half
@@ -41,7 +48,13 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    Qwen2Config,
+    Qwen3MoeConfig,
+)
 
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
@@ -52,6 +65,8 @@ SHAPES = {
                         num_key_value_heads=1, head_dim=256, intermediate_size=2048),
     "gemma2-270m": dict(hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
                         num_key_value_heads=1, head_dim=256, intermediate_size=2048),
+    "qwen3-moe-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                            num_key_value_heads=2, head_dim=64, intermediate_size=1536),
 }
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja"]
@@ -90,6 +105,11 @@ def main():
                            attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                            rope_parameters={"rope_type": "default", "rope_theta": 1e4},
                            **common)
+    elif a.shape == "qwen3-moe-small":
+        cfg = Qwen3MoeConfig(num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256,
+                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                             **common)
     else:
         cfg = Qwen2Config(
             rope_theta=1e6,  # transformers 5 stores it as rope_parameters.rope_theta

@@ -38,7 +38,11 @@ on CPU): tensors only, not the CUDA context or the allocator's cached blocks.
 
 --lora RANK: PEFT LoRA (peft.LoraConfig: r=RANK, lora_alpha=--lora-alpha,
 default 2*RANK as anneal's, dropout 0, target_modules "all-linear": every
-linear layer but the LM head, as anneal's `lora_target: all`) on the f32 model;
+linear layer but the LM head, as anneal's `lora_target: all`; on a mixture of
+experts, the names of the nn.Linear modules but the LM head, as
+LLaMA-Factory's `lora_target: all` and anneal's: the attention's projections,
+since transformers 5 holds the experts and routers otherwise, and PEFT's
+"all-linear" would wrap those too) on the f32 model;
 AdamW, clipping and the loss as above, over the adapters' parameters only.
 --dora makes them DoRA adapters (use_dora=True; anneal's `use_dora: true`).
 
@@ -192,7 +196,7 @@ def main():
             r=a.lora,
             lora_alpha=a.lora_alpha if a.lora_alpha is not None else 2.0 * a.lora,
             lora_dropout=0.0,
-            target_modules="all-linear",
+            target_modules=lora_targets(model),
             task_type="CAUSAL_LM",
             use_dora=a.dora,
         )
@@ -305,10 +309,25 @@ def main():
                 "freeze_trainable_layers": a.freeze,
                 "trainable_params": sum(p.numel() for p in params),
                 "attn_implementation": model.config._attn_implementation,
+                # Mixtures of experts: transformers 5's expert kernels
+                # (grouped_mm when torch can run it, else the per-expert loop).
+                "experts_implementation": getattr(model.config, "_experts_implementation", None),
                 "samples": n,
             }
         )
     )
+
+
+def lora_targets(model):
+    """PEFT's "all-linear", or, on a mixture of experts, the nn.Linear module
+    names but the LM head's (see --lora)."""
+    if not any(hasattr(model.config, k) for k in ("num_experts", "num_local_experts")):
+        return "all-linear"
+    return sorted({
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+    })
 
 
 if __name__ == "__main__":
