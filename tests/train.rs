@@ -277,7 +277,8 @@ fn gemma_smollm3_olmo_and_phi3_train_and_their_adapters_load_in_peft() {
 /// Mixtures of experts end to end: init_model writes a Qwen3-MoE, a Mixtral
 /// and an OLMoE checkpoint (4 experts, top 2), the full phase trains every
 /// weight (routers and experts included), the LoRA phase (DoRA) adapts the
-/// attention only, as PEFT does under transformers 5, and merges;
+/// attention only, as LLaMA-Factory's `lora_target: all` under transformers
+/// 5, and merges;
 /// transformers loads both checkpoints as their own classes with no tensor
 /// missing or unexpected, and PEFT's view of the adapter computes what the
 /// merged model computes. `moe_aux_loss_coef` adds the routers'

@@ -351,8 +351,9 @@ impl<B: Backend> DecoderLayer<B> {
     /// The layer's linear projections that exist, in the order of Hugging
     /// Face's modules, with their names under the layer (`self_attn.q_proj`,
     /// `mlp.gate_up_proj`, ...). A mixture of experts' router and experts
-    /// are not among them (see [`Mlp::gate`]): like transformers 5, which
-    /// holds them as plain parameters, they take no LoRA adapters.
+    /// are not among them (see [`Mlp::gate`]): they take no LoRA adapters,
+    /// as transformers 5 holds them as plain parameters, not `nn.Linear`
+    /// modules.
     pub fn projections(&self) -> impl Iterator<Item = (&'static str, &Linear<B>)> {
         layer_projections!(self, as_ref, &)
     }

@@ -96,7 +96,8 @@ impl LoraConfig {
     /// `q_proj` on Phi-3, whose queries come from `qkv_proj`) is an error.
     /// A mixture of experts whose every MLP is sparse (`dense_mlp` false)
     /// has only the attention's projections: its routers and experts take
-    /// no adapters, as PEFT leaves them under transformers 5.
+    /// no adapters, as LLaMA-Factory's `all` under transformers 5 (whose
+    /// experts and routers are not `nn.Linear` modules).
     pub fn fit_to(mut self, arch: Arch, dense_mlp: bool) -> anyhow::Result<Self> {
         let have = match (arch.fused(), dense_mlp) {
             (true, _) => FUSED_TARGETS,
