@@ -274,10 +274,11 @@ fn gemma_smollm3_olmo_and_phi3_train_and_their_adapters_load_in_peft() {
     }
 }
 
-/// Mixtures of experts end to end: init_model writes a Qwen3-MoE, a Mixtral
-/// and an OLMoE checkpoint (4 experts, top 2), the full phase trains every
+/// Mixtures of experts end to end: init_model writes a Qwen3-MoE, a
+/// Mixtral, an OLMoE and a Qwen2-MoE checkpoint (4 experts, top 2; Qwen2-MoE
+/// with its shared expert), the full phase trains every
 /// weight (routers and experts included), the LoRA phase (DoRA) adapts the
-/// attention only, as LLaMA-Factory's `lora_target: all` under transformers
+/// attention only (and Qwen2-MoE's shared expert and its gate), as LLaMA-Factory's `lora_target: all` under transformers
 /// 5, and merges;
 /// transformers loads both checkpoints as their own classes with no tensor
 /// missing or unexpected, and PEFT's view of the adapter computes what the
@@ -286,7 +287,7 @@ fn gemma_smollm3_olmo_and_phi3_train_and_their_adapters_load_in_peft() {
 #[test]
 fn mixtures_of_experts_train_and_their_adapters_load_in_peft() {
     let mut runs = Vec::new();
-    for arch in ["qwen3_moe", "mixtral", "olmoe"] {
+    for arch in ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"] {
         let p = Project::new();
         write_data(&p);
         let yaml = pipeline("tiny", 4, 100)
@@ -315,11 +316,17 @@ fn mixtures_of_experts_train_and_their_adapters_load_in_peft() {
         {
             assert!(base[k].data != tuned[k].data, "{arch}: {k} did not train");
         }
+        // Qwen2-MoE's shared expert and its gate are `nn.Linear` modules.
         let adapter = tensors(&p, "work/phase2/adapter/adapter_model.safetensors");
-        assert!(
-            adapter.keys().all(|k| k.contains(".self_attn.")),
-            "{arch}: {:?}",
-            adapter.keys()
+        let adapted = |k: &String| {
+            k.contains(".self_attn.") || (arch == "qwen2_moe" && k.contains(".mlp.shared_expert"))
+        };
+        assert!(adapter.keys().all(adapted), "{arch}: {:?}", adapter.keys());
+        let gate = "mlp.shared_expert_gate.lora_B.weight";
+        assert_eq!(
+            adapter.keys().any(|k| k.ends_with(gate)),
+            arch == "qwen2_moe",
+            "{arch}"
         );
         runs.push((p, arch, config));
     }
@@ -328,6 +335,7 @@ fn mixtures_of_experts_train_and_their_adapters_load_in_peft() {
     for ((_, arch, config), peft) in runs.iter().zip(&reports) {
         assert_eq!(peft["class"], config["architectures"][0], "{arch}: {peft}");
     }
+    assert_eq!(reports[3]["target_modules"].as_array().unwrap().len(), 8);
     // The routers' load-balancing loss (transformers' `output_router_logits`,
     // here through `moe_aux_loss_coef`) joins the training loss: near-uniform
     // routers at initialisation make it about top_k = 2, so the first step's

@@ -1065,13 +1065,7 @@ impl OnDevice for Job<'_> {
                     multimodal: config.multimodal,
                     ..p.lora_config()?
                 }
-                .fit_to(
-                    config.arch,
-                    config
-                        .moe
-                        .as_ref()
-                        .is_none_or(|m| m.sparse_layers.contains(&false)),
-                )
+                .fit_to(config.arch, &base.net.projection_names())
                 .context("params.lora_target")?,
             ),
             FinetuningType::Full | FinetuningType::Freeze => None,

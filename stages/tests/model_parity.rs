@@ -167,7 +167,7 @@ fn tiny_archs_match_transformers() {
 /// batch and greedy generation with the KV cache.
 #[test]
 fn tiny_moe_archs_match_transformers() {
-    let archs = ["qwen3-moe", "mixtral", "mixtral-aux", "olmoe"];
+    let archs = ["qwen2-moe", "qwen3-moe", "mixtral", "mixtral-aux", "olmoe"];
     let dirs = common::tiny_archs(&archs);
     for arch in archs {
         let dir = dirs.path().join(arch);
@@ -347,8 +347,10 @@ mod cuda {
             "gemma2",
             "phi3",
             "phi3-longrope",
+            "qwen2-moe",
             "qwen3-moe",
             "mixtral",
+            "mixtral-aux",
             "olmoe",
         ];
         let dirs = common::tiny_archs(&archs);

@@ -360,7 +360,7 @@ fn tiny_arch_full_steps_match_torch() {
 /// experts train, and expert 1 of layer 0 ends where torch's does.
 #[test]
 fn tiny_moe_full_steps_match_torch() {
-    let archs = ["qwen3-moe", "mixtral", "mixtral-aux", "olmoe"];
+    let archs = ["qwen2-moe", "qwen3-moe", "mixtral", "mixtral-aux", "olmoe"];
     let dirs = common::tiny_archs(&archs);
     for arch in archs {
         let dir = dirs.path().join(arch);
@@ -856,8 +856,9 @@ mod cuda {
             "olmo3",
             "gemma2",
             "phi3",
+            "qwen2-moe",
             "qwen3-moe",
-            "mixtral",
+            "mixtral-aux",
         ];
         let dirs = common::tiny_archs(&archs);
         for arch in archs {

@@ -1,7 +1,7 @@
 //! Model architecture read from a Hugging Face `config.json` (`llama`,
 //! `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3_text`, `gemma3`,
-//! `olmo2`, `olmo3`, `phi3`, and the mixtures of experts `qwen3_moe`,
-//! `mixtral` and `olmoe`).
+//! `olmo2`, `olmo3`, `phi3`, and the mixtures of experts `qwen2_moe`,
+//! `qwen3_moe`, `mixtral` and `olmoe`).
 
 use std::path::{Path, PathBuf};
 
@@ -49,6 +49,11 @@ pub enum Arch {
     /// projections in another (`gate_up_proj`, gate first); every layer
     /// sliding when `sliding_window` is set.
     Phi3,
+    /// `Qwen2MoeForCausalLM` (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's
+    /// attention (q/k/v biases under `qkv_bias`); mixtures of experts with
+    /// a shared expert beside the routed ones, scaled by a sigmoid gate
+    /// (`shared_expert`, `shared_expert_gate`).
+    Qwen2Moe,
     /// `Qwen3MoeForCausalLM` (Qwen3-30B-A3B, ...): Qwen3's attention; the
     /// MLPs are mixtures of experts (but those in `mlp_only_layers` or off
     /// `decoder_sparse_step`).
@@ -64,7 +69,7 @@ pub enum Arch {
 
 /// The `model_type` values anneal reads, for error messages.
 pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, olmo2, \
-     olmo3, phi3, qwen3_moe, mixtral, olmoe";
+     olmo3, phi3, qwen2_moe, qwen3_moe, mixtral, olmoe";
 
 /// A sparse mixture of experts in place of the dense MLP: a linear router
 /// scores the experts per token, the `top_k` best run, and their outputs are
@@ -85,6 +90,9 @@ pub struct MoeConfig {
     /// ones, `intermediate_size` wide, in `mlp_only_layers` and off
     /// `decoder_sparse_step`).
     pub sparse_layers: Vec<bool>,
+    /// Qwen2-MoE: the width of the shared expert
+    /// (`shared_expert_intermediate_size`).
+    pub shared_expert_intermediate_size: Option<usize>,
     /// The routers' load-balancing loss is added to the loss times this:
     /// `router_aux_loss_coef` (0.001; OLMoE's 0.01) under
     /// `output_router_logits`, 0 without.
@@ -114,6 +122,7 @@ impl Arch {
             Arch::Olmo2 => "olmo2",
             Arch::Olmo3 => "olmo3",
             Arch::Phi3 => "phi3",
+            Arch::Qwen2Moe => "qwen2_moe",
             Arch::Qwen3Moe => "qwen3_moe",
             Arch::Mixtral => "mixtral",
             Arch::Olmoe => "olmoe",
@@ -133,6 +142,7 @@ impl Arch {
             Arch::Olmo2 => "Olmo2ForCausalLM",
             Arch::Olmo3 => "Olmo3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
             Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
             Arch::Mixtral => "MixtralForCausalLM",
             Arch::Olmoe => "OlmoeForCausalLM",
@@ -162,7 +172,10 @@ impl Arch {
 
     /// Whether the MLPs are mixtures of experts (see [`MoeConfig`]).
     pub fn moe(self) -> bool {
-        matches!(self, Arch::Qwen3Moe | Arch::Mixtral | Arch::Olmoe)
+        matches!(
+            self,
+            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Mixtral | Arch::Olmoe
+        )
     }
 
     /// A mixture of experts' HF names: the block under a layer, and an
@@ -203,6 +216,7 @@ impl Arch {
             Arch::Olmo2,
             Arch::Olmo3,
             Arch::Phi3,
+            Arch::Qwen2Moe,
             Arch::Qwen3Moe,
             Arch::Mixtral,
             Arch::Olmoe,
@@ -526,7 +540,7 @@ impl ModelConfig {
             Arch::Gemma3 => k.usize_or("max_position_embeddings", 131_072)?,
             Arch::SmolLm3 => k.usize_or("max_position_embeddings", 32_768)?,
             Arch::Phi3 | Arch::Olmoe => k.usize_or("max_position_embeddings", 4096)?,
-            Arch::Qwen3Moe => k.usize_or("max_position_embeddings", 32_768)?,
+            Arch::Qwen2Moe | Arch::Qwen3Moe => k.usize_or("max_position_embeddings", 32_768)?,
             Arch::Mixtral => k.usize_or("max_position_embeddings", 131_072)?,
             _ => k.usize_or("max_position_embeddings", 2048)?,
         };
@@ -548,6 +562,7 @@ impl ModelConfig {
         let (sliding_window, sliding_layers) = sliding(&k, arch, num_hidden_layers, &rope_layers)?;
         let attention_bias = match arch {
             Arch::Qwen2 => true,
+            Arch::Qwen2Moe => k.bool_or("qkv_bias", true)?,
             Arch::Mixtral => false,
             Arch::Llama
             | Arch::Mistral
@@ -846,6 +861,7 @@ fn moe(k: &Keys, arch: Arch, layers: usize, intermediate: usize) -> anyhow::Resu
     let (experts, top_k) = match arch {
         Arch::Mixtral => (8, 2),
         Arch::Olmoe => (64, 8),
+        Arch::Qwen2Moe => (60, 4),
         _ => (128, 8),
     };
     // transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`.
@@ -856,7 +872,7 @@ fn moe(k: &Keys, arch: Arch, layers: usize, intermediate: usize) -> anyhow::Resu
     let num_experts = k.usize_or(experts_key, experts)?;
     let top_k = k.usize_or("num_experts_per_tok", top_k)?;
     let sparse_layers = match arch {
-        Arch::Qwen3Moe => {
+        Arch::Qwen2Moe | Arch::Qwen3Moe => {
             let step = k.usize_or("decoder_sparse_step", 1)?;
             if step == 0 {
                 bail!("{file}: key 'decoder_sparse_step' must be positive");
@@ -901,8 +917,13 @@ fn moe(k: &Keys, arch: Arch, layers: usize, intermediate: usize) -> anyhow::Resu
         num_experts,
         top_k,
         expert_intermediate_size: match arch {
+            Arch::Qwen2Moe => k.usize_or("moe_intermediate_size", 1408)?,
             Arch::Qwen3Moe => k.usize_or("moe_intermediate_size", 768)?,
             _ => intermediate,
+        },
+        shared_expert_intermediate_size: match arch {
+            Arch::Qwen2Moe => Some(k.usize_or("shared_expert_intermediate_size", 5632)?),
+            _ => None,
         },
         norm_topk_prob: arch == Arch::Mixtral || k.bool_or("norm_topk_prob", false)?,
         sparse_layers,
@@ -1001,7 +1022,13 @@ fn sliding(
             };
             (w, vec![w.is_some(); layers])
         }
-        Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma2 | Arch::Gemma3 | Arch::SmolLm3 | Arch::Olmo3 => {
+        Arch::Qwen2
+        | Arch::Qwen2Moe
+        | Arch::Qwen3
+        | Arch::Gemma2
+        | Arch::Gemma3
+        | Arch::SmolLm3
+        | Arch::Olmo3 => {
             let always = matches!(arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo3);
             let w = match always || k.bool_or("use_sliding_window", false)? {
                 true => window()?,
@@ -1872,6 +1899,23 @@ mod tests {
             (1e6, 1e-5, None)
         );
         assert_eq!(c.arch.expert_names().0, "block_sparse_moe");
+        // Qwen2MoeConfig: 60 experts, top 4, 1408 wide, a shared expert 5632
+        // wide; q/k/v biases unless `qkv_bias` is false.
+        let c = moe("qwen2_moe", json!({})).unwrap();
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.num_experts, m.top_k, m.expert_intermediate_size),
+            (60, 4, 1408)
+        );
+        assert_eq!(m.shared_expert_intermediate_size, Some(5632));
+        assert!(c.attention_bias && !c.arch.qk_norm());
+        let c = moe(
+            "qwen2_moe",
+            json!({"qkv_bias": false, "mlp_only_layers": [0]}),
+        )
+        .unwrap();
+        assert!(!c.attention_bias);
+        assert_eq!(c.moe.unwrap().sparse_layers, [false, true, true, true]);
         let c = moe("olmoe", json!({"num_experts": 4, "num_experts_per_tok": 2})).unwrap();
         assert!(c.arch.qk_norm_whole() && !c.arch.post_norms_only());
         assert_eq!(c.moe.unwrap().sparse_layers, [true; 4]);

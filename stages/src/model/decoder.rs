@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use anyhow::bail;
 use burn::module::{Module, Param};
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Distribution, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -287,6 +287,11 @@ pub struct Mlp<B: Backend> {
     pub top_k: usize,
     /// Mixture of experts: the `top_k` routing weights are rescaled to sum to 1.
     pub norm_topk_prob: bool,
+    /// Qwen2-MoE: an expert every token runs through, beside the routed ones.
+    pub shared_expert: Option<Expert<B>>,
+    /// Qwen2-MoE: `[hidden, 1]`; the shared expert's output is scaled by
+    /// the sigmoid of this projection.
+    pub shared_expert_gate: Option<Linear<B>>,
 }
 
 /// One expert of a mixture: a SwiGLU block.
@@ -331,6 +336,12 @@ pub struct DecoderLayer<B: Backend> {
 macro_rules! layer_projections {
     ($layer:expr, $by:ident, $($r:tt)+) => {{
         let (a, m) = ($($r)+ $layer.self_attn, $($r)+ $layer.mlp);
+        let (sg, su, sd) = match m.shared_expert.$by() {
+            Some(Expert { gate_proj, up_proj, down_proj }) => {
+                (Some(gate_proj), Some(up_proj), Some(down_proj))
+            }
+            None => (None, None, None),
+        };
         [
             ("self_attn.q_proj", a.q_proj.$by()),
             ("self_attn.k_proj", a.k_proj.$by()),
@@ -341,6 +352,10 @@ macro_rules! layer_projections {
             ("mlp.up_proj", m.up_proj.$by()),
             ("mlp.gate_up_proj", m.gate_up_proj.$by()),
             ("mlp.down_proj", m.down_proj.$by()),
+            ("mlp.shared_expert.gate_proj", sg),
+            ("mlp.shared_expert.up_proj", su),
+            ("mlp.shared_expert.down_proj", sd),
+            ("mlp.shared_expert_gate", m.shared_expert_gate.$by()),
         ]
         .into_iter()
         .filter_map(|(name, lin)| Some((name, lin?)))
@@ -350,8 +365,9 @@ macro_rules! layer_projections {
 impl<B: Backend> DecoderLayer<B> {
     /// The layer's linear projections that exist, in the order of Hugging
     /// Face's modules, with their names under the layer (`self_attn.q_proj`,
-    /// `mlp.gate_up_proj`, ...). A mixture of experts' router and experts
-    /// are not among them (see [`Mlp::gate`]): they take no LoRA adapters,
+    /// `mlp.gate_up_proj`, ...). A mixture of experts' router and routed
+    /// experts are not among them (Qwen2-MoE's shared expert and its gate
+    /// are) (see [`Mlp::gate`]): they take no LoRA adapters,
     /// as transformers 5 holds them as plain parameters, not `nn.Linear`
     /// modules.
     pub fn projections(&self) -> impl Iterator<Item = (&'static str, &Linear<B>)> {
@@ -792,9 +808,15 @@ impl<B: ModelBackend> Mlp<B> {
             .reshape([total, 1]);
         let rows = Tensor::from_data(TensorData::new(rows, [total]), &device);
         let y = Tensor::cat(outs, 0) * weights;
-        Tensor::<B, 2>::zeros([n, h], &device)
-            .select_assign(0, rows, y, IndexingUpdateOp::Add)
-            .reshape([b, t, h])
+        let mut out =
+            Tensor::<B, 2>::zeros([n, h], &device).select_assign(0, rows, y, IndexingUpdateOp::Add);
+        if let (Some(shared), Some(gate)) = (&self.shared_expert, &self.shared_expert_gate) {
+            let scale = sigmoid(gate.forward_with(x.clone(), dropout));
+            let g = shared.gate_proj.forward_with(x.clone(), dropout);
+            let u = shared.up_proj.forward_with(x, dropout);
+            out = out + shared.down_proj.forward_with(swiglu(g, u), dropout) * scale;
+        }
+        out.reshape([b, t, h])
     }
 }
 
@@ -1600,6 +1622,8 @@ impl<B: Backend> CausalLm<B> {
                         experts: Vec::new(),
                         top_k: 0,
                         norm_topk_prob: false,
+                        shared_expert: None,
+                        shared_expert_gate: None,
                     }
                 }
                 Some(moe) => {
@@ -1635,6 +1659,44 @@ impl<B: Backend> CausalLm<B> {
                             })
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?;
+                    let (shared_expert, shared_expert_gate) =
+                        match moe.shared_expert_intermediate_size {
+                            None => (None, None),
+                            Some(si) => {
+                                let at = format!("{prefix}.shared_expert");
+                                let expert = Expert {
+                                    gate_proj: lin(
+                                        &mut take,
+                                        &format!("{at}.gate_proj"),
+                                        hidden,
+                                        si,
+                                        false,
+                                    )?,
+                                    up_proj: lin(
+                                        &mut take,
+                                        &format!("{at}.up_proj"),
+                                        hidden,
+                                        si,
+                                        false,
+                                    )?,
+                                    down_proj: lin(
+                                        &mut take,
+                                        &format!("{at}.down_proj"),
+                                        si,
+                                        hidden,
+                                        false,
+                                    )?,
+                                };
+                                let gate = lin(
+                                    &mut take,
+                                    &format!("{prefix}.shared_expert_gate"),
+                                    hidden,
+                                    1,
+                                    false,
+                                )?;
+                                (Some(expert), Some(gate))
+                            }
+                        };
                     Mlp {
                         gate_proj: None,
                         up_proj: None,
@@ -1645,6 +1707,8 @@ impl<B: Backend> CausalLm<B> {
                         experts,
                         top_k: moe.top_k,
                         norm_topk_prob: moe.norm_topk_prob,
+                        shared_expert,
+                        shared_expert_gate,
                     }
                 }
             };
@@ -1737,6 +1801,22 @@ impl<B: Backend> CausalLm<B> {
             expert_names: c.arch.expert_names(),
             router_aux_loss_coef: c.moe.as_ref().map_or(0.0, |m| m.router_aux_loss_coef),
         })
+    }
+
+    /// The distinct names of the layers' projections (`q_proj`, ...,
+    /// `shared_expert_gate`), in the order of Hugging Face's modules: what
+    /// LoRA can target.
+    pub fn projection_names(&self) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = Vec::new();
+        for layer in &self.layers {
+            for (name, _) in layer.projections() {
+                let short = name.rsplit_once('.').map_or(name, |(_, short)| short);
+                if !out.contains(&short) {
+                    out.push(short);
+                }
+            }
+        }
+        out
     }
 
     /// The weights under their HF names, in HF layout.

@@ -38,7 +38,7 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 pub struct InitSpec {
     /// `llama` (default), `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma2`,
     /// `gemma3_text`, `olmo2`, `olmo3`, `phi3`, or a mixture of experts:
-    /// `qwen3_moe`, `mixtral`, `olmoe`.
+    /// `qwen2_moe`, `qwen3_moe`, `mixtral`, `olmoe`.
     #[serde(default = "default_arch")]
     pub arch: String,
     /// A name from [`PRESETS`] (default `tiny`).
@@ -175,10 +175,13 @@ impl InitSpec {
                 ),
             ));
         }
-        if self.max_window_layers.is_some() && !matches!(self.arch.as_str(), "qwen2" | "qwen3") {
+        if self.max_window_layers.is_some()
+            && !matches!(self.arch.as_str(), "qwen2" | "qwen3" | "qwen2_moe")
+        {
             return Err((
                 "max_window_layers".into(),
-                "max_window_layers is a qwen2/qwen3 key (mistral slides on every layer)".into(),
+                "max_window_layers is a qwen2/qwen3/qwen2_moe key (mistral slides on every layer)"
+                    .into(),
             ));
         }
         if self.max_window_layers.is_some() && self.sliding_window.is_none() {
@@ -284,7 +287,7 @@ impl InitSpec {
                 self.layer_types(&mut c, 4, layers);
             }
             Arch::Mistral => c["sliding_window"] = json!(self.sliding_window),
-            Arch::Qwen3Moe | Arch::Mixtral | Arch::Olmoe => {
+            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Mixtral | Arch::Olmoe => {
                 let (experts, top_k) = self.experts();
                 c["num_experts_per_tok"] = json!(top_k);
                 c["output_router_logits"] = json!(false);
@@ -299,12 +302,22 @@ impl InitSpec {
                         c["norm_topk_prob"] = json!(arch == Arch::Qwen3Moe);
                     }
                 }
-                if arch == Arch::Qwen3Moe {
+                if matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe) {
                     c["moe_intermediate_size"] = json!(inter);
                     c["decoder_sparse_step"] = json!(1);
                     c["mlp_only_layers"] = json!([]);
                     c["use_sliding_window"] = json!(self.sliding_window.is_some());
                     c["sliding_window"] = json!(self.sliding_window);
+                }
+                if arch == Arch::Qwen2Moe {
+                    c.as_object_mut()
+                        .expect("an object")
+                        .remove("attention_bias");
+                    c["qkv_bias"] = json!(true);
+                    c["shared_expert_intermediate_size"] = json!(inter);
+                    if self.sliding_window.is_some() {
+                        c["max_window_layers"] = json!(self.max_window_layers.unwrap_or(0));
+                    }
                 }
             }
             Arch::Phi3 => {
@@ -417,7 +430,7 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
     );
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        let o_bias = c.attention_bias && c.arch != Arch::Qwen2;
+        let o_bias = c.attention_bias && !matches!(c.arch, Arch::Qwen2 | Arch::Qwen2Moe);
         let projections: Vec<(&str, usize, usize, bool)> = match c.arch.fused() {
             // Phi-3's have no biases.
             true => vec![
@@ -450,6 +463,13 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
                 projections.push((format!("{at}.{gate}"), ei, h, false));
                 projections.push((format!("{at}.{up}"), ei, h, false));
                 projections.push((format!("{at}.{down}"), h, ei, false));
+            }
+            if let Some(si) = moe.shared_expert_intermediate_size {
+                let at = format!("{block}.shared_expert");
+                projections.push((format!("{at}.gate_proj"), si, h, false));
+                projections.push((format!("{at}.up_proj"), si, h, false));
+                projections.push((format!("{at}.down_proj"), h, si, false));
+                projections.push((format!("{block}.shared_expert_gate"), 1, h, false));
             }
         }
         for (name, o, inp, bias) in projections {

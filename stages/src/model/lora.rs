@@ -31,6 +31,9 @@ pub const ALL_TARGETS: &[&str] = &[
 /// The four projections of a layer with fused ones (Phi-3).
 pub const FUSED_TARGETS: &[&str] = &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
 
+/// Projections only some models have: Qwen2-MoE's shared expert gate.
+pub const OTHER_TARGETS: &[&str] = &["shared_expert_gate"];
+
 /// Which projections get adapters, and their size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
@@ -70,7 +73,7 @@ impl LoraConfig {
 
     /// Expands `all` and checks the names.
     pub fn resolve_targets(names: &[String]) -> anyhow::Result<Vec<String>> {
-        let known = || ALL_TARGETS.iter().chain(FUSED_TARGETS);
+        let known = || ALL_TARGETS.iter().chain(FUSED_TARGETS).chain(OTHER_TARGETS);
         let mut out = Vec::new();
         for n in names {
             if n == "all" || n == "all-linear" {
@@ -80,9 +83,10 @@ impl LoraConfig {
             } else {
                 bail!(
                     "lora_target '{n}' is not a projection of the decoder; use 'all' or some of: \
-                     {} (Phi-3: {})",
+                     {} (Phi-3: {}; Qwen2-MoE also: {})",
                     ALL_TARGETS.join(", "),
-                    FUSED_TARGETS.join(", ")
+                    FUSED_TARGETS.join(", "),
+                    OTHER_TARGETS.join(", ")
                 );
             }
         }
@@ -91,19 +95,16 @@ impl LoraConfig {
         Ok(out)
     }
 
-    /// Keeps the targets that are projections of an `arch` model: all of
-    /// them when every one is targeted (`all`); a name the model lacks (say
-    /// `q_proj` on Phi-3, whose queries come from `qkv_proj`) is an error.
-    /// A mixture of experts whose every MLP is sparse (`dense_mlp` false)
-    /// has only the attention's projections: its routers and experts take
-    /// no adapters, as LLaMA-Factory's `all` under transformers 5 (whose
-    /// experts and routers are not `nn.Linear` modules).
-    pub fn fit_to(mut self, arch: Arch, dense_mlp: bool) -> anyhow::Result<Self> {
-        let have = match (arch.fused(), dense_mlp) {
-            (true, _) => FUSED_TARGETS,
-            (false, true) => ALL_TARGETS,
-            (false, false) => &ALL_TARGETS[..4],
-        };
+    /// Keeps the targets among `have`, the projections of an `arch` model
+    /// ([`CausalLm::projection_names`](super::decoder::CausalLm::projection_names)):
+    /// all of them when every one is targeted (`all`); a name the model
+    /// lacks (say `q_proj` on Phi-3, whose queries come from `qkv_proj`) is
+    /// an error. A mixture of experts' routers and routed experts are not
+    /// projections: like LLaMA-Factory's `all` under transformers 5 (whose
+    /// experts and routers are not `nn.Linear` modules), a mixture whose
+    /// every MLP is sparse has only the attention's, and Qwen2-MoE's shared
+    /// expert and its gate.
+    pub fn fit_to(mut self, arch: Arch, have: &[&str]) -> anyhow::Result<Self> {
         let targeted = |h: &&str| self.targets.iter().any(|t| t == h);
         if have.iter().all(targeted) {
             self.targets = have.iter().map(|s| s.to_string()).collect();
@@ -111,10 +112,11 @@ impl LoraConfig {
             return Ok(self);
         }
         if let Some(t) = self.targets.iter().find(|t| !have.contains(&t.as_str())) {
-            let experts = match dense_mlp {
-                true => "",
-                false => {
-                    "; its MLPs are mixtures of experts, whose routers and experts take no adapters"
+            let experts = match arch.moe() {
+                false => "",
+                true => {
+                    "; its MLPs are mixtures of experts, whose routers and routed experts take no \
+                     adapters"
                 }
             };
             bail!(
@@ -223,7 +225,7 @@ fn projections<B: Backend>(net: &mut CausalLm<B>) -> Vec<(String, &'static str, 
     let mut out = Vec::new();
     for (i, layer) in net.layers.iter_mut().enumerate() {
         for (name, lin) in layer.projections_mut() {
-            let short = name.split_once('.').map_or(name, |(_, short)| short);
+            let short = name.rsplit_once('.').map_or(name, |(_, short)| short);
             out.push((format!("model.layers.{i}.{name}"), short, lin));
         }
     }
@@ -495,9 +497,10 @@ mod tests {
 
     #[test]
     fn targets_fit_the_models_projections() {
-        let all = |arch| config(&["all"]).fit_to(arch, true).unwrap().targets;
+        let (dense, attention) = (ALL_TARGETS, &ALL_TARGETS[..4]);
+        let all = |arch, have| config(&["all"]).fit_to(arch, have).unwrap().targets;
         assert_eq!(
-            all(Arch::Llama),
+            all(Arch::Llama, dense),
             [
                 "down_proj",
                 "gate_proj",
@@ -509,15 +512,15 @@ mod tests {
             ]
         );
         assert_eq!(
-            all(Arch::Phi3),
+            all(Arch::Phi3, FUSED_TARGETS),
             ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
         );
         let some = config(&["qkv_proj", "o_proj"])
-            .fit_to(Arch::Phi3, true)
+            .fit_to(Arch::Phi3, FUSED_TARGETS)
             .unwrap();
         assert_eq!(some.targets, ["o_proj", "qkv_proj"]);
         let e = config(&["q_proj", "v_proj"])
-            .fit_to(Arch::Phi3, true)
+            .fit_to(Arch::Phi3, FUSED_TARGETS)
             .unwrap_err()
             .to_string();
         assert!(
@@ -528,19 +531,30 @@ mod tests {
             "{e}"
         );
         let e = config(&["gate_up_proj"])
-            .fit_to(Arch::Qwen2, true)
+            .fit_to(Arch::Qwen2, dense)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("'gate_up_proj' is not a projection of this qwen2"),
             "{e}"
         );
-        let moe = config(&["all"]).fit_to(Arch::Mixtral, false).unwrap();
-        assert_eq!(moe.targets, ["k_proj", "o_proj", "q_proj", "v_proj"]);
-        let dense_too = config(&["all"]).fit_to(Arch::Qwen3Moe, true).unwrap();
-        assert_eq!(dense_too.targets.len(), 7);
+        assert_eq!(
+            all(Arch::Mixtral, attention),
+            ["k_proj", "o_proj", "q_proj", "v_proj"]
+        );
+        assert_eq!(all(Arch::Qwen3Moe, dense).len(), 7);
+        let shared: Vec<&str> = dense.iter().chain(OTHER_TARGETS).copied().collect();
+        assert_eq!(all(Arch::Qwen2Moe, &shared).len(), 8);
+        let e = config(&["shared_expert_gate"])
+            .fit_to(Arch::Llama, dense)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'shared_expert_gate' is not a projection of this llama"),
+            "{e}"
+        );
         let e = config(&["q_proj", "gate_proj"])
-            .fit_to(Arch::Olmoe, false)
+            .fit_to(Arch::Olmoe, attention)
             .unwrap_err()
             .to_string();
         assert!(

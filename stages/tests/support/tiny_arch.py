@@ -30,7 +30,9 @@ q/k/v in one `qkv_proj`, gate and up in one `gate_up_proj`, every layer
 sliding over 24 keys), or `phi3-longrope` (Phi-3.5 / Phi-4-mini style: RoPE
 on the first half of each head only, LongRoPE over 128 original positions,
 so the batch takes the short factors and the prompt the long ones), or a
-mixture of experts: `qwen3-moe` (Qwen3-MoE: 4 experts 32 wide, top 2
+mixture of experts: `qwen2-moe` (Qwen2-MoE: 4 experts 32 wide, top 2 not
+renormalised, and a shared expert 48 wide behind its sigmoid gate),
+`qwen3-moe` (Qwen3-MoE: 4 experts 32 wide, top 2
 renormalised, layer 1 dense through `mlp_only_layers`), `mixtral` (4
 experts, top 2, `block_sparse_moe` names), `mixtral-aux` (the same with
 `output_router_logits`: the loss includes the routers' load-balancing loss,
@@ -67,6 +69,7 @@ from transformers import (
     Olmo3Config,
     Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
     SmolLM3Config,
@@ -202,6 +205,15 @@ def build(arch, src, out):
             rope_parameters={"rope_type": "default", "rope_theta": 1e6},
             **sizes,
         )
+    elif arch == "qwen2-moe":
+        config = Qwen2MoeConfig(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            **sizes,
+        )
     elif arch in ("mixtral", "mixtral-aux"):
         config = MixtralConfig(
             num_local_experts=4,
@@ -300,7 +312,7 @@ def build(arch, src, out):
         ]
     tensors = {k: ref[k] for k in ["input_ids", "attention_mask", "labels"]}
     tensors["logits"] = result.logits.detach().contiguous()
-    if arch in ("qwen3-moe", "mixtral", "mixtral-aux", "olmoe"):
+    if arch in ("qwen2-moe", "qwen3-moe", "mixtral", "mixtral-aux", "olmoe"):
         # transformers 5 holds the experts as [experts, ...] parameters (gate
         # and up in one, gate first); checkpoints name each expert's matrices.
         block, (gate, up, down) = (
@@ -314,6 +326,9 @@ def build(arch, src, out):
         tensors[f"{at}.experts.1.{gate}.weight"] = gate_up[:width].detach().contiguous()
         tensors[f"{at}.experts.1.{up}.weight"] = gate_up[width:].detach().contiguous()
         tensors[f"{at}.experts.1.{down}.weight"] = params[f"{experts}.down_proj"][1].detach().contiguous()
+        if arch == "qwen2-moe":
+            for k in ["shared_expert.up_proj.weight", "shared_expert_gate.weight"]:
+                tensors[f"{at}.{k}"] = params[f"model.layers.0.mlp.{k}"].detach().contiguous()
     for k in watched:
         # transformers 5 nests the multimodal model's language model.
         name = k.replace("model.", "model.language_model.", 1) if mm else k
