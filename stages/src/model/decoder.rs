@@ -366,10 +366,9 @@ impl<B: Backend> DecoderLayer<B> {
     /// The layer's linear projections that exist, in the order of Hugging
     /// Face's modules, with their names under the layer (`self_attn.q_proj`,
     /// `mlp.gate_up_proj`, ...). A mixture of experts' router and routed
-    /// experts are not among them (Qwen2-MoE's shared expert and its gate
-    /// are) (see [`Mlp::gate`]): they take no LoRA adapters,
-    /// as transformers 5 holds them as plain parameters, not `nn.Linear`
-    /// modules.
+    /// experts (see [`Mlp::gate`]) are not among them, so they take no LoRA
+    /// adapters: transformers 5 holds them as plain parameters, not
+    /// `nn.Linear` modules. Qwen2-MoE's shared expert and its gate are.
     pub fn projections(&self) -> impl Iterator<Item = (&'static str, &Linear<B>)> {
         layer_projections!(self, as_ref, &)
     }
