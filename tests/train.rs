@@ -252,19 +252,7 @@ fn gemma_smollm3_olmo_and_phi3_train_and_their_adapters_load_in_peft() {
         ("olmo3", "sliding_window: 24, num_hidden_layers: 4, "),
         ("phi3", "sliding_window: 24, "),
     ] {
-        let p = Project::new();
-        write_data(&p);
-        let yaml = pipeline("tiny", 4, 100).replace(
-            "{size: tiny,",
-            &format!("{{arch: {arch}, {extra}size: tiny,"),
-        );
-        p.write("sft.yaml", &yaml);
-        p.run_ok("sft.yaml", &[]);
-        let config: Value = serde_json::from_str(&p.read("work/phase2/config.json")).unwrap();
-        assert_eq!(config["model_type"], arch, "{config}");
-        let m = metrics(&p, "work/phase1.jsonl");
-        let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
-        assert!(loss(3) < loss(0), "{arch}: loss {} -> {}", loss(0), loss(3));
+        let (p, config) = trains_as(arch, extra);
         runs.push((p, arch, config));
     }
     let cases: Vec<(&Project, &str)> = runs.iter().map(|(p, arch, _)| (p, *arch)).collect();
@@ -274,13 +262,33 @@ fn gemma_smollm3_olmo_and_phi3_train_and_their_adapters_load_in_peft() {
     }
 }
 
+/// The test pipeline on a tiny `arch` model from init_model (`extra`: more
+/// of its params, each followed by ", "), run whole: phase 2's config names
+/// the arch and phase 1's loss falls over its four steps.
+fn trains_as(arch: &str, extra: &str) -> (Project, Value) {
+    let p = Project::new();
+    write_data(&p);
+    let yaml = pipeline("tiny", 4, 100).replace(
+        "{size: tiny,",
+        &format!("{{arch: {arch}, {extra}size: tiny,"),
+    );
+    p.write("sft.yaml", &yaml);
+    p.run_ok("sft.yaml", &[]);
+    let config: Value = serde_json::from_str(&p.read("work/phase2/config.json")).unwrap();
+    assert_eq!(config["model_type"], arch, "{config}");
+    let m = metrics(&p, "work/phase1.jsonl");
+    let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
+    assert!(loss(3) < loss(0), "{arch}: loss {} -> {}", loss(0), loss(3));
+    (p, config)
+}
+
 /// Mixtures of experts end to end: init_model writes a Qwen3-MoE, a
 /// Mixtral, an OLMoE and a Qwen2-MoE checkpoint (4 experts, top 2; Qwen2-MoE
-/// with its shared expert), the full phase trains every
-/// weight (routers and experts included), the LoRA phase (DoRA) adapts the
-/// attention only (and Qwen2-MoE's shared expert and its gate), as LLaMA-Factory's `lora_target: all` under transformers
-/// 5, and merges;
-/// transformers loads both checkpoints as their own classes with no tensor
+/// with its shared expert), the full phase trains every weight (routers and
+/// experts included), the LoRA phase (DoRA) adapts the attention only (and
+/// Qwen2-MoE's shared expert and its gate), as LLaMA-Factory's
+/// `lora_target: all` under transformers 5, and merges; transformers loads
+/// both checkpoints as their own classes with no tensor
 /// missing or unexpected, and PEFT's view of the adapter computes what the
 /// merged model computes. `moe_aux_loss_coef` adds the routers'
 /// load-balancing loss.
@@ -288,17 +296,7 @@ fn gemma_smollm3_olmo_and_phi3_train_and_their_adapters_load_in_peft() {
 fn mixtures_of_experts_train_and_their_adapters_load_in_peft() {
     let mut runs = Vec::new();
     for arch in ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"] {
-        let p = Project::new();
-        write_data(&p);
-        let yaml = pipeline("tiny", 4, 100)
-            .replace("{size: tiny,", &format!("{{arch: {arch}, size: tiny,"));
-        p.write("sft.yaml", &yaml);
-        p.run_ok("sft.yaml", &[]);
-        let config: Value = serde_json::from_str(&p.read("work/phase2/config.json")).unwrap();
-        assert_eq!(config["model_type"], arch, "{config}");
-        let m = metrics(&p, "work/phase1.jsonl");
-        let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
-        assert!(loss(3) < loss(0), "{arch}: loss {} -> {}", loss(0), loss(3));
+        let (p, config) = trains_as(arch, "");
         let (base, tuned) = (
             tensors(&p, "work/base/model.safetensors"),
             tensors(&p, "work/phase1/model.safetensors"),
