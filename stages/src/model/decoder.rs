@@ -312,6 +312,15 @@ impl<B: Backend> Expert<B> {
     }
 }
 
+impl<B: ModelBackend> Expert<B> {
+    /// The block on rows `x` `[tokens, hidden]`.
+    fn forward(&self, x: Tensor<B, 2>, dropout: bool) -> Tensor<B, 2> {
+        let gate = self.gate_proj.forward_with(x.clone(), dropout);
+        let up = self.up_proj.forward_with(x, dropout);
+        self.down_proj.forward_with(swiglu(gate, up), dropout)
+    }
+}
+
 /// One decoder layer: pre-norm, Gemma's norms before and after each block,
 /// or OLMo 2's after each block only.
 #[derive(Module, Debug)]
@@ -769,7 +778,6 @@ impl<B: ModelBackend> Mlp<B> {
         for row in host.chunks(e) {
             order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
             picked.extend(order[..k].iter().map(|&i| i as i64));
-            order.sort_unstable();
         }
         if let Some(routing) = routing {
             routing.record(probs.clone(), &picked, k);
@@ -795,9 +803,7 @@ impl<B: ModelBackend> Mlp<B> {
             slots.extend(picks);
             let at = TensorData::new(rows[start..].to_vec(), [m]);
             let xe = x.clone().select(0, Tensor::from_data(at, &device));
-            let gate = expert.gate_proj.forward_with(xe.clone(), dropout);
-            let up = expert.up_proj.forward_with(xe, dropout);
-            outs.push(expert.down_proj.forward_with(swiglu(gate, up), dropout));
+            outs.push(expert.forward(xe, dropout));
         }
         let total = rows.len();
         let slots = Tensor::from_data(TensorData::new(slots, [total]), &device);
@@ -811,9 +817,7 @@ impl<B: ModelBackend> Mlp<B> {
             Tensor::<B, 2>::zeros([n, h], &device).select_assign(0, rows, y, IndexingUpdateOp::Add);
         if let (Some(shared), Some(gate)) = (&self.shared_expert, &self.shared_expert_gate) {
             let scale = sigmoid(gate.forward_with(x.clone(), dropout));
-            let g = shared.gate_proj.forward_with(x.clone(), dropout);
-            let u = shared.up_proj.forward_with(x, dropout);
-            out = out + shared.down_proj.forward_with(swiglu(g, u), dropout) * scale;
+            out = out + shared.forward(x, dropout) * scale;
         }
         out.reshape([b, t, h])
     }

@@ -170,7 +170,7 @@ impl InitSpec {
                 "sliding_window".into(),
                 format!(
                     "{} has no sliding-window attention; use arch mistral, qwen2, qwen3, \
-                     smollm3, gemma2, gemma3_text, olmo3, phi3, qwen3_moe or mixtral",
+                     smollm3, gemma2, gemma3_text, olmo3, phi3, qwen2_moe, qwen3_moe or mixtral",
                     self.arch
                 ),
             ));
@@ -199,8 +199,8 @@ impl InitSpec {
                 return Err((
                     key.into(),
                     format!(
-                        "{key} is for a mixture of experts; {} has none (use arch qwen3_moe, \
-                         mixtral or olmoe)",
+                        "{key} is for a mixture of experts; {} has none (use arch qwen2_moe, \
+                         qwen3_moe, mixtral or olmoe)",
                         self.arch
                     ),
                 ));
