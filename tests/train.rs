@@ -290,8 +290,10 @@ fn trains_as(arch: &str, extra: &str) -> (Project, Value) {
 /// `lora_target: all` under transformers 5, and merges; transformers loads
 /// both checkpoints as their own classes with no tensor
 /// missing or unexpected, and PEFT's view of the adapter computes what the
-/// merged model computes. `moe_aux_loss_coef` adds the routers'
-/// load-balancing loss.
+/// merged model computes; so does, on Qwen3-MoE and Mixtral, a LoRA phase
+/// with `lora_target: all, experts`, whose adapter also holds the routed
+/// experts' factors in PEFT's `target_parameters` format.
+/// `moe_aux_loss_coef` adds the routers' load-balancing loss.
 #[test]
 fn mixtures_of_experts_train_and_their_adapters_load_in_peft() {
     let mut runs = Vec::new();
@@ -334,6 +336,44 @@ fn mixtures_of_experts_train_and_their_adapters_load_in_peft() {
         assert_eq!(peft["class"], config["architectures"][0], "{arch}: {peft}");
     }
     assert_eq!(reports[3]["target_modules"].as_array().unwrap().len(), 8);
+    // `lora_target: all, experts` adapts the routed experts too, in PEFT's
+    // `target_parameters` format (one pair of factors per projection for
+    // all experts of a layer): PEFT loads it and computes what our merge
+    // computes.
+    let with_experts: Vec<(&Project, &str)> = runs[..2]
+        .iter()
+        .map(|(p, arch, _)| {
+            let yaml = pipeline("tiny", 4, 100)
+                .replace("{size: tiny,", &format!("{{arch: {arch}, size: tiny,"))
+                .replace(
+                    "use_dora: true\n      lora_dropout: 0.05\n      lora_target: all",
+                    "lora_target: all, experts",
+                )
+                .replace("work/phase2/", "work/experts/");
+            p.write("experts.yaml", &yaml);
+            p.run_ok("experts.yaml", &["--stage", "phase2"]);
+            let adapter = tensors(p, "work/experts/adapter/adapter_model.safetensors");
+            // B starts at zero: trained, it moves.
+            for k in ["experts.base_layer.lora_B", "experts.lora_B"] {
+                let k = format!("base_model.model.model.layers.1.mlp.{k}.weight");
+                let b = adapter.get(&k);
+                let b = b.unwrap_or_else(|| panic!("{arch}: no {k}: {:?}", adapter.keys()));
+                assert!(
+                    b.data.iter().any(|x| *x != 0.0),
+                    "{arch}: {k} did not train"
+                );
+            }
+            (p, *arch)
+        })
+        .collect();
+    let reports = adapters_match_peft(&with_experts, "work/experts");
+    for (peft, (_, arch)) in reports.iter().zip(&with_experts) {
+        assert_eq!(
+            peft["target_parameters"],
+            serde_json::json!(["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]),
+            "{arch}: {peft}"
+        );
+    }
     // The routers' load-balancing loss (transformers' `output_router_logits`,
     // here through `moe_aux_loss_coef`) joins the training loss: near-uniform
     // routers at initialisation make it about top_k = 2, so the first step's
@@ -425,11 +465,17 @@ fn phase2_adapter_matches_peft(p: &Project, what: &str) -> Value {
 
 /// [`phase2_adapter_matches_peft`] for several projects in one Python run.
 fn phase2_adapters_match_peft(cases: &[(&Project, &str)]) -> Vec<Value> {
+    adapters_match_peft(cases, "work/phase2")
+}
+
+/// [`phase2_adapters_match_peft`] with phase 2's model in `phase2`.
+fn adapters_match_peft(cases: &[(&Project, &str)], phase2: &str) -> Vec<Value> {
     require_python(&["torch", "peft", "transformers"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/check_peft.py");
     let mut args = vec![script.clone()];
     for (p, _) in cases {
-        args.extend(["work/phase1", "work/phase2/adapter", "work/phase2"].map(|d| p.path(d)));
+        let adapter = format!("{phase2}/adapter");
+        args.extend(["work/phase1", &adapter, phase2].map(|d| p.path(d)));
     }
     let args: Vec<&Path> = args.iter().map(PathBuf::as_path).collect();
     let peft = python_json(&args, &script.display().to_string());

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::conversation_transform::{conv_of, read_records, record_of, steps};
+use crate::model::lora::{LoraConfig, is_expert_target};
 use crate::params::{self, OnError};
 use crate::{ConfigError, KeySpec, Stage, StageContext};
 
@@ -67,6 +68,20 @@ impl params::Validate for Params {
                         ),
                     });
                 }
+            }
+            let targets = t.get("lora_target").map(params::name_list);
+            let experts = targets.into_iter().flatten().flatten().find(|n| {
+                LoraConfig::resolve_targets(std::slice::from_ref(n))
+                    .is_ok_and(|t| t.iter().any(|t| is_expert_target(t)))
+            });
+            if let Some(n) = experts {
+                return Err(ConfigError {
+                    key: "params.training.lora_target".into(),
+                    message: format!(
+                        "LLaMA-Factory's lora_target takes module names only, so it cannot adapt \
+                         the routed experts ('{n}'): drop it from the exported training"
+                    ),
+                });
             }
         }
         Ok(())
@@ -452,5 +467,10 @@ mod tests {
         let e = params::check::<Params>(&json!({"dataset_name": "a b"}));
         assert_eq!(e[0].key, "params.dataset_name");
         assert!(params::check::<Params>(&json!({})).is_empty());
+        let training = |target: &str| json!({"training": {"model_name_or_path": "m", "template": "qwen", "lora_target": target}});
+        let e = params::check::<Params>(&training("q_proj, experts"));
+        assert_eq!(e[0].key, "params.training.lora_target");
+        assert!(e[0].message.contains("'experts'"), "{}", e[0].message);
+        assert!(params::check::<Params>(&training("all")).is_empty());
     }
 }

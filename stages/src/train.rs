@@ -95,7 +95,8 @@ pub struct Params {
     /// LoRA dropout on the adapters' input (seeded per step, so resumes match).
     #[serde(default)]
     pub lora_dropout: f64,
-    /// Projections with adapters: `all`, a comma-separated string or a list.
+    /// Projections with adapters: `all`, a comma-separated string or a list;
+    /// `experts` adds a mixture's routed experts (PEFT's `target_parameters`).
     #[serde(default = "default_target")]
     pub lora_target: Value,
     /// rsLoRA: scale the adapters by `lora_alpha / sqrt(lora_rank)` instead of

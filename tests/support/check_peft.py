@@ -52,7 +52,9 @@ def check(base_dir, adapter_dir, merged_dir):
     merged = strict(merged_dir)
     with torch.no_grad():
         merged_logits = merged(ids).logits
-    targets = peft_model.peft_config["default"].target_modules
+    config = peft_model.peft_config["default"]
+    targets = config.target_modules or []
+    params = config.target_parameters or []
     return {
         "tokens": ids.shape[1],
         "peft_vs_merged_max_abs": (peft_logits - merged_logits).abs().max().item(),
@@ -61,6 +63,7 @@ def check(base_dir, adapter_dir, merged_dir):
         "class": type(merged).__name__,
         "peft_type": peft_model.peft_config["default"].peft_type.value,
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "target_parameters": sorted(params),
     }
 
 

@@ -303,6 +303,11 @@ pub struct Expert<B: Backend> {
     pub up_proj: Linear<B>,
     /// Down projection (`w2`).
     pub down_proj: Linear<B>,
+    /// A routed expert's LoRA adapter on its gate and up projections
+    /// together, as PEFT adapts transformers 5's fused `gate_up_proj`
+    /// parameter: one `A` `[hidden, r]` and one `B` `[r, 2 * width]`, gate
+    /// columns first. (Its down projection's adapter is `down_proj.lora`.)
+    pub gate_up_lora: Option<LoraAdapter<B>>,
 }
 
 impl<B: Backend> Expert<B> {
@@ -315,8 +320,16 @@ impl<B: Backend> Expert<B> {
 impl<B: ModelBackend> Expert<B> {
     /// The block on rows `x` `[tokens, hidden]`.
     fn forward(&self, x: Tensor<B, 2>, dropout: bool) -> Tensor<B, 2> {
-        let gate = self.gate_proj.forward_with(x.clone(), dropout);
-        let up = self.up_proj.forward_with(x, dropout);
+        let mut gate = self.gate_proj.forward_with(x.clone(), dropout);
+        let mut up = self.up_proj.forward_with(x.clone(), dropout);
+        if let Some(l) = &self.gate_up_lora {
+            let bf16 = self.gate_proj.bf16;
+            let down = project(x, l.lora_a.val(), None, bf16);
+            let delta = project(down, l.lora_b.val(), None, bf16).mul_scalar(l.scaling);
+            let width = gate.dims()[1];
+            gate = gate + delta.clone().narrow(1, 0, width);
+            up = up + delta.narrow(1, width, width);
+        }
         self.down_proj.forward_with(swiglu(gate, up), dropout)
     }
 }
@@ -346,7 +359,7 @@ macro_rules! layer_projections {
     ($layer:expr, $by:ident, $($r:tt)+) => {{
         let (a, m) = ($($r)+ $layer.self_attn, $($r)+ $layer.mlp);
         let (sg, su, sd) = match m.shared_expert.$by() {
-            Some(Expert { gate_proj, up_proj, down_proj }) => {
+            Some(Expert { gate_proj, up_proj, down_proj, .. }) => {
                 (Some(gate_proj), Some(up_proj), Some(down_proj))
             }
             None => (None, None, None),
@@ -375,9 +388,11 @@ impl<B: Backend> DecoderLayer<B> {
     /// The layer's linear projections that exist, in the order of Hugging
     /// Face's modules, with their names under the layer (`self_attn.q_proj`,
     /// `mlp.gate_up_proj`, ...). A mixture of experts' router and routed
-    /// experts (see [`Mlp::gate`]) are not among them, so they take no LoRA
-    /// adapters: transformers 5 holds them as plain parameters, not
-    /// `nn.Linear` modules. Qwen2-MoE's shared expert and its gate are.
+    /// experts (see [`Mlp::gate`]) are not among them: transformers 5 holds
+    /// them as plain parameters, not `nn.Linear` modules, so the router
+    /// takes no LoRA adapter and the routed experts take theirs as PEFT's
+    /// `target_parameters` (see [`Expert::gate_up_lora`]). Qwen2-MoE's
+    /// shared expert and its gate are among them.
     pub fn projections(&self) -> impl Iterator<Item = (&'static str, &Linear<B>)> {
         layer_projections!(self, as_ref, &)
     }
@@ -1659,6 +1674,7 @@ impl<B: Backend> CausalLm<B> {
                                     hidden,
                                     false,
                                 )?,
+                                gate_up_lora: None,
                             })
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -1689,6 +1705,7 @@ impl<B: Backend> CausalLm<B> {
                                         hidden,
                                         false,
                                     )?,
+                                    gate_up_lora: None,
                                 };
                                 let gate = lin(
                                     &mut take,

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::backend::ModelBackend;
 use super::config::{Arch, peft_module};
-use super::decoder::{CausalLm, Linear, LoraAdapter, column_norms, dora_scale, host};
+use super::decoder::{CausalLm, Expert, Linear, LoraAdapter, column_norms, dora_scale, host};
 use super::weights::{self, HostTensor, SaveDtype};
 use crate::rng::SplitMix64;
 
@@ -34,6 +34,20 @@ pub const FUSED_TARGETS: &[&str] = &["qkv_proj", "o_proj", "gate_up_proj", "down
 /// Projections only some models have: Qwen2-MoE's shared expert gate.
 pub const OTHER_TARGETS: &[&str] = &["shared_expert_gate"];
 
+/// A mixture's routed experts, adapted as PEFT adapts transformers 5's
+/// fused expert parameters (`target_parameters`): our target names, and
+/// PEFT's. `lora_target: experts` names both; `all` names neither (as
+/// LLaMA-Factory's `all`, the `nn.Linear` modules only).
+pub const EXPERT_TARGETS: &[(&str, &str)] = &[
+    ("experts.gate_up_proj", "mlp.experts.gate_up_proj"),
+    ("experts.down_proj", "mlp.experts.down_proj"),
+];
+
+/// Whether `target` adapts the routed experts (see [`EXPERT_TARGETS`]).
+pub fn is_expert_target(target: &str) -> bool {
+    EXPERT_TARGETS.iter().any(|(t, _)| *t == target)
+}
+
 /// Which projections get adapters, and their size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
@@ -44,7 +58,8 @@ pub struct LoraConfig {
     /// Dropout on the adapter input while training.
     pub dropout: f64,
     /// Module names (`q_proj`, ...); `all` is every name of [`ALL_TARGETS`]
-    /// and [`FUSED_TARGETS`] until [`Self::fit_to`] keeps the model's.
+    /// and [`FUSED_TARGETS`] until [`Self::fit_to`] keeps the model's; and
+    /// the routed experts' [`EXPERT_TARGETS`].
     pub targets: Vec<String>,
     /// rsLoRA scaling `alpha / sqrt(r)`.
     pub use_rslora: bool,
@@ -71,19 +86,29 @@ impl LoraConfig {
         }
     }
 
-    /// Expands `all` and checks the names.
+    /// Expands `all` and `experts` and checks the names.
     pub fn resolve_targets(names: &[String]) -> anyhow::Result<Vec<String>> {
         let known = || ALL_TARGETS.iter().chain(FUSED_TARGETS).chain(OTHER_TARGETS);
         let mut out = Vec::new();
         for n in names {
+            // PEFT's parameter names, or a Mixtral checkpoint's block name.
+            let expert = n
+                .strip_prefix("mlp.")
+                .or_else(|| n.strip_prefix("block_sparse_moe."))
+                .unwrap_or(n);
             if n == "all" || n == "all-linear" {
                 out.extend(known().map(|s| s.to_string()));
+            } else if n == "experts" {
+                out.extend(EXPERT_TARGETS.iter().map(|(t, _)| t.to_string()));
+            } else if is_expert_target(expert) {
+                out.push(expert.to_owned());
             } else if known().any(|k| k == n) {
                 out.push(n.clone());
             } else {
                 bail!(
                     "lora_target '{n}' is not a projection of the decoder; use 'all' or some of: \
-                     {} (Phi-3: {}; Qwen2-MoE also: {})",
+                     {} (Phi-3: {}; Qwen2-MoE also: {}); and, on a mixture of experts, 'experts' \
+                     (the routed experts: experts.gate_up_proj, experts.down_proj)",
                     ALL_TARGETS.join(", "),
                     FUSED_TARGETS.join(", "),
                     OTHER_TARGETS.join(", ")
@@ -103,20 +128,43 @@ impl LoraConfig {
     /// projections: like LLaMA-Factory's `all` under transformers 5 (whose
     /// experts and routers are not `nn.Linear` modules), a mixture whose
     /// every MLP is sparse has only the attention's, and Qwen2-MoE's shared
-    /// expert and its gate.
+    /// expert and its gate. The routed experts take adapters when named
+    /// (`experts`, [`EXPERT_TARGETS`]), without dropout or DoRA, which
+    /// PEFT's adapters on parameters lack.
     pub fn fit_to(mut self, arch: Arch, have: &[&str]) -> anyhow::Result<Self> {
-        let targeted = |h: &&str| self.targets.iter().any(|t| t == h);
-        if have.iter().all(targeted) {
-            self.targets = have.iter().map(|s| s.to_string()).collect();
-            self.targets.sort();
-            return Ok(self);
+        let (experts, modules): (Vec<String>, Vec<String>) = std::mem::take(&mut self.targets)
+            .into_iter()
+            .partition(|t| is_expert_target(t));
+        if let Some(t) = experts.first() {
+            if !arch.moe() {
+                bail!(
+                    "lora_target '{t}' adapts the routed experts of a mixture of experts; this {} \
+                     model has none",
+                    arch.model_type()
+                );
+            }
+            if self.dropout > 0.0 {
+                bail!(
+                    "lora_dropout must be 0 with adapters on the routed experts (lora_target \
+                     '{t}'): PEFT adapts them as parameters, which has no dropout"
+                );
+            }
+            if self.use_dora {
+                bail!(
+                    "use_dora does not work with adapters on the routed experts (lora_target \
+                     '{t}'): PEFT adapts them as parameters, without DoRA"
+                );
+            }
         }
-        if let Some(t) = self.targets.iter().find(|t| !have.contains(&t.as_str())) {
+        let targeted = |h: &&str| modules.iter().any(|t| t == h);
+        self.targets = if have.iter().all(targeted) {
+            have.iter().map(|s| s.to_string()).collect()
+        } else if let Some(t) = modules.iter().find(|t| !have.contains(&t.as_str())) {
             let experts = match arch.moe() {
                 false => "",
                 true => {
-                    "; its MLPs are mixtures of experts, whose routers and routed experts take no \
-                     adapters"
+                    "; its MLPs are mixtures of experts, whose routers take no adapters and whose \
+                     routed experts take them as 'experts'"
                 }
             };
             bail!(
@@ -125,12 +173,32 @@ impl LoraConfig {
                 arch.model_type(),
                 have.join(", ")
             );
-        }
+        } else {
+            modules
+        };
+        self.targets.extend(experts);
+        self.targets.sort();
         Ok(self)
+    }
+
+    /// The module targets (PEFT's `target_modules`), without the experts'.
+    fn module_targets(&self) -> Vec<&str> {
+        let names = self.targets.iter().map(String::as_str);
+        names.filter(|t| !is_expert_target(t)).collect()
+    }
+
+    /// Whether the routed experts' `target` ([`EXPERT_TARGETS`]) is adapted.
+    fn adapts(&self, target: &str) -> bool {
+        self.targets.iter().any(|t| t == target)
     }
 
     /// The PEFT `adapter_config.json`.
     pub fn peft_json(&self, base_model: Option<&str>) -> Value {
+        let params: Vec<&str> = EXPERT_TARGETS
+            .iter()
+            .filter(|(t, _)| self.adapts(t))
+            .map(|(_, peft)| *peft)
+            .collect();
         json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -139,9 +207,14 @@ impl LoraConfig {
             // PEFT writes an integer alpha as an integer.
             "lora_alpha": if self.alpha.fract() == 0.0 { json!(self.alpha as i64) } else { json!(self.alpha) },
             "lora_dropout": self.dropout,
-            "target_modules": match self.multimodal {
-                true => json!(format!("{LANGUAGE_MODEL_ONLY}({})", self.targets.join("|"))),
-                false => json!(self.targets),
+            "target_modules": match (self.multimodal, self.module_targets()) {
+                (_, modules) if modules.is_empty() => Value::Null,
+                (true, modules) => json!(format!("{LANGUAGE_MODEL_ONLY}({})", modules.join("|"))),
+                (false, modules) => json!(modules),
+            },
+            "target_parameters": match params.is_empty() {
+                true => Value::Null,
+                false => json!(params),
             },
             "bias": "none",
             "fan_in_fan_out": false,
@@ -189,7 +262,7 @@ impl LoraConfig {
             .with_context(|| format!("{}: missing integer 'r'", file.display()))?
             as usize;
         let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-        let targets: Vec<String> = match get("target_modules") {
+        let mut targets: Vec<String> = match get("target_modules") {
             Some(Value::Array(a)) => a
                 .iter()
                 .filter_map(Value::as_str)
@@ -203,8 +276,35 @@ impl LoraConfig {
                 Some(names) => names.split('|').map(str::to_owned).collect(),
                 None => vec![s.clone()],
             },
+            _ if get("target_parameters").is_some() => Vec::new(),
             _ => bail!("{}: missing 'target_modules'", file.display()),
         };
+        // The routed experts' fused parameters, by PEFT's names (the full
+        // path, or its end).
+        for p in get("target_parameters")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let name = p.as_str().unwrap_or_default();
+            let ours = EXPERT_TARGETS.iter().find(|(ours, _)| {
+                let param = ours.rsplit('.').next().unwrap_or(ours);
+                name == *ours || name == param || name.ends_with(&format!(".{ours}"))
+            });
+            match ours {
+                Some((ours, _)) => targets.push(ours.to_string()),
+                None => bail!(
+                    "{}: target_parameters entry {p} is not supported (only a mixture's routed \
+                     experts: {})",
+                    file.display(),
+                    EXPERT_TARGETS
+                        .iter()
+                        .map(|(_, peft)| *peft)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
         Ok(LoraConfig {
             r,
             alpha,
@@ -295,11 +395,7 @@ pub fn attach<B: ModelBackend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) ->
     let mut net = freeze(net);
     let device = net.embed_tokens.device();
     let mut rng = SplitMix64(seed);
-    for (_, kind, lin) in projections(&mut net) {
-        if !cfg.targets.iter().any(|t| t == kind) {
-            continue;
-        }
-        let [inp, out] = lin.weight.val().dims();
+    let mut fresh = |inp: usize, out: usize| {
         let bound = 1.0 / (inp as f64).sqrt();
         let a = HostTensor {
             shape: vec![inp, cfg.r],
@@ -311,20 +407,121 @@ pub fn attach<B: ModelBackend>(net: CausalLm<B>, cfg: &LoraConfig, seed: u64) ->
             shape: vec![cfg.r, out],
             data: vec![0.0; cfg.r * out],
         };
-        let mut adapter = LoraAdapter {
+        LoraAdapter {
             lora_a: param2(a, &device),
             lora_b: param2(b, &device),
             scaling: cfg.scaling(),
             dropout: cfg.dropout,
             magnitude: None,
-        };
+        }
+    };
+    for (_, kind, lin) in projections(&mut net) {
+        if !cfg.targets.iter().any(|t| t == kind) {
+            continue;
+        }
+        let [inp, out] = lin.weight.val().dims();
+        let mut adapter = fresh(inp, out);
         if cfg.use_dora {
             let w = adapter.adapted(lin.weight.val());
             adapter.magnitude = Some(Param::from_tensor(column_norms(w)));
         }
         lin.lora = Some(adapter);
     }
+    let (gate_up, down) = (cfg.adapts(GATE_UP), cfg.adapts(DOWN));
+    for (_, experts) in routed_experts(&mut net) {
+        for x in experts {
+            let [hidden, width] = x.gate_proj.weight.dims();
+            if gate_up {
+                x.gate_up_lora = Some(fresh(hidden, 2 * width));
+            }
+            if down {
+                x.down_proj.lora = Some(fresh(width, hidden));
+            }
+        }
+    }
     net
+}
+
+const GATE_UP: &str = EXPERT_TARGETS[0].0;
+const DOWN: &str = EXPERT_TARGETS[1].0;
+
+/// Each mixture-of-experts layer's index and routed experts.
+fn routed_experts<B: Backend>(net: &mut CausalLm<B>) -> Vec<(usize, &mut Vec<Expert<B>>)> {
+    let layers = net.layers.iter_mut().enumerate();
+    layers
+        .filter(|(_, l)| !l.mlp.experts.is_empty())
+        .map(|(i, l)| (i, &mut l.mlp.experts))
+        .collect()
+}
+
+/// The PEFT names of layer `i`'s expert adapters' factors, `lora_A` and
+/// `lora_B`, for `target` ([`GATE_UP`] or [`DOWN`]): PEFT nests one
+/// wrapper per parameter in the order of the module's parameters, so with
+/// both adapted the gate/up one is inside (`experts.base_layer`).
+fn expert_keys(i: usize, target: &str, both: bool) -> [String; 2] {
+    let inner = target == GATE_UP && both;
+    let at = format!(
+        "base_model.model.model.layers.{i}.mlp.experts{}",
+        if inner { ".base_layer" } else { "" }
+    );
+    [format!("{at}.lora_A.weight"), format!("{at}.lora_B.weight")]
+}
+
+/// PEFT's factors of all experts of one parameter from each expert's `A`
+/// `[in, r]` and `B` `[r, out]`: `lora_A` `[experts * r, in]`, expert-major
+/// rows, and `lora_B` `[out, r * experts]`, rank-major columns (column
+/// `k * experts + e` is expert `e`'s `k`th).
+pub fn stack_experts(factors: &[(HostTensor, HostTensor)]) -> (HostTensor, HostTensor) {
+    let n = factors.len();
+    let ([inp, r], out) = (
+        [factors[0].0.shape[0], factors[0].0.shape[1]],
+        factors[0].1.shape[1],
+    );
+    let mut a = vec![0.0; n * r * inp];
+    let mut b = vec![0.0; out * r * n];
+    for (e, (fa, fb)) in factors.iter().enumerate() {
+        for i in 0..inp {
+            for k in 0..r {
+                a[(e * r + k) * inp + i] = fa.data[i * r + k];
+            }
+        }
+        for k in 0..r {
+            for o in 0..out {
+                b[o * r * n + k * n + e] = fb.data[k * out + o];
+            }
+        }
+    }
+    (
+        HostTensor {
+            shape: vec![n * r, inp],
+            data: a,
+        },
+        HostTensor {
+            shape: vec![out, r * n],
+            data: b,
+        },
+    )
+}
+
+/// [`stack_experts`] undone: expert `e`'s `A` `[in, r]` and `B` `[r, out]`.
+fn unstack_expert(a: &HostTensor, b: &HostTensor, n: usize, e: usize) -> (HostTensor, HostTensor) {
+    let (r, inp, out) = (a.shape[0] / n, a.shape[1], b.shape[0]);
+    let fa = (0..inp * r)
+        .map(|j| a.data[(e * r + j % r) * inp + j / r])
+        .collect();
+    let fb = (0..r * out)
+        .map(|j| b.data[(j % out) * r * n + (j / out) * n + e])
+        .collect();
+    (
+        HostTensor {
+            shape: vec![inp, r],
+            data: fa,
+        },
+        HostTensor {
+            shape: vec![r, out],
+            data: fb,
+        },
+    )
 }
 
 /// `dir/adapter_config.json`: its path and parsed contents.
@@ -399,6 +596,33 @@ pub fn load_adapter<B: Backend>(
             magnitude,
         });
     }
+    let both = cfg.adapts(GATE_UP) && cfg.adapts(DOWN);
+    for (i, experts) in routed_experts(&mut net) {
+        let n = experts.len();
+        let [hidden, width] = experts[0].gate_proj.weight.dims();
+        for (target, inp, out) in [(GATE_UP, hidden, 2 * width), (DOWN, width, hidden)] {
+            if !cfg.adapts(target) {
+                continue;
+            }
+            let [ka, kb] = expert_keys(i, target, both);
+            let a = take_tensor(&mut tensors, &file, &ka, &[n * cfg.r, inp])?;
+            let b = take_tensor(&mut tensors, &file, &kb, &[out, cfg.r * n])?;
+            for (e, x) in experts.iter_mut().enumerate() {
+                let (fa, fb) = unstack_expert(&a, &b, n, e);
+                let adapter = Some(LoraAdapter {
+                    lora_a: param2(fa, &device),
+                    lora_b: param2(fb, &device),
+                    scaling: cfg.scaling(),
+                    dropout: cfg.dropout,
+                    magnitude: None,
+                });
+                match target {
+                    GATE_UP => x.gate_up_lora = adapter,
+                    _ => x.down_proj.lora = adapter,
+                }
+            }
+        }
+    }
     if let Some(k) = tensors.keys().next() {
         bail!(
             "{}: unexpected tensor '{k}' (not a LoRA factor of the targeted modules)",
@@ -406,6 +630,26 @@ pub fn load_adapter<B: Backend>(
         );
     }
     Ok((net, cfg))
+}
+
+/// Removes the tensor `key` of `file` from `tensors`, which must have `shape`.
+fn take_tensor(
+    tensors: &mut BTreeMap<String, HostTensor>,
+    file: &Path,
+    key: &str,
+    shape: &[usize],
+) -> anyhow::Result<HostTensor> {
+    let t = tensors
+        .remove(key)
+        .with_context(|| format!("{}: no tensor '{key}'", file.display()))?;
+    if t.shape != shape {
+        bail!(
+            "{}: tensor '{key}' has shape {:?}, expected {shape:?}",
+            file.display(),
+            t.shape
+        );
+    }
+    Ok(t)
 }
 
 /// The adapter tensors under PEFT's names (for a `multimodal` base, see
@@ -433,6 +677,31 @@ pub fn adapter_tensors<B: Backend>(
                     host(m.val().into_data(), false),
                 );
             }
+        }
+    }
+    for (i, experts) in routed_experts(&mut net) {
+        let factors = |l: &LoraAdapter<B>| {
+            let f = |p: &Param<Tensor<B, 2>>| host(p.val().into_data(), false);
+            (f(&l.lora_a), f(&l.lora_b))
+        };
+        let gate_up: Vec<_> = experts
+            .iter()
+            .filter_map(|x| x.gate_up_lora.as_ref())
+            .collect();
+        let down: Vec<_> = experts
+            .iter()
+            .filter_map(|x| x.down_proj.lora.as_ref())
+            .collect();
+        let both = !gate_up.is_empty() && !down.is_empty();
+        for (target, adapters) in [(GATE_UP, gate_up), (DOWN, down)] {
+            if adapters.is_empty() {
+                continue;
+            }
+            let factors: Vec<_> = adapters.into_iter().map(factors).collect();
+            let (a, b) = stack_experts(&factors);
+            let [ka, kb] = expert_keys(i, target, both);
+            out.insert(ka, a);
+            out.insert(kb, b);
         }
     }
     out
@@ -473,6 +742,21 @@ pub fn merge<B: ModelBackend>(mut net: CausalLm<B>) -> CausalLm<B> {
                 w = w * scale.unsqueeze();
             }
             lin.weight = Param::from_tensor(w);
+        }
+    }
+    for (_, experts) in routed_experts(&mut net) {
+        for x in experts {
+            if let Some(l) = x.gate_up_lora.take() {
+                let delta = l.delta().detach();
+                let width = x.gate_proj.weight.dims()[1];
+                for (lin, at) in [(&mut x.gate_proj, 0), (&mut x.up_proj, width)] {
+                    let w = lin.weight.val().detach() + delta.clone().narrow(1, at, width);
+                    lin.weight = Param::from_tensor(w);
+                }
+            }
+            if let Some(l) = x.down_proj.lora.take() {
+                x.down_proj.weight = Param::from_tensor(l.adapted(x.down_proj.weight.val()));
+            }
         }
     }
     net
@@ -566,5 +850,116 @@ mod tests {
         );
         let e = LoraConfig::resolve_targets(&["lm_head".into()]).unwrap_err();
         assert!(e.to_string().contains("(Phi-3: qkv_proj"), "{e}");
+    }
+
+    #[test]
+    fn expert_targets_resolve_fit_and_round_trip_peft() {
+        let both = ["experts.down_proj", "experts.gate_up_proj"];
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut got = LoraConfig::resolve_targets(&names(&["experts"])).unwrap();
+        got.sort();
+        assert_eq!(got, both);
+        for (name, ours) in [
+            ("mlp.experts.down_proj", both[0]),
+            ("block_sparse_moe.experts.gate_up_proj", both[1]),
+            ("experts.gate_up_proj", both[1]),
+        ] {
+            assert_eq!(
+                LoraConfig::resolve_targets(&names(&[name])).unwrap(),
+                [ours]
+            );
+        }
+        // `all` keeps to the modules; the experts join when named.
+        let attention = &ALL_TARGETS[..4];
+        let fit = config(&["all", "experts"])
+            .fit_to(Arch::Qwen3Moe, attention)
+            .unwrap();
+        assert_eq!(
+            fit.targets,
+            [both[0], both[1], "k_proj", "o_proj", "q_proj", "v_proj"]
+        );
+        let peft = fit.peft_json(None);
+        assert_eq!(
+            peft["target_modules"],
+            json!(["k_proj", "o_proj", "q_proj", "v_proj"])
+        );
+        assert_eq!(
+            peft["target_parameters"],
+            json!(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        );
+        let only = config(&["experts.down_proj"])
+            .fit_to(Arch::Mixtral, attention)
+            .unwrap();
+        assert_eq!(only.targets, [both[0]]);
+        let peft = only.peft_json(None);
+        assert_eq!(
+            (&peft["target_modules"], &peft["target_parameters"]),
+            (&Value::Null, &json!(["mlp.experts.down_proj"]))
+        );
+        // PEFT's config read back, also with bare parameter names and no
+        // target_modules.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("adapter_config.json");
+        std::fs::write(&file, fit.peft_json(None).to_string()).unwrap();
+        assert_eq!(LoraConfig::from_peft_dir(dir.path()).unwrap(), fit);
+        let cfg = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_parameters": ["gate_up_proj", "down_proj"]});
+        std::fs::write(&file, cfg.to_string()).unwrap();
+        let mut read = LoraConfig::from_peft_dir(dir.path()).unwrap().targets;
+        read.sort();
+        assert_eq!(read, both);
+        let cfg = json!({"peft_type": "LORA", "r": 4, "target_parameters": ["mlp.gate.weight"]});
+        std::fs::write(&file, cfg.to_string()).unwrap();
+        let e = LoraConfig::from_peft_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("target_parameters entry \"mlp.gate.weight\" is not supported"),
+            "{e}"
+        );
+        // What the experts' adapters cannot be.
+        let e = config(&["experts"])
+            .fit_to(Arch::Llama, ALL_TARGETS)
+            .unwrap_err();
+        assert!(e.to_string().contains("this llama model has none"), "{e}");
+        let dropout = LoraConfig {
+            dropout: 0.1,
+            ..config(&["experts"])
+        };
+        let e = dropout.fit_to(Arch::Olmoe, attention).unwrap_err();
+        assert!(e.to_string().contains("lora_dropout must be 0"), "{e}");
+        let dora = LoraConfig {
+            use_dora: true,
+            ..config(&["experts"])
+        };
+        let e = dora.fit_to(Arch::Olmoe, attention).unwrap_err();
+        assert!(e.to_string().contains("use_dora"), "{e}");
+    }
+
+    /// PEFT's stacked layout: `lora_A` row `e * r + k` is expert `e`'s `k`th
+    /// row of `A^T`; `lora_B` column `k * experts + e` is its `k`th column.
+    #[test]
+    fn expert_factors_stack_as_peft_and_back() {
+        let (n, inp, r, out) = (3, 5, 2, 4);
+        let factor = |e: usize, rows: usize, cols: usize, tag: f32| HostTensor {
+            shape: vec![rows, cols],
+            data: (0..rows * cols)
+                .map(|j| tag + (e * 100 + j) as f32)
+                .collect(),
+        };
+        let experts: Vec<_> = (0..n)
+            .map(|e| (factor(e, inp, r, 0.0), factor(e, r, out, 0.5)))
+            .collect();
+        let (a, b) = stack_experts(&experts);
+        assert_eq!(
+            (a.shape.as_slice(), b.shape.as_slice()),
+            ([n * r, inp].as_slice(), [out, r * n].as_slice())
+        );
+        // Expert 2, rank 1, input 3: A_2[3][1].
+        assert_eq!(a.data[(2 * r + 1) * inp + 3], experts[2].0.data[3 * r + 1]);
+        // Expert 1, rank 0, output 2: B_1[0][2].
+        assert_eq!(b.data[2 * r * n + 1], experts[1].1.data[2]);
+        for (e, want) in experts.iter().enumerate() {
+            assert_eq!(&unstack_expert(&a, &b, n, e), want);
+        }
     }
 }

@@ -144,6 +144,11 @@ pub fn decays(path: &str) -> bool {
     !(path.contains("bias") || path.contains("norm"))
 }
 
+/// Whether the parameter at `path` belongs to a mixture's routed experts.
+fn routed_expert(path: &str) -> bool {
+    path.contains(".experts.")
+}
+
 /// The scalars of one AdamW update of one parameter at step `t`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
@@ -266,8 +271,17 @@ impl<AB: AutodiffBackend<InnerBackend: ModelBackend>> ModuleMapper<AB> for Updat
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
         let name = self.path.join(".");
-        let Some(g) = self.grads.map.get(&name) else {
-            return param;
+        let g = match self.grads.map.get(&name) {
+            Some(g) => g.clone(),
+            // A trainable weight the batch did not reach: an expert no token
+            // was routed to. Torch holds a mixture's experts (and PEFT their
+            // adapters) in one tensor per projection, whose gradient is zero
+            // there, so AdamW still decays them and moves them by momentum.
+            None if routed_expert(&name) && param.val().is_require_grad() => {
+                let p = param.val();
+                Tensor::zeros([p.shape().num_elements()], &p.device())
+            }
+            None => return param,
         };
         let (id, tensor, mapper) = param.consume();
         let dims = tensor.dims();
@@ -295,7 +309,7 @@ impl<AB: AutodiffBackend<InnerBackend: ModelBackend>> ModuleMapper<AB> for Updat
             step_size: lr / (1.0 - c.beta1.powi(t)),
         };
         let [p, m, v] =
-            AB::InnerBackend::adamw([p, g.clone(), m, v].map(|x| x.into_primitive().tensor()), s)
+            AB::InnerBackend::adamw([p, g, m, v].map(|x| x.into_primitive().tensor()), s)
                 .map(|x| Tensor::<AB::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(x)));
         self.opt.moments.insert(name, (m, v));
         let p = Tensor::<AB, D>::from_inner(p.reshape(dims)).require_grad();
@@ -313,7 +327,9 @@ impl<B: Backend> AdamW<B> {
         }
     }
 
-    /// One update of every parameter of `module` that has a gradient in `grads`.
+    /// One update of every parameter of `module` that has a gradient in
+    /// `grads`, and of every trainable weight of a routed expert (whose
+    /// gradient is zero where no token reached it).
     pub fn step<AB, M>(&mut self, module: M, grads: &Grads<B>, lr: f64) -> M
     where
         B: ModelBackend,

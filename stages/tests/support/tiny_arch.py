@@ -36,8 +36,10 @@ renormalised, and a shared expert 48 wide behind its sigmoid gate),
 renormalised, layer 1 dense through `mlp_only_layers`), `mixtral` (4
 experts, top 2, `block_sparse_moe` names), `mixtral-aux` (the same with
 `output_router_logits`: the loss includes the routers' load-balancing loss,
-at a coefficient of 0.5 so that it weighs) or `olmoe` (OLMoE: 4 experts, top
-2 not renormalised, q/k norms over all heads); the
+at a coefficient of 0.5 so that it weighs), `olmoe` (OLMoE: 4 experts, top
+2 not renormalised, q/k norms over all heads) or `qwen3-moe-many` (Qwen3-MoE
+with 64 experts 8 wide, top 2, so that some of layer 0's experts get no
+token: `train_step.idle_experts` lists them); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
@@ -45,11 +47,15 @@ std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
 `reference.safetensors` (the batch, `logits`, and `after_step.<name>` for
 layer 0's q_proj, the embedding and, for qwen3, layer 0's q/k norms; for a
 mixture of experts, layer 0's router and expert 1's three projections under
-their checkpoint names) computed
+their checkpoint names, and the first idle expert's) computed
 as the fixtures' are: one AdamW step at lr 1e-2, betas (0.9, 0.999), eps 1e-8,
 weight decay 0.1 except on names with `bias` or `norm`, clipping at 1.0.
+A mixture of experts also gets a PEFT adapter in OUT_DIR/lora-init with the
+routed experts adapted through `target_parameters`, and its step the same way
+(`lora_train_step`, `lora_logits`, `after_lora_step.<name>`; see lora_step).
 """
 
+import copy
 import json
 import os
 import shutil
@@ -74,6 +80,9 @@ from transformers import (
     Qwen3MoeConfig,
     SmolLM3Config,
 )
+
+
+MOE = ("qwen2-moe", "qwen3-moe", "qwen3-moe-many", "mixtral", "mixtral-aux", "olmoe")
 
 
 def main():
@@ -230,6 +239,15 @@ def build(arch, src, out):
             rope_parameters={"rope_type": "default", "rope_theta": 1e4},
             **sizes,
         )
+    elif arch == "qwen3-moe-many":
+        config = Qwen3MoeConfig(
+            num_experts=64,
+            num_experts_per_tok=2,
+            moe_intermediate_size=8,
+            norm_topk_prob=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            **sizes,
+        )
     else:
         sys.exit(f"unknown ARCH {arch}")
     mm = arch == "gemma3-mm"
@@ -274,6 +292,10 @@ def build(arch, src, out):
             pad_token_id=config.pad_token_id,
         )[0, len(prompt):].tolist()
 
+    lora = None
+    if arch in MOE:
+        lora = lora_step(arch, model, batch, out)
+
     model.train()
     params = dict(model.named_parameters())
     decay = [p for k, p in params.items() if "bias" not in k and "norm" not in k]
@@ -286,6 +308,12 @@ def build(arch, src, out):
     )
     loss = model(**batch).loss
     loss.backward()
+    # Layer 0's experts no token was routed to: their gradient is zero.
+    idle = []
+    if arch in MOE:
+        grad = params["model.layers.0.mlp.experts.down_proj"].grad
+        idle = [e for e in range(grad.shape[0]) if not grad[e].any()]
+        assert idle or arch != "qwen3-moe-many", "every one of the 64 experts was routed to"
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
     opt.step()
     with torch.no_grad():
@@ -312,7 +340,7 @@ def build(arch, src, out):
         ]
     tensors = {k: ref[k] for k in ["input_ids", "attention_mask", "labels"]}
     tensors["logits"] = result.logits.detach().contiguous()
-    if arch in ("qwen2-moe", "qwen3-moe", "mixtral", "mixtral-aux", "olmoe"):
+    if arch in MOE:
         # transformers 5 holds the experts as [experts, ...] parameters (gate
         # and up in one, gate first); checkpoints name each expert's matrices.
         block, (gate, up, down) = (
@@ -326,6 +354,11 @@ def build(arch, src, out):
         tensors[f"{at}.experts.1.{gate}.weight"] = gate_up[:width].detach().contiguous()
         tensors[f"{at}.experts.1.{up}.weight"] = gate_up[width:].detach().contiguous()
         tensors[f"{at}.experts.1.{down}.weight"] = params[f"{experts}.down_proj"][1].detach().contiguous()
+        for e in idle[:1]:
+            gate_up = params[f"{experts}.gate_up_proj"][e]
+            tensors[f"{at}.experts.{e}.{gate}.weight"] = gate_up[:width].detach().contiguous()
+            tensors[f"{at}.experts.{e}.{up}.weight"] = gate_up[width:].detach().contiguous()
+            tensors[f"{at}.experts.{e}.{down}.weight"] = params[f"{experts}.down_proj"][e].detach().contiguous()
         if arch == "qwen2-moe":
             for k in ["shared_expert.up_proj.weight", "shared_expert_gate.weight"]:
                 tensors[f"{at}.{k}"] = params[f"model.layers.0.mlp.{k}"].detach().contiguous()
@@ -333,6 +366,8 @@ def build(arch, src, out):
         # transformers 5 nests the multimodal model's language model.
         name = k.replace("model.", "model.language_model.", 1) if mm else k
         tensors[f"after_step.{k}"] = params[name].detach().contiguous()
+    if lora:
+        tensors.update(lora[1])
     save_file(tensors, f"{out}/reference.safetensors")
     json.dump(
         {
@@ -344,10 +379,54 @@ def build(arch, src, out):
                 "loss_before": loss.item(),
                 "grad_norm_before_clip": norm,
                 "loss_after": after,
+                "idle_experts": idle,
             },
+            **({"lora_train_step": lora[0]} if lora else {}),
         },
         open(f"{out}/reference.json", "w"),
     )
+
+
+def lora_step(arch, model, batch, out):
+    """A PEFT adapter on a mixture of experts, with the routed experts
+    adapted through `target_parameters` (one pair of factors per projection
+    for all experts): written to OUT/lora-init with random factors (B too, so
+    that the adapter changes the logits), then one AdamW step as the full
+    one, at weight decay 0.1. Returns the `lora_train_step` summary and the
+    tensors `lora_logits` and `after_lora_step.<adapter tensor>` for layer
+    0's experts."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(99)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        # Qwen2-MoE's shared expert is a module (for its down_proj); PEFT
+        # reads `down_proj` elsewhere as the experts' parameter.
+        target_modules=["q_proj", "v_proj"] + (["down_proj"] if arch == "qwen2-moe" else []),
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.save_pretrained(f"{out}/lora-init")
+    with torch.no_grad():
+        logits = peft_model(**batch).logits
+    peft_model.train()
+    trainable = {k: p for k, p in peft_model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(trainable.values()), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    loss = peft_model(**batch).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0).item()
+    opt.step()
+    with torch.no_grad():
+        after = peft_model(**batch).loss.item()
+    tensors = {"lora_logits": logits.contiguous()}
+    for k, p in trainable.items():
+        if ".layers.0." in k and ".experts." in k:
+            tensors["after_lora_step." + k.replace(".default.weight", ".weight")] = p.detach().contiguous()
+    summary = {"lr": 1e-2, "loss_before": loss.item(), "grad_norm_before_clip": norm, "loss_after": after}
+    return summary, tensors
 
 
 if __name__ == "__main__":
