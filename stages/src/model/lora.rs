@@ -568,16 +568,7 @@ pub fn load_adapter<B: Backend>(
                 "base_model.model.{}.{suffix}",
                 peft_module(&name, cfg.multimodal)
             );
-            let t = tensors
-                .remove(&key)
-                .with_context(|| format!("{}: no tensor '{key}'", file.display()))?;
-            if t.shape != shape {
-                bail!(
-                    "{}: tensor '{key}' has shape {:?}, expected {shape:?}",
-                    file.display(),
-                    t.shape
-                );
-            }
+            let t = take_tensor(&mut tensors, &file, &key, shape)?;
             // PEFT's factors are `[out, in]`-like (torch's linear layout).
             Ok(if shape.len() == 2 { t.transposed() } else { t })
         };
