@@ -562,6 +562,30 @@ fn dora_training_resumes_to_the_same_adapter() {
     assert_eq!(cfg["use_dora"], json!(true));
 }
 
+/// LoRA on a mixture's routed experts resumes to the same adapter: the
+/// experts' factors and their AdamW moments come back.
+#[test]
+fn expert_lora_training_resumes_to_the_same_adapter() {
+    let yaml = pipeline("small", 12, 3)
+        .replace("{size: small,", "{arch: qwen3_moe, size: small,")
+        .replacen(
+            "finetuning_type: full",
+            "finetuning_type: lora\n      lora_rank: 4\n      lora_target: q_proj, experts\n      \
+             merge_lora: true",
+            1,
+        );
+    let p = resumes_to_the_same_weights(&yaml);
+    let cfg: Value =
+        serde_json::from_str(&p.read("work/phase1/adapter/adapter_config.json")).unwrap();
+    assert_eq!(
+        (&cfg["target_modules"], &cfg["target_parameters"]),
+        (
+            &json!(["q_proj"]),
+            &json!(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        )
+    );
+}
+
 /// A killed run resumes from its checkpoint to the same weights, metrics
 /// and learning rates. The schedule is `reduce_lr_on_plateau`, whose state
 /// (best loss, counters, rate) must come back from the checkpoint too; it
