@@ -1071,6 +1071,9 @@ impl OnDevice for Job<'_> {
             ),
             FinetuningType::Full | FinetuningType::Freeze => None,
         };
+        if let Some(w) = lora_cfg.as_ref().and_then(|c| c.peft_caveat(config.arch)) {
+            tracing::warn!("{w}");
+        }
         let per_step = p.per_device_train_batch_size * p.gradient_accumulation_steps;
         let steps_per_epoch = train.len().div_ceil(per_step) as u64;
         let total = p

@@ -181,6 +181,29 @@ impl LoraConfig {
         Ok(self)
     }
 
+    /// What PEFT will misread in this adapter on an `arch` model, if anything:
+    /// loading a Qwen3-MoE adapter for transformers 5, PEFT (0.21 seen)
+    /// reads `gate_proj`, `up_proj` and `down_proj` in `target_modules` as
+    /// the routed experts' fused parameters, so the MLP adapters of the dense
+    /// layers (`mlp_only_layers`, `decoder_sparse_step`) are not loaded there.
+    pub fn peft_caveat(&self, arch: Arch) -> Option<String> {
+        let mlp = ["gate_proj", "up_proj", "down_proj"];
+        let dense: Vec<&str> = self
+            .module_targets()
+            .into_iter()
+            .filter(|t| mlp.contains(t))
+            .collect();
+        (arch == Arch::Qwen3Moe && !dense.is_empty()).then(|| {
+            format!(
+                "this qwen3_moe model has dense MLP layers whose {} take LoRA adapters; PEFT \
+                 reads these names on a qwen3_moe model as its routed experts, so PEFT will not \
+                 load those adapters (anneal does): leave them out of lora_target for an adapter \
+                 PEFT should load, or merge it (merge_lora: true)",
+                dense.join(", ")
+            )
+        })
+    }
+
     /// The module targets (PEFT's `target_modules`), without the experts'.
     fn module_targets(&self) -> Vec<&str> {
         let names = self.targets.iter().map(String::as_str);
@@ -924,6 +947,23 @@ mod tests {
         };
         let e = dora.fit_to(Arch::Olmoe, attention).unwrap_err();
         assert!(e.to_string().contains("use_dora"), "{e}");
+    }
+
+    #[test]
+    fn dense_mlp_adapters_of_qwen3_moe_carry_a_peft_caveat() {
+        let dense = config(&["all"])
+            .fit_to(Arch::Qwen3Moe, ALL_TARGETS)
+            .unwrap();
+        let w = dense.peft_caveat(Arch::Qwen3Moe).unwrap();
+        assert!(
+            w.contains("down_proj, gate_proj, up_proj take LoRA adapters"),
+            "{w}"
+        );
+        let sparse = config(&["all"])
+            .fit_to(Arch::Qwen3Moe, &ALL_TARGETS[..4])
+            .unwrap();
+        assert_eq!(sparse.peft_caveat(Arch::Qwen3Moe), None);
+        assert_eq!(dense.peft_caveat(Arch::Qwen2Moe), None);
     }
 
     /// PEFT's stacked layout: `lora_A` row `e * r + k` is expert `e`'s `k`th
