@@ -16,7 +16,9 @@
 # linear layer but the LM head: anneal `lora_target: all`, PEFT "all-linear";
 # the PyTorch side needs peft), at LR (default 1e-5, with LORA 1e-4).
 # DORA=1 with LORA makes them DoRA adapters (anneal `use_dora: true`, PEFT
-# use_dora=True).
+# use_dora=True). EXPERTS=1 with LORA, on a mixture of experts, adapts the
+# routed experts too (anneal `lora_target: all, experts`; PEFT
+# target_parameters on the experts' fused gate_up_proj and down_proj).
 # FREEZE=2 trains only the last 2 decoder layers instead (anneal
 # `finetuning_type: freeze`, `freeze_trainable_layers: 2`; train_torch.py
 # --freeze 2 turns requires_grad off for the rest), at LR (default 1e-5).
@@ -40,6 +42,8 @@ LORA="${LORA:-0}"
 FREEZE="${FREEZE:-0}"
 DORA="${DORA:-0}"
 [ "$DORA" = 0 ] || [ "$LORA" != 0 ] || die "DORA=1 needs LORA=<rank>"
+EXPERTS="${EXPERTS:-0}"
+[ "$EXPERTS" = 0 ] || [ "$LORA" != 0 ] || die "EXPERTS=1 needs LORA=<rank>"
 GC="${GC:-0}"
 if [ "$LORA" != 0 ]; then LR="${LR:-1.0e-4}"; else LR="${LR:-1.0e-5}"; fi
 BIN="$(pwd)/${ANNEAL_BIN:-target/release/anneal}"
@@ -83,7 +87,8 @@ stages:
     params:
       model_name_or_path: $MODEL
 $(if [ "$LORA" != 0 ]; then
-    printf '      finetuning_type: lora\n      lora_rank: %s\n      lora_target: all\n' "$LORA"
+    printf '      finetuning_type: lora\n      lora_rank: %s\n      lora_target: all%s\n' "$LORA" \
+        "$([ "$EXPERTS" = 0 ] || echo ', experts')"
     [ "$DORA" = 0 ] || printf '      use_dora: true\n'
 elif [ "$FREEZE" != 0 ]; then
     printf '      finetuning_type: freeze\n      freeze_trainable_layers: %s\n' "$FREEZE"
@@ -109,7 +114,7 @@ print(statistics.median(x["tokens_per_s"] for x in m))' "$d/metrics.jsonl")"
     log "run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB"
 done
 anneal_median="$(median "${rates[@]}")"
-echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA dora=$DORA freeze=$FREEZE gc=$GC median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA dora=$DORA experts=$EXPERTS freeze=$FREEZE gc=$GC median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
 [ "$TORCH" = 0 ] && exit 0
 
 log "anneal trained tokens per step (run 1): $(python3 -c '
@@ -122,7 +127,7 @@ for run in $(seq "$RUNS"); do
     mkdir -p "$d"
     secs="$(timed "$d/log" "$d/time" "$PYTHON" bench/train_torch.py "$MODEL" --data "$work/train.jsonl" \
         --steps "$STEPS" --batch "$BATCH" --cutoff "$CUTOFF" --device cpu --lr "$LR" --lora "$LORA" --freeze "$FREEZE" \
-        $([ "$DORA" != 0 ] && echo --dora) \
+        $([ "$DORA" != 0 ] && echo --dora) $([ "$EXPERTS" != 0 ] && echo --experts) \
         $([ "$TRAIN_ON_PROMPT" = 1 ] && echo --train-on-prompt) $([ "$GC" = 1 ] && echo --gradient-checkpointing))"
     grep -o '{"steps".*' "$d/log" | tail -n1 >"$d/result.json" ||
         die "no result line in $d/log"
@@ -135,4 +140,4 @@ print(r["median_trained_tokens_per_s"], " ".join(str(s["tokens"]) for s in r["pe
     log "PyTorch run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB, trained tokens per step: $toks"
 done
 torch_median="$(median "${trates[@]}")"
-echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA dora=$DORA freeze=$FREEZE gc=$GC pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA dora=$DORA experts=$EXPERTS freeze=$FREEZE gc=$GC pytorch_median_trained_tokens_per_s=$torch_median pytorch_peak_rss_mb=$(median "${trss[@]}") ratio_anneal_over_pytorch=$(awk -v a="$anneal_median" -v b="$torch_median" 'BEGIN { printf "%.3f", a / b }')"

@@ -45,6 +45,9 @@ since transformers 5 holds the experts and routers otherwise, and PEFT's
 "all-linear" would wrap those too) on the f32 model;
 AdamW, clipping and the loss as above, over the adapters' parameters only.
 --dora makes them DoRA adapters (use_dora=True; anneal's `use_dora: true`).
+--experts adds adapters on a mixture's routed experts (target_parameters
+mlp.experts.gate_up_proj and mlp.experts.down_proj; anneal's `lora_target:
+all, experts`).
 
 --freeze N: only the last N decoder layers train (every weight whose name
 contains `.{i}.` for those layers: LLaMA-Factory's freeze tuning with
@@ -154,6 +157,9 @@ def main():
     ap.add_argument("--freeze", type=int, default=0, help="train the last N layers only")
     ap.add_argument("--dora", action="store_true", help="with --lora: DoRA adapters (use_dora)")
     ap.add_argument(
+        "--experts", action="store_true", help="with --lora: adapt the routed experts too (target_parameters)"
+    )
+    ap.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="transformers' gradient checkpointing (non-reentrant), as HF Trainer's flag",
@@ -199,6 +205,7 @@ def main():
             target_modules=lora_targets(model),
             task_type="CAUSAL_LM",
             use_dora=a.dora,
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if a.experts else None,
         )
         model = peft.get_peft_model(model, config)
     if a.freeze:
@@ -306,6 +313,7 @@ def main():
                 "train_on_prompt": a.train_on_prompt,
                 "lora_rank": a.lora,
                 "use_dora": a.dora,
+                "lora_experts": a.experts,
                 "freeze_trainable_layers": a.freeze,
                 "trainable_params": sum(p.numel() for p in params),
                 "attn_implementation": model.config._attn_implementation,
