@@ -523,8 +523,15 @@ mod tests {
     fn check_fused(dtype: FloatDType, tol: f32, cap: Option<f32>) {
         let device = Default::default();
         let (n, d, vocab) = (8, 24, 301);
-        let rand = |s: [usize; 2], sd: f64| {
-            Tensor::<Flex, 2>::random(s, Distribution::Normal(0.0, sd), &device)
+        // Seeded here: the backend's generator is shared with other tests.
+        let mut rng = crate::rng::SplitMix64(7);
+        let mut rand = |s: [usize; 2], sd: f64| {
+            let normal = |_| {
+                let (u, v) = (1.0 - rng.unit(), rng.unit());
+                (sd * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            };
+            let data: Vec<f32> = (0..s[0] * s[1]).map(normal).collect();
+            Tensor::<Flex, 2>::from_data(TensorData::new(data, s), &device)
         };
         let x = rand([n, d], 1.0);
         let targets: Vec<i64> = (0..n as i64)
@@ -603,12 +610,14 @@ mod tests {
 
     #[test]
     fn fused_head_and_loss_match_the_head_then_the_loss() {
-        check_fused(FloatDType::F32, 2e-7, None);
+        // f32: the gradients (up to ~0.5) to a few units in the last place,
+        // the sums' order differing between the fused and plain passes.
+        check_fused(FloatDType::F32, 1e-6, None);
         // In bf16 the gradients (below 1) are rounded at different points
         // (the loss's scale applied before or after the products).
         check_fused(FloatDType::BF16, 4e-3, None);
         // Soft-capped (the logits reach ±40 here, well into tanh's bend).
-        check_fused(FloatDType::F32, 2e-7, Some(5.0));
+        check_fused(FloatDType::F32, 1e-6, Some(5.0));
         check_fused(FloatDType::BF16, 4e-3, Some(5.0));
     }
 
