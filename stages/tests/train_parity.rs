@@ -113,6 +113,41 @@ fn module_path(name: &str) -> String {
     }
 }
 
+/// Clips `g` at 1.0 and takes one AdamW step (weight decay 0.1) at
+/// `ts["lr"]`, checking the gradient norm before clipping and the loss after
+/// the step against torch's in `ts` (`train_step` or `lora_train_step`).
+/// Returns the stepped net, the norm and the rate.
+fn torch_step<AB: TrainBackend>(
+    what: &str,
+    net: CausalLm<AB>,
+    g: &mut Grads<AB::InnerBackend>,
+    b: &Batch,
+    ts: &Value,
+    tol: &Tol,
+) -> (CausalLm<AB>, f64, f64) {
+    let norm = g.clip(1.0);
+    let want_norm = ts["grad_norm_before_clip"].as_f64().unwrap();
+    eprintln!("{what}: grad norm {norm} vs {want_norm}");
+    assert!(
+        rel(norm, want_norm) < tol.rel,
+        "{what}: grad norm {norm} vs {want_norm}"
+    );
+    let mut opt = AdamW::new(AdamWConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    });
+    let lr = ts["lr"].as_f64().unwrap();
+    let net = opt.step(net, g, lr);
+    let after = loss_of(&net, b);
+    let want_after = ts["loss_after"].as_f64().unwrap();
+    eprintln!("{what}: loss after {after} vs {want_after}");
+    assert!(
+        rel(after, want_after) < tol.rel,
+        "{what}: loss after {after} vs {want_after}"
+    );
+    (net, norm, lr)
+}
+
 fn full_step_in<AB: TrainBackend>(
     name: &str,
     dir: &Path,
@@ -153,26 +188,7 @@ fn full_step_in<AB: TrainBackend>(
         "{name}: torch's idle experts {idle:?}, ours {unreached} tensors without gradient"
     );
     assert!(watched.len() >= 2, "{name}: no after_step tensors");
-    let norm = g.clip(1.0);
-    let want_norm = ts["grad_norm_before_clip"].as_f64().unwrap();
-    eprintln!("{name}: grad norm {norm} vs {want_norm}");
-    assert!(
-        rel(norm, want_norm) < tol.rel,
-        "{name}: grad norm {norm} vs {want_norm}"
-    );
-    let mut opt = AdamW::new(AdamWConfig {
-        weight_decay: 0.1,
-        ..Default::default()
-    });
-    let lr = ts["lr"].as_f64().unwrap();
-    let net = opt.step(model.net, &g, lr);
-    let after = loss_of(&net, &b);
-    let want_after = ts["loss_after"].as_f64().unwrap();
-    eprintln!("{name}: loss after {after} vs {want_after}");
-    assert!(
-        rel(after, want_after) < tol.rel,
-        "{name}: loss after {after} vs {want_after}"
-    );
+    let (net, norm, lr) = torch_step(name, model.net, &mut g, &b, ts, tol);
     // Adam's first step moves each weight by about lr * g / (|g| + eps): where
     // the clipped gradient is within two orders of eps (1e-6) the update depends
     // on float32 rounding noise of a near-cancelled gradient, in torch as here,
@@ -482,25 +498,7 @@ fn moe_lora_step(name: &str, dir: &Path, tol: &Tol, ckpt: bool) {
         "{:?}",
         g.map.keys()
     );
-    let norm = g.clip(1.0);
-    let want = ls["grad_norm_before_clip"].as_f64().unwrap();
-    assert!(
-        rel(norm, want) < tol.rel,
-        "{name}: lora grad norm {norm} vs {want}"
-    );
-    let mut opt = AdamW::new(AdamWConfig {
-        weight_decay: 0.1,
-        ..Default::default()
-    });
-    let lr = ls["lr"].as_f64().unwrap();
-    let net = opt.step(net, &g, lr);
-    let after = loss_of(&net, &b);
-    let want = ls["loss_after"].as_f64().unwrap();
-    eprintln!("{name}: lora loss after {after} vs {want}");
-    assert!(
-        rel(after, want) < tol.rel,
-        "{name}: lora loss after {after} vs {want}"
-    );
+    let (net, _, lr) = torch_step(&format!("{name} lora"), net, &mut g, &b, ls, tol);
     let ours = lora::adapter_tensors(&net, false);
     let mut compared = 0;
     for (k, (_, want)) in &r.tensors {
