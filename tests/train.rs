@@ -397,6 +397,45 @@ fn mixtures_of_experts_train_and_their_adapters_load_in_peft() {
     assert!((added - 0.2).abs() < 0.05, "{added}");
 }
 
+/// gpt-oss end to end: init_model writes a gpt-oss checkpoint (4 experts,
+/// top 2, every other layer sliding over 8 keys) in its stacked layout, the
+/// full phase trains every weight (the experts' stacked matrices and
+/// biases, the routers, the attention sinks), the LoRA phase adapts the
+/// attention, and transformers loads both checkpoints as
+/// GptOssForCausalLM with no tensor missing or unexpected; PEFT's view of
+/// the adapter computes what the merged model computes.
+#[test]
+fn gpt_oss_trains_and_loads_in_transformers_and_peft() {
+    let (p, config) = trains_as("gpt_oss", "sliding_window: 8, ");
+    assert_eq!(
+        config["layer_types"],
+        serde_json::json!(["sliding_attention", "full_attention"])
+    );
+    let (base, tuned) = (
+        tensors(&p, "work/base/model.safetensors"),
+        tensors(&p, "work/phase1/model.safetensors"),
+    );
+    let mut stacked: Vec<&String> = base
+        .keys()
+        .filter(|k| k.contains(".experts.") || k.contains(".router.") || k.ends_with(".sinks"))
+        .collect();
+    stacked.sort();
+    assert_eq!(stacked.len(), 2 * 7, "{stacked:?}");
+    for k in stacked {
+        assert!(base[k].data != tuned[k].data, "{k} did not train");
+    }
+    let up = &tuned["model.layers.1.mlp.experts.gate_up_proj"];
+    assert_eq!(up.shape[0], 4, "experts first: {:?}", up.shape);
+    let adapter = tensors(&p, "work/phase2/adapter/adapter_model.safetensors");
+    assert!(
+        adapter.keys().all(|k| k.contains(".self_attn.")),
+        "{:?}",
+        adapter.keys()
+    );
+    let peft = phase2_adapters_match_peft(&[(&p, "gpt_oss")]);
+    assert_eq!(peft[0]["class"], "GptOssForCausalLM", "{}", peft[0]);
+}
+
 /// A multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration, built by
 /// transformers from tiny-qwen2's sizes with a one-layer vision tower)
 /// trains on text: the full phase writes the language model back beside the

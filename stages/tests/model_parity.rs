@@ -162,12 +162,20 @@ fn tiny_archs_match_transformers() {
 }
 
 /// Mixtures of experts: Qwen3-MoE (top 2 of 4 renormalised, its second
-/// layer dense), Mixtral and OLMoE (top 2 of 4 as they are), built by
+/// layer dense), Mixtral and OLMoE (top 2 of 4 as they are), gpt-oss
+/// (attention sinks, biased experts with a clamped SwiGLU), built by
 /// transformers at test time from tiny-qwen2's sizes: logits of the padded
 /// batch and greedy generation with the KV cache.
 #[test]
 fn tiny_moe_archs_match_transformers() {
-    let archs = ["qwen2-moe", "qwen3-moe", "mixtral", "mixtral-aux", "olmoe"];
+    let archs = [
+        "qwen2-moe",
+        "qwen3-moe",
+        "mixtral",
+        "mixtral-aux",
+        "olmoe",
+        "gpt-oss",
+    ];
     let dirs = common::tiny_archs(&archs);
     for arch in archs {
         let dir = dirs.path().join(arch);
@@ -352,6 +360,7 @@ mod cuda {
             "mixtral",
             "mixtral-aux",
             "olmoe",
+            "gpt-oss",
         ];
         let dirs = common::tiny_archs(&archs);
         for arch in archs {

@@ -433,6 +433,7 @@ fn tiny_moe_full_steps_match_torch() {
         "mixtral",
         "mixtral-aux",
         "olmoe",
+        "gpt-oss",
     ];
     let dirs = common::tiny_archs(&archs);
     for arch in archs {

@@ -9,7 +9,10 @@
 //! that the mask is causal, forward and backward skip the keys after each
 //! chunk's last token, and under a sliding window the keys before its
 //! first token's window. Scores may be soft-capped (Gemma 2's
-//! `attn_logit_softcapping`): `cap · tanh(s / cap)` before the mask.
+//! `attn_logit_softcapping`): `cap · tanh(s / cap)` before the mask. A
+//! head may have a learned sink (gpt-oss): one more logit in each row's
+//! softmax, for a key whose value is zero, so the row's weights sum to less
+//! than 1.
 
 use burn::backend::Autodiff;
 use burn::backend::Flex;
@@ -20,7 +23,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, ModuleOps};
-use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorMetadata, TensorPrimitive};
 
 use super::backend::ModelBackend;
 
@@ -69,6 +72,25 @@ pub fn masked_attention<B: ModelBackend>(
         mask.into_primitive(),
         causal,
         softcap,
+    )))
+}
+
+/// [`ModelBackend::sink_attention`] on tensors.
+pub fn sink_attention<B: ModelBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4, Bool>,
+    causal: Option<Causal>,
+    sinks: Tensor<B, 1>,
+) -> Tensor<B, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::sink_attention(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        mask.into_primitive(),
+        causal,
+        sinks.into_primitive().tensor(),
     )))
 }
 
@@ -124,9 +146,66 @@ pub(crate) fn composed<B: ModelBackend>(
 ) -> FloatTensor<B> {
     let [q, k, v] = [q, k, v].map(float::<B>);
     let chunks = plan(&q, &k, causal);
-    chunked_forward(q, k, v, Tensor::from_primitive(mask), &chunks, softcap)
-        .into_primitive()
-        .tensor()
+    chunked_forward(
+        q,
+        k,
+        v,
+        Tensor::from_primitive(mask),
+        &chunks,
+        softcap,
+        None,
+    )
+    .into_primitive()
+    .tensor()
+}
+
+/// [`ModelBackend::sink_attention`] as [`composed`]'s batched matmuls.
+pub(crate) fn composed_with_sinks<B: ModelBackend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: BoolTensor<B>,
+    causal: Option<Causal>,
+    sinks: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let [q, k, v] = [q, k, v].map(float::<B>);
+    let chunks = plan(&q, &k, causal);
+    let sinks = sink_rows(&q, Tensor::from_primitive(TensorPrimitive::Float(sinks)));
+    chunked_forward(
+        q,
+        k,
+        v,
+        Tensor::from_primitive(mask),
+        &chunks,
+        None,
+        Some(&sinks),
+    )
+    .into_primitive()
+    .tensor()
+}
+
+/// The sinks `[heads]` per query row of `q` (`[b, kv_heads, tokens · rep,
+/// d]`, row `i · rep + r` for head `kv · rep + r`): `[b, kv_heads, rows, 1]`
+/// in f32.
+fn sink_rows<B: Backend>(q: &Tensor<B, 4>, sinks: Tensor<B, 1>) -> Tensor<B, 4> {
+    let [b, kvh, rows, _] = q.dims();
+    let rep = sinks.dims()[0] / kvh;
+    let t = rows / rep;
+    to(sinks, DType::F32)
+        .reshape([1, kvh, 1, rep])
+        .expand([b, kvh, t, rep])
+        .reshape([b, kvh, rows, 1])
+}
+
+/// Row gradients of the sinks, `[b, kv_heads, rows, 1]` (see
+/// [`sink_rows`]), summed per head: `[heads]`.
+fn sink_grad<B: Backend>(rows: Tensor<B, 4>, heads: usize) -> Tensor<B, 1> {
+    let [b, kvh, n, _] = rows.dims();
+    let rep = heads / kvh;
+    rows.reshape([b, kvh, n / rep, rep])
+        .sum_dim(2)
+        .sum_dim(0)
+        .reshape([heads])
 }
 
 /// [`ModelBackend::masked_attention`] under autodiff: the forward pass on the
@@ -162,6 +241,50 @@ pub(crate) fn autodiff_masked_attention<B: ModelBackend, C: CheckpointStrategy>(
                 mask,
                 causal,
                 softcap,
+            );
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// [`ModelBackend::sink_attention`] under autodiff: as
+/// [`autodiff_masked_attention`], the sinks a fourth input.
+pub(crate) fn autodiff_sink_attention<B: ModelBackend, C: CheckpointStrategy>(
+    q: FloatTensor<Autodiff<B, C>>,
+    k: FloatTensor<Autodiff<B, C>>,
+    v: FloatTensor<Autodiff<B, C>>,
+    mask: BoolTensor<Autodiff<B, C>>,
+    causal: Option<Causal>,
+    sinks: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let nodes = [
+        q.node.clone(),
+        k.node.clone(),
+        v.node.clone(),
+        sinks.node.clone(),
+    ];
+    let out = B::sink_attention(
+        q.primitive.clone(),
+        k.primitive.clone(),
+        v.primitive.clone(),
+        mask.clone(),
+        causal,
+        sinks.primitive.clone(),
+    );
+    match SinkAttentionBackward
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let state = (
+                prep.checkpoint(&q),
+                prep.checkpoint(&k),
+                prep.checkpoint(&v),
+                prep.checkpoint(&sinks),
+                mask,
+                causal,
             );
             prep.finish(state, out)
         }
@@ -227,11 +350,56 @@ impl<B: ModelBackend> Backward<B, 3> for AttentionBackward {
         let v = float::<B>(checkpointer.retrieve_node_output(v));
         let chunks = plan(&q, &k, causal);
         let mask = Tensor::from_primitive(mask);
-        let (dq, dk, dv) = chunked_backward(q, k, v, mask, grad, &chunks, softcap);
+        let (dq, dk, dv, _) = chunked_backward(q, k, v, mask, grad, &chunks, softcap, None);
         for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g.into_primitive().tensor());
             }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SinkAttentionBackward;
+
+impl<B: ModelBackend> Backward<B, 4> for SinkAttentionBackward {
+    type State = (
+        NodeId,
+        NodeId,
+        NodeId,
+        NodeId,
+        BoolTensor<B>,
+        Option<Causal>,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 4>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_q, node_k, node_v, node_s] = ops.parents;
+        let grad = float::<B>(grads.consume::<B>(&ops.node));
+        let (q, k, v, sinks, mask, causal) = ops.state;
+        let q = float::<B>(checkpointer.retrieve_node_output(q));
+        let k = float::<B>(checkpointer.retrieve_node_output(k));
+        let v = float::<B>(checkpointer.retrieve_node_output(v));
+        let sinks: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(
+            checkpointer.retrieve_node_output(sinks),
+        ));
+        let (heads, dtype) = (sinks.dims()[0], sinks.dtype());
+        let chunks = plan(&q, &k, causal);
+        let rows = sink_rows(&q, sinks);
+        let mask = Tensor::from_primitive(mask);
+        let (dq, dk, dv, ds) = chunked_backward(q, k, v, mask, grad, &chunks, None, Some(&rows));
+        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g.into_primitive().tensor());
+            }
+        }
+        if let (Some(node), Some(ds)) = (node_s, ds) {
+            let g = to(sink_grad(ds, heads), dtype);
+            grads.register::<B>(node.id, g.into_primitive().tensor());
         }
     }
 }
@@ -322,6 +490,10 @@ fn plan<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, causal: Option<Causal>) 
 /// The attention probabilities of a chunk's query rows in f32 (softmax as in
 /// burn's fallback: a fully masked row would give zeros, not NaNs) and,
 /// soft-capped with `keep_tanh` (the backward pass), `tanh(scale · s / cap)`.
+/// With `sinks` (see [`sink_rows`]; never with `softcap`), each row's
+/// softmax also counts its sink's logit, as one more key never masked,
+/// whose probability is left out.
+#[allow(clippy::too_many_arguments)]
 fn probs<B: ModelBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
@@ -330,6 +502,7 @@ fn probs<B: ModelBackend>(
     scale: f32,
     softcap: Option<f32>,
     keep_tanh: bool,
+    sinks: Option<&Tensor<B, 4>>,
 ) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
     let qc = q.clone().narrow(2, c.start, c.rows);
     let kt = c.seen(k).swap_dims(2, 3);
@@ -338,6 +511,23 @@ fn probs<B: ModelBackend>(
         .narrow(2, c.start, c.rows)
         .narrow(3, c.first, c.keys - c.first);
     let s = to(bmm(qc, kt), DType::F32);
+    if let Some(sinks) = sinks {
+        debug_assert!(softcap.is_none(), "sinks are never soft-capped");
+        let keys = c.keys - c.first;
+        // The scores are scaled inside the softmax; the sinks are not.
+        let col = sinks.clone().narrow(2, c.start, c.rows).div_scalar(scale);
+        let open = Tensor::<B, 4, Int>::zeros(col.shape(), &col.device()).bool();
+        let s = Tensor::cat(vec![s, col], 3);
+        let mask = Tensor::cat(vec![mask, open], 3);
+        let (p, _) = B::attention_probs(
+            s.into_primitive().tensor(),
+            mask.into_primitive(),
+            scale,
+            None,
+            false,
+        );
+        return (float::<B>(p).narrow(3, 0, keys), None);
+    }
     let (p, tanh) = B::attention_probs(
         s.into_primitive().tensor(),
         mask.into_primitive(),
@@ -526,12 +716,13 @@ fn chunked_forward<B: ModelBackend>(
     mask: Tensor<B, 4, Bool>,
     chunks: &[Chunk],
     softcap: Option<f32>,
+    sinks: Option<&Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
     let (dtype, scale) = (q.dtype(), scale_of(&q));
     let outs: Vec<_> = chunks
         .iter()
         .map(|&c| {
-            let (p, _) = probs(&q, &k, &mask, c, scale, softcap, false);
+            let (p, _) = probs(&q, &k, &mask, c, scale, softcap, false, sinks);
             bmm(to(p, dtype), c.seen(&v))
         })
         .collect();
@@ -563,7 +754,10 @@ fn pad_keys<B: Backend>(t: Tensor<B, 4>, first: usize, keys: usize) -> Tensor<B,
 /// `dV = Pᵀ dO`, `dS = P ∘ (dO Vᵀ − rowsum(P ∘ dO Vᵀ))`, `dQ = scale · dS K`,
 /// `dK = scale · dSᵀ Q`; soft-capped, `dS` times `1 − tanh²` of the capped
 /// scores. Softmax and `dS` are in f32; matmuls take the inputs' dtype
-/// (bf16 under mixed precision), as FlashAttention's do.
+/// (bf16 under mixed precision), as FlashAttention's do. With `sinks`,
+/// also their gradient per row (see [`sink_rows`]): `−p_sink · rowsum(P ∘
+/// dO Vᵀ)`, `p_sink = 1 − rowsum(P)`.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn chunked_backward<B: ModelBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -572,22 +766,34 @@ fn chunked_backward<B: ModelBackend>(
     dout: Tensor<B, 4>,
     chunks: &[Chunk],
     softcap: Option<f32>,
-) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    sinks: Option<&Tensor<B, 4>>,
+) -> (
+    Tensor<B, 4>,
+    Tensor<B, 4>,
+    Tensor<B, 4>,
+    Option<Tensor<B, 4>>,
+) {
     let keys = k.dims()[2];
     let (dtype, scale) = (q.dtype(), scale_of(&q));
     let dout = to(dout, dtype);
     let (mut dk, mut dv): (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>) = (None, None);
     let mut dqs = Vec::with_capacity(chunks.len());
+    let mut dsinks = Vec::new();
     for &c in chunks {
         let (kc, vc) = (c.seen(&k), c.seen(&v));
         let qc = q.clone().narrow(2, c.start, c.rows);
         let doc = dout.clone().narrow(2, c.start, c.rows);
-        let (p, tanh) = probs(&q, &k, &mask, c, scale, softcap, true);
+        let (p, tanh) = probs(&q, &k, &mask, c, scale, softcap, true, sinks);
         let dv_c = to(
             bmm(to(p.clone(), dtype).swap_dims(2, 3), doc.clone()),
             DType::F32,
         );
         let dp = to(bmm(doc, vc.swap_dims(2, 3)), DType::F32);
+        if sinks.is_some() {
+            let row = p.clone().mul(dp.clone()).sum_dim(3);
+            let p_sink = p.clone().sum_dim(3).neg().add_scalar(1.0);
+            dsinks.push(p_sink.mul(row).neg());
+        }
         let ds = float(B::attention_ds(
             p.into_primitive().tensor(),
             dp.into_primitive().tensor(),
@@ -605,7 +811,8 @@ fn chunked_backward<B: ModelBackend>(
         dk.unwrap_or_else(|| k.zeros_like()),
         dv.unwrap_or_else(|| v.zeros_like()),
     );
-    (Tensor::cat(dqs, 2), to(dk, dtype), to(dv, dtype))
+    let dsinks = (!dsinks.is_empty()).then(|| Tensor::cat(dsinks, 2));
+    (Tensor::cat(dqs, 2), to(dk, dtype), to(dv, dtype), dsinks)
 }
 
 #[cfg(test)]
@@ -732,6 +939,97 @@ mod tests {
         }
     }
 
+    /// Output and gradients of sink attention from burn's tensor ops with
+    /// autodiff, as transformers' eager gpt-oss attention computes it: the
+    /// sink as one more logit per row, its probability dropped after the
+    /// softmax. Also the sinks' gradient.
+    fn sink_reference(c: &Case, sinks: &Tensor<AD, 1>) -> ([Tensor<Flex, 4>; 4], Tensor<Flex, 1>) {
+        let [b, h, rows, d] = c.q.dims();
+        let (keys, rep) = (c.k.dims()[2], sinks.dims()[0] / h);
+        let s =
+            c.q.clone()
+                .matmul(c.k.clone().swap_dims(2, 3))
+                .mul_scalar(1.0 / (d as f32).sqrt())
+                .mask_fill(c.mask.clone(), f32::NEG_INFINITY);
+        let col = sinks
+            .clone()
+            .reshape([1, h, 1, rep])
+            .expand([b, h, rows / rep, rep])
+            .reshape([b, h, rows, 1]);
+        let p = burn::tensor::activation::softmax(Tensor::cat(vec![s, col], 3), 3);
+        let out = p.narrow(3, 0, keys).matmul(c.v.clone());
+        let g = (out.clone() * c.dout.clone()).sum().backward();
+        let grads = [
+            out.inner(),
+            c.q.grad(&g).unwrap(),
+            c.k.grad(&g).unwrap(),
+            c.v.grad(&g).unwrap(),
+        ];
+        (grads, sinks.grad(&g).unwrap())
+    }
+
+    #[test]
+    fn sink_attention_matches_the_sink_as_an_extra_logit() {
+        for c in [
+            case(2, 3, 7, 1, 0, 8),
+            case(2, 1, 1, 3, 5, 4),
+            case(2, 2, 6, 3, 2, 4),
+            case(1, 2, 150, 2, 0, 4),
+        ] {
+            let heads = c.q.dims()[1] * c.causal.rep;
+            let sinks: Tensor<AD, 1> = Tensor::<AD, 1>::random(
+                [heads],
+                Distribution::Normal(0.0, 2.0),
+                &Default::default(),
+            )
+            .require_grad();
+            for causal in [None, Some(c.causal)] {
+                let out = sink_attention(
+                    c.q.clone(),
+                    c.k.clone(),
+                    c.v.clone(),
+                    c.mask.clone(),
+                    causal,
+                    sinks.clone(),
+                );
+                let g = (out.clone() * c.dout.clone()).sum().backward();
+                let ours = [
+                    out.inner(),
+                    c.q.grad(&g).unwrap(),
+                    c.k.grad(&g).unwrap(),
+                    c.v.grad(&g).unwrap(),
+                ];
+                let dsinks = sinks.grad(&g).unwrap();
+                let what = format!("{:?}, {causal:?}", c.q.dims());
+                let (want, want_sinks) = sink_reference(&c, &sinks);
+                assert_close(&what, ours, want);
+                let diff: f32 = dsinks.sub(want_sinks).abs().max().into_scalar();
+                assert!(diff < 1e-4, "{what}: dsinks differs by {diff}");
+                // The sinks take weight from the keys: unlike plain attention.
+                let plain = masked_attention(
+                    c.q.clone().inner(),
+                    c.k.clone().inner(),
+                    c.v.clone().inner(),
+                    c.mask.clone().inner(),
+                    causal,
+                    None,
+                );
+                let moved = max_diff(
+                    plain,
+                    sink_attention(
+                        c.q.clone().inner(),
+                        c.k.clone().inner(),
+                        c.v.clone().inner(),
+                        c.mask.clone().inner(),
+                        causal,
+                        sinks.clone().inner(),
+                    ),
+                );
+                assert!(moved > 1e-3, "{what}: the sinks changed nothing ({moved})");
+            }
+        }
+    }
+
     fn chunked(c: &Case, chunks: &[Chunk]) -> [Tensor<Flex, 4>; 4] {
         capped_chunks(c, chunks, None)
     }
@@ -750,9 +1048,10 @@ mod tests {
             mask.clone(),
             chunks,
             softcap,
+            None,
         );
         let dout = c.dout.clone().inner();
-        let (dq, dk, dv) = chunked_backward(q, k, v, mask, dout, chunks, softcap);
+        let (dq, dk, dv, _) = chunked_backward(q, k, v, mask, dout, chunks, softcap, None);
         [out, dq, dk, dv]
     }
 
@@ -861,7 +1160,7 @@ mod tests {
             bf(c.dout.clone().inner()),
         );
         let chunks = plan(&q, &k, Some(c.causal));
-        let (gq, gk, gv) = chunked_backward(q, k, v, mask, dout, &chunks, None);
+        let (gq, gk, gv, _) = chunked_backward(q, k, v, mask, dout, &chunks, None, None);
         for (name, a, b) in [("dq", gq, dq), ("dk", gk, dk), ("dv", gv, dv)] {
             assert_eq!(a.dtype(), DType::BF16, "{name}");
             let diff = max_diff(to(a, DType::F32), b.clone());

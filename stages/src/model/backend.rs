@@ -41,6 +41,22 @@ pub trait ModelBackend: Backend {
         softcap: Option<f32>,
     ) -> FloatTensor<Self>;
 
+    /// [`Self::masked_attention`] (without soft-capping) where each query
+    /// head has a learned sink (gpt-oss): `sinks: [heads]`, heads in the
+    /// order of `q`'s rows (`causal.rep` heads per kv head stacked token by
+    /// token, as the decoder lays them out), and each row's softmax also
+    /// counts `exp(sink)`, for a key whose value is zero.
+    fn sink_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        causal: Option<Causal>,
+        sinks: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        attention::composed_with_sinks::<Self>(q, k, v, mask, causal, sinks)
+    }
+
     /// `x: [a, b, c, d]` as `[a, c, b, d]` (heads to or from the second axis),
     /// laid out contiguously where the backend's later ops need it.
     fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -510,6 +526,17 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         softcap: Option<f32>,
     ) -> FloatTensor<Self> {
         attention::autodiff_masked_attention::<B, C>(q, k, v, mask, causal, softcap)
+    }
+
+    fn sink_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        causal: Option<Causal>,
+        sinks: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        attention::autodiff_sink_attention::<B, C>(q, k, v, mask, causal, sinks)
     }
 
     fn swap_heads(x: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -3,10 +3,13 @@
 //! `olmo2`, `olmo3`, `phi3`, and the mixtures of experts `qwen2_moe`,
 //! `qwen3_moe`, `mixtral` and `olmoe`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
+
+use super::weights::HostTensor;
 
 /// Decoder family; all share one implementation and differ only in config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,11 +68,17 @@ pub enum Arch {
     /// `OlmoeForCausalLM` (OLMoE): Llama's layout with OLMo 2's q/k norms
     /// over all heads together; every MLP a mixture of experts.
     Olmoe,
+    /// `GptOssForCausalLM` (gpt-oss): biased attention with a learned sink
+    /// per head, every other layer sliding over 128 keys, YaRN; every MLP a
+    /// mixture of experts with biases, a clamped SwiGLU on interleaved
+    /// gate/up columns, held as stacked tensors in the checkpoint (see
+    /// [`super::gpt_oss`]).
+    GptOss,
 }
 
 /// The `model_type` values anneal reads, for error messages.
 pub const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, olmo2, \
-     olmo3, phi3, qwen2_moe, qwen3_moe, mixtral, olmoe";
+     olmo3, phi3, qwen2_moe, qwen3_moe, mixtral, olmoe, gpt_oss";
 
 /// A sparse mixture of experts in place of the dense MLP: a linear router
 /// scores the experts per token, the `top_k` best run, and their outputs are
@@ -97,6 +106,11 @@ pub struct MoeConfig {
     /// `router_aux_loss_coef` (0.001; OLMoE's 0.01) under
     /// `output_router_logits`, 0 without.
     pub router_aux_loss_coef: f64,
+    /// gpt-oss: the experts' SwiGLU is clamped, `(swiglu_alpha,
+    /// swiglu_limit)`; see [`super::decoder::Expert::clamp`].
+    pub swiglu_clamp: Option<(f64, f64)>,
+    /// gpt-oss: the router and the experts' projections have biases.
+    pub expert_bias: bool,
 }
 
 /// The MLP's gate activation.
@@ -126,6 +140,7 @@ impl Arch {
             Arch::Qwen3Moe => "qwen3_moe",
             Arch::Mixtral => "mixtral",
             Arch::Olmoe => "olmoe",
+            Arch::GptOss => "gpt_oss",
         }
     }
 
@@ -146,6 +161,7 @@ impl Arch {
             Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
             Arch::Mixtral => "MixtralForCausalLM",
             Arch::Olmoe => "OlmoeForCausalLM",
+            Arch::GptOss => "GptOssForCausalLM",
         }
     }
 
@@ -174,8 +190,13 @@ impl Arch {
     pub fn moe(self) -> bool {
         matches!(
             self,
-            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Mixtral | Arch::Olmoe
+            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Mixtral | Arch::Olmoe | Arch::GptOss
         )
+    }
+
+    /// gpt-oss: each attention head has a learned sink (`self_attn.sinks`).
+    pub fn attention_sinks(self) -> bool {
+        self == Arch::GptOss
     }
 
     /// A mixture of experts' HF names: the block under a layer, and an
@@ -220,6 +241,7 @@ impl Arch {
             Arch::Qwen3Moe,
             Arch::Mixtral,
             Arch::Olmoe,
+            Arch::GptOss,
         ]
         .into_iter()
         .find(|a| a.model_type() == name)
@@ -476,6 +498,10 @@ impl ModelConfig {
                 filled = with_gemma3_defaults(map);
                 &filled
             }
+            Some("gpt_oss") => {
+                filled = with_gpt_oss_defaults(map);
+                &filled
+            }
             _ => map,
         };
         let k = Keys { file, map };
@@ -521,6 +547,7 @@ impl ModelConfig {
         }
         let head_dim = match arch {
             Arch::Gemma2 | Arch::Gemma3 => k.usize_or("head_dim", 256)?,
+            Arch::GptOss => k.usize_or("head_dim", 64)?,
             _ => k.usize_or("head_dim", hidden_size / num_attention_heads)?,
         };
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
@@ -541,7 +568,7 @@ impl ModelConfig {
             Arch::SmolLm3 => k.usize_or("max_position_embeddings", 32_768)?,
             Arch::Phi3 | Arch::Olmoe => k.usize_or("max_position_embeddings", 4096)?,
             Arch::Qwen2Moe | Arch::Qwen3Moe => k.usize_or("max_position_embeddings", 32_768)?,
-            Arch::Mixtral => k.usize_or("max_position_embeddings", 131_072)?,
+            Arch::Mixtral | Arch::GptOss => k.usize_or("max_position_embeddings", 131_072)?,
             _ => k.usize_or("max_position_embeddings", 2048)?,
         };
         let (mut rotary_dim, mut longrope) = (head_dim, None);
@@ -550,6 +577,7 @@ impl ModelConfig {
             Arch::Olmo3 => layer_type_rope(&k, 5e5, None)?,
             Arch::SmolLm3 => rope(&k, 2e6)?,
             Arch::Mixtral => rope(&k, 1e6)?,
+            Arch::GptOss => rope(&k, 150_000.0)?,
             Arch::Phi3 => {
                 let phi3 = phi3_rope(&k, head_dim, max_position_embeddings)?;
                 (rotary_dim, longrope) = (phi3.rotary_dim, phi3.longrope);
@@ -576,12 +604,18 @@ impl ModelConfig {
             | Arch::Olmoe => k.bool_or("attention_bias", false)?,
             // Phi3Attention's projections have no biases.
             Arch::Phi3 => false,
+            Arch::GptOss => k.bool_or("attention_bias", true)?,
         };
         // OLMo's and Phi-3's configs default to 1e-5; the others to 1e-6.
         let rms_norm_eps = k.f64_or(
             "rms_norm_eps",
             match arch {
-                Arch::Olmo2 | Arch::Olmo3 | Arch::Phi3 | Arch::Mixtral | Arch::Olmoe => 1e-5,
+                Arch::Olmo2
+                | Arch::Olmo3
+                | Arch::Phi3
+                | Arch::Mixtral
+                | Arch::Olmoe
+                | Arch::GptOss => 1e-5,
                 _ => 1e-6,
             },
         )?;
@@ -700,6 +734,31 @@ impl ModelConfig {
         name.starts_with("lm_head.").then(|| name.to_owned())
     }
 
+    /// A checkpoint's language-model tensors under the names
+    /// [`super::CausalLm::from_tensors`] reads: gpt-oss's stacked or MXFP4
+    /// experts split per expert (see [`super::gpt_oss`]); the others as
+    /// they are.
+    pub fn internal_tensors(
+        &self,
+        tensors: BTreeMap<String, HostTensor>,
+    ) -> anyhow::Result<BTreeMap<String, HostTensor>> {
+        match self.arch {
+            Arch::GptOss => super::gpt_oss::unstack(self, tensors),
+            _ => Ok(tensors),
+        }
+    }
+
+    /// The inverse of [`Self::internal_tensors`], for saving.
+    pub fn checkpoint_tensors(
+        &self,
+        tensors: BTreeMap<String, HostTensor>,
+    ) -> BTreeMap<String, HostTensor> {
+        match self.arch {
+            Arch::GptOss => super::gpt_oss::stack(self, tensors),
+            _ => tensors,
+        }
+    }
+
     /// Query heads per key/value head.
     pub fn kv_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
@@ -715,6 +774,9 @@ impl ModelConfig {
         if map.contains_key("torch_dtype") {
             map.insert("torch_dtype".into(), json!(dtype));
         }
+        // Saved weights are never quantised (gpt-oss's MXFP4 experts load
+        // dequantised).
+        map.remove("quantization_config");
         Value::Object(map)
     }
 
@@ -752,6 +814,21 @@ fn with_gemma3_defaults(map: &Map<String, Value>) -> Map<String, Value> {
         if out.get(key).is_none_or(Value::is_null) {
             out.insert(key.into(), json!(v));
         }
+    }
+    out
+}
+
+/// `map` with GptOssConfig's YaRN RoPE where it sets none (factor 32 over
+/// 4,096 positions, betas 32 and 1, not truncated).
+fn with_gpt_oss_defaults(map: &Map<String, Value>) -> Map<String, Value> {
+    let mut out = map.clone();
+    let set = |key: &str| map.get(key).is_some_and(|v| !v.is_null());
+    if !set("rope_scaling") && !set("rope_parameters") {
+        out.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                   "truncate": false, "original_max_position_embeddings": 4096}),
+        );
     }
     out
 }
@@ -862,6 +939,7 @@ fn moe(k: &Keys, arch: Arch, layers: usize, intermediate: usize) -> anyhow::Resu
         Arch::Mixtral => (8, 2),
         Arch::Olmoe => (64, 8),
         Arch::Qwen2Moe => (60, 4),
+        Arch::GptOss => (128, 4),
         _ => (128, 8),
     };
     // transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`.
@@ -925,7 +1003,10 @@ fn moe(k: &Keys, arch: Arch, layers: usize, intermediate: usize) -> anyhow::Resu
             Arch::Qwen2Moe => Some(k.usize_or("shared_expert_intermediate_size", 5632)?),
             _ => None,
         },
-        norm_topk_prob: arch == Arch::Mixtral || k.bool_or("norm_topk_prob", false)?,
+        // gpt-oss's router takes the softmax of the top-k logits: the top-k
+        // probabilities renormalised.
+        norm_topk_prob: matches!(arch, Arch::Mixtral | Arch::GptOss)
+            || k.bool_or("norm_topk_prob", false)?,
         sparse_layers,
         router_aux_loss_coef: match k.bool_or("output_router_logits", false)? {
             true => k.f64_or(
@@ -934,6 +1015,23 @@ fn moe(k: &Keys, arch: Arch, layers: usize, intermediate: usize) -> anyhow::Resu
             )?,
             false => 0.0,
         },
+        swiglu_clamp: match arch {
+            Arch::GptOss => {
+                let (alpha, limit) = (
+                    k.f64_or("swiglu_alpha", 1.702)?,
+                    k.f64_or("swiglu_limit", 7.0)?,
+                );
+                if !(limit > 0.0 && limit.is_finite() && alpha.is_finite()) {
+                    bail!(
+                        "{file}: keys 'swiglu_alpha' ({alpha}) and 'swiglu_limit' ({limit}) must \
+                         be finite, the limit positive"
+                    );
+                }
+                Some((alpha, limit))
+            }
+            _ => None,
+        },
+        expert_bias: arch == Arch::GptOss,
     })
 }
 
@@ -995,6 +1093,7 @@ fn sliding(
     // SmolLM3Config and Phi3Config have no default window; the others' is 4096.
     let missing = match arch {
         Arch::SmolLm3 | Arch::Phi3 | Arch::Mixtral => None,
+        Arch::GptOss => Some(128),
         _ => Some(4096),
     };
     let window = || -> anyhow::Result<Option<usize>> {
@@ -1028,8 +1127,12 @@ fn sliding(
         | Arch::Gemma2
         | Arch::Gemma3
         | Arch::SmolLm3
-        | Arch::Olmo3 => {
-            let always = matches!(arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo3);
+        | Arch::Olmo3
+        | Arch::GptOss => {
+            let always = matches!(
+                arch,
+                Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo3 | Arch::GptOss
+            );
             let w = match always || k.bool_or("use_sliding_window", false)? {
                 true => window()?,
                 false => None,
@@ -1042,7 +1145,7 @@ fn sliding(
                     all_but_every(k.usize_or("sliding_window_pattern", 6)?, layers)
                 }
                 None if arch == Arch::Olmo3 => all_but_every(4, layers),
-                None if arch == Arch::Gemma2 => all_but_every(2, layers),
+                None if matches!(arch, Arch::Gemma2 | Arch::GptOss) => all_but_every(2, layers),
                 None => {
                     let from = k.usize_or("max_window_layers", 28)?;
                     (0..layers).map(|i| w.is_some() && i >= from).collect()
@@ -1067,11 +1170,15 @@ fn sliding(
                 let which = match (k.get("layer_types"), arch) {
                     (Some(_), _) => "key 'layer_types' has \"sliding_attention\" layers",
                     (None, Arch::Olmo3) => "without 'layer_types', three layers in four slide",
-                    (None, Arch::Gemma2) => "without 'layer_types', every other layer slides",
+                    (None, Arch::Gemma2 | Arch::GptOss) => {
+                        "without 'layer_types', every other layer slides"
+                    }
                     (None, _) => "key 'sliding_window_pattern' (default 6) makes layers slide",
                 };
                 let set = match arch {
-                    Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo3 => "set 'sliding_window' to its size",
+                    Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo3 | Arch::GptOss => {
+                        "set 'sliding_window' to its size"
+                    }
                     _ => "set 'use_sliding_window' to true and 'sliding_window' to its size",
                 };
                 bail!(

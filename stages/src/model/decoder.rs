@@ -14,7 +14,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Distribution, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::attention::{Causal, masked_attention, swap_heads};
+use super::attention::{Causal, masked_attention, sink_attention, swap_heads};
 use super::backend::ModelBackend;
 use super::config::{Activation, Arch, ModelConfig};
 use super::loss::{cross_entropy, linear_cross_entropy, softcap, to_f32};
@@ -262,6 +262,10 @@ pub struct Attention<B: Backend> {
     pub rope: bool,
     /// Attention scores and weighted sum in bf16 (see [`Linear::bf16`]).
     pub bf16: bool,
+    /// gpt-oss: a learned logit per query head (`[heads]`) that each row's
+    /// softmax also counts, for a key whose value is zero (see
+    /// [`super::attention::sink_attention`]).
+    pub sinks: Option<Param<Tensor<B, 1>>>,
 }
 
 /// Gated feed-forward block: SwiGLU, or GeGLU for Gemma; or a sparse
@@ -308,6 +312,12 @@ pub struct Expert<B: Backend> {
     /// parameter: one `A` `[hidden, r]` and one `B` `[r, 2 * width]`, gate
     /// columns first. (Its down projection's adapter is `down_proj.lora`.)
     pub gate_up_lora: Option<LoraAdapter<B>>,
+    /// gpt-oss: the SwiGLU is clamped at this limit (0: plain SwiGLU): the
+    /// gate to at most it, the up projection to ±it, and then `(up + 1) ·
+    /// gate · σ(swiglu_alpha · gate)`.
+    pub swiglu_limit: f64,
+    /// gpt-oss: the sigmoid's gain in the clamped SwiGLU.
+    pub swiglu_alpha: f64,
 }
 
 impl<B: Backend> Expert<B> {
@@ -330,7 +340,16 @@ impl<B: ModelBackend> Expert<B> {
             gate = gate + delta.clone().narrow(1, 0, width);
             up = up + delta.narrow(1, width, width);
         }
-        self.down_proj.forward_with(swiglu(gate, up), dropout)
+        let h = match self.swiglu_limit {
+            0.0 => swiglu(gate, up),
+            limit => {
+                let gate = gate.clamp_max(limit);
+                let up = up.clamp(-limit, limit);
+                let glu = gate.clone() * sigmoid(gate.mul_scalar(self.swiglu_alpha));
+                (up + 1.0) * glu
+            }
+        };
+        self.down_proj.forward_with(h, dropout)
     }
 }
 
@@ -725,11 +744,17 @@ impl<B: ModelBackend> Attention<B> {
             past: s - t,
             window,
         });
-        let out = if self.bf16 {
-            let [q, k, v] = [q, k, v].map(|x| x.cast(FloatDType::BF16));
-            masked_attention(q, k, v, mask, causal, cap(self.softcap)).cast(FloatDType::F32)
-        } else {
-            masked_attention(q, k, v, mask, causal, cap(self.softcap))
+        let [q, k, v] = match self.bf16 {
+            true => [q, k, v].map(|x| x.cast(FloatDType::BF16)),
+            false => [q, k, v],
+        };
+        let out = match &self.sinks {
+            Some(sinks) => sink_attention(q, k, v, mask, causal, sinks.val()),
+            None => masked_attention(q, k, v, mask, causal, cap(self.softcap)),
+        };
+        let out = match self.bf16 {
+            true => out.cast(FloatDType::F32),
+            false => out,
         };
         // [b, kvh, t, rep * hd] -> [b, t, kvh, rep * hd]: heads in HF's order.
         let out = swap_heads(out.reshape([b, kvh, t, rep * hd]));
@@ -1577,6 +1602,7 @@ impl<B: Backend> CausalLm<B> {
                             | Arch::SmolLm3
                             | Arch::Olmo2
                             | Arch::Olmo3
+                            | Arch::GptOss
                     ),
                 )?,
                 q_norm: match c.arch.qk_norm() {
@@ -1607,6 +1633,13 @@ impl<B: Backend> CausalLm<B> {
                 softcap: c.attn_logit_softcapping.unwrap_or(0.0),
                 rope: c.rope_layers.get(i).copied().unwrap_or(true),
                 bf16: false,
+                sinks: match c.arch.attention_sinks() {
+                    true => Some(p1(take(
+                        &format!("{p}.self_attn.sinks"),
+                        &[c.num_attention_heads],
+                    )?)),
+                    false => None,
+                },
             };
             let gelu = c.activation == Activation::GeluTanh;
             let mlp = match c.moe.as_ref().filter(|m| m.sparse_layers[i]) {
@@ -1648,33 +1681,25 @@ impl<B: Backend> CausalLm<B> {
                     let (block, [gate, up, down]) = c.arch.expert_names();
                     let ei = moe.expert_intermediate_size;
                     let prefix = format!("{p}.{block}");
+                    let eb = moe.expert_bias;
                     let router = lin(
                         &mut take,
                         &format!("{prefix}.gate"),
                         hidden,
                         moe.num_experts,
-                        false,
+                        eb,
                     )?;
+                    let (alpha, limit) = moe.swiglu_clamp.unwrap_or((0.0, 0.0));
                     let experts = (0..moe.num_experts)
                         .map(|x| {
                             let at = format!("{prefix}.experts.{x}");
                             Ok(Expert {
-                                gate_proj: lin(
-                                    &mut take,
-                                    &format!("{at}.{gate}"),
-                                    hidden,
-                                    ei,
-                                    false,
-                                )?,
-                                up_proj: lin(&mut take, &format!("{at}.{up}"), hidden, ei, false)?,
-                                down_proj: lin(
-                                    &mut take,
-                                    &format!("{at}.{down}"),
-                                    ei,
-                                    hidden,
-                                    false,
-                                )?,
+                                gate_proj: lin(&mut take, &format!("{at}.{gate}"), hidden, ei, eb)?,
+                                up_proj: lin(&mut take, &format!("{at}.{up}"), hidden, ei, eb)?,
+                                down_proj: lin(&mut take, &format!("{at}.{down}"), ei, hidden, eb)?,
                                 gate_up_lora: None,
+                                swiglu_limit: limit,
+                                swiglu_alpha: alpha,
                             })
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -1706,6 +1731,8 @@ impl<B: Backend> CausalLm<B> {
                                         false,
                                     )?,
                                     gate_up_lora: None,
+                                    swiglu_limit: 0.0,
+                                    swiglu_alpha: 0.0,
                                 };
                                 let gate = lin(
                                     &mut take,
@@ -1881,6 +1908,9 @@ impl<B: Backend> CausalLm<B> {
                 }
             }
             let a = &l.self_attn;
+            if let Some(sinks) = &a.sinks {
+                put1(&mut out, format!("{p}.self_attn.sinks"), sinks.val());
+            }
             for (name, n) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
                 if let Some(n) = n {
                     put1(

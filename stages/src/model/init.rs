@@ -38,7 +38,7 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 pub struct InitSpec {
     /// `llama` (default), `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma2`,
     /// `gemma3_text`, `olmo2`, `olmo3`, `phi3`, or a mixture of experts:
-    /// `qwen2_moe`, `qwen3_moe`, `mixtral`, `olmoe`.
+    /// `qwen2_moe`, `qwen3_moe`, `mixtral`, `olmoe`, `gpt_oss`.
     #[serde(default = "default_arch")]
     pub arch: String,
     /// A name from [`PRESETS`] (default `tiny`).
@@ -200,7 +200,7 @@ impl InitSpec {
                     key.into(),
                     format!(
                         "{key} is for a mixture of experts; {} has none (use arch qwen2_moe, \
-                         qwen3_moe, mixtral or olmoe)",
+                         qwen3_moe, mixtral, olmoe or gpt_oss)",
                         self.arch
                     ),
                 ));
@@ -319,6 +319,20 @@ impl InitSpec {
                         c["max_window_layers"] = json!(self.max_window_layers.unwrap_or(0));
                     }
                 }
+            }
+            Arch::GptOss => {
+                let (experts, top_k) = self.experts();
+                c["num_local_experts"] = json!(experts);
+                c["num_experts_per_tok"] = json!(top_k);
+                c["output_router_logits"] = json!(false);
+                c["attention_bias"] = json!(true);
+                c["rms_norm_eps"] = json!(1e-5);
+                c["swiglu_alpha"] = json!(1.702);
+                c["swiglu_limit"] = json!(7.0);
+                c.as_object_mut().expect("an object").remove("rope_theta");
+                c["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 10000.0});
+                // gpt-oss's pattern: every other layer slides, from the first.
+                self.sliding_types(&mut c, 2, layers);
             }
             Arch::Phi3 => {
                 c["sliding_window"] = json!(self.sliding_window);
@@ -457,12 +471,13 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
             let (block, [gate, up, down]) = c.arch.expert_names();
             let ei = moe.expert_intermediate_size;
             projections.retain(|x| !x.0.starts_with("mlp."));
-            projections.push((format!("{block}.gate"), moe.num_experts, h, false));
+            let eb = moe.expert_bias;
+            projections.push((format!("{block}.gate"), moe.num_experts, h, eb));
             for x in 0..moe.num_experts {
                 let at = format!("{block}.experts.{x}");
-                projections.push((format!("{at}.{gate}"), ei, h, false));
-                projections.push((format!("{at}.{up}"), ei, h, false));
-                projections.push((format!("{at}.{down}"), h, ei, false));
+                projections.push((format!("{at}.{gate}"), ei, h, eb));
+                projections.push((format!("{at}.{up}"), ei, h, eb));
+                projections.push((format!("{at}.{down}"), h, ei, eb));
             }
             if let Some(si) = moe.shared_expert_intermediate_size {
                 let at = format!("{block}.shared_expert");
@@ -477,6 +492,10 @@ pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<Str
             if bias {
                 out.insert(format!("{p}.{name}.bias"), fill(vec![o], 0.0));
             }
+        }
+        if c.arch.attention_sinks() {
+            let sinks = normal(vec![c.num_attention_heads], &mut rng);
+            out.insert(format!("{p}.self_attn.sinks"), sinks);
         }
         if c.arch.qk_norm() {
             let (qn, kn) = match c.arch.qk_norm_whole() {
@@ -599,6 +618,7 @@ pub fn init_checkpoint(
     write_json(&out.join("config.json"), &config_json)?;
     let tensors = random_tensors(&config, spec.initializer_range, spec.seed);
     let parameters = tensors.values().map(|t| t.data.len()).sum();
+    let tensors = config.checkpoint_tensors(tensors);
     weights::save_dir(
         out,
         &tensors,

@@ -143,6 +143,13 @@ impl LoraConfig {
                     arch.model_type()
                 );
             }
+            if arch == Arch::GptOss {
+                bail!(
+                    "lora_target '{t}': adapters on gpt-oss's routed experts are not supported \
+                     yet; adapt its attention (q_proj, k_proj, v_proj, o_proj, or 'all'), or \
+                     train the experts fully (finetuning_type: full)"
+                );
+            }
             if self.dropout > 0.0 {
                 bail!(
                     "lora_dropout must be 0 with adapters on the routed experts (lora_target \

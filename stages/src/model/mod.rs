@@ -10,6 +10,7 @@ pub mod config;
 pub mod decoder;
 pub mod device;
 pub mod generate;
+pub mod gpt_oss;
 pub mod infer;
 pub mod init;
 pub mod lora;
@@ -78,7 +79,9 @@ impl<B: ModelBackend> Model<B> {
         }
         let config = ModelConfig::from_dir(dir)?;
         let (tensors, extra) = split_tensors(&config, weights::load_dir(dir)?);
-        let net = CausalLm::from_tensors(&config, tensors, device)
+        let net = config
+            .internal_tensors(tensors)
+            .and_then(|tensors| CausalLm::from_tensors(&config, tensors, device))
             .with_context(|| format!("loading the model in {}", dir.display()))?;
         Ok(Model {
             config,
@@ -126,8 +129,8 @@ impl<B: Backend> Model<B> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         self.config.save(dir, dtype.torch_name())?;
         let mut tensors: BTreeMap<String, HostTensor> = self
-            .net
-            .to_tensors()
+            .config
+            .checkpoint_tensors(self.net.to_tensors())
             .into_iter()
             .map(|(name, t)| (self.config.hf_name(&name), t))
             .collect();

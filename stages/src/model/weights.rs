@@ -124,8 +124,11 @@ pub fn load_file_into(file: &Path, out: &mut BTreeMap<String, HostTensor>) -> an
                 .chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
+            // gpt-oss's MXFP4 blocks and scales, dequantised on load.
+            Dtype::U8 => raw.iter().map(|&b| f32::from(b)).collect(),
             other => bail!(
-                "{}: tensor '{name}' has dtype {other:?}; only F32, BF16 and F16 weights are supported",
+                "{}: tensor '{name}' has dtype {other:?}; only F32, BF16 and F16 weights (and \
+                 MXFP4 blocks in U8) are supported",
                 file.display()
             ),
         };

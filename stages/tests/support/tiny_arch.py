@@ -39,7 +39,13 @@ experts, top 2, `block_sparse_moe` names), `mixtral-aux` (the same with
 at a coefficient of 0.5 so that it weighs), `olmoe` (OLMoE: 4 experts, top
 2 not renormalised, q/k norms over all heads) or `qwen3-moe-many` (Qwen3-MoE
 with 64 experts 8 wide, top 2, so that some of layer 0's experts get no
-token: `train_step.idle_experts` lists them); the
+token: `train_step.idle_experts` lists them), or `gpt-oss` (gpt-oss: biased
+attention with a sink per head, layer 0 sliding over 16 keys, YaRN factor 4
+over 128 positions without truncation; 4 experts 32 wide with biases, top
+2, the SwiGLU clamped at 0.5 so that the clamp binds, and the routers'
+load-balancing loss at 0.5; sinks drawn from N(0, 1) and biases from N(0,
+0.2); after_step also holds layer 0's sinks and the router's bias, and
+expert 1's biases under anneal's per-expert names); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
@@ -68,6 +74,7 @@ from transformers import (
     Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
+    GptOssConfig,
     MistralConfig,
     MixtralConfig,
     OlmoeConfig,
@@ -83,6 +90,8 @@ from transformers import (
 
 
 MOE = ("qwen2-moe", "qwen3-moe", "qwen3-moe-many", "mixtral", "mixtral-aux", "olmoe")
+# Mixtures whose steps are checked (gpt-oss's experts take no LoRA in anneal yet).
+FULL_MOE = MOE + ("gpt-oss",)
 
 
 def main():
@@ -248,6 +257,22 @@ def build(arch, src, out):
             rope_parameters={"rope_type": "default", "rope_theta": 1e6},
             **sizes,
         )
+    elif arch == "gpt-oss":
+        sizes["intermediate_size"] = 32
+        config = GptOssConfig(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            swiglu_limit=0.5,
+            output_router_logits=True,
+            router_aux_loss_coef=0.5,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                             "original_max_position_embeddings": 128, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "truncate": False},
+            **sizes,
+        )
     else:
         sys.exit(f"unknown ARCH {arch}")
     mm = arch == "gemma3-mm"
@@ -265,9 +290,14 @@ def build(arch, src, out):
             pad_token_id=sizes["pad_token_id"],
         )
     torch.manual_seed(1234)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    extra = {"attn_implementation": "eager"} if arch == "gpt-oss" else {}
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **extra)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if arch == "gpt-oss" and "sinks" in name:
+                p.normal_(0.0, 1.0)
+            elif arch == "gpt-oss" and "bias" in name:
+                p.normal_(0.0, 0.2)
             if "norm" in name:
                 # Gemma's norms scale by 1 + w.
                 p.uniform_(-0.5, 0.5) if arch.startswith("gemma") else p.uniform_(0.5, 1.5)
@@ -310,7 +340,7 @@ def build(arch, src, out):
     loss.backward()
     # Layer 0's experts no token was routed to: their gradient is zero.
     idle = []
-    if arch in MOE:
+    if arch in FULL_MOE:
         grad = params["model.layers.0.mlp.experts.down_proj"].grad
         idle = [e for e in range(grad.shape[0]) if not grad[e].any()]
         assert idle or arch != "qwen3-moe-many", "every one of the 64 experts was routed to"
@@ -340,6 +370,20 @@ def build(arch, src, out):
         ]
     tensors = {k: ref[k] for k in ["input_ids", "attention_mask", "labels"]}
     tensors["logits"] = result.logits.detach().contiguous()
+    if arch == "gpt-oss":
+        # Stacked [experts, in, out] with gate and up columns interleaved; under
+        # anneal's per-expert names ([out, in]).
+        experts = "model.layers.0.mlp.experts"
+        at = "after_step.model.layers.0.mlp"
+        gate_up, bias = params[f"{experts}.gate_up_proj"][1], params[f"{experts}.gate_up_proj_bias"][1]
+        for name, cols in [("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))]:
+            tensors[f"{at}.experts.1.{name}.weight"] = gate_up[:, cols].T.detach().contiguous()
+            tensors[f"{at}.experts.1.{name}.bias"] = bias[cols].detach().contiguous()
+        tensors[f"{at}.experts.1.down_proj.weight"] = params[f"{experts}.down_proj"][1].T.detach().contiguous()
+        tensors[f"{at}.experts.1.down_proj.bias"] = params[f"{experts}.down_proj_bias"][1].detach().contiguous()
+        for part in ["weight", "bias"]:
+            tensors[f"{at}.gate.{part}"] = params[f"model.layers.0.mlp.router.{part}"].detach().contiguous()
+        watched += ["model.layers.0.self_attn.sinks", "model.layers.1.self_attn.o_proj.bias"]
     if arch in MOE:
         # transformers 5 holds the experts as [experts, ...] parameters (gate
         # and up in one, gate first); checkpoints name each expert's matrices.
