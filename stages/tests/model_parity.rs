@@ -102,14 +102,31 @@ fn check_dir<B: ModelBackend>(name: &str, dir: &Path, device: &B::Device, tol: &
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
             assert!(out.path().join(f).is_file(), "{f} saved");
         }
-        // The same tensor names and shapes as transformers wrote.
+        // The same tensor names and shapes as transformers wrote; MXFP4
+        // experts (`…_blocks` `[experts, out, in / 32, 16]` and `…_scales`)
+        // are saved dequantised, `[experts, in, out]`, as transformers
+        // saves them once dequantised.
         let names = |d: &Path| -> Vec<(String, Vec<usize>)> {
-            anneal_stages::model::weights::load_dir(d)
+            let mut out: Vec<(String, Vec<usize>)> = anneal_stages::model::weights::load_dir(d)
                 .unwrap()
                 .into_iter()
-                .map(|(k, v)| (k, v.shape))
-                .collect()
+                .filter(|(k, _)| !k.ends_with("_scales"))
+                .map(|(k, v)| match k.strip_suffix("_blocks") {
+                    Some(k) => {
+                        let s = v.shape;
+                        (k.to_owned(), vec![s[0], s[2] * 32, s[1]])
+                    }
+                    None => (k, v.shape),
+                })
+                .collect();
+            out.sort();
+            out
         };
+        let config = std::fs::read_to_string(out.path().join("config.json")).unwrap();
+        assert!(
+            !config.contains("quantization_config"),
+            "{name}: saved weights are not quantised"
+        );
         assert_eq!(
             names(out.path()),
             names(&dir),
@@ -163,7 +180,8 @@ fn tiny_archs_match_transformers() {
 
 /// Mixtures of experts: Qwen3-MoE (top 2 of 4 renormalised, its second
 /// layer dense), Mixtral and OLMoE (top 2 of 4 as they are), gpt-oss
-/// (attention sinks, biased experts with a clamped SwiGLU), built by
+/// (attention sinks, biased experts with a clamped SwiGLU; and with its
+/// experts in MXFP4, as OpenAI publishes them), built by
 /// transformers at test time from tiny-qwen2's sizes: logits of the padded
 /// batch and greedy generation with the KV cache.
 #[test]
@@ -175,6 +193,7 @@ fn tiny_moe_archs_match_transformers() {
         "mixtral-aux",
         "olmoe",
         "gpt-oss",
+        "gpt-oss-mxfp4",
     ];
     let dirs = common::tiny_archs(&archs);
     for arch in archs {

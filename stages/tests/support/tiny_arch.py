@@ -45,7 +45,10 @@ over 128 positions without truncation; 4 experts 32 wide with biases, top
 2, the SwiGLU clamped at 0.5 so that the clamp binds, and the routers'
 load-balancing loss at 0.5; sinks drawn from N(0, 1) and biases from N(0,
 0.2); after_step also holds layer 0's sinks and the router's bias, and
-expert 1's biases under anneal's per-expert names); the
+expert 1's biases under anneal's per-expert names), or `gpt-oss-mxfp4`
+(the same with its experts' matrices stored as OpenAI publishes them, MXFP4
+blocks and scales drawn at random, `quantization_config` mxfp4; the
+references come from the model transformers dequantises from them); the
 batch (91 tokens) and the prompt (about 500) are longer than the windows.
 The sizes, tokenizer, chat template and batch are SRC_FIXTURE's (tiny-qwen2); weights are drawn with seed 1234 and
 std 0.2, norm weights from U(0.5, 1.5). OUT_DIR gets the checkpoint and
@@ -257,7 +260,7 @@ def build(arch, src, out):
             rope_parameters={"rope_type": "default", "rope_theta": 1e6},
             **sizes,
         )
-    elif arch == "gpt-oss":
+    elif arch in ("gpt-oss", "gpt-oss-mxfp4"):
         sizes["intermediate_size"] = 32
         config = GptOssConfig(
             num_local_experts=4,
@@ -290,19 +293,22 @@ def build(arch, src, out):
             pad_token_id=sizes["pad_token_id"],
         )
     torch.manual_seed(1234)
-    extra = {"attn_implementation": "eager"} if arch == "gpt-oss" else {}
+    gpt_oss = arch.startswith("gpt-oss")
+    extra = {"attn_implementation": "eager"} if gpt_oss else {}
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **extra)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if arch == "gpt-oss" and "sinks" in name:
+            if gpt_oss and "sinks" in name:
                 p.normal_(0.0, 1.0)
-            elif arch == "gpt-oss" and "bias" in name:
+            elif gpt_oss and "bias" in name:
                 p.normal_(0.0, 0.2)
             if "norm" in name:
                 # Gemma's norms scale by 1 + w.
                 p.uniform_(-0.5, 0.5) if arch.startswith("gemma") else p.uniform_(0.5, 1.5)
     model.eval()
     model.save_pretrained(out)
+    if arch == "gpt-oss-mxfp4":
+        model = mxfp4(out, extra)
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]:
         shutil.copy(f"{src}/{f}", f"{out}/{f}")
 
@@ -340,7 +346,7 @@ def build(arch, src, out):
     loss.backward()
     # Layer 0's experts no token was routed to: their gradient is zero.
     idle = []
-    if arch in FULL_MOE:
+    if arch in FULL_MOE or gpt_oss:
         grad = params["model.layers.0.mlp.experts.down_proj"].grad
         idle = [e for e in range(grad.shape[0]) if not grad[e].any()]
         assert idle or arch != "qwen3-moe-many", "every one of the 64 experts was routed to"
@@ -370,7 +376,7 @@ def build(arch, src, out):
         ]
     tensors = {k: ref[k] for k in ["input_ids", "attention_mask", "labels"]}
     tensors["logits"] = result.logits.detach().contiguous()
-    if arch == "gpt-oss":
+    if gpt_oss:
         # Stacked [experts, in, out] with gate and up columns interleaved; under
         # anneal's per-expert names ([out, in]).
         experts = "model.layers.0.mlp.experts"
@@ -429,6 +435,34 @@ def build(arch, src, out):
         },
         open(f"{out}/reference.json", "w"),
     )
+
+
+def mxfp4(out, extra):
+    """Rewrites the gpt-oss checkpoint in OUT with random MXFP4 experts
+    (blocks `[experts, out, in / 32, 16]` of two FP4 codes a byte, E8M0
+    scales `[experts, out, in / 32]` between 2^-9 and 2^-3) and returns the
+    model transformers dequantises from it."""
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    t = load_file(f"{out}/model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    for k in [k for k in t if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, i, o = t.pop(k).shape
+        t[f"{k}_blocks"] = torch.randint(0, 256, (e, o, i // 32, 16), generator=g, dtype=torch.uint8)
+        t[f"{k}_scales"] = torch.randint(118, 125, (e, o, i // 32), generator=g, dtype=torch.uint8)
+    save_file(t, f"{out}/model.safetensors", metadata={"format": "pt"})
+    config = json.load(open(f"{out}/config.json"))
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"],
+    }
+    json.dump(config, open(f"{out}/config.json", "w"), indent=2)
+    model = GptOssForCausalLM.from_pretrained(
+        out, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32, **extra
+    )
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    return model.eval()
 
 
 def lora_step(arch, model, batch, out):
