@@ -401,9 +401,10 @@ fn mixtures_of_experts_train_and_their_adapters_load_in_peft() {
 /// top 2, every other layer sliding over 8 keys) in its stacked layout, the
 /// full phase trains every weight (the experts' stacked matrices and
 /// biases, the routers, the attention sinks), the LoRA phase adapts the
-/// attention, and transformers loads both checkpoints as
-/// GptOssForCausalLM with no tensor missing or unexpected; PEFT's view of
-/// the adapter computes what the merged model computes.
+/// attention (and, with `lora_target: all, experts`, the routed experts),
+/// and transformers loads both checkpoints as GptOssForCausalLM with no
+/// tensor missing or unexpected; PEFT's view of each adapter computes what
+/// the merged model computes.
 #[test]
 fn gpt_oss_trains_and_loads_in_transformers_and_peft() {
     let (p, config) = trains_as("gpt_oss", "sliding_window: 8, ");
@@ -434,6 +435,27 @@ fn gpt_oss_trains_and_loads_in_transformers_and_peft() {
     );
     let peft = phase2_adapters_match_peft(&[(&p, "gpt_oss")]);
     assert_eq!(peft[0]["class"], "GptOssForCausalLM", "{}", peft[0]);
+    // The experts' adapters too: PEFT's `target_parameters`, gate and up rows
+    // interleaved as gpt-oss's `gate_up_proj` interleaves its columns.
+    let yaml = pipeline("tiny", 4, 100)
+        .replace(
+            "{size: tiny,",
+            "{arch: gpt_oss, sliding_window: 8, size: tiny,",
+        )
+        .replace(
+            "use_dora: true\n      lora_dropout: 0.05\n      lora_target: all",
+            "lora_target: all, experts",
+        )
+        .replace("work/phase2/", "work/experts/");
+    p.write("experts.yaml", &yaml);
+    p.run_ok("experts.yaml", &["--stage", "phase2"]);
+    let peft = adapters_match_peft(&[(&p, "gpt_oss experts")], "work/experts");
+    assert_eq!(
+        peft[0]["target_parameters"],
+        serde_json::json!(["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]),
+        "{}",
+        peft[0]
+    );
 }
 
 /// A multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration, built by

@@ -454,7 +454,13 @@ fn tiny_moe_full_steps_match_torch() {
 /// checkpointing.
 #[test]
 fn tiny_moe_lora_steps_match_peft() {
-    let archs = ["qwen3-moe-many", "qwen2-moe", "mixtral-aux", "olmoe"];
+    let archs = [
+        "qwen3-moe-many",
+        "qwen2-moe",
+        "mixtral-aux",
+        "olmoe",
+        "gpt-oss",
+    ];
     let dirs = common::tiny_archs(&archs);
     for arch in archs {
         let dir = dirs.path().join(arch);
@@ -511,7 +517,7 @@ fn moe_lora_step(name: &str, dir: &Path, tol: &Tol, ckpt: bool) {
             .unwrap_or_else(|| panic!("{name}: we have no {k}"))
             .data;
         // The experts no token reached have a zero gradient: they only decay.
-        let grad = expert_factor_grad(&g, &ours, k, cfg.r);
+        let grad = expert_factor_grad(&g, &ours, k, cfg.r, net.gate_up_interleaved);
         let ill = |j: usize| grad[j].abs() < 1e-6 && grad[j] != 0.0;
         step_matches(name, k, got, want, ill, tol, lr);
         compared += 1;
@@ -522,12 +528,14 @@ fn moe_lora_step(name: &str, dir: &Path, tol: &Tol, ckpt: bool) {
 
 /// Our gradient in `g` of the routed experts' LoRA factor `key` (PEFT's name,
 /// with both expert projections adapted, rank `r`) in PEFT's layout, with
-/// zeros for the experts no token reached; `ours` holds the factors.
+/// zeros for the experts no token reached; `ours` holds the factors;
+/// `interleaved`: the gate/up parameter interleaves its rows (gpt-oss).
 fn expert_factor_grad(
     g: &Grads<Flex>,
     ours: &BTreeMap<String, HostTensor>,
     key: &str,
     r: usize,
+    interleaved: bool,
 ) -> Vec<f32> {
     let layer = key
         .split(".layers.")
@@ -558,7 +566,10 @@ fn expert_factor_grad(
     let per_expert: Vec<_> = (0..n)
         .map(|e| (grad(e, "lora_a", [inp, r]), grad(e, "lora_b", [r, out])))
         .collect();
-    let (a, b) = lora::stack_experts(&per_expert);
+    let (a, mut b) = lora::stack_experts(&per_expert);
+    if module == "gate_up_lora" && interleaved {
+        b = lora::interleave_gate_up(&b);
+    }
     match key.contains("lora_A") {
         true => a.data,
         false => b.data,

@@ -490,6 +490,11 @@ pub struct CausalLm<B: Backend> {
     /// projections.
     #[module(skip)]
     pub expert_names: (&'static str, [&'static str; 3]),
+    /// gpt-oss: the checkpoint's fused gate/up expert parameter interleaves
+    /// gate and up columns (even, odd), and so does a PEFT adapter's
+    /// `lora_B` on it (see [`super::lora::interleave_gate_up`]).
+    #[module(skip)]
+    pub gate_up_interleaved: bool,
 }
 
 /// Keys and values of every layer for the positions seen so far; a
@@ -1846,6 +1851,7 @@ impl<B: Backend> CausalLm<B> {
             neftune_noise_alpha: 0.0,
             final_softcap: c.final_logit_softcapping.unwrap_or(0.0),
             expert_names: c.arch.expert_names(),
+            gate_up_interleaved: c.arch == Arch::GptOss,
             router_aux_loss_coef: c.moe.as_ref().map_or(0.0, |m| m.router_aux_loss_coef),
         })
     }

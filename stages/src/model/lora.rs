@@ -143,13 +143,6 @@ impl LoraConfig {
                     arch.model_type()
                 );
             }
-            if arch == Arch::GptOss {
-                bail!(
-                    "lora_target '{t}': adapters on gpt-oss's routed experts are not supported \
-                     yet; adapt its attention (q_proj, k_proj, v_proj, o_proj, or 'all'), or \
-                     train the experts fully (finetuning_type: full)"
-                );
-            }
             if self.dropout > 0.0 {
                 bail!(
                     "lora_dropout must be 0 with adapters on the routed experts (lora_target \
@@ -533,6 +526,38 @@ pub fn stack_experts(factors: &[(HostTensor, HostTensor)]) -> (HostTensor, HostT
     )
 }
 
+/// The stacked `lora_B` `[2 · width, …]` of the fused gate/up parameter
+/// with its rows reordered from gate then up (ours) to gate and up
+/// interleaved (gpt-oss's `gate_up_proj`: gate rows even, up rows odd).
+pub fn interleave_gate_up(b: &HostTensor) -> HostTensor {
+    reorder_gate_up(b, true)
+}
+
+/// [`interleave_gate_up`] undone.
+pub fn deinterleave_gate_up(b: &HostTensor) -> HostTensor {
+    reorder_gate_up(b, false)
+}
+
+fn reorder_gate_up(b: &HostTensor, interleave: bool) -> HostTensor {
+    let (rows, cols) = (b.shape[0], b.shape[1]);
+    let width = rows / 2;
+    let mut data = vec![0.0; rows * cols];
+    for j in 0..width {
+        for (half, ours) in [(0, j), (1, width + j)] {
+            let (from, to) = match interleave {
+                true => (ours, 2 * j + half),
+                false => (2 * j + half, ours),
+            };
+            data[to * cols..(to + 1) * cols]
+                .copy_from_slice(&b.data[from * cols..(from + 1) * cols]);
+        }
+    }
+    HostTensor {
+        shape: b.shape.clone(),
+        data,
+    }
+}
+
 /// [`stack_experts`] undone: expert `e`'s `A` `[in, r]` and `B` `[r, out]`.
 fn unstack_expert(a: &HostTensor, b: &HostTensor, n: usize, e: usize) -> (HostTensor, HostTensor) {
     let (r, inp, out) = (a.shape[0] / n, a.shape[1], b.shape[0]);
@@ -618,6 +643,7 @@ pub fn load_adapter<B: Backend>(
         });
     }
     let both = cfg.adapts(GATE_UP) && cfg.adapts(DOWN);
+    let interleaved = net.gate_up_interleaved;
     for (i, experts) in routed_experts(&mut net) {
         let n = experts.len();
         let [hidden, width] = experts[0].gate_proj.weight.dims();
@@ -627,7 +653,10 @@ pub fn load_adapter<B: Backend>(
             }
             let [ka, kb] = expert_keys(i, target, both);
             let a = take_tensor(&mut tensors, &file, &ka, &[n * cfg.r, inp])?;
-            let b = take_tensor(&mut tensors, &file, &kb, &[out, cfg.r * n])?;
+            let mut b = take_tensor(&mut tensors, &file, &kb, &[out, cfg.r * n])?;
+            if interleaved && target == GATE_UP {
+                b = deinterleave_gate_up(&b);
+            }
             for (e, x) in experts.iter_mut().enumerate() {
                 let (fa, fb) = unstack_expert(&a, &b, n, e);
                 let adapter = Some(LoraAdapter {
@@ -681,6 +710,7 @@ pub fn adapter_tensors<B: Backend>(
 ) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     let mut net = net.clone();
+    let interleaved = net.gate_up_interleaved;
     for (name, _, lin) in projections(&mut net) {
         let name = peft_module(&name, multimodal);
         if let Some(l) = &lin.lora {
@@ -719,7 +749,10 @@ pub fn adapter_tensors<B: Backend>(
                 continue;
             }
             let factors: Vec<_> = adapters.into_iter().map(factors).collect();
-            let (a, b) = stack_experts(&factors);
+            let (a, mut b) = stack_experts(&factors);
+            if interleaved && target == GATE_UP {
+                b = interleave_gate_up(&b);
+            }
             let [ka, kb] = expert_keys(i, target, both);
             out.insert(ka, a);
             out.insert(kb, b);

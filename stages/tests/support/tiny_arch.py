@@ -93,7 +93,7 @@ from transformers import (
 
 
 MOE = ("qwen2-moe", "qwen3-moe", "qwen3-moe-many", "mixtral", "mixtral-aux", "olmoe")
-# Mixtures whose steps are checked (gpt-oss's experts take no LoRA in anneal yet).
+# Mixtures whose experts' steps are checked.
 FULL_MOE = MOE + ("gpt-oss",)
 
 
@@ -329,7 +329,7 @@ def build(arch, src, out):
         )[0, len(prompt):].tolist()
 
     lora = None
-    if arch in MOE:
+    if arch in MOE or arch == "gpt-oss":
         lora = lora_step(arch, model, batch, out)
 
     model.train()
