@@ -174,7 +174,7 @@ pub enum ModelCommand {
         out: PathBuf,
         /// Architecture: llama, mistral, qwen2, qwen3, smollm3, gemma2,
         /// gemma3_text, olmo2, olmo3, phi3, or a mixture of experts (4
-        /// experts, top 2): qwen2_moe, qwen3_moe, mixtral, olmoe.
+        /// experts, top 2): qwen2_moe, qwen3_moe, mixtral, olmoe, gpt_oss.
         #[arg(long, default_value = "llama")]
         arch: String,
         /// Size preset: tiny, small or base.

@@ -271,11 +271,25 @@ fn turns_that_render_differently_when_last_are_found_in_the_whole_conversation()
     );
 
     // A template whose every rendering depends on the whole conversation
-    // (here: the message count up front) cannot be labelled turn by turn.
+    // (here: the message count up front): each turn is still found after
+    // its role header, from the previous message on, and ends before the
+    // next message's header.
     let counting = with_template(&format!("{{{{ messages|length }}}}{THINKING_TEMPLATE}"));
     let conv = data::conversation(&two_queries, &spec(json!({}))).unwrap();
-    let e = data::tokenize(&counting, &conv, &spec(json!({}))).unwrap_err();
-    assert!(e.contains("does not render message 1 as a prefix"), "{e}");
+    let s = data::tokenize(&counting, &conv, &spec(json!({}))).unwrap();
+    assert_eq!(
+        trained_text(&counting, &s),
+        "4<|im_end|>\n<think>\nadd again\n</think>\n\n6<|im_end|>\n"
+    );
+
+    // One that renders the messages out of order cannot be labelled turn by
+    // turn.
+    let reversed = with_template(
+        "{% for m in messages|reverse %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\
+         {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    );
+    let e = data::tokenize(&reversed, &conv, &spec(json!({}))).unwrap_err();
+    assert!(e.contains("does not render message"), "{e}");
     assert!(e.contains("train_on_prompt: true"), "{e}");
 }
 
@@ -369,4 +383,82 @@ fn gemma3_template_renders_as_transformers_does_and_trains_the_model_turns() {
     let conv = data::conversation(&bad, &spec(json!({}))).unwrap();
     let e = data::tokenize(&tok, &conv, &spec(json!({}))).unwrap_err();
     assert!(e.contains("Conversation roles must alternate"), "{e}");
+}
+
+/// A template in gpt-oss's harmony style (written for this test): the last
+/// assistant turn ends with `<|return|>` and keeps its reasoning (its
+/// `analysis` message), earlier turns end with `<|end|>` and lose it, a tool
+/// call ends with `<|call|>` and loses its reasoning once a final answer
+/// follows, and every message starts with `<|start|>`.
+const HARMONY_STYLE: &str = r#"{{- "<|start|>system<|message|>Reasoning: medium<|end|>" -}}
+{%- for m in messages -%}
+{%- if m.role == "user" -%}<|start|>user<|message|>{{ m.content }}<|end|>
+{%- elif m.role == "tool" -%}<|start|>functions to=assistant<|channel|>commentary<|message|>{{ m.content|tojson }}<|end|>
+{%- elif m.role == "assistant" and m.tool_calls -%}
+{%- set later = namespace(final=false) -%}
+{%- for f in messages[loop.index:] -%}{%- if f.role == "assistant" and not f.tool_calls -%}{%- set later.final = true -%}{%- endif -%}{%- endfor -%}
+{%- if m.thinking and not later.final -%}<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{%- endif -%}
+<|start|>assistant to=functions.{{ m.tool_calls[0].function.name }}<|channel|>commentary json<|message|>{{ m.tool_calls[0].function.arguments|tojson }}<|call|>
+{%- elif m.role == "assistant" and loop.last and not add_generation_prompt -%}
+{%- if m.thinking -%}<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{%- endif -%}
+<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|return|>
+{%- elif m.role == "assistant" -%}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"#;
+
+/// Each assistant turn of a multi-turn tool-calling conversation under a
+/// harmony-style template is trained as the whole conversation renders it,
+/// from after its `<|start|>assistant` to its own end (`<|end|>`,
+/// `<|call|>`, or the last turn's reasoning, answer and `<|return|>`), and
+/// nothing of the other messages is.
+#[test]
+fn harmony_style_turns_are_found_in_the_whole_conversation() {
+    let mut inner =
+        tokenizers::Tokenizer::from_file(shared().join("fixtures/tiny-qwen2/tokenizer.json"))
+            .unwrap();
+    let specials = [
+        "<|start|>",
+        "<|end|>",
+        "<|message|>",
+        "<|channel|>",
+        "<|return|>",
+        "<|call|>",
+    ];
+    inner.add_special_tokens(
+        &specials.map(|t| tokenizers::AddedToken::from(t, true).normalized(false)),
+    );
+    let config = json!({"chat_template": HARMONY_STYLE, "eos_token": "<|return|>"});
+    let tok = Tokenizer::new(inner, config).unwrap();
+    let call = json!([{"type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]);
+    let row = json!({"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!", "thinking": "greet"},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "thinking": "use the tool", "tool_calls": call},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny.", "thinking": "report"},
+    ]});
+    let conv = data::conversation(&row, &spec(json!({}))).unwrap();
+    let s = data::tokenize(&tok, &conv, &spec(json!({}))).unwrap();
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut prev = false;
+    for (&id, &l) in s.ids.iter().zip(&s.labels) {
+        match (l >= 0, prev) {
+            (true, false) => runs.push(vec![id]),
+            (true, true) => runs.last_mut().unwrap().push(id),
+            _ => {}
+        }
+        prev = l >= 0;
+    }
+    let trained: Vec<String> = runs.iter().map(|r| tok.decode(r, false).unwrap()).collect();
+    assert_eq!(
+        trained,
+        [
+            "<|channel|>final<|message|>Hello!<|end|>",
+            " to=functions.get_weather<|channel|>commentary json<|message|>{\"city\": \"Paris\"}<|call|>",
+            "<|channel|>analysis<|message|>report<|end|><|start|>assistant<|channel|>final<|message|>It is sunny.<|return|>",
+        ]
+    );
 }

@@ -1,7 +1,7 @@
 //! Model architecture read from a Hugging Face `config.json` (`llama`,
 //! `mistral`, `qwen2`, `qwen3`, `smollm3`, `gemma2`, `gemma3_text`, `gemma3`,
 //! `olmo2`, `olmo3`, `phi3`, and the mixtures of experts `qwen2_moe`,
-//! `qwen3_moe`, `mixtral` and `olmoe`).
+//! `qwen3_moe`, `mixtral`, `olmoe` and `gpt_oss`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -107,7 +107,7 @@ pub struct MoeConfig {
     /// `output_router_logits`, 0 without.
     pub router_aux_loss_coef: f64,
     /// gpt-oss: the experts' SwiGLU is clamped, `(swiglu_alpha,
-    /// swiglu_limit)`; see [`super::decoder::Expert::clamp`].
+    /// swiglu_limit)`; see [`super::decoder::Expert::swiglu_limit`].
     pub swiglu_clamp: Option<(f64, f64)>,
     /// gpt-oss: the router and the experts' projections have biases.
     pub expert_bias: bool,

@@ -419,7 +419,9 @@ impl Normal {
 }
 
 /// Random weights as transformers initialises them: normal(0, std) for
-/// projections and embeddings, zero biases, unit norm weights.
+/// projections and embeddings (and gpt-oss's sinks), zero biases, unit norm
+/// weights; under the names [`super::CausalLm::from_tensors`] reads (see
+/// [`ModelConfig::internal_tensors`]).
 pub fn random_tensors(config: &ModelConfig, std: f64, seed: u64) -> BTreeMap<String, HostTensor> {
     let c = config;
     let mut rng = Normal(SplitMix64(seed));

@@ -391,26 +391,46 @@ fn tool_spans(text: &str) -> Vec<(usize, usize)> {
 /// after its generation prompt `p` when `full` goes on with it, else after
 /// the prompt's first line, the role header (a template may add more to a
 /// generation prompt than to a past turn, as Qwen3's empty think block
-/// without thinking).
+/// without thinking). When `full` renders the earlier messages otherwise
+/// (gpt-oss drops a tool call's reasoning once a final answer follows),
+/// after the header's first occurrence from `after` (the end of the
+/// previous assistant turn) and the previous message's content on.
 fn turn_start(
     tok: &Tokenizer,
-    head: &[Value],
+    messages: &[Value],
+    i: usize,
     tools: Option<&Value>,
     kwargs: &Map<String, Value>,
     full: &str,
-    p: &str,
+    (p, after): (&str, usize),
 ) -> Option<usize> {
     if full.starts_with(p) {
         return Some(p.len());
     }
+    let head = &messages[..i];
     let before = tok
         .apply_chat_template_with(&Value::Array(head.to_vec()), tools, false, kwargs)
         .ok()?;
     let prompt = p.strip_prefix(before.as_str())?;
-    let header = &prompt[..=prompt.find('\n')?];
-    full.strip_prefix(before.as_str())?
-        .starts_with(header)
-        .then_some(before.len() + header.len())
+    let header = match prompt.find('\n') {
+        Some(k) => &prompt[..=k],
+        None => prompt,
+    };
+    if header.is_empty() {
+        return None;
+    }
+    if let Some(rest) = full.strip_prefix(before.as_str()) {
+        return rest
+            .starts_with(header)
+            .then_some(before.len() + header.len());
+    }
+    let previous = match i {
+        0 => 0,
+        _ => content_at(tok, messages, i - 1, tools, kwargs, full).unwrap_or(0),
+    };
+    let from = after.max(previous);
+    let k = full.get(from..)?.find(header)?;
+    Some(from + k + header.len())
 }
 
 /// The end, in `full`, of the assistant turn that starts at `start` after
@@ -453,6 +473,84 @@ fn turn_end(
         .map(|k| start + k + end_of_turn.len())
 }
 
+/// Where, in `full`, message `next` of `messages` has its content: the first
+/// byte that changes when that content does (`None` when nothing changes,
+/// as for a message the template leaves out).
+fn content_at(
+    tok: &Tokenizer,
+    messages: &[Value],
+    next: usize,
+    tools: Option<&Value>,
+    kwargs: &Map<String, Value>,
+    full: &str,
+) -> Option<usize> {
+    let mut changed = messages.to_vec();
+    let sentinel = match changed[next].get("content").and_then(Value::as_str) {
+        Some("\u{E000}") => "\u{E001}",
+        _ => "\u{E000}",
+    };
+    changed[next]["content"] = json!(sentinel);
+    let other = tok
+        .apply_chat_template_with(&Value::Array(changed), tools, false, kwargs)
+        .ok()?;
+    let mut at = full
+        .bytes()
+        .zip(other.bytes())
+        .take_while(|(a, b)| a == b)
+        .count();
+    if at == full.len() && at == other.len() {
+        return None;
+    }
+    while !full.is_char_boundary(at) {
+        at -= 1;
+    }
+    Some(at)
+}
+
+/// The text each message's header starts with: the first token of the
+/// generation prompt `p` (what `p` adds to the rendering of `head`), when
+/// the tokenizer holds it as an added token (`<|im_start|>`, `<|start|>`,
+/// `<|start_header_id|>`, `<start_of_turn>`).
+fn header_marker(
+    tok: &Tokenizer,
+    head: &[Value],
+    tools: Option<&Value>,
+    kwargs: &Map<String, Value>,
+    p: &str,
+) -> Option<String> {
+    let before = tok
+        .apply_chat_template_with(&Value::Array(head.to_vec()), tools, false, kwargs)
+        .ok()?;
+    let prompt = p.strip_prefix(before.as_str())?;
+    let enc = tok.inner().encode(prompt, false).ok()?;
+    let (&id, &(a, b)) = enc.get_ids().first().zip(enc.get_offsets().first())?;
+    let added = tok.inner().get_added_tokens_decoder().contains_key(&id);
+    (added && a == 0 && b > 0).then(|| prompt[..b].to_owned())
+}
+
+/// The end, in `full`, of the assistant turn at `start` that message `next`
+/// follows: the last message header (see [`header_marker`]) before that
+/// message's content. The turn keeps all the template writes after its
+/// reply (`<|im_end|>\n`, gpt-oss's `<|end|>` or `<|call|>`, and a
+/// message of several segments whole) and the next message's header stays
+/// out.
+#[allow(clippy::too_many_arguments)]
+fn turn_end_before(
+    tok: &Tokenizer,
+    messages: &[Value],
+    next: usize,
+    tools: Option<&Value>,
+    kwargs: &Map<String, Value>,
+    full: &str,
+    start: usize,
+    p: &str,
+) -> Option<usize> {
+    let at = content_at(tok, messages, next, tools, kwargs, full)?;
+    let marker = header_marker(tok, &messages[..next - 1], tools, kwargs, p)?;
+    let k = full.get(start..at)?.rfind(marker.as_str())?;
+    (k > 0).then_some(start + k)
+}
+
 /// Renders and tokenises a conversation with labels on assistant tokens.
 pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result<Sample, String> {
     let tools = conv.tools.as_ref();
@@ -480,11 +578,20 @@ pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result
         } else {
             // A template that renders a turn differently once later turns
             // follow (Qwen3 drops earlier turns' reasoning, and their empty
-            // think blocks without thinking): the turn is what the whole
-            // conversation holds from its role header to its end-of-turn text.
+            // think blocks without thinking; gpt-oss ends the last turn with
+            // `<|return|>`, the others with `<|end|>`): the turn is what the
+            // whole conversation holds from its role header to its
+            // end-of-turn text, or, with a message after it, to that
+            // message's header.
             let head = &conv.messages[..i];
-            turn_start(tok, head, tools, kw, &full, &p)
-                .and_then(|start| Some((start, turn_end(tok, head, tools, kw, &full, start)?)))
+            let msgs = &conv.messages;
+            turn_start(tok, msgs, i, tools, kw, &full, (&p, after)).and_then(|start| {
+                let end = match i + 1 < msgs.len() {
+                    true => turn_end_before(tok, msgs, i + 1, tools, kw, &full, start, &p),
+                    false => turn_end(tok, head, tools, kw, &full, start),
+                };
+                Some((start, end?))
+            })
         };
         match span.filter(|&(start, _)| start >= after) {
             Some(span) => spans.push(span),
