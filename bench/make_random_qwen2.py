@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Writes a randomly initialised Qwen2ForCausalLM checkpoint for bench/train_gpu.sh
-(or, with --shape gemma3-270m, gemma2-270m or qwen3-moe-small, a
-Gemma3ForCausalLM, Gemma2ForCausalLM or Qwen3MoeForCausalLM one for
-bench/train.sh).
+(or, with --shape gemma3-270m, gemma2-270m, qwen3-moe-small or gpt-oss-small,
+a Gemma3ForCausalLM, Gemma2ForCausalLM, Qwen3MoeForCausalLM or
+GptOssForCausalLM one for bench/train.sh).
 
-  python3 bench/make_random_qwen2.py OUT_DIR --shape qwen2.5-0.5b|tiny|gemma3-270m|gemma2-270m|qwen3-moe-small
+  python3 bench/make_random_qwen2.py OUT_DIR --shape qwen2.5-0.5b|tiny|gemma3-270m|gemma2-270m|qwen3-moe-small|gpt-oss-small
       [--vocab N] --tokenizer-dir DIR [--dtype bf16|f32] [--seed 0]
 
 Shapes (vocab 151936 unless --vocab; tie_word_embeddings true, rope_theta 1e6,
@@ -26,6 +26,12 @@ rms_norm_eps 1e-6, max_position_embeddings 32768, q/k/v biases as Qwen2):
                 Qwen3-30B-A3B's 128 experts, top 8): 131M parameters, of
                 which 25M the (tied) embedding; 18M of the others active per
                 token
+  gpt-oss-small gpt-oss-20b's layout at a CPU's size: hidden 512, 8 layers, 8
+                heads of 64 over 2 kv heads with biases and a learned sink
+                each, every other layer sliding over 128 keys, YaRN (factor
+                32 over 4096 positions), every MLP a mixture of 32 experts
+                256 wide with biases and the clamped SwiGLU, top 4 (as
+                gpt-oss-20b's 32 experts, top 4)
 
 Weights: transformers' own initialisation (normal, std 0.02) under a fixed seed,
 written with save_pretrained(safe_serialization=True) in bf16 by default (half
@@ -52,6 +58,7 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GptOssConfig,
     Qwen2Config,
     Qwen3MoeConfig,
 )
@@ -67,6 +74,8 @@ SHAPES = {
                         num_key_value_heads=1, head_dim=256, intermediate_size=2048),
     "qwen3-moe-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                             num_key_value_heads=2, head_dim=64, intermediate_size=1536),
+    "gpt-oss-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                          num_key_value_heads=2, head_dim=64, intermediate_size=256),
 }
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja"]
@@ -110,6 +119,9 @@ def main():
                              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                              rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                              **common)
+    elif a.shape == "gpt-oss-small":
+        cfg = GptOssConfig(num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                           **common)
     else:
         cfg = Qwen2Config(
             rope_theta=1e6,  # transformers 5 stores it as rope_parameters.rope_theta

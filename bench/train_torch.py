@@ -187,7 +187,9 @@ def main():
     attn = a.attn
     if attn is None:
         model_type = json.load(open(f"{a.model_dir}/config.json")).get("model_type")
-        attn = "eager" if model_type == "gemma2" else "sdpa"
+        # transformers runs Gemma 2 eagerly (soft-capped scores) and gpt-oss has
+        # no sdpa path (attention sinks).
+        attn = "eager" if model_type in ("gemma2", "gpt_oss") else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(
         a.model_dir, dtype=torch.float32, attn_implementation=attn
     )
