@@ -343,15 +343,7 @@ fn mixtures_of_experts_train_and_their_adapters_load_in_peft() {
     let with_experts: Vec<(&Project, &str)> = runs[..2]
         .iter()
         .map(|(p, arch, _)| {
-            let yaml = pipeline("tiny", 4, 100)
-                .replace("{size: tiny,", &format!("{{arch: {arch}, size: tiny,"))
-                .replace(
-                    "use_dora: true\n      lora_dropout: 0.05\n      lora_target: all",
-                    "lora_target: all, experts",
-                )
-                .replace("work/phase2/", "work/experts/");
-            p.write("experts.yaml", &yaml);
-            p.run_ok("experts.yaml", &["--stage", "phase2"]);
+            run_expert_lora(p, &format!("arch: {arch}"));
             let adapter = tensors(p, "work/experts/adapter/adapter_model.safetensors");
             // B starts at zero: trained, it moves.
             for k in ["experts.base_layer.lora_B", "experts.lora_B"] {
@@ -437,18 +429,7 @@ fn gpt_oss_trains_and_loads_in_transformers_and_peft() {
     assert_eq!(peft[0]["class"], "GptOssForCausalLM", "{}", peft[0]);
     // The experts' adapters too: PEFT's `target_parameters`, gate and up rows
     // interleaved as gpt-oss's `gate_up_proj` interleaves its columns.
-    let yaml = pipeline("tiny", 4, 100)
-        .replace(
-            "{size: tiny,",
-            "{arch: gpt_oss, sliding_window: 8, size: tiny,",
-        )
-        .replace(
-            "use_dora: true\n      lora_dropout: 0.05\n      lora_target: all",
-            "lora_target: all, experts",
-        )
-        .replace("work/phase2/", "work/experts/");
-    p.write("experts.yaml", &yaml);
-    p.run_ok("experts.yaml", &["--stage", "phase2"]);
+    run_expert_lora(&p, "arch: gpt_oss, sliding_window: 8");
     let peft = adapters_match_peft(&[(&p, "gpt_oss experts")], "work/experts");
     assert_eq!(
         peft[0]["target_parameters"],
@@ -456,6 +437,21 @@ fn gpt_oss_trains_and_loads_in_transformers_and_peft() {
         "{}",
         peft[0]
     );
+}
+
+/// Runs phase 2 of the pipeline with `lora_target: all, experts` (no DoRA,
+/// no dropout) into `work/experts/`, the base model made with `init`
+/// (`arch: …` and other init_model params).
+fn run_expert_lora(p: &Project, init: &str) {
+    let yaml = pipeline("tiny", 4, 100)
+        .replace("{size: tiny,", &format!("{{{init}, size: tiny,"))
+        .replace(
+            "use_dora: true\n      lora_dropout: 0.05\n      lora_target: all",
+            "lora_target: all, experts",
+        )
+        .replace("work/phase2/", "work/experts/");
+    p.write("experts.yaml", &yaml);
+    p.run_ok("experts.yaml", &["--stage", "phase2"]);
 }
 
 /// A multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration, built by

@@ -68,21 +68,12 @@ pub fn unstack(
     config: &ModelConfig,
     mut tensors: BTreeMap<String, HostTensor>,
 ) -> anyhow::Result<BTreeMap<String, HostTensor>> {
-    let Some(moe) = &config.moe else {
+    let Some((h, w, n)) = sizes(config) else {
         return Ok(tensors);
     };
-    let (h, w, n) = (
-        config.hidden_size,
-        moe.expert_intermediate_size,
-        moe.num_experts,
-    );
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}.mlp");
-        for part in ["weight", "bias"] {
-            if let Some(t) = tensors.remove(&format!("{p}.router.{part}")) {
-                tensors.insert(format!("{p}.gate.{part}"), t);
-            }
-        }
+        rename(&mut tensors, &p, "router", "gate");
         let mut take = |name: &str, shape: &[usize]| -> anyhow::Result<HostTensor> {
             let full = format!("{p}.experts.{name}");
             let t = match tensors.remove(&full) {
@@ -142,21 +133,12 @@ pub fn stack(
     config: &ModelConfig,
     mut tensors: BTreeMap<String, HostTensor>,
 ) -> BTreeMap<String, HostTensor> {
-    let Some(moe) = &config.moe else {
+    let Some((h, w, n)) = sizes(config) else {
         return tensors;
     };
-    let (h, w, n) = (
-        config.hidden_size,
-        moe.expert_intermediate_size,
-        moe.num_experts,
-    );
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}.mlp");
-        for part in ["weight", "bias"] {
-            if let Some(t) = tensors.remove(&format!("{p}.gate.{part}")) {
-                tensors.insert(format!("{p}.router.{part}"), t);
-            }
-        }
+        rename(&mut tensors, &p, "gate", "router");
         let (mut gate_up, mut gate_up_bias) = (vec![0f32; n * h * 2 * w], vec![0f32; n * 2 * w]);
         let (mut down, mut down_bias) = (Vec::with_capacity(n * w * h), Vec::new());
         for x in 0..n {
@@ -195,6 +177,25 @@ pub fn stack(
         tensors.insert(format!("{e}.down_proj_bias"), host(vec![n, h], down_bias));
     }
     tensors
+}
+
+/// `(hidden, expert width, experts)`, or `None` without experts.
+fn sizes(config: &ModelConfig) -> Option<(usize, usize, usize)> {
+    let moe = config.moe.as_ref()?;
+    Some((
+        config.hidden_size,
+        moe.expert_intermediate_size,
+        moe.num_experts,
+    ))
+}
+
+/// Renames the router's weight and bias under `mlp` from `from` to `to`.
+fn rename(tensors: &mut BTreeMap<String, HostTensor>, mlp: &str, from: &str, to: &str) {
+    for part in ["weight", "bias"] {
+        if let Some(t) = tensors.remove(&format!("{mlp}.{from}.{part}")) {
+            tensors.insert(format!("{mlp}.{to}.{part}"), t);
+        }
+    }
 }
 
 fn host(shape: Vec<usize>, data: Vec<f32>) -> HostTensor {

@@ -387,6 +387,22 @@ fn tool_spans(text: &str) -> Vec<(usize, usize)> {
     spans
 }
 
+/// The rendering of `head` and what the generation prompt `p` (its
+/// rendering with one) adds to it.
+fn generation_prompt<'p>(
+    tok: &Tokenizer,
+    head: &[Value],
+    tools: Option<&Value>,
+    kwargs: &Map<String, Value>,
+    p: &'p str,
+) -> Option<(String, &'p str)> {
+    let before = tok
+        .apply_chat_template_with(&Value::Array(head.to_vec()), tools, false, kwargs)
+        .ok()?;
+    let prompt = p.strip_prefix(before.as_str())?;
+    Some((before, prompt))
+}
+
 /// Where, in `full`, the assistant turn after the messages `head` starts:
 /// after its generation prompt `p` when `full` goes on with it, else after
 /// the prompt's first line, the role header (a template may add more to a
@@ -407,11 +423,7 @@ fn turn_start(
     if full.starts_with(p) {
         return Some(p.len());
     }
-    let head = &messages[..i];
-    let before = tok
-        .apply_chat_template_with(&Value::Array(head.to_vec()), tools, false, kwargs)
-        .ok()?;
-    let prompt = p.strip_prefix(before.as_str())?;
+    let (before, prompt) = generation_prompt(tok, &messages[..i], tools, kwargs, p)?;
     let header = match prompt.find('\n') {
         Some(k) => &prompt[..=k],
         None => prompt,
@@ -518,10 +530,7 @@ fn header_marker(
     kwargs: &Map<String, Value>,
     p: &str,
 ) -> Option<String> {
-    let before = tok
-        .apply_chat_template_with(&Value::Array(head.to_vec()), tools, false, kwargs)
-        .ok()?;
-    let prompt = p.strip_prefix(before.as_str())?;
+    let (_, prompt) = generation_prompt(tok, head, tools, kwargs, p)?;
     let enc = tok.inner().encode(prompt, false).ok()?;
     let (&id, &(a, b)) = enc.get_ids().first().zip(enc.get_offsets().first())?;
     let added = tok.inner().get_added_tokens_decoder().contains_key(&id);
