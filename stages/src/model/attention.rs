@@ -513,20 +513,17 @@ fn probs<B: ModelBackend>(
     let s = to(bmm(qc, kt), DType::F32);
     if let Some(sinks) = sinks {
         debug_assert!(softcap.is_none(), "sinks are never soft-capped");
-        let keys = c.keys - c.first;
-        // The scores are scaled inside the softmax; the sinks are not.
-        let col = sinks.clone().narrow(2, c.start, c.rows).div_scalar(scale);
-        let open = Tensor::<B, 4, Int>::zeros(col.shape(), &col.device()).bool();
-        let s = Tensor::cat(vec![s, col], 3);
-        let mask = Tensor::cat(vec![mask, open], 3);
-        let (p, _) = B::attention_probs(
+        let p = B::attention_probs_with_sinks(
             s.into_primitive().tensor(),
             mask.into_primitive(),
             scale,
-            None,
-            false,
+            sinks
+                .clone()
+                .narrow(2, c.start, c.rows)
+                .into_primitive()
+                .tensor(),
         );
-        return (float::<B>(p).narrow(3, 0, keys), None);
+        return (float(p), None);
     }
     let (p, tanh) = B::attention_probs(
         s.into_primitive().tensor(),
@@ -563,6 +560,31 @@ pub(crate) fn probs_of<B: ModelBackend>(
     let sum = e.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
     let p = e.div(sum).into_primitive().tensor();
     (p, tanh.map(|t| t.into_primitive().tensor()))
+}
+
+/// [`ModelBackend::attention_probs_with_sinks`] as tensor ops: the sinks
+/// as one more column of the scores (divided by the scale the softmax
+/// multiplies by), never masked, dropped after the softmax.
+pub(crate) fn sink_probs_of<B: ModelBackend>(
+    s: FloatTensor<B>,
+    mask: BoolTensor<B>,
+    scale: f32,
+    sinks: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let s = float::<B>(s);
+    let keys = s.dims()[3];
+    let col = float::<B>(sinks).div_scalar(scale);
+    let open = Tensor::<B, 4, Int>::zeros(col.shape(), &col.device()).bool();
+    let s = Tensor::cat(vec![s, col], 3);
+    let mask = Tensor::cat(vec![Tensor::from_primitive(mask), open], 3);
+    let (p, _) = B::attention_probs(
+        s.into_primitive().tensor(),
+        mask.into_primitive(),
+        scale,
+        None,
+        false,
+    );
+    float::<B>(p).narrow(3, 0, keys).into_primitive().tensor()
 }
 
 /// [`ModelBackend::attention_ds`] as tensor ops.
@@ -666,6 +688,36 @@ pub(crate) mod flex {
             }
         });
         (p, tanh.map(|t| flex_f32(t, shape)))
+    }
+
+    /// [`probs`] without a cap, each row's softmax also counting its sink
+    /// (`sinks`: `[b, h, rows, 1]`, f32, not scaled), whose probability is
+    /// left out. Only where [`probs_applies`].
+    pub(crate) fn sink_probs(
+        s: FlexTensor,
+        mask: &FlexTensor,
+        scale: f32,
+        sinks: &FlexTensor,
+    ) -> FlexTensor {
+        let [_, h, r, k] = dims(&s).expect("probs_applies");
+        let (ml, m) = (mask.layout(), mask.storage::<u8>());
+        let (st, start) = (ml.strides(), ml.start_offset() as isize);
+        let hidden = |row: usize, len: usize| {
+            let (bi, hi, ri) = (row / (h * r), row / r % h, row % r);
+            let at =
+                (start + bi as isize * st[0] + hi as isize * st[1] + ri as isize * st[2]) as usize;
+            &m[at..at + len]
+        };
+        let sinks = sinks.to_contiguous();
+        let sv = sinks.as_slice::<f32>().expect("f32 sinks");
+        in_place(s, |x| {
+            x.par_chunks_mut(k.max(1))
+                .with_min_len(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(row, xs)| {
+                    vmath::softmax_with_sink(xs, hidden(row, xs.len()), scale, sv[row])
+                })
+        })
     }
 
     /// Whether [`ds`] applies: f32 `p`, `dp` and `tanh` (if any) of the same
@@ -1286,6 +1338,32 @@ mod tests {
             let got = float::<Flex>(flex::ds(&p_p, dp_p, scale, t_p.as_ref()));
             assert!(max_diff(got, want) <= 1e-7, "{at}");
         }
+        // With sinks: the loop against the sink as one more column; the row
+        // masked whole still gives zeros (its sink takes it all).
+        let sinks =
+            Tensor::<Flex, 4>::random([b, h, r, 1], Distribution::Normal(0.0, 2.0), &device);
+        let sinks = sinks.into_primitive().tensor();
+        let want = float::<Flex>(sink_probs_of::<Flex>(
+            s.clone().into_primitive().tensor(),
+            m.clone(),
+            scale,
+            sinks.clone(),
+        ));
+        let got = float::<Flex>(flex::sink_probs(
+            (s.clone() * 1.0).into_primitive().tensor(),
+            &m,
+            scale,
+            &sinks,
+        ));
+        assert!(max_diff(got.clone(), want.clone()) <= 1e-6, "sinks");
+        let rows: f32 = want.clone().sum_dim(3).max().into_scalar();
+        assert!(rows < 1.0, "the sinks take a share of each row: {rows}");
+        let zeros: f32 = got
+            .slice([1..2, 0..h, 3..4, 0..k])
+            .abs()
+            .sum()
+            .into_scalar();
+        assert_eq!(zeros, 0.0, "sinks: the row masked whole");
     }
 
     #[test]

@@ -79,6 +79,18 @@ pub trait ModelBackend: Backend {
         attention::probs_of::<Self>(s, mask, scale, softcap, keep)
     }
 
+    /// [`Self::attention_probs`] without a cap, where each row's softmax
+    /// also counts a sink logit, `sinks: [b, h, rows, 1]` (f32, not scaled),
+    /// whose probability is left out (gpt-oss).
+    fn attention_probs_with_sinks(
+        s: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f32,
+        sinks: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        attention::sink_probs_of::<Self>(s, mask, scale, sinks)
+    }
+
     /// The scores' gradient `scale · p ∘ (dp − rowsum(p ∘ dp))` from the
     /// probabilities `p` and their gradient `dp` (f32, `[b, h, rows, keys]`),
     /// times `1 − tanh²` where the scores were soft-capped (`tanh` as
@@ -287,6 +299,22 @@ impl ModelBackend for burn::backend::Flex {
             return attention::flex::probs(s, &mask, scale, softcap, keep);
         }
         attention::probs_of::<Self>(s, mask, scale, softcap, keep)
+    }
+
+    fn attention_probs_with_sinks(
+        s: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f32,
+        sinks: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let rows = s.shape().num_elements() / s.shape().dims::<4>()[3].max(1);
+        if attention::flex::probs_applies(&s, &mask)
+            && sinks.dtype() == DType::F32
+            && sinks.shape().num_elements() == rows
+        {
+            return attention::flex::sink_probs(s, &mask, scale, &sinks);
+        }
+        attention::sink_probs_of::<Self>(s, mask, scale, sinks)
     }
 
     fn attention_ds(

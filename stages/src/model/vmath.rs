@@ -84,6 +84,28 @@ pub fn softmax(xs: &mut [f32], hidden: &[u8], scale: f32) {
     }
 }
 
+/// [`softmax`] over the row and one more logit, `sink` (not scaled), whose
+/// probability is left out: the row sums to `1 − p_sink`; a row hidden whole
+/// gives zeros.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn softmax_with_sink(xs: &mut [f32], hidden: &[u8], scale: f32, sink: f32) {
+    for (x, &hide) in xs.iter_mut().zip(hidden) {
+        *x = if hide == 0 {
+            *x * scale
+        } else {
+            f32::NEG_INFINITY
+        };
+    }
+    let max = max(xs).max(sink);
+    for x in xs.iter_mut() {
+        *x = exp(*x - max);
+    }
+    let sum = sum(xs) + exp(sink - max);
+    for x in xs.iter_mut() {
+        *x /= sum;
+    }
+}
+
 /// The softmax's input gradient from its output `p` and output gradient
 /// `dp` (overwritten): `scale * p * (dp - Σ p dp)`.
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
