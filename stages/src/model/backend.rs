@@ -119,6 +119,29 @@ pub trait ModelBackend: Backend {
         super::swiglu::swiglu_grad_of::<Self>(gate, up, dout)
     }
 
+    /// gpt-oss's clamped SwiGLU, elementwise (see
+    /// [`super::swiglu::clamped_swiglu`]).
+    fn clamped_swiglu(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        alpha: f32,
+        limit: f32,
+    ) -> FloatTensor<Self> {
+        super::swiglu::clamped_swiglu_of::<Self>(gate, up, alpha, limit)
+    }
+
+    /// The gradients `(d gate, d up)` of [`Self::clamped_swiglu`] given the
+    /// output's gradient `dout`.
+    fn clamped_swiglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        alpha: f32,
+        limit: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        super::swiglu::clamped_swiglu_grad_of::<Self>(gate, up, dout, alpha, limit)
+    }
+
     /// `gelu_tanh(gate) * up`, elementwise (see [`super::swiglu::geglu`]).
     fn geglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         super::swiglu::geglu_of::<Self>(gate, up)
@@ -380,6 +403,28 @@ impl ModelBackend for burn::backend::Flex {
             .unwrap_or_else(|| super::swiglu::geglu_of::<Self>(gate, up))
     }
 
+    fn clamped_swiglu(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        alpha: f32,
+        limit: f32,
+    ) -> FloatTensor<Self> {
+        super::swiglu::flex::clamped_swiglu(&gate, &up, alpha, limit)
+            .unwrap_or_else(|| super::swiglu::clamped_swiglu_of::<Self>(gate, up, alpha, limit))
+    }
+
+    fn clamped_swiglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        alpha: f32,
+        limit: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        super::swiglu::flex::clamped_swiglu_grad(&gate, &up, &dout, alpha, limit).unwrap_or_else(
+            || super::swiglu::clamped_swiglu_grad_of::<Self>(gate, up, dout, alpha, limit),
+        )
+    }
+
     fn geglu_grad(
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
@@ -589,6 +634,15 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
 
     fn geglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         super::swiglu::autodiff_geglu::<B, C>(gate, up)
+    }
+
+    fn clamped_swiglu(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        alpha: f32,
+        limit: f32,
+    ) -> FloatTensor<Self> {
+        super::swiglu::autodiff_clamped_swiglu::<B, C>(gate, up, alpha, limit)
     }
 
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {

@@ -21,7 +21,7 @@ use super::loss::{cross_entropy, linear_cross_entropy, softcap, to_f32};
 use super::matmul::matmul_2d;
 use super::rms_norm::rms_norm;
 use super::rope::rope;
-use super::swiglu::{geglu, swiglu};
+use super::swiglu::{clamped_swiglu, geglu, swiglu};
 use super::weights::HostTensor;
 use crate::rng;
 
@@ -342,12 +342,7 @@ impl<B: ModelBackend> Expert<B> {
         }
         let h = match self.swiglu_limit {
             0.0 => swiglu(gate, up),
-            limit => {
-                let gate = gate.clamp_max(limit);
-                let up = up.clamp(-limit, limit);
-                let glu = gate.clone() * sigmoid(gate.mul_scalar(self.swiglu_alpha));
-                (up + 1.0) * glu
-            }
+            limit => clamped_swiglu(gate, up, self.swiglu_alpha as f32, limit as f32),
         };
         self.down_proj.forward_with(h, dropout)
     }

@@ -125,11 +125,80 @@ pub(crate) fn autodiff_swiglu<B: ModelBackend, C: CheckpointStrategy>(
     binary_op::record::<B, C, _>(Gate::Silu, &gate, &up, out)
 }
 
+/// gpt-oss's clamped SwiGLU, `(clamp(up, ±limit) + 1) · g σ(alpha g)` with
+/// `g = min(gate, limit)`, elementwise; under autodiff the backward pass
+/// keeps only `gate` and `up`.
+pub fn clamped_swiglu<B: ModelBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+    alpha: f32,
+    limit: f32,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::clamped_swiglu(
+        gate.into_primitive().tensor(),
+        up.into_primitive().tensor(),
+        alpha,
+        limit,
+    )))
+}
+
+/// [`ModelBackend::clamped_swiglu`] as tensor ops.
+pub(crate) fn clamped_swiglu_of<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    alpha: f32,
+    limit: f32,
+) -> FloatTensor<B> {
+    let g = float::<B>(gate.clone()).clamp_max(limit);
+    let u = float::<B>(up).clamp(-limit, limit);
+    let out = (u + 1.0) * g.clone() * sigmoid(g.mul_scalar(alpha));
+    shaped(out, &gate)
+}
+
+/// [`ModelBackend::clamped_swiglu_grad`] as tensor ops (see
+/// [`super::vmath::clamped_swiglu_grad`]).
+pub(crate) fn clamped_swiglu_grad_of<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    dout: FloatTensor<B>,
+    alpha: f32,
+    limit: f32,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (g, u, d) = (float::<B>(gate.clone()), float::<B>(up), float::<B>(dout));
+    let (g_in, u_in) = (
+        g.clone().lower_equal_elem(limit),
+        u.clone().abs().lower_equal_elem(limit),
+    );
+    let gc = g.clamp_max(limit);
+    let s = sigmoid(gc.clone().mul_scalar(alpha));
+    let du = (d.clone() * gc.clone() * s.clone()).mask_fill(u_in.bool_not(), 0.0);
+    let slope = (gc * s.clone().neg().add_scalar(1.0))
+        .mul_scalar(alpha)
+        .add_scalar(1.0);
+    let dg = d * (u.clamp(-limit, limit) + 1.0) * s * slope;
+    (
+        shaped(dg.mask_fill(g_in.bool_not(), 0.0), &gate),
+        shaped(du, &gate),
+    )
+}
+
+/// [`ModelBackend::clamped_swiglu`] under autodiff.
+pub(crate) fn autodiff_clamped_swiglu<B: ModelBackend, C: CheckpointStrategy>(
+    gate: FloatTensor<Autodiff<B, C>>,
+    up: FloatTensor<Autodiff<B, C>>,
+    alpha: f32,
+    limit: f32,
+) -> FloatTensor<Autodiff<B, C>> {
+    let out = B::clamped_swiglu(gate.primitive.clone(), up.primitive.clone(), alpha, limit);
+    binary_op::record::<B, C, _>(Gate::Clamped { alpha, limit }, &gate, &up, out)
+}
+
 /// The backward pass of a gated activation, by its gate function.
 #[derive(Debug, Clone, Copy)]
 enum Gate {
     Silu,
     GeluTanh,
+    Clamped { alpha: f32, limit: f32 },
 }
 
 impl<B: ModelBackend> BinaryGrad<B> for Gate {
@@ -143,6 +212,7 @@ impl<B: ModelBackend> BinaryGrad<B> for Gate {
         let (dg, du) = match self {
             Gate::Silu => B::swiglu_grad(gate, up, dout),
             Gate::GeluTanh => B::geglu_grad(gate, up, dout),
+            Gate::Clamped { alpha, limit } => B::clamped_swiglu_grad(gate, up, dout, alpha, limit),
         };
         [Some(dg), Some(du)]
     }
@@ -169,15 +239,12 @@ pub(crate) mod flex {
             .collect()
     }
 
-    /// A gated activation's gradient loop: `(d gate, d up, gate, up, dout)`.
-    type GradLoop = fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]);
-
     /// `f(out, gate, up)` over chunks in parallel, or `None` where this path
     /// does not apply (not f32, not contiguous, shapes that differ).
     fn map2(
         gate: &FlexTensor,
         up: &FlexTensor,
-        f: fn(&mut [f32], &[f32], &[f32]),
+        f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
     ) -> Option<FlexTensor> {
         let [g, u] = slices(&[gate, up])?[..] else {
             return None;
@@ -195,7 +262,7 @@ pub(crate) mod flex {
         gate: &FlexTensor,
         up: &FlexTensor,
         dout: &FlexTensor,
-        f: GradLoop,
+        f: impl Fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]) + Sync,
     ) -> Option<(FlexTensor, FlexTensor)> {
         let [g, u, d] = slices(&[gate, up, dout])?[..] else {
             return None;
@@ -222,6 +289,31 @@ pub(crate) mod flex {
         dout: &FlexTensor,
     ) -> Option<(FlexTensor, FlexTensor)> {
         grad2(gate, up, dout, vmath::swiglu_grad)
+    }
+
+    /// gpt-oss's clamped SwiGLU ([`map2`]).
+    pub(crate) fn clamped_swiglu(
+        gate: &FlexTensor,
+        up: &FlexTensor,
+        alpha: f32,
+        limit: f32,
+    ) -> Option<FlexTensor> {
+        map2(gate, up, |o, g, u| {
+            vmath::clamped_swiglu(o, g, u, alpha, limit)
+        })
+    }
+
+    /// The clamped SwiGLU's `(d gate, d up)` ([`grad2`]).
+    pub(crate) fn clamped_swiglu_grad(
+        gate: &FlexTensor,
+        up: &FlexTensor,
+        dout: &FlexTensor,
+        alpha: f32,
+        limit: f32,
+    ) -> Option<(FlexTensor, FlexTensor)> {
+        grad2(gate, up, dout, |dg, du, g, u, d| {
+            vmath::clamped_swiglu_grad(dg, du, g, u, d, alpha, limit)
+        })
     }
 
     /// `gelu_tanh(gate) * up` ([`map2`]).
@@ -305,6 +397,22 @@ mod tests {
             swiglu_of::<Flex>,
             swiglu_grad_of::<Flex>,
             6.0,
+        );
+    }
+
+    /// The clamped SwiGLU (at limit 1.5, so that most gates and ups clamp)
+    /// against autodiff of its composition from burn's ops.
+    #[test]
+    fn clamped_swiglu_matches_autodiff_of_its_composition() {
+        check_gated(
+            |g, u| clamped_swiglu(g, u, 1.702, 1.5),
+            |g, u| {
+                let g = g.clamp_max(1.5);
+                (u.clamp(-1.5, 1.5) + 1.0) * g.clone() * sigmoid(g.mul_scalar(1.702))
+            },
+            |g, u| clamped_swiglu_of::<Flex>(g, u, 1.702, 1.5),
+            |g, u, d| clamped_swiglu_grad_of::<Flex>(g, u, d, 1.702, 1.5),
+            3.0,
         );
     }
 

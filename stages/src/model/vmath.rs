@@ -139,6 +139,44 @@ pub fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
     }
 }
 
+/// gpt-oss's clamped SwiGLU: `(clamp(u, ±limit) + 1) · g' σ(alpha g')`,
+/// `g' = min(g, limit)`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+pub fn clamped_swiglu(out: &mut [f32], gate: &[f32], up: &[f32], alpha: f32, limit: f32) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let g = g.min(limit);
+        *o = (u.clamp(-limit, limit) + 1.0) * g * sigmoid(alpha * g);
+    }
+}
+
+/// [`clamped_swiglu`]'s gradients: `d up = d · g' σ` where `|u| ≤ limit`,
+/// `d gate = d · (u' + 1) · σ (1 + alpha g' (1 − σ))` where `g ≤ limit`
+/// (zero beyond the clamps, as torch's `clamp`).
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+pub fn clamped_swiglu_grad(
+    dgate: &mut [f32],
+    dup: &mut [f32],
+    gate: &[f32],
+    up: &[f32],
+    d: &[f32],
+    alpha: f32,
+    limit: f32,
+) {
+    let inputs = gate.iter().zip(up).zip(d);
+    for ((dg, du), ((&g, &u), &d)) in dgate.iter_mut().zip(dup).zip(inputs) {
+        let gc = g.min(limit);
+        let s = sigmoid(alpha * gc);
+        let uc = u.clamp(-limit, limit);
+        *du = if u.abs() <= limit { d * gc * s } else { 0.0 };
+        *dg = if g <= limit {
+            d * (uc + 1.0) * s * (1.0 + alpha * gc * (1.0 - s))
+        } else {
+            0.0
+        };
+    }
+}
+
 /// `sqrt(2 / pi)`, GeLU's tanh approximation's factor.
 pub(crate) const GELU_C: f32 = 0.797_884_6;
 /// Its cubic term's coefficient.
