@@ -387,177 +387,158 @@ fn tool_spans(text: &str) -> Vec<(usize, usize)> {
     spans
 }
 
-/// The rendering of `head` and what the generation prompt `p` (its
-/// rendering with one) adds to it.
-fn generation_prompt<'p>(
-    tok: &Tokenizer,
-    head: &[Value],
-    tools: Option<&Value>,
-    kwargs: &Map<String, Value>,
-    p: &'p str,
-) -> Option<(String, &'p str)> {
-    let before = tok
-        .apply_chat_template_with(&Value::Array(head.to_vec()), tools, false, kwargs)
-        .ok()?;
-    let prompt = p.strip_prefix(before.as_str())?;
-    Some((before, prompt))
+/// A conversation, its rendering `full`, and how to render others like it:
+/// what locates assistant turns in `full` when rendering prefixes does not.
+struct Turns<'a> {
+    tok: &'a Tokenizer,
+    messages: &'a [Value],
+    tools: Option<&'a Value>,
+    kwargs: &'a Map<String, Value>,
+    full: &'a str,
 }
 
-/// Where, in `full`, the assistant turn after the messages `head` starts:
-/// after its generation prompt `p` when `full` goes on with it, else after
-/// the prompt's first line, the role header (a template may add more to a
-/// generation prompt than to a past turn, as Qwen3's empty think block
-/// without thinking). When `full` renders the earlier messages otherwise
-/// (gpt-oss drops a tool call's reasoning once a final answer follows),
-/// after the header's first occurrence from `after` (the end of the
-/// previous assistant turn) and the previous message's content on.
-fn turn_start(
-    tok: &Tokenizer,
-    messages: &[Value],
-    i: usize,
-    tools: Option<&Value>,
-    kwargs: &Map<String, Value>,
-    full: &str,
-    (p, after): (&str, usize),
-) -> Option<usize> {
-    if full.starts_with(p) {
-        return Some(p.len());
-    }
-    let (before, prompt) = generation_prompt(tok, &messages[..i], tools, kwargs, p)?;
-    let header = match prompt.find('\n') {
-        Some(k) => &prompt[..=k],
-        None => prompt,
-    };
-    if header.is_empty() {
-        return None;
-    }
-    if let Some(rest) = full.strip_prefix(before.as_str()) {
-        return rest
-            .starts_with(header)
-            .then_some(before.len() + header.len());
-    }
-    let previous = match i {
-        0 => 0,
-        _ => content_at(tok, messages, i - 1, tools, kwargs, full).unwrap_or(0),
-    };
-    let from = after.max(previous);
-    let k = full.get(from..)?.find(header)?;
-    Some(from + k + header.len())
-}
-
-/// The end, in `full`, of the assistant turn that starts at `start` after
-/// the messages `head`: the first end-of-turn text at or after `start`, plus
-/// that text. The end-of-turn text is what the template writes after an
-/// assistant reply's content, found by rendering two one-character replies
-/// and keeping their common ending; `None` when the template writes nothing
-/// there or `full` does not hold it.
-fn turn_end(
-    tok: &Tokenizer,
-    head: &[Value],
-    tools: Option<&Value>,
-    kwargs: &Map<String, Value>,
-    full: &str,
-    start: usize,
-) -> Option<usize> {
-    let render = |reply: &str| {
-        let mut m = head.to_vec();
-        m.push(json!({"role": "assistant", "content": reply}));
-        tok.apply_chat_template_with(&Value::Array(m), tools, false, kwargs)
+impl Turns<'_> {
+    fn render(&self, messages: Vec<Value>, generation_prompt: bool) -> Option<String> {
+        self.tok
+            .apply_chat_template_with(
+                &Value::Array(messages),
+                self.tools,
+                generation_prompt,
+                self.kwargs,
+            )
             .ok()
-    };
-    let (x, y) = (render("\u{E000}")?, render("\u{E001}")?);
-    let common = x
-        .bytes()
-        .rev()
-        .zip(y.bytes().rev())
-        .take_while(|(a, b)| a == b)
-        .count();
-    let mut cut = x.len() - common;
-    while !x.is_char_boundary(cut) {
-        cut += 1;
     }
-    let end_of_turn = &x[cut..];
-    if end_of_turn.trim().is_empty() {
-        return None;
-    }
-    full.get(start..)?
-        .find(end_of_turn)
-        .map(|k| start + k + end_of_turn.len())
-}
 
-/// Where, in `full`, message `next` of `messages` has its content: the first
-/// byte that changes when that content does (`None` when nothing changes,
-/// as for a message the template leaves out).
-fn content_at(
-    tok: &Tokenizer,
-    messages: &[Value],
-    next: usize,
-    tools: Option<&Value>,
-    kwargs: &Map<String, Value>,
-    full: &str,
-) -> Option<usize> {
-    let mut changed = messages.to_vec();
-    let sentinel = match changed[next].get("content").and_then(Value::as_str) {
-        Some("\u{E000}") => "\u{E001}",
-        _ => "\u{E000}",
-    };
-    changed[next]["content"] = json!(sentinel);
-    let other = tok
-        .apply_chat_template_with(&Value::Array(changed), tools, false, kwargs)
-        .ok()?;
-    let mut at = full
-        .bytes()
-        .zip(other.bytes())
-        .take_while(|(a, b)| a == b)
-        .count();
-    if at == full.len() && at == other.len() {
-        return None;
+    /// The rendering of the first `head` messages and what the generation
+    /// prompt `p` (their rendering with one) adds to it.
+    fn generation_prompt<'p>(&self, head: usize, p: &'p str) -> Option<(String, &'p str)> {
+        let before = self.render(self.messages[..head].to_vec(), false)?;
+        let prompt = p.strip_prefix(before.as_str())?;
+        Some((before, prompt))
     }
-    while !full.is_char_boundary(at) {
-        at -= 1;
+
+    /// Where, in `full`, assistant turn `i` starts: after its generation
+    /// prompt `p` when `full` goes on with it, else after the prompt's first
+    /// line, the role header (a template may add more to a generation prompt
+    /// than to a past turn, as Qwen3's empty think block without thinking).
+    /// When `full` renders the earlier messages otherwise (gpt-oss drops a
+    /// tool call's reasoning once a final answer follows), after the header's
+    /// first occurrence from `after` (the end of the previous assistant turn)
+    /// and the previous message's content on.
+    fn start(&self, i: usize, p: &str, after: usize) -> Option<usize> {
+        let full = self.full;
+        if full.starts_with(p) {
+            return Some(p.len());
+        }
+        let (before, prompt) = self.generation_prompt(i, p)?;
+        let header = match prompt.find('\n') {
+            Some(k) => &prompt[..=k],
+            None => prompt,
+        };
+        if header.is_empty() {
+            return None;
+        }
+        if let Some(rest) = full.strip_prefix(before.as_str()) {
+            return rest
+                .starts_with(header)
+                .then_some(before.len() + header.len());
+        }
+        let previous = match i {
+            0 => 0,
+            _ => self.content_at(i - 1).unwrap_or(0),
+        };
+        let from = after.max(previous);
+        let k = full.get(from..)?.find(header)?;
+        Some(from + k + header.len())
     }
-    Some(at)
-}
 
-/// The text each message's header starts with: the first token of the
-/// generation prompt `p` (what `p` adds to the rendering of `head`), when
-/// the tokenizer holds it as an added token (`<|im_start|>`, `<|start|>`,
-/// `<|start_header_id|>`, `<start_of_turn>`).
-fn header_marker(
-    tok: &Tokenizer,
-    head: &[Value],
-    tools: Option<&Value>,
-    kwargs: &Map<String, Value>,
-    p: &str,
-) -> Option<String> {
-    let (_, prompt) = generation_prompt(tok, head, tools, kwargs, p)?;
-    let enc = tok.inner().encode(prompt, false).ok()?;
-    let (&id, &(a, b)) = enc.get_ids().first().zip(enc.get_offsets().first())?;
-    let added = tok.inner().get_added_tokens_decoder().contains_key(&id);
-    (added && a == 0 && b > 0).then(|| prompt[..b].to_owned())
-}
+    /// The end, in `full`, of assistant turn `i` that starts at `start`:
+    /// with a message after it, [`Self::end_before`]; else the first
+    /// end-of-turn text at or after `start`, plus that text. The end-of-turn
+    /// text is what the template writes after a last assistant reply's
+    /// content, found by rendering two one-character replies and keeping
+    /// their common ending; `None` when the template writes nothing there
+    /// or `full` does not hold it.
+    fn end(&self, i: usize, start: usize, p: &str) -> Option<usize> {
+        if i + 1 < self.messages.len() {
+            return self.end_before(i + 1, start, p);
+        }
+        let render = |reply: &str| {
+            let mut m = self.messages[..i].to_vec();
+            m.push(json!({"role": "assistant", "content": reply}));
+            self.render(m, false)
+        };
+        let (x, y) = (render("\u{E000}")?, render("\u{E001}")?);
+        let common = x
+            .bytes()
+            .rev()
+            .zip(y.bytes().rev())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let mut cut = x.len() - common;
+        while !x.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let end_of_turn = &x[cut..];
+        if end_of_turn.trim().is_empty() {
+            return None;
+        }
+        self.full
+            .get(start..)?
+            .find(end_of_turn)
+            .map(|k| start + k + end_of_turn.len())
+    }
 
-/// The end, in `full`, of the assistant turn at `start` that message `next`
-/// follows: the last message header (see [`header_marker`]) before that
-/// message's content. The turn keeps all the template writes after its
-/// reply (`<|im_end|>\n`, gpt-oss's `<|end|>` or `<|call|>`, and a
-/// message of several segments whole) and the next message's header stays
-/// out.
-#[allow(clippy::too_many_arguments)]
-fn turn_end_before(
-    tok: &Tokenizer,
-    messages: &[Value],
-    next: usize,
-    tools: Option<&Value>,
-    kwargs: &Map<String, Value>,
-    full: &str,
-    start: usize,
-    p: &str,
-) -> Option<usize> {
-    let at = content_at(tok, messages, next, tools, kwargs, full)?;
-    let marker = header_marker(tok, &messages[..next - 1], tools, kwargs, p)?;
-    let k = full.get(start..at)?.rfind(marker.as_str())?;
-    (k > 0).then_some(start + k)
+    /// Where, in `full`, message `next` has its content: the first byte
+    /// that changes when that content does (`None` when nothing changes, as
+    /// for a message the template leaves out).
+    fn content_at(&self, next: usize) -> Option<usize> {
+        let mut changed = self.messages.to_vec();
+        let sentinel = match changed[next].get("content").and_then(Value::as_str) {
+            Some("\u{E000}") => "\u{E001}",
+            _ => "\u{E000}",
+        };
+        changed[next]["content"] = json!(sentinel);
+        let (full, other) = (self.full, self.render(changed, false)?);
+        let mut at = full
+            .bytes()
+            .zip(other.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        if at == full.len() && at == other.len() {
+            return None;
+        }
+        while !full.is_char_boundary(at) {
+            at -= 1;
+        }
+        Some(at)
+    }
+
+    /// The text each message's header starts with: the first token of the
+    /// generation prompt `p` after the first `head` messages, when the
+    /// tokenizer holds it as an added token (`<|im_start|>`, `<|start|>`,
+    /// `<|start_header_id|>`, `<start_of_turn>`).
+    fn header_marker(&self, head: usize, p: &str) -> Option<String> {
+        let (_, prompt) = self.generation_prompt(head, p)?;
+        let inner = self.tok.inner();
+        let enc = inner.encode(prompt, false).ok()?;
+        let (&id, &(a, b)) = enc.get_ids().first().zip(enc.get_offsets().first())?;
+        let added = inner.get_added_tokens_decoder().contains_key(&id);
+        (added && a == 0 && b > 0).then(|| prompt[..b].to_owned())
+    }
+
+    /// The end, in `full`, of the assistant turn at `start` that message
+    /// `next` follows: the last message header (see
+    /// [`Self::header_marker`]) before that message's content. The turn
+    /// keeps all the template writes after its reply (`<|im_end|>\n`,
+    /// gpt-oss's `<|end|>` or `<|call|>`, and a message of several segments
+    /// whole) and the next message's header stays out.
+    fn end_before(&self, next: usize, start: usize, p: &str) -> Option<usize> {
+        let at = self.content_at(next)?;
+        let marker = self.header_marker(next - 1, p)?;
+        let k = self.full.get(start..at)?.rfind(marker.as_str())?;
+        (k > 0).then_some(start + k)
+    }
 }
 
 /// Renders and tokenises a conversation with labels on assistant tokens.
@@ -592,15 +573,15 @@ pub fn tokenize(tok: &Tokenizer, conv: &Conversation, spec: &DataSpec) -> Result
             // whole conversation holds from its role header to its
             // end-of-turn text, or, with a message after it, to that
             // message's header.
-            let head = &conv.messages[..i];
-            let msgs = &conv.messages;
-            turn_start(tok, msgs, i, tools, kw, &full, (&p, after)).and_then(|start| {
-                let end = match i + 1 < msgs.len() {
-                    true => turn_end_before(tok, msgs, i + 1, tools, kw, &full, start, &p),
-                    false => turn_end(tok, head, tools, kw, &full, start),
-                };
-                Some((start, end?))
-            })
+            let turns = Turns {
+                tok,
+                messages: &conv.messages,
+                tools,
+                kwargs: kw,
+                full: &full,
+            };
+            let start = turns.start(i, &p, after);
+            start.and_then(|start| Some((start, turns.end(i, start, &p)?)))
         };
         match span.filter(|&(start, _)| start >= after) {
             Some(span) => spans.push(span),
