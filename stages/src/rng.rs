@@ -32,3 +32,16 @@ impl SplitMix64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
+
+/// Normal draws (Box-Muller on SplitMix64), so a seed gives the same values
+/// everywhere.
+pub struct Normal(pub SplitMix64);
+
+impl Normal {
+    /// A draw from normal(0, `std`).
+    pub fn sample(&mut self, std: f64) -> f32 {
+        let u1 = self.0.unit().max(f64::MIN_POSITIVE);
+        let u2 = self.0.unit();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+    }
+}

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::config::{self, Arch, ModelConfig};
 use super::tokenizer::{CHATML_TEMPLATE, chatml_tokenizer_config, train_bpe};
 use super::weights::{self, HostTensor, SaveDtype};
-use crate::rng::SplitMix64;
+use crate::rng::{Normal, SplitMix64};
 use crate::sink::write_json;
 
 /// Special tokens of initialised models, in id order.
@@ -404,17 +404,6 @@ impl InitSpec {
                 false => "full_attention",
             })
             .collect();
-    }
-}
-
-/// Normal draws (Box-Muller on SplitMix64), so a seed gives the same weights everywhere.
-struct Normal(SplitMix64);
-
-impl Normal {
-    fn sample(&mut self, std: f64) -> f32 {
-        let u1 = self.0.unit().max(f64::MIN_POSITIVE);
-        let u2 = self.0.unit();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
     }
 }
 

@@ -524,13 +524,9 @@ mod tests {
         let device = Default::default();
         let (n, d, vocab) = (8, 24, 301);
         // Seeded here: the backend's generator is shared with other tests.
-        let mut rng = crate::rng::SplitMix64(7);
+        let mut rng = crate::rng::Normal(crate::rng::SplitMix64(7));
         let mut rand = |s: [usize; 2], sd: f64| {
-            let normal = |_| {
-                let (u, v) = (1.0 - rng.unit(), rng.unit());
-                (sd * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-            };
-            let data: Vec<f32> = (0..s[0] * s[1]).map(normal).collect();
+            let data: Vec<f32> = (0..s[0] * s[1]).map(|_| rng.sample(sd)).collect();
             Tensor::<Flex, 2>::from_data(TensorData::new(data, s), &device)
         };
         let x = rand([n, d], 1.0);
