@@ -144,19 +144,7 @@ pub(crate) fn composed<B: ModelBackend>(
     causal: Option<Causal>,
     softcap: Option<f32>,
 ) -> FloatTensor<B> {
-    let [q, k, v] = [q, k, v].map(float::<B>);
-    let chunks = plan(&q, &k, causal);
-    chunked_forward(
-        q,
-        k,
-        v,
-        Tensor::from_primitive(mask),
-        &chunks,
-        softcap,
-        None,
-    )
-    .into_primitive()
-    .tensor()
+    composed_chunks::<B>(q, k, v, mask, causal, softcap, None)
 }
 
 /// [`ModelBackend::sink_attention`] as [`composed`]'s batched matmuls.
@@ -168,20 +156,27 @@ pub(crate) fn composed_with_sinks<B: ModelBackend>(
     causal: Option<Causal>,
     sinks: FloatTensor<B>,
 ) -> FloatTensor<B> {
+    composed_chunks::<B>(q, k, v, mask, causal, None, Some(sinks))
+}
+
+/// [`composed`] and [`composed_with_sinks`]: the chunks of [`plan`], each
+/// row's softmax soft-capped or counting its head's sink.
+fn composed_chunks<B: ModelBackend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: BoolTensor<B>,
+    causal: Option<Causal>,
+    softcap: Option<f32>,
+    sinks: Option<FloatTensor<B>>,
+) -> FloatTensor<B> {
     let [q, k, v] = [q, k, v].map(float::<B>);
     let chunks = plan(&q, &k, causal);
-    let sinks = sink_rows(&q, Tensor::from_primitive(TensorPrimitive::Float(sinks)));
-    chunked_forward(
-        q,
-        k,
-        v,
-        Tensor::from_primitive(mask),
-        &chunks,
-        None,
-        Some(&sinks),
-    )
-    .into_primitive()
-    .tensor()
+    let sinks = sinks.map(|s| sink_rows(&q, Tensor::from_primitive(TensorPrimitive::Float(s))));
+    let mask = Tensor::from_primitive(mask);
+    chunked_forward(q, k, v, mask, &chunks, softcap, sinks.as_ref())
+        .into_primitive()
+        .tensor()
 }
 
 /// The sinks `[heads]` per query row of `q` (`[b, kv_heads, tokens · rep,
@@ -631,6 +626,23 @@ pub(crate) mod flex {
         t
     }
 
+    /// Row `row` (`b * h * r` order) of `mask` `[b, h, r, keys]`, its first
+    /// `len` bytes, read through the mask's strides.
+    fn mask_rows<'a>(
+        mask: &'a FlexTensor,
+        h: usize,
+        r: usize,
+    ) -> impl Fn(usize, usize) -> &'a [u8] + Sync + 'a {
+        let (ml, m) = (mask.layout(), mask.storage::<u8>());
+        let (st, start) = (ml.strides(), ml.start_offset() as isize);
+        let (s0, s1, s2) = (st[0], st[1], st[2]);
+        move |row: usize, len: usize| {
+            let (bi, hi, ri) = (row / (h * r), row / r % h, row % r);
+            let at = (start + bi as isize * s0 + hi as isize * s1 + ri as isize * s2) as usize;
+            &m[at..at + len]
+        }
+    }
+
     /// Whether [`probs`] applies: f32 scores, a one-byte bool mask of the
     /// same shape, contiguous along keys.
     pub(crate) fn probs_applies(s: &FlexTensor, mask: &FlexTensor) -> bool {
@@ -654,14 +666,7 @@ pub(crate) mod flex {
         keep: bool,
     ) -> (FlexTensor, Option<FlexTensor>) {
         let [_, h, r, k] = dims(&s).expect("probs_applies");
-        let (ml, m) = (mask.layout(), mask.storage::<u8>());
-        let (st, start) = (ml.strides(), ml.start_offset() as isize);
-        let hidden = |row: usize, len: usize| {
-            let (bi, hi, ri) = (row / (h * r), row / r % h, row % r);
-            let at =
-                (start + bi as isize * st[0] + hi as isize * st[1] + ri as isize * st[2]) as usize;
-            &m[at..at + len]
-        };
+        let hidden = mask_rows(mask, h, r);
         let k = k.max(1);
         let Some(cap) = softcap else {
             let p = in_place(s, |x| {
@@ -700,14 +705,7 @@ pub(crate) mod flex {
         sinks: &FlexTensor,
     ) -> FlexTensor {
         let [_, h, r, k] = dims(&s).expect("probs_applies");
-        let (ml, m) = (mask.layout(), mask.storage::<u8>());
-        let (st, start) = (ml.strides(), ml.start_offset() as isize);
-        let hidden = |row: usize, len: usize| {
-            let (bi, hi, ri) = (row / (h * r), row / r % h, row % r);
-            let at =
-                (start + bi as isize * st[0] + hi as isize * st[1] + ri as isize * st[2]) as usize;
-            &m[at..at + len]
-        };
+        let hidden = mask_rows(mask, h, r);
         let sinks = sinks.to_contiguous();
         let sv = sinks.as_slice::<f32>().expect("f32 sinks");
         in_place(s, |x| {
@@ -808,7 +806,7 @@ fn pad_keys<B: Backend>(t: Tensor<B, 4>, first: usize, keys: usize) -> Tensor<B,
 /// scores. Softmax and `dS` are in f32; matmuls take the inputs' dtype
 /// (bf16 under mixed precision), as FlashAttention's do. With `sinks`,
 /// also their gradient per row (see [`sink_rows`]): `−p_sink · rowsum(P ∘
-/// dO Vᵀ)`, `p_sink = 1 − rowsum(P)`.
+/// dO Vᵀ)`, `p_sink = 1 − rowsum(P)`, which is `−rowsum(dS) / scale`.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn chunked_backward<B: ModelBackend>(
     q: Tensor<B, 4>,
@@ -841,17 +839,17 @@ fn chunked_backward<B: ModelBackend>(
             DType::F32,
         );
         let dp = to(bmm(doc, vc.swap_dims(2, 3)), DType::F32);
-        if sinks.is_some() {
-            let row = p.clone().mul(dp.clone()).sum_dim(3);
-            let p_sink = p.clone().sum_dim(3).neg().add_scalar(1.0);
-            dsinks.push(p_sink.mul(row).neg());
-        }
         let ds = float(B::attention_ds(
             p.into_primitive().tensor(),
             dp.into_primitive().tensor(),
             scale,
             tanh.map(|t| t.into_primitive().tensor()),
         ));
+        if sinks.is_some() {
+            // rowsum(dS) = scale · rowsum(P ∘ dP) · p_sink: the sinks' row
+            // gradient without another pass over P and dP.
+            dsinks.push(ds.clone().sum_dim(3).div_scalar(-scale));
+        }
         let ds = to(ds, dtype);
         dqs.push(bmm(ds.clone(), kc));
         let dk_c = pad_keys(to(bmm(ds.swap_dims(2, 3), qc), DType::F32), c.first, keys);
