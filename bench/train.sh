@@ -24,6 +24,9 @@
 # --freeze 2 turns requires_grad off for the rest), at LR (default 1e-5).
 # GC=1 turns gradient checkpointing on, on both sides (anneal
 # `gradient_checkpointing: true`, transformers' gradient_checkpointing_enable).
+# BF16=1 trains in bf16 mixed precision on both sides (anneal `bf16: true`;
+# train_torch.py --bf16: autocast, and with LORA or FREEZE the model loaded in
+# bf16 with the weights that train in f32, as LLaMA-Factory and PEFT do).
 #
 #   RUNS=3 STEPS=4 BATCH=4 bench/train.sh
 #   RUNS=3 STEPS=2 BATCH=1 TURNS=6 CUTOFF=1024 TRAIN_ON_PROMPT=1 bench/train.sh
@@ -45,6 +48,7 @@ DORA="${DORA:-0}"
 EXPERTS="${EXPERTS:-0}"
 [ "$EXPERTS" = 0 ] || [ "$LORA" != 0 ] || die "EXPERTS=1 needs LORA=<rank>"
 GC="${GC:-0}"
+BF16="${BF16:-0}"
 if [ "$LORA" != 0 ]; then LR="${LR:-1.0e-4}"; else LR="${LR:-1.0e-5}"; fi
 BIN="$(pwd)/${ANNEAL_BIN:-target/release/anneal}"
 MODEL="$(pwd)/${MODEL:-target/smollm2}"
@@ -102,6 +106,7 @@ fi)
       cutoff_len: $CUTOFF
       train_on_prompt: $([ "$TRAIN_ON_PROMPT" = 1 ] && echo true || echo false)
 $(if [ "$GC" = 1 ]; then printf '      gradient_checkpointing: true\n'; fi)
+$(if [ "$BF16" = 1 ]; then printf '      bf16: true\n'; fi)
     outs: {model: out/, metrics: metrics.jsonl}
 YAML
     secs="$(timed "$d/log" "$d/time" "$BIN" run "$d/p.yaml")"
@@ -114,7 +119,7 @@ print(statistics.median(x["tokens_per_s"] for x in m))' "$d/metrics.jsonl")"
     log "run $run: ${secs}s wall, median step $r trained tokens/s, peak RSS $(rss_mb "$(cat "$d/time")") MB"
 done
 anneal_median="$(median "${rates[@]}")"
-echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA dora=$DORA experts=$EXPERTS freeze=$FREEZE gc=$GC median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
+echo "steps=$STEPS batch=$BATCH turns=$TURNS cutoff=$CUTOFF lora=$LORA dora=$DORA experts=$EXPERTS freeze=$FREEZE gc=$GC bf16=$BF16 median_trained_tokens_per_s=$anneal_median peak_rss_mb=$(median "${rss[@]}")"
 [ "$TORCH" = 0 ] && exit 0
 
 log "anneal trained tokens per step (run 1): $(python3 -c '
@@ -128,7 +133,7 @@ for run in $(seq "$RUNS"); do
     secs="$(timed "$d/log" "$d/time" "$PYTHON" bench/train_torch.py "$MODEL" --data "$work/train.jsonl" \
         --steps "$STEPS" --batch "$BATCH" --cutoff "$CUTOFF" --device cpu --lr "$LR" --lora "$LORA" --freeze "$FREEZE" \
         $([ "$DORA" != 0 ] && echo --dora) $([ "$EXPERTS" != 0 ] && echo --experts) \
-        $([ "$TRAIN_ON_PROMPT" = 1 ] && echo --train-on-prompt) $([ "$GC" = 1 ] && echo --gradient-checkpointing))"
+        $([ "$TRAIN_ON_PROMPT" = 1 ] && echo --train-on-prompt) $([ "$GC" = 1 ] && echo --gradient-checkpointing) $([ "$BF16" = 1 ] && echo --bf16))"
     grep -o '{"steps".*' "$d/log" | tail -n1 >"$d/result.json" ||
         die "no result line in $d/log"
     read -r r toks < <(python3 -c '

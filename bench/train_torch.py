@@ -146,7 +146,12 @@ def main():
     ap.add_argument("--batch", type=int, required=True)
     ap.add_argument("--cutoff", type=int, default=512)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast, f32 weights and optimizer")
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast with f32 weights and optimizer; with --lora or --freeze the model "
+        "loads in bf16 and the weights that train are f32 (LLaMA-Factory's and PEFT's defaults)",
+    )
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=42, help="data order seed (anneal's default)")
     ap.add_argument("--order", choices=["anneal", "sequential"], default="anneal")
@@ -190,8 +195,9 @@ def main():
         # transformers runs Gemma 2 eagerly (soft-capped scores) and gpt-oss has
         # no sdpa path (attention sinks).
         attn = "eager" if model_type in ("gemma2", "gpt_oss") else "sdpa"
+    frozen_bf16 = a.bf16 and (a.lora or a.freeze)
     model = AutoModelForCausalLM.from_pretrained(
-        a.model_dir, dtype=torch.float32, attn_implementation=attn
+        a.model_dir, dtype=torch.bfloat16 if frozen_bf16 else torch.float32, attn_implementation=attn
     )
     if a.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -215,6 +221,8 @@ def main():
         keep = [f".{i}." for i in range(max(0, n_layers - a.freeze), n_layers)]
         for name, p in model.named_parameters():
             p.requires_grad_(any(k in name for k in keep))
+            if p.requires_grad:
+                p.data = p.data.float()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     pad_id = tok.pad_token_id

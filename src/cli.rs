@@ -186,6 +186,9 @@ pub enum ModelCommand {
         /// Seed of the weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// How the weights are stored: float32 or bfloat16.
+        #[arg(long, default_value = "float32")]
+        dtype: String,
         /// Print JSON on stdout.
         #[arg(long)]
         json: bool,

@@ -20,8 +20,21 @@ pub fn run(cmd: &ModelCommand) -> anyhow::Result<i32> {
             size,
             vocab_size,
             seed,
+            dtype,
             json,
-        } => init(corpus, out, arch, size, *vocab_size, *seed, *json),
+        } => init(
+            corpus,
+            out,
+            InitSpec {
+                arch: arch.clone(),
+                size: size.clone(),
+                vocab_size: *vocab_size,
+                seed: *seed,
+                dtype: dtype.clone(),
+                ..Default::default()
+            },
+            *json,
+        ),
         ModelCommand::Template {
             model,
             messages,
@@ -78,22 +91,7 @@ pub fn run(cmd: &ModelCommand) -> anyhow::Result<i32> {
     }
 }
 
-fn init(
-    corpus: &[PathBuf],
-    out: &Path,
-    arch: &str,
-    size: &str,
-    vocab_size: Option<usize>,
-    seed: u64,
-    json: bool,
-) -> anyhow::Result<i32> {
-    let spec = InitSpec {
-        arch: arch.to_owned(),
-        size: size.to_owned(),
-        vocab_size,
-        seed,
-        ..Default::default()
-    };
+fn init(corpus: &[PathBuf], out: &Path, spec: InitSpec, json: bool) -> anyhow::Result<i32> {
     if let Err((key, msg)) = spec.validate() {
         anyhow::bail!("--{}: {msg}", key.replace('_', "-"));
     }

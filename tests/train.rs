@@ -604,19 +604,35 @@ fn freeze_trains_the_last_layers_and_resumes() {
 }
 
 /// LoRA with DoRA magnitudes and dropout resumes to the same adapter: the
-/// magnitudes, their AdamW moments and the dropout generator come back.
+/// magnitudes, their AdamW moments and the dropout generator come back. The
+/// base is stored in bf16 and trains under `bf16: true`, so its projections
+/// are held in bf16, before and after the resume.
 #[test]
 fn dora_training_resumes_to_the_same_adapter() {
-    let yaml = pipeline("small", 12, 3).replacen(
-        "finetuning_type: full",
-        "finetuning_type: lora\n      lora_rank: 4\n      use_dora: true\n      \
-         lora_dropout: 0.1\n      lora_target: all\n      merge_lora: true",
-        1,
-    );
+    let yaml = pipeline("small", 12, 3)
+        .replace("{size: small,", "{dtype: bfloat16, size: small,")
+        .replacen(
+            "finetuning_type: full",
+            "finetuning_type: lora\n      lora_rank: 4\n      use_dora: true\n      \
+             lora_dropout: 0.1\n      lora_target: all\n      merge_lora: true\n      bf16: true",
+            1,
+        );
     let p = resumes_to_the_same_weights(&yaml);
     let cfg: Value =
         serde_json::from_str(&p.read("work/phase1/adapter/adapter_config.json")).unwrap();
     assert_eq!(cfg["use_dora"], json!(true));
+    let base: Value = serde_json::from_str(&p.read("work/base/config.json")).unwrap();
+    assert_eq!(base["torch_dtype"], "bfloat16");
+    let status: Value =
+        serde_json::from_str(&p.anneal(&["status", "sft.yaml", "--json"]).stdout).unwrap();
+    let report = &status["stages"][1]["report"];
+    let layers = base["num_hidden_layers"].as_u64().unwrap();
+    // Seven projections a layer, the tied LM head none.
+    assert_eq!(
+        report["weights_held_in_bf16"],
+        json!(7 * layers),
+        "{report}"
+    );
 }
 
 /// LoRA on a mixture's routed experts resumes to the same adapter: the

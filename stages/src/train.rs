@@ -27,7 +27,9 @@ use crate::model::lora::{self, LoraConfig};
 use crate::model::optim::{AdamW, AdamWConfig, Grads};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{self, SaveDtype};
-use crate::model::{CausalLm, DEFAULT_MAX_SHARD_BYTES, DeviceSpec, Model, OnDevice, run_on};
+use crate::model::{
+    CausalLm, DEFAULT_MAX_SHARD_BYTES, DeviceSpec, Holding, Model, OnDevice, run_on,
+};
 use crate::params::{self, OnError, Validate};
 use crate::rows::RowReader;
 use crate::train_val_split::permutation;
@@ -167,8 +169,11 @@ pub struct Params {
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// bf16 mixed precision: matmuls and attention in bf16, f32 master
-    /// weights, optimizer state and loss (torch autocast). Meant for CUDA;
-    /// on CPU it is slower than f32 and only useful to check numerics.
+    /// weights, optimizer state and loss (torch autocast). Projection
+    /// weights that do not train (LoRA's base, freeze tuning's frozen
+    /// layers) are held in bf16 when the checkpoint's values are bf16
+    /// values, which changes no result. Meant for CUDA; on CPU it is slower
+    /// than f32 and only useful to check numerics.
     #[serde(default)]
     pub bf16: bool,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -1039,7 +1044,13 @@ impl OnDevice for Job<'_> {
                 ctx.input("val")?.display()
             );
         }
-        let base = Model::<B>::load(self.base, &device)?;
+        // Weights that do not train are held in bf16 under mixed precision
+        // (where that loses nothing); full fine-tuning trains them all.
+        let holding = match (p.bf16, p.finetuning_type) {
+            (true, FinetuningType::Lora | FinetuningType::Freeze) => Holding::Bf16WhereExact,
+            _ => Holding::F32,
+        };
+        let base = Model::<B>::load_held(self.base, &device, holding)?;
         let config = base.config.clone();
         let extra = base.extra.clone();
         let ctx_len = config.max_position_embeddings;
@@ -1102,7 +1113,7 @@ impl OnDevice for Job<'_> {
             weight_decay: p.weight_decay,
             lora_b_lr_ratio: p.loraplus_lr_ratio.unwrap_or(1.0),
         });
-        let (mut net, start) = match newest_checkpoint(&ckpt_dir) {
+        let (net, start) = match newest_checkpoint(&ckpt_dir) {
             None => {
                 let net = match &lora_cfg {
                     Some(c) => lora::attach(base.net, c, p.seed),
@@ -1115,7 +1126,9 @@ impl OnDevice for Job<'_> {
                 tracing::info!("resuming from {}", dir.display());
                 ctx.progress
                     .message(format!("resuming from checkpoint global_step_{step}"));
-                let net = load_weights(&dir.join("model"), &lora_cfg, &device, || Ok(base.net))?;
+                let net = load_weights(&dir.join("model"), &lora_cfg, &device, holding, || {
+                    Ok(base.net)
+                })?;
                 let net = p.apply_freeze(net)?;
                 let mut state = BTreeMap::new();
                 weights::load_file_into(&dir.join("optimizer.safetensors"), &mut state)?;
@@ -1158,6 +1171,14 @@ impl OnDevice for Job<'_> {
             .append(true)
             .open(&metrics_path)
             .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+        let mut net = net.trainable_in_f32();
+        let (held, held_bytes) = net.held_in_bf16();
+        if held > 0 {
+            tracing::info!(
+                "{held} weights that do not train are held in bf16 ({:.1} MB)",
+                held_bytes as f64 / 1e6
+            );
+        }
         net.set_bf16(p.bf16);
         net.neftune_noise_alpha = p.neftune_noise_alpha.unwrap_or(0.0);
         if let Some(c) = p.moe_aux_loss_coef {
@@ -1363,8 +1384,8 @@ impl OnDevice for Job<'_> {
                     .join(format!("global_step_{}", b.step))
                     .join("model");
                 tracing::info!("loading the best checkpoint, {}", dir.display());
-                net = load_weights(&dir, &lora_cfg, &device, || {
-                    Ok(Model::<B>::load(self.base, &device)?.net)
+                net = load_weights(&dir, &lora_cfg, &device, holding, || {
+                    Ok(Model::<B>::load_held(self.base, &device, holding)?.net)
                 })?;
                 chosen = b;
             }
@@ -1456,6 +1477,9 @@ impl OnDevice for Job<'_> {
             "seconds": started.elapsed().as_secs_f64(),
             "finetuning_type": format!("{:?}", p.finetuning_type).to_lowercase(),
         });
+        if p.bf16 {
+            report["weights_held_in_bf16"] = json!(held);
+        }
         if let Some(v) = last_eval {
             report["eval_loss"] = json!(v);
         }
@@ -1568,11 +1592,12 @@ fn load_weights<B: crate::model::TrainBackend>(
     dir: &Path,
     lora_cfg: &Option<LoraConfig>,
     device: &B::Device,
+    holding: Holding,
     base: impl FnOnce() -> anyhow::Result<CausalLm<B>>,
 ) -> anyhow::Result<CausalLm<B>> {
     Ok(match lora_cfg {
         Some(_) => lora::load_adapter(base()?, dir)?.0,
-        None => Model::<B>::load(dir, device)?.net,
+        None => Model::<B>::load_held(dir, device, holding)?.net,
     })
 }
 

@@ -1651,3 +1651,81 @@ fn dora_steps_and_merge_match_peft() {
         );
     }
 }
+
+/// Under bf16 mixed precision, weights that do not train held in bf16
+/// (`Holding::Bf16WhereExact`) take the same step, bit for bit, as the same
+/// weights held in f32, since every product rounds them to bf16 anyway: DoRA
+/// adapters on a frozen base (its magnitudes measured on the base, the
+/// merge folding them in) and freeze tuning (the last layer's attention and
+/// the norms train, and go back to f32 to do so). The checkpoints are the
+/// fixtures saved in bf16; the fixtures themselves (f32 values) hold nothing
+/// in bf16.
+#[test]
+fn frozen_weights_held_in_bf16_take_the_same_step() {
+    use anneal_stages::model::Holding;
+    use anneal_stages::model::weights::SaveDtype;
+    use anneal_stages::train::freeze;
+    use burn::module::AutodiffModule;
+    let _rng = rng_lock();
+    let device = Default::default();
+    for name in ["tiny-qwen2", "tiny-llama"] {
+        let dir = fixture(name);
+        let b = batch(&reference(&dir).tensors);
+        let f32_held = Model::<AB>::load_held(&dir, &device, Holding::Bf16WhereExact).unwrap();
+        assert_eq!(
+            f32_held.net.held_in_bf16().0,
+            0,
+            "{name}: f32 values held in bf16"
+        );
+        let bf16 = tempfile::tempdir().unwrap();
+        f32_held
+            .save(bf16.path(), SaveDtype::Bf16, u64::MAX)
+            .unwrap();
+        for dora in [true, false] {
+            let step = |holding: Holding| {
+                let model = Model::<AB>::load_held(bf16.path(), &device, holding).unwrap();
+                let net = if dora {
+                    lora::attach(model.net, &dora_config(), 3)
+                } else {
+                    let pats = freeze::patterns(
+                        1,
+                        model.net.layers.len(),
+                        &["self_attn".into()],
+                        &["norm".into()],
+                    );
+                    lora::freeze_unless(model.net, &|n: &str| {
+                        pats.iter().any(|p| n.contains(p.as_str()))
+                    })
+                };
+                let mut net = net.trainable_in_f32();
+                let held = net.held_in_bf16().0;
+                net.set_bf16(true);
+                let (loss, mut g) = loss_and_grads(&net, &b, false);
+                let norm = g.clip(1.0);
+                let net = AdamW::new(AdamWConfig::default()).step(net, &g, 1e-2);
+                let after = loss_of(&net, &b);
+                let net = net.valid();
+                let net = if dora { lora::merge(net) } else { net };
+                (held, loss, norm, after, net.to_tensors())
+            };
+            let what = format!("{name}, {}", if dora { "DoRA" } else { "freeze" });
+            let (held32, l32, n32, a32, t32) = step(Holding::F32);
+            let (held16, l16, n16, a16, t16) = step(Holding::Bf16WhereExact);
+            eprintln!("{what}: {held16} weights held in bf16; loss {l16}, norm {n16}, after {a16}");
+            assert_eq!(held32, 0, "{what}");
+            // tiny: 2 layers of 7 projections; freeze: layer 1's 4 attention
+            // projections train.
+            let projections = 2 * 7 + usize::from(t32.contains_key("lm_head.weight"));
+            assert_eq!(held16, projections - if dora { 0 } else { 4 }, "{what}");
+            assert_eq!((l16, n16, a16), (l32, n32, a32), "{what}");
+            assert!(a16 < l16, "{what}: the step did not lower the loss");
+            assert_eq!(
+                t16.keys().collect::<Vec<_>>(),
+                t32.keys().collect::<Vec<_>>()
+            );
+            for (k, t) in &t32 {
+                assert!(t16[k] == *t, "{what}: {k} differs");
+            }
+        }
+    }
+}

@@ -8,11 +8,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::bail;
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::embedding;
-use burn::tensor::{Bool, Distribution, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{
+    Bool, DType, Distribution, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData,
+};
 
 use super::attention::{Causal, masked_attention, sink_attention, swap_heads};
 use super::backend::ModelBackend;
@@ -63,10 +65,10 @@ impl<B: ModelBackend> LoraAdapter<B> {
         matmul_2d(self.lora_a.val(), self.lora_b.val()).mul_scalar(self.scaling)
     }
 
-    /// `weight + delta` as a constant (no gradient): the weight whose
+    /// `weight + delta` as a constant (no gradient) in f32: the weight whose
     /// columns DoRA measures.
     pub fn adapted(&self, weight: Tensor<B, 2>) -> Tensor<B, 2> {
-        weight.detach() + self.delta().detach()
+        to_f32(weight.detach()) + self.delta().detach()
     }
 }
 
@@ -1253,6 +1255,22 @@ impl<B: ModelBackend> CausalLm<B> {
         }
     }
 
+    /// Casts every weight that trains (one that requires a gradient) and is
+    /// held in another dtype back to f32, losslessly: what
+    /// [`Holding::Bf16WhereExact`] loaded in bf16 and then attaching
+    /// adapters or freezing left trainable; the optimizer updates f32
+    /// master weights. A weight that does not train stays as it is held.
+    pub fn trainable_in_f32(self) -> Self {
+        self.map(&mut TrainableInF32)
+    }
+
+    /// The weights held in bf16 (see [`Holding`]): how many, and their bytes.
+    pub fn held_in_bf16(&self) -> (usize, u64) {
+        let mut count = HeldInBf16::default();
+        self.visit(&mut count);
+        (count.tensors, count.bytes)
+    }
+
     /// Final hidden states `[batch, seq, hidden]` (after the last norm).
     /// LoRA dropout is on while the backend tracks gradients, its masks drawn
     /// from the backend's generator in layer order.
@@ -1507,10 +1525,22 @@ impl<B: ModelBackend> CausalLm<B> {
 
 impl<B: Backend> CausalLm<B> {
     /// Builds the module from HF-named tensors; every tensor must be used.
+    /// Every weight is held in f32.
     pub fn from_tensors(
+        config: &ModelConfig,
+        tensors: BTreeMap<String, HostTensor>,
+        device: &B::Device,
+    ) -> anyhow::Result<Self> {
+        Self::from_tensors_held(config, tensors, device, Holding::F32)
+    }
+
+    /// [`Self::from_tensors`], holding the projection weights as `holding`
+    /// says.
+    pub fn from_tensors_held(
         config: &ModelConfig,
         mut tensors: BTreeMap<String, HostTensor>,
         device: &B::Device,
+        holding: Holding,
     ) -> anyhow::Result<Self> {
         let c = config;
         let (hidden, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
@@ -1542,8 +1572,14 @@ impl<B: Backend> CausalLm<B> {
             } else {
                 None
             };
+            let weight = match holding {
+                Holding::Bf16WhereExact if exactly_bf16(&w.data) => {
+                    Param::from_tensor(tensor2_bf16::<B>(w, device))
+                }
+                _ => p2(w),
+            };
             Ok(Linear {
-                weight: p2(w),
+                weight,
                 bias: b,
                 lora: None,
                 bf16: false,
@@ -2006,6 +2042,68 @@ fn tensor1<B: Backend>(t: HostTensor, device: &B::Device) -> Tensor<B, 1> {
 
 fn tensor2<B: Backend>(t: HostTensor, device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(t.data, [t.shape[0], t.shape[1]]), device)
+}
+
+struct TrainableInF32;
+
+impl<B: Backend> ModuleMapper<B> for TrainableInF32 {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let t = param.val();
+        if !t.is_require_grad() || t.dtype() == DType::F32 {
+            return param;
+        }
+        let (id, tensor, mapper) = param.consume();
+        let f32 = tensor.cast(FloatDType::F32).detach().require_grad();
+        Param::from_mapped_value(id, f32, mapper)
+    }
+}
+
+#[derive(Default)]
+struct HeldInBf16 {
+    tensors: usize,
+    bytes: u64,
+}
+
+impl<B: Backend> ModuleVisitor<B> for HeldInBf16 {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let t = param.val();
+        if t.dtype() == DType::BF16 {
+            self.tensors += 1;
+            self.bytes += 2 * t.shape().num_elements() as u64;
+        }
+    }
+}
+
+/// `t` as a bf16 tensor; its values must all be bf16 values ([`exactly_bf16`]).
+fn tensor2_bf16<B: Backend>(t: HostTensor, device: &B::Device) -> Tensor<B, 2> {
+    let data: Vec<half::bf16> = t.data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    Tensor::from_data(
+        TensorData::new(data, [t.shape[0], t.shape[1]]),
+        (device, DType::BF16),
+    )
+}
+
+/// Whether every value is a bf16 value (its low 16 bits are zero), so that
+/// holding it in bf16 loses nothing.
+pub fn exactly_bf16(values: &[f32]) -> bool {
+    values.iter().all(|x| x.to_bits() & 0xffff == 0)
+}
+
+/// How [`CausalLm::from_tensors_held`] holds projection weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Every weight in f32.
+    F32,
+    /// A projection weight (attention, MLP, experts, router, separate LM
+    /// head) in bf16 when all its values are bf16 values, as a checkpoint
+    /// stored in bf16 has them; embeddings, norms, biases and the rest in
+    /// f32. Under bf16 mixed precision a projection rounds its weight to
+    /// bf16 for every product anyway, so the products, and a frozen weight
+    /// saved back, are the same as with f32; the weight takes half the
+    /// memory and is not cast again at every step. For weights that do not
+    /// train (LoRA's base, frozen layers): see
+    /// [`CausalLm::trainable_in_f32`].
+    Bf16WhereExact,
 }
 
 /// A tensor's values back on the host, transposed when `transpose` (2-d only).

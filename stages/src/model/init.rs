@@ -86,6 +86,10 @@ pub struct InitSpec {
     /// Use at most this many bytes of corpus text for the tokenizer (default 16 MiB).
     #[serde(default = "default_corpus_bytes")]
     pub max_corpus_bytes: usize,
+    /// How the weights are stored: `float32` (default) or `bfloat16`, as
+    /// most released checkpoints are (each value rounded to nearest).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
 }
 
 fn default_arch() -> String {
@@ -106,6 +110,9 @@ fn default_true() -> bool {
 fn default_corpus_bytes() -> usize {
     16 << 20
 }
+fn default_dtype() -> String {
+    "float32".into()
+}
 
 impl Default for InitSpec {
     fn default() -> Self {
@@ -114,12 +121,27 @@ impl Default for InitSpec {
 }
 
 impl InitSpec {
+    /// The storage dtype `dtype` names, if it names one.
+    pub fn save_dtype(&self) -> Option<SaveDtype> {
+        match self.dtype.as_str() {
+            "float32" => Some(SaveDtype::F32),
+            "bfloat16" => Some(SaveDtype::Bf16),
+            _ => None,
+        }
+    }
+
     /// The first invalid setting, as `(key, message)`.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if Arch::from_model_type(&self.arch).is_none() {
             return Err((
                 "arch".into(),
                 format!("arch '{}' is not one of: {}", self.arch, config::SUPPORTED),
+            ));
+        }
+        if self.save_dtype().is_none() {
+            return Err((
+                "dtype".into(),
+                format!("dtype '{}' is not one of: float32, bfloat16", self.dtype),
             ));
         }
         if !PRESETS.iter().any(|p| p.0 == self.size) {
@@ -272,7 +294,7 @@ impl InitSpec {
             "bos_token_id": 1,
             "eos_token_id": 2,
             "pad_token_id": 0,
-            "torch_dtype": "float32",
+            "torch_dtype": self.dtype,
             "use_cache": true,
         });
         match arch {
@@ -610,12 +632,8 @@ pub fn init_checkpoint(
     let tensors = random_tensors(&config, spec.initializer_range, spec.seed);
     let parameters = tensors.values().map(|t| t.data.len()).sum();
     let tensors = config.checkpoint_tensors(tensors);
-    weights::save_dir(
-        out,
-        &tensors,
-        SaveDtype::F32,
-        super::DEFAULT_MAX_SHARD_BYTES,
-    )?;
+    let dtype = spec.save_dtype().unwrap_or(SaveDtype::F32);
+    weights::save_dir(out, &tensors, dtype, super::DEFAULT_MAX_SHARD_BYTES)?;
     Ok(InitSummary {
         arch: spec.arch.clone(),
         vocab_size: vocab,

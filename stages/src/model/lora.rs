@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use super::backend::ModelBackend;
 use super::config::{Arch, peft_module};
 use super::decoder::{CausalLm, Expert, Linear, LoraAdapter, column_norms, dora_scale, host};
+use super::loss::to_f32;
 use super::weights::{self, HostTensor, SaveDtype};
 use crate::rng::SplitMix64;
 
@@ -804,7 +805,7 @@ pub fn merge<B: ModelBackend>(mut net: CausalLm<B>) -> CausalLm<B> {
                 let delta = l.delta().detach();
                 let width = x.gate_proj.weight.dims()[1];
                 for (lin, at) in [(&mut x.gate_proj, 0), (&mut x.up_proj, width)] {
-                    let w = lin.weight.val().detach() + delta.clone().narrow(1, at, width);
+                    let w = to_f32(lin.weight.val().detach()) + delta.clone().narrow(1, at, width);
                     lin.weight = Param::from_tensor(w);
                 }
             }

@@ -33,7 +33,7 @@ use burn::tensor::backend::Backend;
 
 pub use backend::{ModelBackend, TrainBackend};
 pub use config::{Arch, ModelConfig};
-pub use decoder::{CausalLm, KvCache};
+pub use decoder::{CausalLm, Holding, KvCache};
 pub use device::{DeviceSpec, OnDevice, run_on};
 pub use generate::{Finish, GenerateOptions, Generated, generate};
 pub use weights::{HostTensor, SaveDtype};
@@ -74,14 +74,19 @@ impl<B: ModelBackend> Model<B> {
     /// A PEFT LoRA adapter directory (`adapter_config.json`, no `config.json`)
     /// loads as its local base model with the adapter merged in.
     pub fn load(dir: &Path, device: &B::Device) -> anyhow::Result<Self> {
+        Self::load_held(dir, device, Holding::F32)
+    }
+
+    /// [`Self::load`], holding the projection weights as `holding` says.
+    pub fn load_held(dir: &Path, device: &B::Device, holding: Holding) -> anyhow::Result<Self> {
         if !dir.join("config.json").is_file() && dir.join("adapter_config.json").is_file() {
-            return Self::load_adapter_dir(dir, device);
+            return Self::load_adapter_dir(dir, device, holding);
         }
         let config = ModelConfig::from_dir(dir)?;
         let (tensors, extra) = split_tensors(&config, weights::load_dir(dir)?);
         let net = config
             .internal_tensors(tensors)
-            .and_then(|tensors| CausalLm::from_tensors(&config, tensors, device))
+            .and_then(|tensors| CausalLm::from_tensors_held(&config, tensors, device, holding))
             .with_context(|| format!("loading the model in {}", dir.display()))?;
         Ok(Model {
             config,
@@ -91,7 +96,7 @@ impl<B: ModelBackend> Model<B> {
         })
     }
 
-    fn load_adapter_dir(dir: &Path, device: &B::Device) -> anyhow::Result<Self> {
+    fn load_adapter_dir(dir: &Path, device: &B::Device, holding: Holding) -> anyhow::Result<Self> {
         let file = dir.join("adapter_config.json");
         let Some(base) = lora::adapter_base(dir)? else {
             anyhow::bail!(
@@ -109,7 +114,7 @@ impl<B: ModelBackend> Model<B> {
                 base.display()
             );
         }
-        let model = Self::load(&base, device)?;
+        let model = Self::load_held(&base, device, holding)?;
         let (net, _) = lora::load_adapter(model.net, dir)
             .with_context(|| format!("loading the LoRA adapter in {}", dir.display()))?;
         Ok(Model {
