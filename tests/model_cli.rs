@@ -200,11 +200,27 @@ fn model_init_writes_a_checkpoint_that_transformers_reads() {
         "qwen2",
         "--vocab-size",
         "2000",
+        "--dtype",
+        "bfloat16",
         "--json",
     ]);
     assert_eq!(r.code, 0, "{r:?}");
     let hf = python_view(&p.path("q"), &conv);
     assert_eq!(hf["model_type"], "qwen2");
+    // Stored in bf16, as config.json says.
+    let st = std::fs::read(p.path("q/model.safetensors")).unwrap();
+    let len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&st[8..8 + len]).unwrap();
+    let dtypes: std::collections::BTreeSet<&str> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap())
+        .collect();
+    assert_eq!(dtypes, ["BF16"].into(), "{header}");
+    let config: Value = serde_json::from_str(&p.read("q/config.json")).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
     let tensors = hf["tensors"].as_object().unwrap();
     assert_eq!(tensors["model.layers.0.self_attn.k_proj.bias"], json!([32]));
     assert!(!tensors.contains_key("model.layers.0.self_attn.o_proj.bias"));
@@ -272,6 +288,15 @@ fn model_errors_are_clear() {
     assert!(
         r.stderr
             .contains("--size: size 'huge' is not one of: tiny, small, base"),
+        "{r:?}"
+    );
+    let r = p.anneal(&[
+        "model", "init", "--corpus", "none.txt", "--out", "x", "--dtype", "fp8",
+    ]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("--dtype: dtype 'fp8' is not one of: float32, bfloat16"),
         "{r:?}"
     );
 }
