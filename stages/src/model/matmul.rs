@@ -198,9 +198,12 @@ pub(crate) mod flex {
         }
     }
 
-    /// `x · w`, or `None` where this path does not apply (not f32, not 2-d,
-    /// an empty dimension, or shapes that do not chain).
+    /// `x · w`, or `None` where this path does not apply (not f32 or bf16,
+    /// not 2-d, an empty dimension, or shapes that do not chain).
     pub(crate) fn matmul_2d(x: &FlexTensor, w: &FlexTensor) -> Option<FlexTensor> {
+        if x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
+            return matmul_2d_bf16(x, w);
+        }
         let ([m, k], [k2, n]) = f32_dims::<2>(x, w)?;
         if k != k2 || m == 0 || n == 0 || k == 0 {
             return None;
@@ -229,6 +232,92 @@ pub(crate) mod flex {
             out.set_len(m * n);
         }
         Some(flex_f32(out, [m, n]))
+    }
+
+    /// `x · w` for bf16 operands as burn-flex computes it (both widened to
+    /// f32, an f32 gemm, the result rounded to bf16), but widening each
+    /// operand where it lies, a transposed view included, where burn-flex
+    /// first copies a view into a contiguous bf16 tensor and then widens it
+    /// element by element; `None` for layouts that are not one block.
+    fn matmul_2d_bf16(x: &FlexTensor, w: &FlexTensor) -> Option<FlexTensor> {
+        let dims = |t: &FlexTensor| {
+            let shape = t.layout().shape();
+            (shape.num_dims() == 2).then(|| shape.dims::<2>())
+        };
+        let ([m, k], [k2, n]) = (dims(x)?, dims(w)?);
+        if k != k2 || m == 0 || n == 0 || k == 0 {
+            return None;
+        }
+        let (xf, xs) = widen_block(x)?;
+        let (wf, ws) = widen_block(w)?;
+        let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MACS {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        // SAFETY: `widen_block` gives buffers of `rows * cols` values laid
+        // out by the strides it returns; gemm writes all `m * n` outputs
+        // before `set_len` exposes them.
+        unsafe {
+            gemm_into(
+                out.as_mut_ptr(),
+                [m, k, n],
+                xf.as_ptr(),
+                xs,
+                wf.as_ptr(),
+                ws,
+                parallelism,
+            );
+            out.set_len(m * n);
+        }
+        let rounded: Vec<half::bf16> = out
+            .iter()
+            .map(|&v| half::bf16::from_bits(bf16_bits(v)))
+            .collect();
+        Some(FlexTensor::new(
+            burn::tensor::Bytes::from_elems(rounded),
+            burn_flex::Layout::contiguous([m, n].into()),
+            DType::BF16,
+        ))
+    }
+
+    /// A 2-d bf16 tensor's values widened to f32 in the order they lie in
+    /// storage, with the `[row, column]` strides that address them there;
+    /// `None` unless the layout covers one contiguous block, row- or
+    /// column-major.
+    fn widen_block(t: &FlexTensor) -> Option<(Vec<f32>, [isize; 2])> {
+        let layout = t.layout();
+        let [r, c] = layout.shape().dims::<2>();
+        let s = layout.strides();
+        let (ri, ci) = (r as isize, c as isize);
+        let strides = if s[1] == 1 && (s[0] == ci || r == 1) {
+            [ci, 1]
+        } else if s[0] == 1 && (s[1] == ri || c == 1) {
+            [1, ri]
+        } else {
+            return None;
+        };
+        let start = layout.start_offset();
+        let block = t.storage::<half::bf16>().get(start..start + r * c)?;
+        let wide = block
+            .iter()
+            .map(|b| f32::from_bits(u32::from(b.to_bits()) << 16))
+            .collect();
+        Some((wide, strides))
+    }
+
+    /// `v` rounded to the nearest bf16, ties to even, as `half::bf16::from_f32`
+    /// rounds it (NaN stays a quiet NaN), without a branch on the common path
+    /// so the loop around it vectorises.
+    pub(super) fn bf16_bits(v: f32) -> u16 {
+        let b = v.to_bits();
+        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+        if b & 0x7fff_ffff > 0x7f80_0000 {
+            ((b >> 16) | 0x40) as u16
+        } else {
+            rounded
+        }
     }
 
     /// `a · b` over the last two axes of `a: [p, q, m, k]` and
@@ -349,6 +438,95 @@ mod tests {
         );
         let y: Vec<f32> = matmul_2d(x, w).into_data().to_vec().unwrap();
         assert_eq!(y, [4.0, 5.0, 10.0, 11.0]);
+    }
+
+    /// The bf16 product against burn-flex's own, bit for bit, forward and
+    /// backward, on the layouts a projection sees (a transposed weight in
+    /// the backward pass); a layout that is not one block falls back.
+    #[test]
+    fn bf16_products_match_burn_flex_bit_for_bit() {
+        use burn::tensor::FloatDType;
+        let device = Default::default();
+        let rand = |s: [usize; 2]| {
+            Tensor::<Flex, 2>::random(s, Distribution::Normal(0.0, 1.0), &device)
+                .cast(FloatDType::BF16)
+        };
+        let (m, k, n) = (37, 70, 300);
+        let bits = |t: Tensor<Flex, 2>| -> Vec<u16> {
+            let v: Vec<half::bf16> = t.into_data().to_vec().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        let cases: Vec<(&str, Tensor<Flex, 2>, Tensor<Flex, 2>)> = vec![
+            ("contiguous", rand([m, k]), rand([k, n])),
+            ("transposed weight", rand([m, k]), rand([n, k]).transpose()),
+            ("transposed input", rand([k, m]).transpose(), rand([k, n])),
+            ("one row", rand([1, k]), rand([k, n])),
+        ];
+        for (name, x, w) in cases {
+            let (xp, wp) = (
+                x.clone().into_primitive().tensor(),
+                w.clone().into_primitive().tensor(),
+            );
+            assert!(flex::matmul_2d(&xp, &wp).is_some(), "{name}: fell back");
+            let dout = rand([m.min(x.dims()[0]), n]);
+            let run = |ours: bool| {
+                let xa = Tensor::<AD, 2>::from_inner(x.clone()).require_grad();
+                let wa = Tensor::<AD, 2>::from_inner(w.clone()).require_grad();
+                let y = if ours {
+                    matmul_2d(xa.clone(), wa.clone())
+                } else {
+                    xa.clone().matmul(wa.clone())
+                };
+                let g = (y.clone() * Tensor::from_inner(dout.clone()))
+                    .sum()
+                    .backward();
+                (y.inner(), xa.grad(&g).unwrap(), wa.grad(&g).unwrap())
+            };
+            let ((y, dx, dw), (wy, wdx, wdw)) = (run(true), run(false));
+            assert_eq!(y.dtype(), DType::BF16, "{name}");
+            assert!(bits(y) == bits(wy), "{name}: output");
+            assert!(bits(dx) == bits(wdx), "{name}: dx");
+            assert!(bits(dw) == bits(wdw), "{name}: dw");
+        }
+        let narrowed = rand([m + 5, k + 3]).narrow(0, 2, m).narrow(1, 3, k);
+        let w = rand([k, n]);
+        let (xp, wp) = (
+            narrowed.into_primitive().tensor(),
+            w.into_primitive().tensor(),
+        );
+        assert!(flex::matmul_2d(&xp, &wp).is_none(), "a strided block");
+    }
+
+    /// The rounding of the bf16 product's output is `half`'s, on ties,
+    /// carries into the exponent, overflow, infinities and NaNs.
+    #[test]
+    fn bf16_rounding_is_halfs() {
+        let mut values = vec![
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+        ];
+        for base in [0x3f80_0000u32, 0x3f81_0000, 0x7f7f_0000, 0x0000_8000] {
+            for low in [0u32, 0x7fff, 0x8000, 0x8001, 0xffff] {
+                values.push(f32::from_bits(base | low));
+                values.push(-f32::from_bits(base | low));
+            }
+        }
+        values.push(f32::from_bits(0x7f80_0001));
+        for v in values {
+            assert_eq!(
+                flex::bf16_bits(v),
+                half::bf16::from_f32(v).to_bits(),
+                "{v:e} ({:#010x})",
+                v.to_bits()
+            );
+        }
     }
 
     /// Flex's batched matmul against burn's, on the views attention passes
