@@ -281,22 +281,22 @@ fn model_errors_are_clear() {
             .contains("bad/config.json: key 'model_type' is 'gpt2'"),
         "{r:?}"
     );
-    let r = p.anneal(&[
-        "model", "init", "--corpus", "none.txt", "--out", "x", "--size", "huge",
-    ]);
-    assert_eq!(r.code, 2, "{r:?}");
-    assert!(
-        r.stderr
-            .contains("--size: size 'huge' is not one of: tiny, small, base"),
-        "{r:?}"
-    );
-    let r = p.anneal(&[
-        "model", "init", "--corpus", "none.txt", "--out", "x", "--dtype", "fp8",
-    ]);
-    assert_eq!(r.code, 2, "{r:?}");
-    assert!(
-        r.stderr
-            .contains("--dtype: dtype 'fp8' is not one of: float32, bfloat16"),
-        "{r:?}"
-    );
+    for (flag, value, message) in [
+        (
+            "--size",
+            "huge",
+            "--size: size 'huge' is not one of: tiny, small, base",
+        ),
+        (
+            "--dtype",
+            "fp8",
+            "--dtype: dtype 'fp8' is not one of: float32, bfloat16",
+        ),
+    ] {
+        let r = p.anneal(&[
+            "model", "init", "--corpus", "none.txt", "--out", "x", flag, value,
+        ]);
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(r.stderr.contains(message), "{r:?}");
+    }
 }

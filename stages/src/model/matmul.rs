@@ -210,28 +210,54 @@ pub(crate) mod flex {
         }
         let (lx, lw) = (x.layout(), w.layout());
         let (xs, ws) = (lx.strides(), lw.strides());
+        // SAFETY: the layouts' offsets and strides address elements inside
+        // their storage (burn-flex keeps them so).
+        let out = unsafe {
+            product(
+                [m, k, n],
+                x.storage::<f32>().as_ptr().add(lx.start_offset()),
+                [xs[0], xs[1]],
+                w.storage::<f32>().as_ptr().add(lw.start_offset()),
+                [ws[0], ws[1]],
+            )
+        };
+        Some(flex_f32(out, [m, n]))
+    }
+
+    /// The `[m, k] · [k, n]` product at `lhs` and `rhs` (each with its
+    /// `[row, column]` strides) in a new row-major buffer, on every core
+    /// when it is large.
+    ///
+    /// # Safety
+    /// As [`gemm_into`] for `lhs` and `rhs`.
+    unsafe fn product(
+        [m, k, n]: [usize; 3],
+        lhs: *const f32,
+        lhs_strides: [isize; 2],
+        rhs: *const f32,
+        rhs_strides: [isize; 2],
+    ) -> Vec<f32> {
         let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MACS {
             gemm::Parallelism::Rayon(0)
         } else {
             gemm::Parallelism::None
         };
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        // SAFETY: the layouts' offsets and strides address elements inside
-        // their storage (burn-flex keeps them so); gemm writes all `m * n`
-        // outputs before `set_len` exposes them.
+        // SAFETY: the caller's contract for the operands; gemm writes all
+        // `m * n` outputs before `set_len` exposes them.
         unsafe {
             gemm_into(
                 out.as_mut_ptr(),
                 [m, k, n],
-                x.storage::<f32>().as_ptr().add(lx.start_offset()),
-                [xs[0], xs[1]],
-                w.storage::<f32>().as_ptr().add(lw.start_offset()),
-                [ws[0], ws[1]],
+                lhs,
+                lhs_strides,
+                rhs,
+                rhs_strides,
                 parallelism,
             );
             out.set_len(m * n);
         }
-        Some(flex_f32(out, [m, n]))
+        out
     }
 
     /// `x · w` for bf16 operands as burn-flex computes it (both widened to
@@ -250,27 +276,9 @@ pub(crate) mod flex {
         }
         let (xf, xs) = widen_block(x)?;
         let (wf, ws) = widen_block(w)?;
-        let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MACS {
-            gemm::Parallelism::Rayon(0)
-        } else {
-            gemm::Parallelism::None
-        };
-        let mut out: Vec<f32> = Vec::with_capacity(m * n);
         // SAFETY: `widen_block` gives buffers of `rows * cols` values laid
-        // out by the strides it returns; gemm writes all `m * n` outputs
-        // before `set_len` exposes them.
-        unsafe {
-            gemm_into(
-                out.as_mut_ptr(),
-                [m, k, n],
-                xf.as_ptr(),
-                xs,
-                wf.as_ptr(),
-                ws,
-                parallelism,
-            );
-            out.set_len(m * n);
-        }
+        // out by the strides it returns.
+        let out = unsafe { product([m, k, n], xf.as_ptr(), xs, wf.as_ptr(), ws) };
         let rounded: Vec<half::bf16> = out
             .iter()
             .map(|&v| half::bf16::from_bits(bf16_bits(v)))
@@ -385,6 +393,33 @@ mod tests {
         (a - b).abs().max().into_scalar()
     }
 
+    /// A product's output and gradients: `dx`, and `dw` unless frozen.
+    type Pass = (Tensor<Flex, 2>, Tensor<Flex, 2>, Option<Tensor<Flex, 2>>);
+
+    /// `x · w` and its gradients against the output gradient `dout`, by
+    /// [`matmul_2d`] and by burn's matmul.
+    fn ours_and_burns(
+        x: &Tensor<Flex, 2>,
+        w: &Tensor<Flex, 2>,
+        dout: &Tensor<Flex, 2>,
+        frozen: bool,
+    ) -> [Pass; 2] {
+        [true, false].map(|ours| {
+            let xa = Tensor::<AD, 2>::from_inner(x.clone()).require_grad();
+            let wa = Tensor::<AD, 2>::from_inner(w.clone());
+            let wa = if frozen { wa } else { wa.require_grad() };
+            let y = if ours {
+                matmul_2d(xa.clone(), wa.clone())
+            } else {
+                xa.clone().matmul(wa.clone())
+            };
+            let g = (y.clone() * Tensor::from_inner(dout.clone()))
+                .sum()
+                .backward();
+            (y.inner(), xa.grad(&g).unwrap(), wa.grad(&g))
+        })
+    }
+
     /// Output and both gradients against burn's matmul, with contiguous,
     /// transposed (the tied LM head) and narrowed inputs, and a frozen weight.
     #[test]
@@ -405,22 +440,7 @@ mod tests {
         ];
         for (name, x, w) in cases {
             for frozen in [false, true] {
-                let dout = rand([m, n]);
-                let run = |ours: bool| {
-                    let xa = Tensor::<AD, 2>::from_inner(x.clone()).require_grad();
-                    let wa = Tensor::<AD, 2>::from_inner(w.clone());
-                    let wa = if frozen { wa } else { wa.require_grad() };
-                    let y = if ours {
-                        matmul_2d(xa.clone(), wa.clone())
-                    } else {
-                        xa.clone().matmul(wa.clone())
-                    };
-                    let g = (y.clone() * Tensor::from_inner(dout.clone()))
-                        .sum()
-                        .backward();
-                    (y.inner(), xa.grad(&g).unwrap(), wa.grad(&g))
-                };
-                let ((y, dx, dw), (wy, wdx, wdw)) = (run(true), run(false));
+                let [(y, dx, dw), (wy, wdx, wdw)] = ours_and_burns(&x, &w, &rand([m, n]), frozen);
                 assert!(max_diff(y, wy) < 1e-4, "{name}: output");
                 assert!(max_diff(dx, wdx) < 1e-4, "{name}: dx");
                 match (dw, wdw) {
@@ -468,25 +488,12 @@ mod tests {
                 w.clone().into_primitive().tensor(),
             );
             assert!(flex::matmul_2d(&xp, &wp).is_some(), "{name}: fell back");
-            let dout = rand([m.min(x.dims()[0]), n]);
-            let run = |ours: bool| {
-                let xa = Tensor::<AD, 2>::from_inner(x.clone()).require_grad();
-                let wa = Tensor::<AD, 2>::from_inner(w.clone()).require_grad();
-                let y = if ours {
-                    matmul_2d(xa.clone(), wa.clone())
-                } else {
-                    xa.clone().matmul(wa.clone())
-                };
-                let g = (y.clone() * Tensor::from_inner(dout.clone()))
-                    .sum()
-                    .backward();
-                (y.inner(), xa.grad(&g).unwrap(), wa.grad(&g).unwrap())
-            };
-            let ((y, dx, dw), (wy, wdx, wdw)) = (run(true), run(false));
+            let dout = rand([x.dims()[0], n]);
+            let [(y, dx, dw), (wy, wdx, wdw)] = ours_and_burns(&x, &w, &dout, false);
             assert_eq!(y.dtype(), DType::BF16, "{name}");
             assert!(bits(y) == bits(wy), "{name}: output");
             assert!(bits(dx) == bits(wdx), "{name}: dx");
-            assert!(bits(dw) == bits(wdw), "{name}: dw");
+            assert!(bits(dw.unwrap()) == bits(wdw.unwrap()), "{name}: dw");
         }
         let narrowed = rand([m + 5, k + 3]).narrow(0, 2, m).narrow(1, 3, k);
         let w = rand([k, n]);
