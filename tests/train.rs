@@ -627,10 +627,10 @@ fn dora_training_resumes_to_the_same_adapter() {
         serde_json::from_str(&p.anneal(&["status", "sft.yaml", "--json"]).stdout).unwrap();
     let report = &status["stages"][1]["report"];
     let layers = base["num_hidden_layers"].as_u64().unwrap();
-    // Seven projections a layer, the tied LM head none.
+    // The embedding (also the tied LM head) and seven projections a layer.
     assert_eq!(
         report["weights_held_in_bf16"],
-        json!(7 * layers),
+        json!(1 + 7 * layers),
         "{report}"
     );
 }

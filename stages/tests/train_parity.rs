@@ -1654,7 +1654,8 @@ fn dora_steps_and_merge_match_peft() {
 
 /// Under bf16 mixed precision, weights that do not train held in bf16
 /// (`Holding::Bf16WhereExact`) take the same step, bit for bit, as the same
-/// weights held in f32, since every product rounds them to bf16 anyway: DoRA
+/// weights held in f32, since every product rounds them to bf16 anyway and
+/// the embedding looks up the same values: DoRA
 /// adapters on a frozen base (its magnitudes measured on the base, the
 /// merge folding them in) and freeze tuning (the last layer's attention and
 /// the norms train, and go back to f32 to do so). The checkpoints are the
@@ -1713,10 +1714,10 @@ fn frozen_weights_held_in_bf16_take_the_same_step() {
             let (held16, l16, n16, a16, t16) = step(Holding::Bf16WhereExact);
             eprintln!("{what}: {held16} weights held in bf16; loss {l16}, norm {n16}, after {a16}");
             assert_eq!(held32, 0, "{what}");
-            // tiny: 2 layers of 7 projections; freeze: layer 1's 4 attention
-            // projections train.
-            let projections = 2 * 7 + usize::from(t32.contains_key("lm_head.weight"));
-            assert_eq!(held16, projections - if dora { 0 } else { 4 }, "{what}");
+            // tiny: the embedding and 2 layers of 7 projections; freeze:
+            // layer 1's 4 attention projections train.
+            let weights = 1 + 2 * 7 + usize::from(t32.contains_key("lm_head.weight"));
+            assert_eq!(held16, weights - if dora { 0 } else { 4 }, "{what}");
             assert_eq!((l16, n16, a16), (l32, n32, a32), "{what}");
             assert!(a16 < l16, "{what}: the step did not lower the loss");
             assert_eq!(

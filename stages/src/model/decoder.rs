@@ -1364,7 +1364,7 @@ impl<B: ModelBackend> CausalLm<B> {
 
     /// The input embeddings of `ids` (scaled for Gemma).
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let x = embedding(self.embed_tokens.val(), ids);
+        let x = to_f32(embedding(self.embed_tokens.val(), ids));
         match self.embed_scale {
             1.0 => x,
             f => x.mul_scalar(f),
@@ -1560,6 +1560,12 @@ impl<B: Backend> CausalLm<B> {
         };
         let p1 = |t: HostTensor| Param::from_tensor(tensor1::<B>(t, device));
         let p2 = |t: HostTensor| Param::from_tensor(tensor2::<B>(t, device));
+        let held = |t: HostTensor| match holding {
+            Holding::Bf16WhereExact if exactly_bf16(&t.data) => {
+                Param::from_tensor(tensor2_bf16::<B>(t, device))
+            }
+            _ => p2(t),
+        };
         let lin = |take: &mut dyn FnMut(&str, &[usize]) -> anyhow::Result<HostTensor>,
                    prefix: &str,
                    inp: usize,
@@ -1572,14 +1578,8 @@ impl<B: Backend> CausalLm<B> {
             } else {
                 None
             };
-            let weight = match holding {
-                Holding::Bf16WhereExact if exactly_bf16(&w.data) => {
-                    Param::from_tensor(tensor2_bf16::<B>(w, device))
-                }
-                _ => p2(w),
-            };
             Ok(Linear {
-                weight,
+                weight: held(w),
                 bias: b,
                 lora: None,
                 bf16: false,
@@ -1836,7 +1836,7 @@ impl<B: Backend> CausalLm<B> {
         }
         let scaling = c.rope_scaling;
         Ok(CausalLm {
-            embed_tokens: p2(embed),
+            embed_tokens: held(embed),
             layers,
             norm,
             lm_head,
@@ -2095,13 +2095,14 @@ pub enum Holding {
     /// Every weight in f32.
     F32,
     /// A projection weight (attention, MLP, experts, router, separate LM
-    /// head) in bf16 when all its values are bf16 values, as a checkpoint
-    /// stored in bf16 has them; embeddings, norms, biases and the rest in
-    /// f32. Under bf16 mixed precision a projection rounds its weight to
-    /// bf16 for every product anyway, so the products, and a frozen weight
-    /// saved back, are the same as with f32; the weight takes half the
-    /// memory and is not cast again at every step. For weights that do not
-    /// train (LoRA's base, frozen layers): see
+    /// head) and the embedding in bf16 when all its values are bf16
+    /// values, as a checkpoint stored in bf16 has them; norms, biases and
+    /// the rest in f32. Under bf16 mixed precision a projection rounds its
+    /// weight to bf16 for every product anyway, and an embedding of bf16
+    /// values looks up the same values widened, so the results, and a
+    /// frozen weight saved back, are the same as with f32; the weight takes
+    /// half the memory and is not cast again at every step. For weights
+    /// that do not train (LoRA's base, frozen layers): see
     /// [`CausalLm::trainable_in_f32`].
     Bf16WhereExact,
 }
