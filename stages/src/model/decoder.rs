@@ -1534,8 +1534,8 @@ impl<B: Backend> CausalLm<B> {
         Self::from_tensors_held(config, tensors, device, Holding::F32)
     }
 
-    /// [`Self::from_tensors`], holding the projection weights as `holding`
-    /// says.
+    /// [`Self::from_tensors`], holding the projection weights and the
+    /// embedding as `holding` says.
     pub fn from_tensors_held(
         config: &ModelConfig,
         mut tensors: BTreeMap<String, HostTensor>,
@@ -2085,11 +2085,12 @@ fn tensor2_bf16<B: Backend>(t: HostTensor, device: &B::Device) -> Tensor<B, 2> {
 
 /// Whether every value is a bf16 value (its low 16 bits are zero), so that
 /// holding it in bf16 loses nothing.
-pub fn exactly_bf16(values: &[f32]) -> bool {
+fn exactly_bf16(values: &[f32]) -> bool {
     values.iter().all(|x| x.to_bits() & 0xffff == 0)
 }
 
-/// How [`CausalLm::from_tensors_held`] holds projection weights.
+/// How [`CausalLm::from_tensors_held`] holds projection weights and the
+/// embedding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holding {
     /// Every weight in f32.

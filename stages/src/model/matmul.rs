@@ -144,14 +144,15 @@ pub(crate) mod flex {
     /// burn-flex's own matmul decides).
     pub(super) const PARALLEL_MACS: usize = 192 * 192 * 192;
 
-    /// The shapes of `a` and `b`, where both are f32 and `D`-d.
-    fn f32_dims<const D: usize>(
+    /// The shapes of `a` and `b`, where both are of `dtype` and `D`-d.
+    fn dims_of<const D: usize>(
         a: &FlexTensor,
         b: &FlexTensor,
+        dtype: DType,
     ) -> Option<([usize; D], [usize; D])> {
         let dims = |t: &FlexTensor| {
             let shape = t.layout().shape();
-            (t.dtype() == DType::F32 && shape.num_dims() == D).then(|| shape.dims::<D>())
+            (t.dtype() == dtype && shape.num_dims() == D).then(|| shape.dims::<D>())
         };
         Some((dims(a)?, dims(b)?))
     }
@@ -201,12 +202,15 @@ pub(crate) mod flex {
     /// `x · w`, or `None` where this path does not apply (not f32 or bf16,
     /// not 2-d, an empty dimension, or shapes that do not chain).
     pub(crate) fn matmul_2d(x: &FlexTensor, w: &FlexTensor) -> Option<FlexTensor> {
-        if x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
-            return matmul_2d_bf16(x, w);
-        }
-        let ([m, k], [k2, n]) = f32_dims::<2>(x, w)?;
+        let dtype = x.dtype();
+        let ([m, k], [k2, n]) = dims_of::<2>(x, w, dtype)?;
         if k != k2 || m == 0 || n == 0 || k == 0 {
             return None;
+        }
+        match dtype {
+            DType::F32 => {}
+            DType::BF16 => return matmul_2d_bf16(x, w, [m, k, n]),
+            _ => return None,
         }
         let (lx, lw) = (x.layout(), w.layout());
         let (xs, ws) = (lx.strides(), lw.strides());
@@ -265,15 +269,7 @@ pub(crate) mod flex {
     /// operand where it lies, a transposed view included, where burn-flex
     /// first copies a view into a contiguous bf16 tensor and then widens it
     /// element by element; `None` for layouts that are not one block.
-    fn matmul_2d_bf16(x: &FlexTensor, w: &FlexTensor) -> Option<FlexTensor> {
-        let dims = |t: &FlexTensor| {
-            let shape = t.layout().shape();
-            (shape.num_dims() == 2).then(|| shape.dims::<2>())
-        };
-        let ([m, k], [k2, n]) = (dims(x)?, dims(w)?);
-        if k != k2 || m == 0 || n == 0 || k == 0 {
-            return None;
-        }
+    fn matmul_2d_bf16(x: &FlexTensor, w: &FlexTensor, [m, k, n]: [usize; 3]) -> Option<FlexTensor> {
         let (xf, xs) = widen_block(x)?;
         let (wf, ws) = widen_block(w)?;
         // SAFETY: `widen_block` gives buffers of `rows * cols` values laid
@@ -335,7 +331,7 @@ pub(crate) mod flex {
     /// burn-flex's own batched matmul zero-fills its output and then copies
     /// it once more to realign it.
     pub(crate) fn batched(a: &FlexTensor, b: &FlexTensor) -> Option<FlexTensor> {
-        let ([p, q, m, k], [p2, q2, k2, n]) = f32_dims::<4>(a, b)?;
+        let ([p, q, m, k], [p2, q2, k2, n]) = dims_of::<4>(a, b, DType::F32)?;
         if (p, q, k) != (p2, q2, k2) || p * q == 0 || m == 0 || n == 0 || k == 0 {
             return None;
         }

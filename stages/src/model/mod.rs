@@ -77,7 +77,8 @@ impl<B: ModelBackend> Model<B> {
         Self::load_held(dir, device, Holding::F32)
     }
 
-    /// [`Self::load`], holding the projection weights as `holding` says.
+    /// [`Self::load`], holding the projection weights and the embedding as
+    /// `holding` says.
     pub fn load_held(dir: &Path, device: &B::Device, holding: Holding) -> anyhow::Result<Self> {
         if !dir.join("config.json").is_file() && dir.join("adapter_config.json").is_file() {
             return Self::load_adapter_dir(dir, device, holding);
